@@ -1,0 +1,202 @@
+"""Corruption-aware pretraining objectives, and how each one's networks are queried.
+
+One table (:data:`OBJECTIVE_FOR_OPERATOR`, used through :func:`objective_for`) maps an
+operator to its objective; the teacher, the fake score in distillation and the samplers all
+go through the same :class:`Objective`, which is how the "same objective family" rule of RSD
+(ALGORITHMS.md 10.10) is kept by construction.
+
+An objective knows three things:
+- ``loss(net, y, state)``: the per-sample training loss on observations y with operator state;
+- ``draw_input_state`` / ``denoise``: how a network is evaluated on a noisy image at level
+  sigma (with which mask or projection), used by the samplers, the generator G(z) and the
+  scoring in the generator step;
+- ``measure``: what the generator step compares (A(x_g), or x_g where the input mask or
+  projection already plays the role of A).
+All losses are summed over pixels per sample (the EDM convention); callers average over batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rsd_core.operators import MRI, Inpaint, Operator, State
+
+P_MEAN = -1.2
+P_STD = 1.2
+
+
+def edm_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def _per_sample_sum(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).sum(1)
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+class Objective:
+    """Standard EDM denoising loss on the observations y (noiseless A)."""
+
+    name = "edm"
+
+    def __init__(self, operator: Operator, P_mean: float = P_MEAN, P_std: float = P_STD, sigma_data: float = 0.5):
+        self.operator = operator
+        self.P_mean = P_mean
+        self.P_std = P_std
+        self.sigma_data = sigma_data
+
+    def cond_channels(self, shape: tuple[int, ...]) -> int:
+        """Extra network input channels (features, for vectors) for data of ``shape``."""
+        return 0
+
+    def sample_sigma(self, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
+        """ln sigma ~ N(P_mean, P_std^2)."""
+        rnd = torch.randn(batch, generator=generator, device=device)
+        return torch.exp(self.P_mean + self.P_std * rnd)
+
+    def draw_input_state(self, batch: int, shape: tuple[int, ...], generator, device) -> State:
+        """State that fixes how the network sees its input (none for the standard objective)."""
+        return {}
+
+    def denoise(self, net, x: torch.Tensor, sigma, input_state: State) -> torch.Tensor:
+        """The x0 prediction of ``net`` for a noisy image ``x`` at level ``sigma``."""
+        return net(x, sigma)
+
+    def measure(self, x: torch.Tensor, input_state: State) -> torch.Tensor:
+        """The clean measurement of a generated image that the generator step scores: A(x)."""
+        return self.operator.forward(x, {})
+
+    def score_mask(self, input_state: State) -> torch.Tensor | None:
+        """Where the generator-step loss is evaluated (None = everywhere)."""
+        return None
+
+    def loss(self, net, y: torch.Tensor, state: State, generator: torch.Generator | None = None) -> torch.Tensor:
+        sigma = self.sample_sigma(y.shape[0], generator, y.device)
+        n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        D = net(y + _bcast(sigma, y) * n, sigma)
+        return edm_weight(sigma, self.sigma_data) * _per_sample_sum((D - y) ** 2)
+
+
+class AmbientTweedieObjective(Objective):
+    """Noisy data y = A x + sigma_n eps: learn E[A x | y_t] for sigma_t >= sigma_n (Daras et al. 2024).
+
+    Only the *extra* noise sqrt(sigma_t^2 - sigma_n^2) is added; the x0 prediction h is mapped to
+    a prediction of y by (1 - sigma_n^2/sigma_t^2) h + (sigma_n^2/sigma_t^2) y_t.
+    ``sigma_t = max(lognormal, sigma_n)`` as in the reference code: clamped samples carry no gradient.
+    """
+
+    name = "ambient_tweedie"
+
+    def loss(self, net, y, state, generator=None):
+        sigma_n = self.operator.sigma_n
+        sigma = self.sample_sigma(y.shape[0], generator, y.device).clamp_min(sigma_n)
+        extra = torch.sqrt((sigma**2 - sigma_n**2).clamp_min(0.0))
+        n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        y_t = y + _bcast(extra, y) * n
+        h = net(y_t, sigma)
+        ratio = _bcast(sigma_n**2 / sigma**2, y)
+        y_pred = (1 - ratio) * h + ratio * y_t
+        return edm_weight(sigma, self.sigma_data) * _per_sample_sum((y_pred - y) ** 2)
+
+
+class AmbientDiffusionObjective(Objective):
+    """Random inpainting (Daras et al. 2023): input [A~ x_t, A~], loss masked by A.
+
+    The minimiser is E[x0 | A~ x_t, A~]. The network is always evaluated on a masked image
+    with its mask as conditioning, so the samplers and the generator carry an input mask with
+    survival (1 - p)(1 - delta), and the generator step scores only visible pixels.
+    """
+
+    name = "ambient_diffusion"
+    operator: Inpaint
+
+    def cond_channels(self, shape):
+        return 1 if len(shape) == 3 else shape[0]
+
+    def draw_input_state(self, batch, shape, generator, device):
+        return {"mask": self.operator.input_mask(batch, shape, generator, device)}
+
+    def denoise(self, net, x, sigma, input_state):
+        mask = input_state["mask"].to(x.dtype)
+        return net(mask * x, sigma, mask.expand_as(x[:, :1]) if x.ndim == 4 else mask)
+
+    def measure(self, x, input_state):
+        return x
+
+    def score_mask(self, input_state):
+        return input_state["mask"]
+
+    def loss(self, net, y, state, generator=None):
+        mask = state["mask"].to(y.dtype)
+        further = self.operator.further_mask(mask, generator)
+        sigma = self.sample_sigma(y.shape[0], generator, y.device)
+        n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        h = self.denoise(net, y + _bcast(sigma, y) * n, sigma, {"mask": further})
+        return edm_weight(sigma, self.sigma_data) * _per_sample_sum((mask * (h - y)) ** 2)
+
+
+class FourierAmbientObjective(Objective):
+    """Multi-coil MRI (Aali et al.; RSD mri/): input [P_M~(x_t), M~, 1], loss ||P_M (h - x0)||^2.
+
+    Only P_M x0 = A_M^H y and P_M~ x0 = A_M~^H (M~ y) are needed, both computable from the
+    measured k-space y because M~ is a subset of M; noise is added in the image domain
+    *before* projecting. Observations y are k-space; images are 2-channel complex.
+    """
+
+    name = "fourier_ambient"
+    operator: MRI
+
+    def cond_channels(self, shape):
+        return 2
+
+    def draw_input_state(self, batch, shape, generator, device):
+        state = self.operator.sample_state(batch, shape, generator, device)
+        return {"mask": self.operator.further_mask(state["mask"], generator), "maps_index": state["maps_index"]}
+
+    def _cond(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.to(x.dtype).expand(x.shape[0], 1, x.shape[-2], x.shape[-1])
+        return torch.cat([m, torch.ones_like(m)], dim=1)
+
+    def denoise(self, net, x, sigma, input_state):
+        u = self.operator.normal(x, input_state)
+        return net(u, sigma, self._cond(x, input_state["mask"]))
+
+    def measure(self, x, input_state):
+        return x
+
+    def loss(self, net, y, state, generator=None):
+        op = self.operator
+        further_state = {"mask": op.further_mask(state["mask"], generator), "maps_index": state["maps_index"]}
+        x0_acq = op.adjoint(y, state)  # P_M x0
+        x0_further = op.adjoint(y, further_state)  # P_M~ x0 (mask re-applied inside the adjoint)
+        sigma = self.sample_sigma(y.shape[0], generator, y.device)
+        n = torch.randn(x0_acq.shape, generator=generator, device=y.device, dtype=x0_acq.dtype)
+        u = x0_further + _bcast(sigma, n) * op.normal(n, further_state)
+        h = net(u, sigma, self._cond(u, further_state["mask"]))
+        err = op.normal(h, state) - x0_acq
+        return edm_weight(sigma, self.sigma_data) * _per_sample_sum(err**2)
+
+
+# operator kind -> (objective when sigma_n = 0, objective when sigma_n > 0; None = unsupported)
+OBJECTIVE_FOR_OPERATOR: dict[str, tuple[type[Objective], type[Objective] | None]] = {
+    "identity": (Objective, AmbientTweedieObjective),
+    "blur": (Objective, AmbientTweedieObjective),
+    "superres": (Objective, AmbientTweedieObjective),
+    "inpaint": (AmbientDiffusionObjective, None),
+    "mri": (FourierAmbientObjective, None),
+}
+
+
+def objective_for(operator: Operator) -> Objective:
+    """The corruption-aware objective for ``operator`` (the one table teacher and fake share)."""
+    kind = operator.spec.kind
+    noiseless, noisy = OBJECTIVE_FOR_OPERATOR[kind]
+    if operator.sigma_n == 0:
+        return noiseless(operator)
+    if noisy is None:
+        raise ValueError(f"operator kind '{kind}' with sigma_n > 0 is not supported (sigma_n must be 0)")
+    return noisy(operator)

@@ -1,0 +1,361 @@
+"""Corruption operators y = A(x) + sigma_n * eps.
+
+Every operator works on batches of images in [-1, 1] with shape (B, C, H, W). Where A varies
+per sample (inpainting masks, MRI masks and coil maps) the variation lives in an explicit
+*state* dict of tensors with leading batch dimension, drawn by :meth:`Operator.sample_state`
+from a caller-owned ``torch.Generator``; the dataset stores that state next to each
+observation, and distillation draws fresh state at every step. ``forward`` is differentiable
+and adds no noise; ``observe`` adds the measurement noise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import TypeAdapter
+
+from rsd_core.config import BlurSpec, IdentitySpec, InpaintSpec, MRISpec, OperatorSpec, SuperResSpec
+
+State = dict[str, torch.Tensor]
+
+_SPEC_ADAPTER: TypeAdapter = TypeAdapter(OperatorSpec)
+
+
+def parse_operator_spec(data: dict) -> OperatorSpec:
+    """Validate a plain dict (from JSON/YAML/CLI) into an operator spec."""
+    return _SPEC_ADAPTER.validate_python(data)
+
+
+class Operator:
+    """Base class: a (possibly per-sample) forward model with Gaussian measurement noise."""
+
+    linear: bool = True
+    state_keys: tuple[str, ...] = ()
+
+    def __init__(self, spec: OperatorSpec):
+        self.spec = spec
+        self.sigma_n = float(spec.sigma_n)
+
+    def observation_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """Shape (C, H, W) of one observation of an image of ``image_shape``."""
+        return image_shape
+
+    def sample_state(
+        self,
+        batch: int,
+        image_shape: tuple[int, int, int],
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> State:
+        """Draw per-sample operator state; empty for operators that do not vary."""
+        return {}
+
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adjoint(self, y: torch.Tensor, state: State) -> torch.Tensor:
+        """A^T y, by a vector-Jacobian product of the (linear) forward map."""
+        x0 = torch.zeros(
+            y.shape[:1] + self._image_shape_for(y), dtype=y.dtype, device=y.device, requires_grad=True
+        )
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(self.forward(x0, state), x0, grad_outputs=y)
+        return grad
+
+    def _image_shape_for(self, y: torch.Tensor) -> tuple[int, ...]:
+        return tuple(y.shape[1:])
+
+    def noise(self, y: torch.Tensor, generator: torch.Generator | None, state: State) -> torch.Tensor:
+        """Measurement noise sigma_n * eps in observation space."""
+        if self.sigma_n == 0.0:
+            return torch.zeros_like(y)
+        eps = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        return self.sigma_n * eps
+
+    def observe(self, x: torch.Tensor, state: State, generator: torch.Generator | None = None) -> torch.Tensor:
+        """y = A(x) + sigma_n * eps with fresh noise from ``generator``."""
+        y = self.forward(x, state)
+        return y + self.noise(y, generator, state)
+
+
+class Identity(Operator):
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
+        return x
+
+    def adjoint(self, y: torch.Tensor, state: State) -> torch.Tensor:
+        return y
+
+
+def bernoulli_mask(
+    batch: int,
+    shape_hw: tuple[int, ...],
+    keep_prob: float,
+    generator: torch.Generator | None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """A 0/1 mask, 1 = observed: (B, 1, H, W) for images (shared across channels by
+    broadcasting), (B, d) for vectors (``shape_hw`` = (d,))."""
+    shape = (batch, 1, *shape_hw) if len(shape_hw) == 2 else (batch, *shape_hw)
+    u = torch.rand(shape, generator=generator, device=device)
+    return (u < keep_prob).float()
+
+
+def _mask_shape(image_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Spatial shape of a mask: (H, W) for (C, H, W) images, (d,) for vectors."""
+    return tuple(image_shape[1:]) if len(image_shape) == 3 else tuple(image_shape)
+
+
+class Inpaint(Operator):
+    """Each pixel erased with probability p (mask broadcast over channels; 1 = observed)."""
+
+    state_keys = ("mask",)
+
+    def __init__(self, spec: InpaintSpec):
+        super().__init__(spec)
+        self.p = spec.p
+        self.delta = spec.delta
+
+    def sample_state(self, batch, image_shape, generator=None, device="cpu") -> State:
+        return {"mask": bernoulli_mask(batch, _mask_shape(image_shape), 1.0 - self.p, generator, device)}
+
+    def further_mask(self, mask: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Ambient Diffusion's A~ = B A: erase each surviving pixel again with probability delta."""
+        keep = torch.rand(mask.shape, generator=generator, device=mask.device) >= self.delta
+        return mask * keep.to(mask.dtype)
+
+    def input_mask(
+        self, batch: int, image_shape: tuple[int, int, int], generator: torch.Generator | None, device="cpu"
+    ) -> torch.Tensor:
+        """A network input mask with survival (1-p)(1-delta), as the fixed-mask sampler uses."""
+        keep = (1.0 - self.p) * (1.0 - self.delta)
+        return bernoulli_mask(batch, _mask_shape(image_shape), keep, generator, device)
+
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
+        return x * state["mask"].to(x.dtype)
+
+    def adjoint(self, y: torch.Tensor, state: State) -> torch.Tensor:
+        return y * state["mask"].to(y.dtype)
+
+    def noise(self, y, generator, state):
+        # Erased pixels carry no measurement, hence no noise.
+        return super().noise(y, generator, state) * state["mask"].to(y.dtype)
+
+
+def gaussian_kernel2d(kernel_size: int, std: float) -> torch.Tensor:
+    """Normalised (sum 1) separable Gaussian kernel of odd size."""
+    r = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
+    g = torch.exp(-0.5 * (r / std) ** 2)
+    k = torch.outer(g, g)
+    return (k / k.sum()).float()
+
+
+class Blur(Operator):
+    """Depthwise Gaussian blur with reflection padding; the kernel is a frozen constant."""
+
+    def __init__(self, spec: BlurSpec):
+        super().__init__(spec)
+        self.kernel = gaussian_kernel2d(spec.kernel_size, spec.std)
+        self.pad = spec.kernel_size // 2
+
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
+        c = x.shape[1]
+        weight = self.kernel.to(device=x.device, dtype=x.dtype).expand(c, 1, *self.kernel.shape)
+        if self.pad > 0:
+            if self.pad >= min(x.shape[-2:]):
+                raise ValueError(
+                    f"blur kernel_size {self.kernel.shape[-1]} too large for images of size {tuple(x.shape[-2:])}"
+                )
+            x = F.pad(x, (self.pad,) * 4, mode="reflect")
+        return F.conv2d(x, weight, groups=c)
+
+
+class SuperRes(Operator):
+    """Average-pool by ``factor`` then nearest up-sample: low resolution kept at full size.
+
+    A is a self-adjoint orthogonal projection (block averaging), so A^T = A.
+    """
+
+    def __init__(self, spec: SuperResSpec):
+        super().__init__(spec)
+        self.factor = spec.factor
+
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h % self.factor or w % self.factor:
+            raise ValueError(f"superres factor {self.factor} must divide the image size {(h, w)}")
+        low = F.avg_pool2d(x, self.factor)
+        return F.interpolate(low, scale_factor=self.factor, mode="nearest")
+
+    def adjoint(self, y: torch.Tensor, state: State) -> torch.Tensor:
+        return self.forward(y, state)
+
+    def noise(self, y, generator, state):
+        # Noise lives on the low-resolution grid (one draw per measured pixel).
+        if self.sigma_n == 0.0:
+            return torch.zeros_like(y)
+        b, c, h, w = y.shape
+        f = self.factor
+        eps = torch.randn((b, c, h // f, w // f), generator=generator, device=y.device, dtype=y.dtype)
+        return self.sigma_n * F.interpolate(eps, scale_factor=f, mode="nearest")
+
+
+def birdcage_maps(n_coils: int, height: int, width: int, rotation: float = 0.0) -> torch.Tensor:
+    """Simulated coil sensitivities (n_coils, H, W), complex64, with sum_c |S_c|^2 = 1.
+
+    Coils sit on a ring of radius 1.5 (image half-width = 1); each map decays with the
+    distance to its coil and carries the coil's azimuthal phase, like a birdcage array.
+    """
+    ys = torch.linspace(-1.0, 1.0, height, dtype=torch.float64)
+    xs = torch.linspace(-1.0, 1.0, width, dtype=torch.float64)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    maps = []
+    for c in range(n_coils):
+        theta = 2 * math.pi * c / n_coils + rotation
+        cy, cx = 1.5 * math.sin(theta), 1.5 * math.cos(theta)
+        dist = torch.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+        phase = torch.atan2(yy - cy, xx - cx) + theta
+        maps.append(torch.polar(1.0 / dist, phase))
+    s = torch.stack(maps)
+    rss = torch.sqrt((s.abs() ** 2).sum(0, keepdim=True))
+    return (s / rss).to(torch.complex64)
+
+
+def fft2c(x: torch.Tensor) -> torch.Tensor:
+    """Centred unitary 2-D FFT over the last two axes (DC at the centre)."""
+    return torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+
+
+def ifft2c(k: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`fft2c`."""
+    return torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(k, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+
+
+def to_complex(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W) real [Re, Im] -> (B, H, W) complex."""
+    return torch.complex(x[:, 0].float(), x[:, 1].float())
+
+
+def to_real(z: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) complex -> (B, 2, H, W) real [Re, Im]."""
+    return torch.stack([z.real, z.imag], dim=1)
+
+
+class MRI(Operator):
+    """Multi-coil Cartesian under-sampling: A_M(x)_c = M * F(S_c x), with centred unitary F.
+
+    Images are complex, stored as 2 real channels [Re, Im]; observations are per-coil k-space,
+    stored as 2 * n_coils real channels [Re c0, Im c0, Re c1, ...]. The column mask M is shared
+    by every row and coil; its ACS block of central lines is always sampled. Coil maps are a
+    deterministic bank of rotated birdcage maps selected per sample by ``maps_index``.
+    """
+
+    state_keys = ("mask", "maps_index")
+
+    def __init__(self, spec: MRISpec):
+        super().__init__(spec)
+        self.R = spec.R
+        self.delta_R = spec.delta_R
+        self.acs_fraction = spec.acs_fraction
+        self.n_coils = spec.n_coils
+        self.n_map_variants = spec.n_map_variants
+        self._maps_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def observation_shape(self, image_shape):
+        if image_shape[0] != 2:
+            raise ValueError(f"mri operator needs complex images with 2 channels [Re, Im], got {image_shape}")
+        return (2 * self.n_coils, image_shape[1], image_shape[2])
+
+    def _image_shape_for(self, y):
+        return (2, y.shape[-2], y.shape[-1])
+
+    def maps_bank(self, height: int, width: int, device="cpu") -> torch.Tensor:
+        """(n_map_variants, n_coils, H, W) complex maps, rotated evenly over one coil spacing."""
+        key = (height, width)
+        if key not in self._maps_cache:
+            step = 2 * math.pi / self.n_coils / self.n_map_variants
+            self._maps_cache[key] = torch.stack(
+                [birdcage_maps(self.n_coils, height, width, v * step) for v in range(self.n_map_variants)]
+            )
+        return self._maps_cache[key].to(device)
+
+    def n_acs(self, width: int) -> int:
+        return max(1, round(self.acs_fraction * width))
+
+    def column_masks(
+        self, batch: int, width: int, accel: float, generator: torch.Generator | None, device="cpu"
+    ) -> torch.Tensor:
+        """(B, 1, 1, W) masks with floor(W / accel) lines: the ACS block plus random others."""
+        n_acs = self.n_acs(width)
+        n_lines = max(n_acs, math.floor(width / accel))
+        start = width // 2 - n_acs // 2
+        acs = torch.zeros(width, dtype=torch.bool)
+        acs[start : start + n_acs] = True
+        others = torch.nonzero(~acs).flatten()
+        masks = torch.zeros((batch, width))
+        masks[:, acs] = 1.0
+        n_random = n_lines - n_acs
+        for b in range(batch):
+            pick = others[torch.randperm(len(others), generator=generator)[:n_random]]
+            masks[b, pick] = 1.0
+        return masks.view(batch, 1, 1, width).to(device)
+
+    def sample_state(self, batch, image_shape, generator=None, device="cpu") -> State:
+        width = image_shape[-1]
+        mask = self.column_masks(batch, width, self.R, generator, device)
+        maps_index = torch.randint(self.n_map_variants, (batch,), generator=generator).to(device)
+        return {"mask": mask, "maps_index": maps_index}
+
+    def further_mask(self, mask: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """M~ within M: keep ACS, drop random non-ACS lines down to floor(W / (R + delta_R)) lines."""
+        batch, width = mask.shape[0], mask.shape[-1]
+        n_acs = self.n_acs(width)
+        target = max(n_acs, math.floor(width / (self.R + self.delta_R)))
+        start = width // 2 - n_acs // 2
+        out = mask.clone().view(batch, width)
+        for b in range(batch):
+            lines = torch.nonzero(out[b] > 0).flatten()
+            lines = lines[(lines < start) | (lines >= start + n_acs)]
+            n_drop = max(0, int((out[b] > 0).sum()) - target)
+            drop = lines[torch.randperm(len(lines), generator=generator)[:n_drop]]
+            out[b, drop] = 0.0
+        return out.view_as(mask)
+
+    def _maps(self, state: State, height: int, width: int, device) -> torch.Tensor:
+        return self.maps_bank(height, width, device)[state["maps_index"].to(device).long()]
+
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
+        b, _, h, w = x.shape
+        maps = self._maps(state, h, w, x.device)
+        k = fft2c(maps * to_complex(x)[:, None]) * state["mask"].to(x.device)
+        return torch.view_as_real(k).permute(0, 1, 4, 2, 3).reshape(b, 2 * self.n_coils, h, w).to(x.dtype)
+
+    def adjoint(self, y: torch.Tensor, state: State) -> torch.Tensor:
+        b, _, h, w = y.shape
+        k = y.float().reshape(b, self.n_coils, 2, h, w).permute(0, 1, 3, 4, 2).contiguous()
+        k = torch.view_as_complex(k) * state["mask"].to(y.device)
+        maps = self._maps(state, h, w, y.device)
+        return to_real((maps.conj() * ifft2c(k)).sum(1)).to(y.dtype)
+
+    def normal(self, x: torch.Tensor, state: State) -> torch.Tensor:
+        """P_M x = A^H A x, the image-to-image map used by the Fourier-space Ambient objective."""
+        return self.adjoint(self.forward(x, state), state)
+
+    def noise(self, y, generator, state):
+        # Only sampled k-space lines are measured.
+        return super().noise(y, generator, state) * state["mask"].to(y.dtype)
+
+
+def build_operator(spec: OperatorSpec | dict) -> Operator:
+    """The operator for a validated spec (or a dict that validates into one)."""
+    if isinstance(spec, dict):
+        spec = parse_operator_spec(spec)
+    kinds: dict[type, type[Operator]] = {
+        IdentitySpec: Identity,
+        InpaintSpec: Inpaint,
+        BlurSpec: Blur,
+        SuperResSpec: SuperRes,
+        MRISpec: MRI,
+    }
+    return kinds[type(spec)](spec)

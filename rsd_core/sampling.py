@@ -1,0 +1,161 @@
+"""Sampling: the EDM Heun sampler (full and truncated) and one-step generation, behind one interface.
+
+Every model is sampled through :class:`Sampler.sample` (``n`` and a ``seed``), so evaluation,
+export and the CLI do not care whether they hold a 35-NFE teacher or a one-step student.
+
+Truncation rule (noisy and Ambient teachers): run the 18-level Heun sampler and, at the first
+level t_i whose *next* level t_{i+1} is below ``sigma_stop``, return the x0 prediction
+D(x_i; t_i) instead of stepping on. So the output is the denoiser at the lowest grid level
+>= sigma_stop. For an Ambient-Tweedie teacher we use ``sigma_stop = sigma_n`` (the network
+was only trained for sigma >= sigma_n; on the 18-step grid at sigma_n = 0.2 this returns at
+t = 0.296 after 25 NFE). The reference code's ``stop_variance = 0.2`` corresponds to
+``sigma_stop = sqrt(0.2)``. For Ambient Diffusion teachers the truncation point is a model
+selection choice made by Proximal FID (see ``metrics``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rsd_core.objectives import Objective, State
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def edm_time_steps(
+    num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> torch.Tensor:
+    """Karras et al. (2022) eq. 5 levels t_0 > ... > t_{N-1}, then t_N = 0, in float64."""
+    i = torch.arange(num_steps, dtype=torch.float64)
+    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+
+@torch.no_grad()
+def heun_sample(
+    denoise: Denoiser,
+    latents: torch.Tensor,
+    num_steps: int = 18,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    sigma_stop: float | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Deterministic Heun sampler (EDM Algorithm 2) from ``latents`` ~ N(0, I).
+
+    Returns the sample and the number of denoiser evaluations (35 for 18 steps untruncated).
+    The state is kept in float64; ``denoise(x, t)`` receives float64 x and a float64 scalar t.
+    """
+    t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
+    x = latents.to(torch.float64) * t_steps[0]
+    nfe = 0
+    for i in range(num_steps):
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        denoised = denoise(x, t_cur).to(torch.float64)
+        nfe += 1
+        if sigma_stop is not None and t_next < sigma_stop:
+            return denoised, nfe
+        d_cur = (x - denoised) / t_cur
+        x_next = x + (t_next - t_cur) * d_cur
+        if t_next > 0:
+            denoised_next = denoise(x_next, t_next).to(torch.float64)
+            nfe += 1
+            d_next = (x_next - denoised_next) / t_next
+            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)
+        x = x_next
+    return x, nfe
+
+
+class Sampler:
+    """Anything that turns (n, seed) into n images (or vectors) in the data range."""
+
+    nfe: int
+
+    def sample(self, n: int, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+        out = []
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        for start in range(0, n, batch_size):
+            out.append(self._sample_batch(min(batch_size, n - start), gen).float().cpu())
+        return torch.cat(out)
+
+    def _sample_batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@dataclass
+class TeacherSampler(Sampler):
+    """The teacher's Heun sampler; with ``sigma_stop`` the truncated variant.
+
+    For objectives with an input state (Ambient masks, MRI projections) one state is drawn per
+    sample and kept fixed along the whole trajectory (the fixed-mask sampler).
+    """
+
+    net: torch.nn.Module
+    objective: Objective
+    shape: tuple[int, ...]
+    num_steps: int = 18
+    sigma_stop: float | None = None
+    bf16: bool = False
+
+    def __post_init__(self):
+        self.device = next(self.net.parameters()).device
+        self.nfe = 2 * self.num_steps - 1
+        if self.sigma_stop is not None:
+            t = edm_time_steps(self.num_steps)
+            stop_i = next((i for i in range(self.num_steps) if t[i + 1] < self.sigma_stop), self.num_steps)
+            self.nfe = 2 * stop_i + 1 if stop_i < self.num_steps else self.nfe
+
+    @torch.no_grad()
+    def _sample_batch(self, n, generator):
+        latents = torch.randn((n, *self.shape), generator=generator, device=self.device)
+        input_state: State = self.objective.draw_input_state(n, self.shape, generator, self.device)
+
+        def denoise(x, t):
+            with _autocast(self.device, self.bf16):
+                return self.objective.denoise(self.net, x.float(), t.float(), input_state)
+
+        x, _ = heun_sample(denoise, latents, self.num_steps, sigma_stop=self.sigma_stop)
+        return x
+
+
+@dataclass
+class OneStepSampler(Sampler):
+    """The distilled generator: x = G(sigma_init * eps), one network evaluation."""
+
+    net: torch.nn.Module
+    objective: Objective
+    shape: tuple[int, ...]
+    sigma_init: float = 2.5
+    bf16: bool = False
+
+    def __post_init__(self):
+        self.device = next(self.net.parameters()).device
+        self.nfe = 1
+
+    @torch.no_grad()
+    def _sample_batch(self, n, generator):
+        return generate(self.net, self.objective, n, self.shape, generator, self.sigma_init, bf16=self.bf16)
+
+
+def generate(
+    net: torch.nn.Module,
+    objective: Objective,
+    n: int,
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    sigma_init: float = 2.5,
+    bf16: bool = False,
+) -> torch.Tensor:
+    """G(z) = D(z; sigma_init) with z = sigma_init * eps and a fresh input state (differentiable)."""
+    device = next(net.parameters()).device
+    z = sigma_init * torch.randn((n, *shape), generator=generator, device=device)
+    input_state = objective.draw_input_state(n, shape, generator, device)
+    with _autocast(device, bf16):
+        return objective.denoise(net, z, torch.full((n,), sigma_init, device=device), input_state)

@@ -1,0 +1,356 @@
+"""The training loop that teacher pretraining and distillation share.
+
+A *phase* owns its networks, optimisers and the math of one step; the :class:`Trainer` owns
+everything around it: device and precision, seeding and the RNG stream, lr ramp-up, EMA,
+gradient clipping and the non-finite guard (through :meth:`StepContext.optimizer_step`),
+checkpoints (safetensors + JSON, atomic) with exact resume, a tqdm progress bar, a time budget,
+and a metrics callback (no tracking library is imported here).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from rsd_core.config import TrainConfig
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+
+
+class TrainingDivergedError(RuntimeError):
+    """Raised after too many consecutive non-finite steps; the last checkpoint stays intact."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match the model."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 (avx512_bf16 or AMX); emulated bf16 is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Resolve the ``precision`` setting: bf16 autocast by default wherever the hardware has it."""
+    if precision == "fp32":
+        return False
+    if precision == "bf16":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_supports_bf16()
+
+
+def ema_beta(batch_size: int, images_seen: int, halflife_nimg: float, rampup_ratio: float | None) -> float:
+    """EMA decay per step for a half-life in images, with EDM's ramp-up (halflife <= ratio * seen)."""
+    halflife = halflife_nimg
+    if rampup_ratio is not None:
+        halflife = min(halflife, images_seen * rampup_ratio)
+    return 0.5 ** (batch_size / max(halflife, 1e-8))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, beta: float) -> None:
+    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
+        p_ema.lerp_(p.detach(), 1.0 - beta)
+    for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
+        b_ema.copy_(b)
+
+
+def make_ema(net: nn.Module) -> nn.Module:
+    ema = copy.deepcopy(net).eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+@dataclass
+class StepContext:
+    """What a phase's step may use: the RNG stream, the device, precision and the guarded step."""
+
+    generator: torch.Generator
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+    skipped: bool = False
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def optimizer_step(
+        self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip: float | None
+    ) -> float:
+        """Backward, then step unless the loss or the gradient is non-finite (then skip and flag).
+
+        Returns the gradient norm before clipping (NaN when skipped).
+        """
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self.skipped = True
+            return float("nan")
+        loss.backward()
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+        if not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped = True
+            return float("nan")
+        optimizer.step()
+        return float(norm)
+
+
+class Phase:
+    """One kind of training (pretraining, distillation). Subclasses fill in the fields and ``step``."""
+
+    name: str = "phase"
+    batch_size: int
+    modules: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    ema_pairs: list[tuple[nn.Module, nn.Module]]
+    config: dict
+
+    def step(self, ctx: StepContext) -> dict[str, float]:
+        raise NotImplementedError
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    metrics: dict[str, float]
+    nonfinite_skipped: int
+    checkpoints: list[str] = field(default_factory=list)
+    stopped_by_budget: bool = False
+
+
+def _flatten_optimizer(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(prefix: str, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            idx, key = name[len(prefix) + 1 :].split(".", 1)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: Path, phase: Phase, step: int, gen: torch.Generator, extra: dict) -> None:
+    """Write ``path`` atomically: a temporary folder renamed into place once complete."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in phase.modules.items():
+        for key, value in module.state_dict().items():
+            tensors[f"module.{name}.{key}"] = value.detach().cpu().contiguous()
+    optim_meta = {}
+    for name, opt in phase.optimizers.items():
+        t, m = _flatten_optimizer(f"optim.{name}", opt)
+        tensors.update(t)
+        optim_meta[name] = m
+    tensors["rng.torch_cpu"] = torch.get_rng_state()
+    tensors["rng.generator"] = gen.get_state().cpu()
+    if torch.cuda.is_available():
+        tensors["rng.torch_cuda"] = torch.cuda.get_rng_state()
+    meta = {"step": step, "phase": phase.name, "config": phase.config, "optimizers": optim_meta, **extra}
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "weights.safetensors"))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, phase: Phase, gen: torch.Generator | None) -> dict:
+    """Restore modules, optimisers and RNG from ``path``; returns its metadata."""
+    weights, meta_file = path / "weights.safetensors", path / "meta.json"
+    if not weights.exists() or not meta_file.exists():
+        raise CheckpointError(f"checkpoint {path} is incomplete (needs weights.safetensors and meta.json)")
+    tensors = load_file(str(weights))
+    meta = json.loads(meta_file.read_text())
+    for name, module in phase.modules.items():
+        prefix = f"module.{name}."
+        sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(sd)
+        except RuntimeError as err:
+            raise CheckpointError(f"checkpoint {path}: module '{name}' does not match: {err}") from None
+    for name, opt in phase.optimizers.items():
+        opt.load_state_dict(_unflatten_optimizer(f"optim.{name}", tensors, meta["optimizers"][name]))
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    if gen is not None:
+        gen.set_state(tensors["rng.generator"])
+    if "rng.torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.torch_cuda"])
+    return meta
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root`` (``step-NNNNNNN`` folders), oldest first."""
+    if not root.exists():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def load_module_weights(path: Path, name: str, module: nn.Module) -> nn.Module:
+    """Load one module (e.g. ``ema``) from a checkpoint folder or a bare safetensors file."""
+    file = path / "weights.safetensors" if path.is_dir() else path
+    tensors = load_file(str(file))
+    prefix = f"module.{name}."
+    sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not sd:
+        raise CheckpointError(f"{file} holds no module named '{name}'")
+    module.load_state_dict(sd)
+    return module
+
+
+class Trainer:
+    """Runs a :class:`Phase` for ``cfg.steps`` steps, resuming from ``out_dir`` when it holds checkpoints."""
+
+    def __init__(
+        self,
+        phase: Phase,
+        cfg: TrainConfig,
+        out_dir: str | Path | None = None,
+        callback: MetricsCallback | None = None,
+        progress: bool = True,
+    ):
+        self.phase = phase
+        self.cfg = cfg
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.callback = callback
+        self.progress = progress
+        self.device = resolve_device(cfg.device)
+        self.bf16 = use_bf16(cfg.precision, self.device)
+        self.channels_last = cfg.channels_last and self.device.type in ("cpu", "cuda")
+        for module in phase.modules.values():
+            module.to(self.device)
+            if self.channels_last:
+                module.to(memory_format=torch.channels_last)
+        for opt in phase.optimizers.values():
+            for group in opt.param_groups:
+                group.setdefault("base_lr", group["lr"])
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / "checkpoints"
+
+    def _set_lr(self, step: int) -> None:
+        ramp = min(1.0, (step + 1) / self.cfg.lr_rampup_steps) if self.cfg.lr_rampup_steps > 0 else 1.0
+        for opt in self.phase.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * ramp
+
+    def _save(self, step: int, result: TrainResult, metrics: dict) -> None:
+        if self.checkpoint_dir is None:
+            return
+        path = self.checkpoint_dir / f"step-{step:07d}"
+        extra = {"metrics": metrics, "nonfinite_skipped": result.nonfinite_skipped}
+        save_checkpoint(path, self.phase, step, self.gen, extra)
+        result.checkpoints.append(str(path))
+        if self.cfg.keep_checkpoints > 0:
+            for old in list_checkpoints(self.checkpoint_dir)[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        start_step, result = 0, TrainResult(0, 0.0, {}, 0)
+        existing = list_checkpoints(self.checkpoint_dir) if self.checkpoint_dir else []
+        if existing:
+            meta = load_checkpoint(existing[-1], self.phase, self.gen)
+            start_step = int(meta["step"])
+            result.nonfinite_skipped = int(meta.get("nonfinite_skipped", 0))
+            result.checkpoints = [str(p) for p in existing]
+        ctx = StepContext(self.gen, self.device, self.bf16, self.channels_last)
+        in_row, metrics = 0, {}
+        t0 = time.perf_counter()
+        bar = tqdm(
+            range(start_step, cfg.steps),
+            initial=start_step,
+            total=cfg.steps,
+            desc=self.phase.name,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        emas = {id(e) for _, e in self.phase.ema_pairs}
+        for module in self.phase.modules.values():
+            module.train(id(module) not in emas)
+        done = start_step
+        for step in bar:
+            self._set_lr(step)
+            ctx.skipped = False
+            metrics = self.phase.step(ctx)
+            if ctx.skipped:
+                in_row += 1
+                result.nonfinite_skipped += 1
+                if in_row >= cfg.max_nonfinite_in_row:
+                    bar.close()
+                    last = list_checkpoints(self.checkpoint_dir)[-1:] if self.checkpoint_dir else []
+                    raise TrainingDivergedError(
+                        f"{self.phase.name}: {in_row} non-finite steps in a row at step {step}; "
+                        f"stopped. Last good checkpoint: {last[0] if last else 'none'}"
+                    )
+            else:
+                in_row = 0
+                seen = (step + 1) * self.phase.batch_size
+                beta = ema_beta(self.phase.batch_size, seen, cfg.ema_halflife_nimg, cfg.ema_rampup_ratio)
+                for net, ema in self.phase.ema_pairs:
+                    ema_update(ema, net, beta)
+            metrics = {**metrics, "nonfinite_skipped": float(result.nonfinite_skipped)}
+            if self.callback is not None:
+                self.callback(step + 1, metrics)
+            if step % 10 == 0:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")})
+            done = step + 1
+            over_budget = cfg.time_budget_s is not None and time.perf_counter() - t0 > cfg.time_budget_s
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or over_budget:
+                self._save(done, result, metrics)
+            if over_budget:
+                result.stopped_by_budget = True
+                break
+        bar.close()
+        result.steps = done
+        result.seconds = time.perf_counter() - t0
+        result.metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        return result

@@ -1,0 +1,18 @@
+"""Shared fixtures: small real data, and a scratch environment for every test session."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def digits8() -> torch.Tensor:
+    """sklearn's 1,797 real 8x8 handwritten digits as (N, 1, 8, 8) in [-1, 1]."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images.astype(np.float32) / 16.0
+    return torch.from_numpy(images * 2 - 1)[:, None]
