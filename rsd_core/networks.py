@@ -139,10 +139,7 @@ class UNet(nn.Module):
         for layer in self.mid:
             h = layer(h, emb)
         for layer in self.up:
-            if isinstance(layer, ResBlock):
-                h = layer(torch.cat([h, skips.pop()], dim=1), emb)
-            else:
-                h = layer(h)
+            h = layer(torch.cat([h, skips.pop()], dim=1), emb) if isinstance(layer, ResBlock) else layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

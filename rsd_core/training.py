@@ -262,7 +262,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.bf16 = use_bf16(cfg.precision, self.device)
         self.channels_last = cfg.channels_last and self.device.type in ("cpu", "cuda")
-        for module in phase.modules.values():
+        for module in [*phase.modules.values(), *getattr(phase, "frozen_modules", {}).values()]:
             module.to(self.device)
             if self.channels_last:
                 module.to(memory_format=torch.channels_last)

@@ -1,0 +1,174 @@
+"""Stage II: Restoration Score Distillation into a one-step generator (ALGORITHMS.md 1.3).
+
+Each iteration, on fresh z:
+1. fake-score step: x_g = sg(G(z)) is *re-corrupted* with fresh operator state and fresh
+   measurement noise, y~ = A(x_g) + sigma_n eps', and the fake score f_psi takes one step on the
+   teacher's own objective L_A;
+2. generator step: y_g = A(G(z)) with *no* measurement noise, y_s = y_g + s n with s on the
+   rho = 7 schedule for u ~ U[0, t_max / 1000], and the SiD loss
+   w (f_phi - f_psi) . [(f_phi - y_g) - alpha (f_phi - f_psi)], with w = 1 / mean|y_g - f_phi|
+   computed without gradient, scaled by 100; gradients reach G through y_g and through both
+   networks' inputs, whose weights are frozen.
+The generator's EMA is what is evaluated and exported.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rsd_core.config import DistillConfig, TrainConfig
+from rsd_core.networks import EDMPrecond
+from rsd_core.objectives import Objective
+from rsd_core.sampling import generate
+from rsd_core.training import MetricsCallback, Phase, StepContext, Trainer, TrainResult, make_ema
+
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+
+
+class OneStepGenerator(nn.Module):
+    """G(z) = D_theta(z; sigma_init) with z = sigma_init * eps: the teacher's network, one evaluation."""
+
+    def __init__(
+        self, net: EDMPrecond, objective: Objective, shape: tuple[int, ...], sigma_init: float = 2.5
+    ):
+        super().__init__()
+        self.net = net
+        self.objective = objective
+        self.shape = tuple(shape)
+        self.sigma_init = sigma_init
+
+    def sample(self, n: int, generator: torch.Generator | None, bf16: bool = False) -> torch.Tensor:
+        return generate(self.net, self.objective, n, self.shape, generator, self.sigma_init, bf16)
+
+
+def sid_noise_levels(batch: int, t_max: float, generator: torch.Generator | None, device) -> torch.Tensor:
+    """s = (s_max^(1/rho) + (1 - u)(s_min^(1/rho) - s_max^(1/rho)))^rho, u ~ U[0, t_max/1000]."""
+    u = torch.rand(batch, generator=generator, device=device) * (t_max / 1000.0)
+    a, b = SIGMA_MAX ** (1 / RHO), SIGMA_MIN ** (1 / RHO)
+    return (a + (1 - u) * (b - a)) ** RHO
+
+
+def sid_generator_loss(
+    f_phi: torch.Tensor,
+    f_psi: torch.Tensor,
+    y_g: torch.Tensor,
+    alpha: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample SiD loss w (f_phi - f_psi) . [(f_phi - y_g) - alpha (f_phi - f_psi)].
+
+    f_phi is the teacher ("real") score, f_psi the fake. ``mask`` restricts the loss and the
+    normaliser w to visible pixels (inpainting). w is computed without gradient.
+    """
+    mask = torch.ones_like(y_g) if mask is None else mask.to(y_g.dtype).expand_as(y_g)
+    with torch.no_grad():
+        visible = mask.flatten(1).sum(1).clamp_min(1.0)
+        w = 1.0 / ((y_g - f_phi).abs() * mask).flatten(1).sum(1).div(visible).clamp_min(1e-5)
+    diff = f_phi - f_psi
+    per_pixel = mask * diff * ((f_phi - y_g) - alpha * diff)
+    return w * per_pixel.flatten(1).sum(1)
+
+
+class DistillPhase(Phase):
+    """Fake-score step, then generator step, each on fresh z (one RSD iteration per ``step``)."""
+
+    name = "distill"
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        objective: Objective,
+        generator: nn.Module,
+        fake: nn.Module,
+        train_cfg: TrainConfig,
+        dcfg: DistillConfig,
+        config: dict,
+    ):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.frozen_modules = {"teacher": self.teacher}
+        self.objective = objective
+        self.operator = objective.operator
+        self.generator = generator.requires_grad_(True)
+        self.fake = fake.requires_grad_(True)
+        self.generator_ema = make_ema(generator)
+        self.dcfg = dcfg
+        self.batch_size = train_cfg.batch_size
+        eps = train_cfg.adam_eps
+        self.opt_fake = torch.optim.Adam(fake.parameters(), lr=dcfg.lr_fake, betas=dcfg.betas_fake, eps=eps)
+        self.opt_g = torch.optim.Adam(
+            generator.parameters(), lr=dcfg.lr_generator, betas=dcfg.betas_generator, eps=eps
+        )
+        self.modules = {"generator": generator, "fake": fake, "generator_ema": self.generator_ema}
+        self.optimizers = {"fake": self.opt_fake, "generator": self.opt_g}
+        self.ema_pairs = [(generator, self.generator_ema)]
+        self.config = config
+
+    def _fake_step(self, ctx: StepContext) -> tuple[float, float]:
+        b, gen = self.batch_size, ctx.generator
+        self.generator.eval()
+        with torch.no_grad():
+            x_g = self.generator.sample(b, gen, ctx.bf16).float()
+        shape = tuple(x_g.shape[1:])
+        state = self.operator.sample_state(b, shape, gen, ctx.device)
+        y_fake = self.operator.observe(x_g, state, gen)  # re-corrupted: fresh state, fresh noise
+        self.fake.train()
+        with ctx.autocast():
+            loss = self.objective.loss(self.fake, y_fake, state, gen).mean()
+        return float(loss.detach()), ctx.optimizer_step(loss, self.opt_fake, self.dcfg.grad_clip_fake)
+
+    def _generator_step(self, ctx: StepContext) -> tuple[float, float]:
+        b, gen, d = self.batch_size, ctx.generator, self.dcfg
+        self.generator.train()
+        self.fake.eval().requires_grad_(False)
+        try:
+            x_g = self.generator.sample(b, gen, ctx.bf16).float()
+            shape = tuple(x_g.shape[1:])
+            input_state = self.objective.draw_input_state(b, shape, gen, ctx.device)
+            y_g = self.objective.measure(x_g, input_state)  # A(G(z)), no measurement noise
+            s = sid_noise_levels(b, d.t_max, gen, ctx.device)
+            n = torch.randn(y_g.shape, generator=gen, device=ctx.device)
+            y_s = y_g + s.reshape((-1,) + (1,) * (y_g.ndim - 1)) * n
+            with ctx.autocast():
+                f_phi = self.objective.denoise(self.teacher, y_s, s, input_state).float()
+                f_psi = self.objective.denoise(self.fake, y_s, s, input_state).float()
+            per_sample = sid_generator_loss(
+                f_phi, f_psi, y_g, d.alpha, self.objective.score_mask(input_state)
+            )
+            finite = torch.isfinite(per_sample)  # drop NaN samples, as the reference code does
+            loss = per_sample[finite].sum() / b * d.loss_scaling_g if finite.any() else per_sample.sum()
+            return float(loss.detach()), ctx.optimizer_step(loss, self.opt_g, d.grad_clip_generator)
+        finally:
+            self.fake.requires_grad_(True)
+
+    def step(self, ctx: StepContext) -> dict[str, float]:
+        loss_fake, gn_fake = self._fake_step(ctx)
+        loss_g, gn_g = self._generator_step(ctx)
+        return {
+            "loss_fake": loss_fake,
+            "loss_generator": loss_g,
+            "grad_norm_fake": gn_fake,
+            "grad_norm_generator": gn_g,
+        }
+
+
+def distill(
+    teacher: EDMPrecond,
+    objective: Objective,
+    shape: tuple[int, ...],
+    train_cfg: TrainConfig,
+    dcfg: DistillConfig,
+    out_dir: str | Path | None,
+    callback: MetricsCallback | None = None,
+    config: dict | None = None,
+    progress: bool = True,
+) -> tuple[DistillPhase, TrainResult]:
+    """Distil ``teacher`` (its EMA weights) into a one-step generator; G and the fake start as its copies."""
+    generator = OneStepGenerator(copy.deepcopy(teacher), objective, shape, dcfg.sigma_init)
+    fake = copy.deepcopy(teacher)
+    phase = DistillPhase(teacher, objective, generator, fake, train_cfg, dcfg, config or {})
+    result = Trainer(phase, train_cfg, out_dir, callback, progress).run()
+    return phase, result
