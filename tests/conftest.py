@@ -16,3 +16,18 @@ def digits8() -> torch.Tensor:
 
     images = load_digits().images.astype(np.float32) / 16.0
     return torch.from_numpy(images * 2 - 1)[:, None]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real seaweedfs S3 server on free ports for the whole session, stopped by PID at the end.
+
+    Yields a ``tests.servers.S3Server`` (endpoint_url, access_key, secret_key, bucket, env()).
+    """
+    from tests.servers import start_seaweedfs, stop_process
+
+    proc, server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield server
+    finally:
+        stop_process(proc)

@@ -124,8 +124,8 @@ def start_seaweedfs(
     return proc, S3Server(endpoint, access_key, secret_key, bucket, proc.pid)
 
 
-def stop_process(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
-    """SIGTERM this one process by PID, SIGKILL it if it lingers."""
+def stop_process(proc: subprocess.Popen, timeout_s: float = 3.0) -> None:
+    """SIGTERM this one process by PID, SIGKILL it if it lingers (test data is disposable)."""
     if proc.poll() is not None:
         return
     os.kill(proc.pid, signal.SIGTERM)

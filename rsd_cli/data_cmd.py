@@ -1,0 +1,205 @@
+"""`rsd data ...`: make, import and look at corrupted datasets.
+
+Operator parameters default to None here so only the ones typed reach the spec; the help
+text shows the spec's own defaults, which apply otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from rsd_core.config import BlurSpec, InpaintSpec, MRISpec, SuperResSpec
+from rsd_core.data import CorruptedDataset, DatasetError, open_dataset, parse_spec
+from rsd_core.sources import SOURCE_NAMES, corrupt, import_corrupted, load_spec_file
+from rsd_core.viz import observations_for_display, save_grid
+
+_OPERATOR_KINDS = ("identity", "inpaint", "blur", "superres", "mri")
+_HELP = argparse.ArgumentDefaultsHelpFormatter
+
+# (flag, spec field, type, help) for every operator parameter the CLI exposes.
+_OPERATOR_PARAMS: tuple[tuple[str, str, type, str], ...] = (
+    ("--p", "p", float, f"inpaint: erasure probability (spec default {InpaintSpec().p})"),
+    ("--delta", "delta", float, f"inpaint: further-corruption probability (spec default {InpaintSpec().delta})"),
+    ("--sigma-n", "sigma_n", float, "all: measurement noise std on the [-1, 1] scale (spec default 0.0)"),
+    ("--kernel-size", "kernel_size", int, f"blur: odd kernel size (spec default {BlurSpec().kernel_size})"),
+    ("--std", "std", float, f"blur: Gaussian width in pixels (spec default {BlurSpec().std})"),
+    ("--factor", "factor", int, f"superres: down-sampling factor (spec default {SuperResSpec().factor})"),
+    ("--R", "R", float, f"mri: acceleration (spec default {MRISpec().R})"),
+    ("--delta-R", "delta_R", float, f"mri: extra acceleration of the further mask (spec default {MRISpec().delta_R})"),
+    (
+        "--acs-fraction",
+        "acs_fraction",
+        float,
+        f"mri: always-sampled centre lines (spec default {MRISpec().acs_fraction})",
+    ),
+    ("--n-coils", "n_coils", int, f"mri: number of coils (spec default {MRISpec().n_coils})"),
+    (
+        "--n-map-variants",
+        "n_map_variants",
+        int,
+        f"mri: coil-map variants in the bank (spec default {MRISpec().n_map_variants})",
+    ),
+)
+
+
+def _add_operator_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("operator (one of --operator or --spec)")
+    choice = group.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--operator", choices=_OPERATOR_KINDS, help="corruption kind")
+    choice.add_argument("--spec", type=Path, help="operator spec as a JSON/YAML file with 'kind' and parameters")
+    for flag, dest, kind, text in _OPERATOR_PARAMS:
+        group.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+
+
+def _operator_spec(args: argparse.Namespace):
+    """The validated spec from --spec, or from --operator plus whichever parameters were typed."""
+    given = {dest: getattr(args, dest) for _, dest, _, _ in _OPERATOR_PARAMS if getattr(args, dest) is not None}
+    if args.spec is not None:
+        if given:
+            raise DatasetError(f"give operator parameters in --spec {args.spec}, not as flags ({sorted(given)})")
+        return load_spec_file(args.spec)
+    return parse_spec({"kind": args.operator, **given}, f"operator '{args.operator}'")
+
+
+def _run_corrupt(args: argparse.Namespace) -> int:
+    manifest = corrupt(
+        args.source,
+        _operator_spec(args),
+        args.seed,
+        args.out,
+        split=args.split,
+        limit=args.limit,
+        clean_eval_count=args.clean_eval,
+        image_size=args.image_size,
+        channels=args.channels,
+        rows_per_shard=args.rows_per_shard,
+    )
+    print(f"wrote {manifest.count} observations ({manifest.name}) to {args.out}")
+    return 0
+
+
+def _parse_state(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not (sep and key and value):
+            raise DatasetError(f"--state expects KEY=PATH.npy, got {item!r}")
+        out[key] = value
+    return out
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    manifest = import_corrupted(
+        args.observations,
+        _operator_spec(args),
+        args.out,
+        state=_parse_state(args.state),
+        labels=args.labels,
+        name=args.name,
+        channels=args.channels,
+    )
+    print(f"imported {manifest.count} observations ({manifest.name}) to {args.out}")
+    return 0
+
+
+def _describe(ds: CorruptedDataset) -> list[str]:
+    m = ds.manifest
+    lines = [
+        f"dataset      {ds.uri}",
+        f"name         {m.name}",
+        f"count        {m.count}",
+        f"image shape  {m.image_shape}   value range {list(m.value_range)}",
+        f"observation  {m.observation_shape}   range {[round(v, 4) for v in m.observation_range]}",
+        f"operator     {json.dumps(m.operator.model_dump())}",
+        "state        " + (", ".join(f"{k} {v.shape} {v.dtype}" for k, v in m.state_keys.items()) or "none"),
+        f"labels       {'yes' if m.has_labels else 'no'}   seed {m.seed}",
+        f"provenance   {json.dumps(m.provenance)}",
+        f"shards       {len(m.shards)}",
+    ]
+    lines += [f"  {s.file}  {s.rows} rows  {s.bytes} B  sha256 {s.sha256}" for s in m.shards]
+    return lines
+
+
+def _first_rows(ds: CorruptedDataset, n: int):
+    """The first ``n`` rows as one batch (reads only what it needs)."""
+    return next(ds.iter_batches(batch_size=n))
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    ds = open_dataset(args.path)
+    for line in _describe(ds):
+        print(line)
+    ds.verify()
+    print(f"checksums    ok ({len(ds.manifest.shards)} shards verified)   fingerprint {ds.fingerprint}")
+    batch = _first_rows(ds, args.n)
+    shown = observations_for_display(batch.observation, ds.operator, batch.state)
+    clean = ds.clean_eval()
+    if clean is not None:
+        clean_batch = _first_rows(clean, args.n)
+        print(f"clean eval   {clean.uri} ({len(clean)} images, for true FID only)")
+        paired = min(len(clean_batch.index), len(batch.index))
+        if not torch.equal(clean_batch.index[:paired], batch.index[:paired]):
+            raise DatasetError(f"{clean.uri}: clean rows do not match the observations' indices")
+        shown = torch.cat([shown[:paired], clean_batch.observation[:paired]])
+        nrow = paired
+    else:
+        print("clean eval   none")
+        nrow = min(8, len(shown))
+    grid = args.grid or f"{ds.manifest.name}-inspect.png"
+    save_grid(shown, grid, nrow=nrow)
+    print(f"grid         {grid}" + ("   (top: observations, bottom: clean)" if clean is not None else ""))
+    return 0
+
+
+def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `rsd data` and its subcommands on the top-level parser's subparsers."""
+    data = subparsers.add_parser("data", help="make, import and inspect corrupted datasets", formatter_class=_HELP)
+    commands = data.add_subparsers(dest="data_command", required=True, metavar="{corrupt,import,inspect}")
+
+    p = commands.add_parser(
+        "corrupt",
+        help="corrupt a clean source into a dataset",
+        formatter_class=_HELP,
+        description="Apply an operator to a bundled clean source (or an image folder) and write the dataset.",
+    )
+    p.add_argument("--source", required=True, help=f"one of {', '.join(SOURCE_NAMES)}, or a folder of PNG/JPEG")
+    _add_operator_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-sample state and noise")
+    p.add_argument("--limit", type=int, default=None, help="corrupt only the first N images (default: all)")
+    p.add_argument("--out", required=True, help="output directory: local path or s3://bucket/prefix")
+    p.add_argument("--split", choices=("train", "test"), default="train", help="source split")
+    p.add_argument("--clean-eval", type=int, default=0, help="also store N clean images (true FID only)")
+    p.add_argument("--image-size", type=int, default=None, help="image side (brain-mri: 32/64; folders: 32)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="image folders: 1 grey, 3 RGB")
+    p.add_argument("--rows-per-shard", type=int, default=16384, help="rows per parquet shard")
+    p.set_defaults(func=_run_corrupt)
+
+    p = commands.add_parser(
+        "import",
+        help="package observations that are already corrupted",
+        formatter_class=_HELP,
+        description="For data teams with corrupted observations only: a folder of PNG/JPEG or a .npy "
+        "array, plus the operator that produced them and its per-sample state as .npy arrays.",
+    )
+    p.add_argument("--observations", required=True, help="folder of PNG/JPEG, or a float .npy (N, C, H, W)")
+    _add_operator_args(p)
+    p.add_argument("--state", action="append", default=[], metavar="KEY=PATH.npy", help="per-sample state")
+    p.add_argument("--labels", default=None, help="optional integer labels as .npy")
+    p.add_argument("--name", default=None, help="dataset name (default: the observations' file name)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="PNG folders: force grey/RGB")
+    p.add_argument("--out", required=True, help="output directory: local path or s3://bucket/prefix")
+    p.set_defaults(func=_run_import)
+
+    p = commands.add_parser(
+        "inspect",
+        help="print a dataset's manifest, verify checksums, write a PNG grid",
+        formatter_class=_HELP,
+    )
+    p.add_argument("path", help="dataset directory: local path or s3://bucket/prefix")
+    p.add_argument("--n", type=int, default=8, help="observations in the grid")
+    p.add_argument("--grid", default=None, help="PNG path (default: ./<name>-inspect.png)")
+    p.set_defaults(func=_run_inspect)
