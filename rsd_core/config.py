@@ -200,7 +200,9 @@ class TrainConfig(Spec):
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    channels_last: bool = True
+    # None = auto: on for CUDA; off on CPU, where GroupNorm in channels_last measured 1.4-1.5x
+    # slower (benchmarks/train_throughput.py on an avx512_bf16 Xeon without AMX).
+    channels_last: bool | None = None
     time_budget_s: float | None = None
 
     @field_validator("steps", "batch_size", "checkpoint_every", "max_nonfinite_in_row")

@@ -261,7 +261,7 @@ class Trainer:
         self.progress = progress
         self.device = resolve_device(cfg.device)
         self.bf16 = use_bf16(cfg.precision, self.device)
-        self.channels_last = cfg.channels_last and self.device.type in ("cpu", "cuda")
+        self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
         for module in [*phase.modules.values(), *getattr(phase, "frozen_modules", {}).values()]:
             module.to(self.device)
             if self.channels_last:

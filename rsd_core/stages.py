@@ -1,0 +1,165 @@
+"""The pipeline's stages as plain functions over folders, shared by the Flyte tasks, the CLI and
+the benchmarks: pretrain a teacher on a corrupted dataset, distil it, load any model for sampling.
+
+A saved model is a folder with ``model.safetensors`` (the EMA network's weights) and
+``model.json`` (a :class:`ModelCard`: network config, operator spec, image shape, kind and the
+sampling settings), so a model can be rebuilt and sampled without the code that trained it
+pickled anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from rsd_core.config import DistillConfig, NetworkConfig, OperatorSpec, Spec, TrainConfig
+from rsd_core.distill import DistillPhase, OneStepGenerator, distill
+from rsd_core.networks import EDMPrecond
+from rsd_core.objectives import Objective, objective_for
+from rsd_core.operators import build_operator
+from rsd_core.pretrain import TensorSource, build_teacher, pretrain_teacher
+from rsd_core.sampling import OneStepSampler, Sampler, TeacherSampler
+from rsd_core.training import MetricsCallback, TrainResult, load_module_weights
+
+
+class ModelCard(Spec):
+    """What is needed to rebuild and sample a saved model (and to trace where it came from)."""
+
+    kind: Literal["teacher", "generator"]
+    network: NetworkConfig
+    operator: OperatorSpec
+    image_shape: tuple[int, ...]
+    objective: str
+    sigma_init: float = 2.5
+    sigma_stop: float | None = None
+    dataset_fingerprint: str = ""
+    steps: int = 0
+    metrics: dict[str, float] = Field(default_factory=dict)
+    code_version: str = ""
+
+
+def load_observations(dataset_uri: str, limit: int | None = None):
+    """(TensorSource, operator spec, image shape, fingerprint) of a corrupted dataset, in memory."""
+    from rsd_core.data import open_dataset  # pyarrow is needed only where datasets are read
+
+    ds = open_dataset(dataset_uri)
+    obs, state, _ = ds.read_all()
+    if limit is not None:
+        obs, state = obs[:limit], {k: v[:limit] for k, v in state.items()}
+    return TensorSource(obs, state), ds.manifest.operator, tuple(ds.manifest.image_shape), ds.fingerprint
+
+
+def save_model(folder: str | Path, net: torch.nn.Module, card: ModelCard) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "model.json").write_text(card.model_dump_json(indent=1))
+    return folder
+
+
+def read_card(folder: str | Path) -> ModelCard:
+    path = Path(folder) / "model.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: a model folder holds model.json and model.safetensors")
+    return ModelCard.model_validate_json(path.read_text())
+
+
+def build_network(card: ModelCard) -> tuple[EDMPrecond, Objective]:
+    objective = objective_for(build_operator(card.operator))
+    return build_teacher(card.network, objective), objective
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[EDMPrecond, Objective, ModelCard]:
+    """Rebuild a saved model's network (weights from safetensors) with its objective and card."""
+    card = read_card(folder)
+    net, objective = build_network(card)
+    net.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
+    return net.to(device).eval().requires_grad_(False), objective, card
+
+
+def sampler_for(folder: str | Path, device: str | torch.device = "cpu", bf16: bool = False,
+                sigma_stop: float | None = None) -> Sampler:
+    """One interface for any saved model: the one-step generator, or the teacher's (truncated) sampler."""
+    net, objective, card = load_model(folder, device)
+    if card.kind == "generator":
+        return OneStepSampler(net, objective, card.image_shape, card.sigma_init, bf16=bf16)
+    stop = sigma_stop if sigma_stop is not None else card.sigma_stop
+    return TeacherSampler(net, objective, card.image_shape, sigma_stop=stop, bf16=bf16)
+
+
+def default_sigma_stop(operator: OperatorSpec) -> float | None:
+    """The teacher sampler's truncation level (see sampling.py): sigma_n for noisy data, 0.05 for
+    Ambient inpainting teachers (returns at the grid level 0.06; Proximal FID can refine it)."""
+    if operator.sigma_n > 0:
+        return operator.sigma_n
+    if operator.kind in ("inpaint", "mri"):
+        return 0.05
+    return None
+
+
+def pretrain_stage(
+    dataset_uri: str,
+    network: NetworkConfig,
+    train: TrainConfig,
+    out_dir: str | Path,
+    callback: MetricsCallback | None = None,
+    progress: bool = True,
+    code_version: str = "",
+) -> tuple[Path, TrainResult]:
+    """Train (or resume) a teacher on ``dataset_uri``; saves its EMA as a model under ``out_dir/teacher``."""
+    source, spec, image_shape, fingerprint = load_observations(dataset_uri)
+    if network.img_channels != image_shape[0] or network.img_resolution != image_shape[-1]:
+        network = network.model_copy(update={"img_channels": image_shape[0], "img_resolution": image_shape[-1]})
+    objective = objective_for(build_operator(spec))
+    torch.manual_seed(train.seed)
+    net = build_teacher(network, objective)
+    config = {"network": network.model_dump(), "train": train.model_dump(), "dataset_uri": dataset_uri}
+    phase, result = pretrain_teacher(net, objective, source, train, Path(out_dir) / "pretrain", callback, config,
+                                     progress)
+    card = ModelCard(kind="teacher", network=network, operator=spec, image_shape=image_shape,
+                     objective=objective.name, sigma_stop=default_sigma_stop(spec), dataset_fingerprint=fingerprint,
+                     steps=result.steps, metrics=result.metrics, code_version=code_version)
+    return save_model(Path(out_dir) / "teacher", phase.ema, card), result
+
+
+def distill_stage(
+    teacher_dir: str | Path,
+    train: TrainConfig,
+    dcfg: DistillConfig,
+    out_dir: str | Path,
+    callback: MetricsCallback | None = None,
+    progress: bool = True,
+    code_version: str = "",
+) -> tuple[Path, TrainResult, DistillPhase]:
+    """Distil the saved teacher; checkpoints go to ``out_dir/distill/checkpoints``, the final EMA
+    generator to ``out_dir/generator``."""
+    teacher, objective, card = load_model(teacher_dir)
+    config = {"train": train.model_dump(), "distill": dcfg.model_dump(), "teacher": str(teacher_dir)}
+    phase, result = distill(teacher, objective, card.image_shape, train, dcfg, Path(out_dir) / "distill", callback,
+                            config, progress)
+    gen_card = generator_card(card, dcfg, result.steps, result.metrics, code_version)
+    return save_model(Path(out_dir) / "generator", phase.generator_ema.net, gen_card), result, phase
+
+
+def generator_card(teacher_card: ModelCard, dcfg: DistillConfig, steps: int, metrics: dict, code_version: str = ""):
+    return teacher_card.model_copy(update={"kind": "generator", "sigma_init": dcfg.sigma_init, "sigma_stop": None,
+                                           "steps": steps, "metrics": metrics, "code_version": code_version})
+
+
+def generator_from_checkpoint(checkpoint: str | Path, teacher_dir: str | Path, device="cpu") -> OneStepSampler:
+    """The EMA generator stored in a distillation checkpoint folder, as a sampler."""
+    net, objective, card = load_model(teacher_dir, device)
+    gen = OneStepGenerator(net, objective, card.image_shape)
+    load_module_weights(Path(checkpoint), "generator_ema", gen)
+    return OneStepSampler(gen.net.eval(), objective, card.image_shape, card.sigma_init)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=1, default=str))
