@@ -43,11 +43,14 @@ def heun_sample(
     sigma_max: float = 80.0,
     rho: float = 7.0,
     sigma_stop: float | None = None,
+    on_level: Callable[[float, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Deterministic Heun sampler (EDM Algorithm 2) from ``latents`` ~ N(0, I).
 
     Returns the sample and the number of denoiser evaluations (35 for 18 steps untruncated).
     The state is kept in float64; ``denoise(x, t)`` receives float64 x and a float64 scalar t.
+    ``on_level(t_i, D(x_i; t_i))`` sees the x0 prediction at every level: the output of every
+    truncation point, from one trajectory.
     """
     t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
     x = latents.to(torch.float64) * t_steps[0]
@@ -56,6 +59,8 @@ def heun_sample(
         t_cur, t_next = t_steps[i], t_steps[i + 1]
         denoised = denoise(x, t_cur).to(torch.float64)
         nfe += 1
+        if on_level is not None:
+            on_level(float(t_cur), denoised)
         if sigma_stop is not None and t_next < sigma_stop:
             return denoised, nfe
         d_cur = (x - denoised) / t_cur

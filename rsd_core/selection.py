@@ -1,0 +1,256 @@
+"""Proximal FID and model selection without clean data (ALGORITHMS.md 7, 10.12).
+
+Proximal FID compares generated images *pushed through the same corruption* (fresh operator
+state, fresh measurement noise, then uint8 re-quantisation) with the corrupted dataset itself,
+so checkpoints and the teacher's truncation point are chosen from corrupted data alone. When the
+dataset carries a clean evaluation split, the true Frechet distance of every candidate is
+reported next to it, only to measure how well the proximal choice agrees with the oracle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from rsd_core.data import open_dataset
+from rsd_core.metrics import (
+    ClassifierExtractor,
+    FeatureExtractor,
+    FeatureStats,
+    InceptionExtractor,
+    cached_reference_stats,
+    compute_stats,
+    frechet_distance,
+    spearman,
+)
+from rsd_core.objectives import Objective
+from rsd_core.operators import MRI, Operator, to_complex
+from rsd_core.sampling import edm_time_steps, heun_sample
+from rsd_core.stages import generator_card, generator_from_checkpoint, load_model, read_card, save_model
+from rsd_core.training import list_checkpoints
+from rsd_core.viz import save_grid
+
+# Truncation candidates, mapped to the grid levels 0.585, 0.296, 0.140, 0.060, 0.023; 0.0 = the full sampler.
+TRUNCATION_LEVELS = (0.58, 0.29, 0.13, 0.05, 0.02, 0.0)
+
+
+def quantise(images: torch.Tensor) -> torch.Tensor:
+    """Round to the uint8 grid of [-1, 1] images, as saved images (and the FID protocol) are."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+def feature_images(x: torch.Tensor) -> torch.Tensor:
+    """What the extractor sees: complex 2-channel images as magnitudes mapped to [-1, 1]."""
+    if x.shape[1] == 2:
+        return (to_complex(x).abs()[:, None].clamp(0, 1) * 2 - 1).float()
+    return x
+
+
+def corrupted_view(x: torch.Tensor, operator: Operator, generator: torch.Generator) -> torch.Tensor:
+    """A(x) + sigma_n eps with fresh state, as an image: the generated side of Proximal FID."""
+    state = operator.sample_state(len(x), tuple(x.shape[1:]), generator, x.device)
+    y = operator.observe(x, state, generator)
+    if isinstance(operator, MRI):
+        y = operator.adjoint(y, state)  # k-space -> zero-filled image, as the reference side
+    return quantise(feature_images(y))
+
+
+def make_extractor(name: str) -> FeatureExtractor:
+    if name == "classifier":
+        return ClassifierExtractor()
+    if name == "inception":
+        return InceptionExtractor()
+    raise ValueError(f"extractor must be 'classifier' or 'inception', got '{name}'")
+
+
+def proximal_reference(dataset_uri: str, extractor: FeatureExtractor, n: int) -> FeatureStats:
+    """Statistics of the first ``n`` corrupted observations (cached by dataset fingerprint)."""
+    ds = open_dataset(dataset_uri)
+
+    def images():
+        obs, state, _ = ds.read_all()
+        obs, state = obs[:n], {k: v[:n] for k, v in state.items()}
+        if isinstance(ds.operator, MRI):
+            obs = ds.operator.adjoint(obs, state)
+        return quantise(feature_images(obs))
+
+    return cached_reference_stats(f"{ds.fingerprint[:32]}-proximal-n{n}", extractor, images)
+
+
+def clean_reference(dataset_uri: str, extractor: FeatureExtractor, n: int) -> FeatureStats | None:
+    """Statistics of the clean evaluation split, if the dataset has one (true FD only)."""
+    clean = open_dataset(dataset_uri).clean_eval()
+    if clean is None:
+        return None
+
+    def images():
+        return quantise(feature_images(clean.read_all()[0][:n]))
+
+    return cached_reference_stats(f"{clean.fingerprint[:32]}-clean-n{n}", extractor, images)
+
+
+class CandidateScore(BaseModel):
+    name: str
+    step: int | None = None
+    sigma_stop: float | None = None
+    nfe: int = 1
+    proximal_fd: float
+    true_fd: float | None = None
+
+
+def score_samples(samples, operator, extractor, prox_ref, clean_ref, seed) -> tuple[float, float | None]:
+    gen = torch.Generator().manual_seed(seed + 1)
+    prox = frechet_distance(compute_stats(extractor, corrupted_view(samples, operator, gen)), prox_ref)
+    true = None
+    if clean_ref is not None:
+        true = frechet_distance(compute_stats(extractor, quantise(feature_images(samples))), clean_ref)
+    return prox, true
+
+
+@torch.no_grad()
+def teacher_truncation_samples(net, objective: Objective, shape, n: int, seed: int,
+                               levels=TRUNCATION_LEVELS, batch_size: int = 250) -> dict[float, torch.Tensor]:
+    """Samples of every truncation point from one Heun trajectory per batch (level -> images).
+
+    Level L gives the x0 prediction at the lowest grid level >= L (the rule of ``heun_sample``);
+    0.0 gives the full 35-NFE sample. One trajectory serves all levels.
+    """
+    grid = edm_time_steps(18)[:-1].tolist()
+    picks = {lvl: min((t for t in grid if t >= lvl), default=grid[-1]) if lvl > 0 else None for lvl in levels}
+    outs: dict[float, list[torch.Tensor]] = {lvl: [] for lvl in levels}
+    gen = torch.Generator().manual_seed(seed)
+    device = next(net.parameters()).device
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        latents = torch.randn((b, *shape), generator=gen)
+        input_state = objective.draw_input_state(b, shape, gen, device)
+        at_level: dict[float, torch.Tensor] = {}
+
+        def denoise(x, t, input_state=input_state):
+            return objective.denoise(net, x.float(), t.float(), input_state)
+
+        final, _ = heun_sample(denoise, latents, on_level=lambda t, d, at=at_level: at.__setitem__(t, d.float()))
+        for lvl, t in picks.items():
+            outs[lvl].append(final.float() if t is None else at_level[t])
+    return {lvl: torch.cat(v) for lvl, v in outs.items()}
+
+
+def truncation_nfe(level: float) -> int:
+    if level <= 0:
+        return 35
+    grid = edm_time_steps(18)[:-1].tolist()
+    i = max(i for i, t in enumerate(grid) if t >= level)
+    return 2 * i + 1
+
+
+class SelectionResult(BaseModel):
+    extractor_label: str
+    extractor_id: str
+    n_samples: int
+    rows: list[CandidateScore]
+    teacher_rows: list[CandidateScore]
+    chosen_checkpoint: str
+    chosen_step: int
+    proximal_fd: float
+    true_fd: float | None = None
+    teacher_proximal_fd: float
+    teacher_best_sigma_stop: float | None
+    teacher_true_fd: float | None = None
+    teacher_true_fd_full: float | None = None
+    teacher_true_fd_truncated: float | None = None
+    spearman: float | None = None
+    chosen_true_fd: float | None = None
+    best_true_fd: float | None = None
+    generator_dir: str
+    grid: str
+
+
+def select_stage(
+    dataset_uri: str,
+    teacher_dir: str | Path,
+    distill_dir: str | Path,
+    out_dir: str | Path,
+    n_samples: int = 1000,
+    extractor: str = "classifier",
+    seed: int = 0,
+    progress: bool = True,
+    n_teacher: int | None = None,
+) -> SelectionResult:
+    """Score every distillation checkpoint (EMA generator) and the teacher's truncation points by
+    Proximal FID, pick the best checkpoint, save it as a model and report the agreement with the
+    true FD where a clean evaluation split exists."""
+    out_dir = Path(out_dir)
+    ext = make_extractor(extractor)
+    ds = open_dataset(dataset_uri)
+    operator = ds.operator
+    n_ref = min(len(ds), n_samples)
+    prox_ref = proximal_reference(dataset_uri, ext, n_ref)
+    clean_ref = clean_reference(dataset_uri, ext, n_samples)
+
+    checkpoints = list_checkpoints(Path(distill_dir) / "distill" / "checkpoints")
+    if not checkpoints:
+        raise FileNotFoundError(f"no distillation checkpoints under {Path(distill_dir) / 'distill' / 'checkpoints'}")
+    rows = []
+    for ckpt in checkpoints:
+        sampler = generator_from_checkpoint(ckpt, teacher_dir)
+        samples = sampler.sample(n_samples, seed=seed)
+        prox, true = score_samples(samples, operator, ext, prox_ref, clean_ref, seed)
+        rows.append(CandidateScore(name=ckpt.name, step=int(ckpt.name.split("-")[1]), proximal_fd=prox, true_fd=true))
+        if progress:
+            print(f"  {ckpt.name}: proximal FD {prox:.2f}" + (f", true FD {true:.2f}" if true is not None else ""))
+
+    teacher, objective, card = load_model(teacher_dir)
+    n_t = n_teacher or n_samples
+    teacher_rows = []
+    by_level = teacher_truncation_samples(teacher, objective, card.image_shape, n_t, seed)
+    for level, samples in by_level.items():
+        prox, true = score_samples(samples, operator, ext, prox_ref, clean_ref, seed)
+        teacher_rows.append(CandidateScore(name=f"teacher@{level}", sigma_stop=level or None,
+                                           nfe=truncation_nfe(level), proximal_fd=prox, true_fd=true))
+    best_teacher = min(teacher_rows, key=lambda r: r.proximal_fd)
+    full = next(r for r in teacher_rows if r.sigma_stop is None)
+
+    chosen = min(rows, key=lambda r: r.proximal_fd)
+    chosen_path = next(c for c in checkpoints if c.name == chosen.name)
+    result_kwargs = {}
+    if clean_ref is not None:
+        truncated = [r for r in teacher_rows if r.sigma_stop is not None]
+        result_kwargs = {
+            "true_fd": chosen.true_fd,
+            "chosen_true_fd": chosen.true_fd,
+            "best_true_fd": min(r.true_fd for r in rows),
+            "spearman": spearman([r.proximal_fd for r in rows], [r.true_fd for r in rows]) if len(rows) >= 3 else None,
+            "teacher_true_fd": best_teacher.true_fd,
+            "teacher_true_fd_full": full.true_fd,
+            "teacher_true_fd_truncated": min(truncated, key=lambda r: r.proximal_fd).true_fd,
+        }
+
+    sampler = generator_from_checkpoint(chosen_path, teacher_dir)
+    meta = json.loads((chosen_path / "meta.json").read_text())
+    gen_card = generator_card(read_card(teacher_dir), _distill_cfg(meta), chosen.step or 0,
+                              {"proximal_fd": chosen.proximal_fd}, card.code_version)
+    generator_dir = save_model(out_dir / "selected", sampler.net, gen_card)
+
+    student = sampler.sample(24, seed=seed + 7)
+    teacher_best = by_level[best_teacher.sigma_stop or 0.0][:24]
+    obs_images = corrupted_view(student, operator, torch.Generator().manual_seed(seed + 3))
+    grid = out_dir / "selection_grid.png"
+    save_grid(torch.cat([feature_images(teacher_best), feature_images(student), obs_images]), str(grid), nrow=8)
+
+    result = SelectionResult(
+        extractor_label=ext.label, extractor_id=ext.id, n_samples=n_samples, rows=rows, teacher_rows=teacher_rows,
+        chosen_checkpoint=str(chosen_path), chosen_step=chosen.step or 0, proximal_fd=chosen.proximal_fd,
+        teacher_proximal_fd=best_teacher.proximal_fd, teacher_best_sigma_stop=best_teacher.sigma_stop,
+        generator_dir=str(generator_dir), grid=str(grid), **result_kwargs,
+    )
+    (out_dir / "selection.json").write_text(result.model_dump_json(indent=1))
+    return result
+
+
+def _distill_cfg(meta: dict):
+    from rsd_core.config import DistillConfig
+
+    return DistillConfig(**meta.get("config", {}).get("distill", {}))

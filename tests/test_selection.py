@@ -1,0 +1,64 @@
+"""Proximal FID and checkpoint selection on real (small) Fashion-MNIST data."""
+
+import json
+
+import torch
+
+from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
+from rsd_core.metrics import ClassifierExtractor, compute_stats, frechet_distance
+from rsd_core.operators import build_operator
+from rsd_core.selection import corrupted_view, proximal_reference, quantise, select_stage, truncation_nfe
+from rsd_core.sources import corrupt, fashion_mnist
+from rsd_core.stages import distill_stage, pretrain_stage, sampler_for
+
+
+def test_quantise_maps_to_the_uint8_grid():
+    x = torch.tensor([-1.5, -1.0, 0.0, 0.3, 1.0, 2.0])
+    q = quantise(x)
+    assert q.min() == -1 and q.max() == 1
+    assert torch.allclose((q + 1) * 127.5, ((q + 1) * 127.5).round(), atol=1e-4)
+
+
+def test_truncation_nfe_matches_the_grid():
+    assert truncation_nfe(0.0) == 35 and truncation_nfe(0.05) == 29 and truncation_nfe(0.58) == 23
+
+
+def test_proximal_fd_prefers_clean_looking_images_without_seeing_clean_data(tmp_path):
+    """Pushed through the operator, held-out clean images score far better than blurred or noise images."""
+    spec = {"kind": "inpaint", "p": 0.6}
+    corrupt(fashion_mnist("train"), spec, seed=0, out_uri=str(tmp_path / "data"), limit=600)
+    extractor = ClassifierExtractor()
+    ref = proximal_reference(str(tmp_path / "data"), extractor, 600)
+    clean, _ = fashion_mnist("test").load(0, 600)
+    blurred = build_operator({"kind": "blur", "kernel_size": 9, "std": 2.0}).forward(clean, {})
+    noise = torch.rand_like(clean) * 2 - 1
+    op = build_operator(spec)
+
+    def score(images):
+        view = corrupted_view(images, op, torch.Generator().manual_seed(1))
+        return frechet_distance(compute_stats(extractor, view), ref)
+
+    s_clean, s_blur, s_noise = score(clean), score(blurred), score(noise)
+    assert s_clean < s_blur < s_noise, (s_clean, s_blur, s_noise)
+
+
+def test_select_stage_scores_checkpoints_and_teacher_levels(tmp_path):
+    data = tmp_path / "data"
+    corrupt(fashion_mnist("train"), {"kind": "inpaint", "p": 0.6}, seed=0, out_uri=str(data), limit=256,
+            clean_eval_count=128)
+    net = NetworkConfig(model_channels=8, channel_mult=(1, 2), attn_resolutions=())
+    teacher_dir, _ = pretrain_stage(str(data), net, TrainConfig(steps=20, batch_size=16, checkpoint_every=20,
+                                                                precision="fp32"), tmp_path / "run", progress=False)
+    distill_stage(teacher_dir, TrainConfig(steps=6, batch_size=8, checkpoint_every=2, precision="fp32"),
+                  DistillConfig(), tmp_path / "run", progress=False)
+    result = select_stage(str(data), teacher_dir, tmp_path / "run", tmp_path / "sel", n_samples=128, progress=False,
+                          n_teacher=64)
+    assert [r.step for r in result.rows] == [2, 4, 6]
+    assert result.proximal_fd == min(r.proximal_fd for r in result.rows)
+    assert result.chosen_true_fd is not None and result.best_true_fd <= result.chosen_true_fd
+    assert result.spearman is not None and -1 <= result.spearman <= 1
+    assert {r.nfe for r in result.teacher_rows} == {23, 25, 27, 29, 31, 35}
+    saved = json.loads((tmp_path / "sel" / "selection.json").read_text())
+    assert saved["chosen_checkpoint"] == result.chosen_checkpoint
+    samples = sampler_for(result.generator_dir).sample(4, seed=0)
+    assert samples.shape == (4, 1, 32, 32) and torch.isfinite(samples).all()
