@@ -186,6 +186,7 @@ OBJECTIVE_FOR_OPERATOR: dict[str, tuple[type[Objective], type[Objective] | None]
     "identity": (Objective, AmbientTweedieObjective),
     "blur": (Objective, AmbientTweedieObjective),
     "superres": (Objective, AmbientTweedieObjective),
+    "matrix": (Objective, AmbientTweedieObjective),  # dense linear operators of the synthetic experiment
     "inpaint": (AmbientDiffusionObjective, None),
     "mri": (FourierAmbientObjective, None),
 }

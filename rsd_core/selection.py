@@ -30,7 +30,7 @@ from rsd_core.objectives import Objective
 from rsd_core.operators import MRI, Operator, to_complex
 from rsd_core.sampling import edm_time_steps, heun_sample
 from rsd_core.stages import generator_card, generator_from_checkpoint, load_model, read_card, save_model
-from rsd_core.training import list_checkpoints
+from rsd_core.training import list_checkpoints, use_bf16
 from rsd_core.viz import save_grid
 
 # Truncation candidates, mapped to the grid levels 0.585, 0.296, 0.140, 0.060, 0.023; 0.0 = the full sampler.
@@ -123,6 +123,7 @@ def teacher_truncation_samples(net, objective: Objective, shape, n: int, seed: i
     outs: dict[float, list[torch.Tensor]] = {lvl: [] for lvl in levels}
     gen = torch.Generator().manual_seed(seed)
     device = next(net.parameters()).device
+    bf16 = use_bf16("auto", device)
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         latents = torch.randn((b, *shape), generator=gen)
@@ -130,7 +131,8 @@ def teacher_truncation_samples(net, objective: Objective, shape, n: int, seed: i
         at_level: dict[float, torch.Tensor] = {}
 
         def denoise(x, t, input_state=input_state):
-            return objective.denoise(net, x.float(), t.float(), input_state)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                return objective.denoise(net, x.float(), t.float(), input_state).float()
 
         final, _ = heun_sample(denoise, latents, on_level=lambda t, d, at=at_level: at.__setitem__(t, d.float()))
         for lvl, t in picks.items():
@@ -195,7 +197,7 @@ def select_stage(
         raise FileNotFoundError(f"no distillation checkpoints under {Path(distill_dir) / 'distill' / 'checkpoints'}")
     rows = []
     for ckpt in checkpoints:
-        sampler = generator_from_checkpoint(ckpt, teacher_dir)
+        sampler = generator_from_checkpoint(ckpt, teacher_dir, bf16=use_bf16("auto", torch.device("cpu")))
         samples = sampler.sample(n_samples, seed=seed)
         prox, true = score_samples(samples, operator, ext, prox_ref, clean_ref, seed)
         rows.append(CandidateScore(name=ckpt.name, step=int(ckpt.name.split("-")[1]), proximal_fd=prox, true_fd=true))

@@ -152,12 +152,13 @@ def generator_card(teacher_card: ModelCard, dcfg: DistillConfig, steps: int, met
                                            "steps": steps, "metrics": metrics, "code_version": code_version})
 
 
-def generator_from_checkpoint(checkpoint: str | Path, teacher_dir: str | Path, device="cpu") -> OneStepSampler:
+def generator_from_checkpoint(checkpoint: str | Path, teacher_dir: str | Path, device="cpu",
+                              bf16: bool = False) -> OneStepSampler:
     """The EMA generator stored in a distillation checkpoint folder, as a sampler."""
     net, objective, card = load_model(teacher_dir, device)
     gen = OneStepGenerator(net, objective, card.image_shape)
     load_module_weights(Path(checkpoint), "generator_ema", gen)
-    return OneStepSampler(gen.net.eval(), objective, card.image_shape, card.sigma_init)
+    return OneStepSampler(gen.net.eval(), objective, card.image_shape, card.sigma_init, bf16=bf16)
 
 
 def write_json(path: str | Path, data: dict) -> None:

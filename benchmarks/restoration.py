@@ -1,0 +1,194 @@
+"""The restoration benchmark: for each corruption of Fashion-MNIST 32x32, pretrain a teacher with
+its objective, distil a one-step student, select by Proximal FID, and compare with the teacher.
+
+    python -m benchmarks.restoration --budget 5 [--tasks inpaint-0.6,blur] [--out outputs/restoration]
+
+``--budget`` is minutes of wall time per training phase (teacher, then distillation). Phases
+whose outputs exist are skipped, so an interrupted run resumes where it stopped. Writes
+benchmarks/results/restoration.json (last stdout line too), docs/results.md and one grid per task
+in docs/figures/ (rows: best teacher | student | student's samples re-corrupted).
+All FDs use the in-domain Fashion-MNIST classifier features (not Inception FID).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
+from rsd_core.selection import SelectionResult, select_stage
+from rsd_core.sources import corrupt, fashion_mnist
+from rsd_core.stages import distill_stage, pretrain_stage, read_card
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "restoration.json"
+DOC = ROOT / "docs" / "results.md"
+FIGURES = ROOT / "docs" / "figures"
+
+TASKS = {
+    "inpaint-0.6": {"kind": "inpaint", "p": 0.6, "delta": 0.1},
+    "inpaint-0.8": {"kind": "inpaint", "p": 0.8, "delta": 0.1},
+    "blur-noise-0.2": {"kind": "blur", "kernel_size": 5, "std": 1.0, "sigma_n": 0.2},
+    "superres-x2": {"kind": "superres", "factor": 2},
+    "denoise-0.2": {"kind": "identity", "sigma_n": 0.2},
+}
+
+
+def run_task(name: str, spec: dict, args, out: Path) -> dict:
+    data = out / "data"
+    times = {}
+    t = time.perf_counter()
+    if not (data / "manifest.json").exists():
+        corrupt(fashion_mnist("train"), spec, seed=0, out_uri=str(data), limit=args.limit,
+                clean_eval_count=args.n_eval)
+    times["corrupt_s"] = time.perf_counter() - t
+
+    teacher_dir = out / "teacher"
+    t = time.perf_counter()
+    if not (teacher_dir / "model.json").exists():
+        train = TrainConfig(steps=1_000_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, grad_clip=1.0,
+                            ema_halflife_nimg=10_000, checkpoint_every=500, keep_checkpoints=1,
+                            time_budget_s=args.budget * 60, seed=args.seed)
+        pretrain_stage(str(data), NetworkConfig(), train, out, progress=not args.quiet)
+    times["teacher_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if not (out / "generator" / "model.json").exists():
+        train = TrainConfig(steps=1_000_000, batch_size=32, ema_halflife_nimg=2_000, ema_rampup_ratio=0.05,
+                            lr_rampup_steps=0, checkpoint_every=args.checkpoint_every, time_budget_s=args.budget * 60,
+                            seed=args.seed)
+        distill_stage(teacher_dir, train, DistillConfig(lr_fake=5e-5, lr_generator=5e-5), out, progress=not args.quiet)
+    times["distill_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    selection_file = out / "selection" / "selection.json"
+    if selection_file.exists():
+        sel = SelectionResult.model_validate_json(selection_file.read_text())
+    else:
+        sel = select_stage(str(data), teacher_dir, out, out / "selection", n_samples=args.n_eval, seed=args.seed,
+                           progress=not args.quiet)
+    times["select_s"] = time.perf_counter() - t
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    grid = FIGURES / f"restoration_{name}.png"
+    shutil.copyfile(sel.grid, grid)
+
+    full = next(r for r in sel.teacher_rows if r.sigma_stop is None)
+    truncated = min((r for r in sel.teacher_rows if r.sigma_stop is not None), key=lambda r: r.proximal_fd)
+    teacher_best = min((full, truncated), key=lambda r: r.true_fd)
+    chosen = next(r for r in sel.rows if r.step == sel.chosen_step)
+    return {
+        "task": name,
+        "operator": spec,
+        "teacher_fd": teacher_best.true_fd,
+        "teacher_sampler": f"truncated at sigma {truncated.sigma_stop} ({truncated.nfe} NFE)"
+        if teacher_best is truncated else "full Heun (35 NFE)",
+        "teacher_fd_full": full.true_fd,
+        "teacher_fd_truncated": truncated.true_fd,
+        "teacher_proximal_fd_truncated": truncated.proximal_fd,
+        "student_fd": chosen.true_fd,
+        "student_over_teacher": chosen.true_fd / teacher_best.true_fd,
+        "proximal_fid": sel.proximal_fd,
+        "selection_spearman": sel.spearman,
+        "chosen_true_fd": sel.chosen_true_fd,
+        "best_true_fd": sel.best_true_fd,
+        "chosen_step": sel.chosen_step,
+        "checkpoints": len(sel.rows),
+        "teacher_steps": read_card(teacher_dir).steps,
+        "distill_steps": max(r.step for r in sel.rows),
+        **times,
+        "grid": str(grid.relative_to(ROOT)),
+    }
+
+
+def write_doc(result: dict, command: str) -> None:
+    lines = [
+        "# Restoration benchmark (CPU)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {result['machine']}  ",
+        f"Date: {result['date']}  ",
+        f"Budget: {result['budget_minutes']} minutes of wall time per training phase (teacher, then distillation); "
+        f"{result['limit']} corrupted training images; FD on {result['n_eval']} samples.",
+        "",
+        f"Metric: **{result['extractor']}**. Lower is better. 'Teacher' is the better of the full 35-NFE Heun "
+        "sampler and the truncated sampler whose truncation level Proximal FID chose (no clean data); "
+        "the student is the distillation checkpoint with the best Proximal FID.",
+        "",
+        "| task | teacher FD (sampler) | full 35-NFE | truncated | student FD (1 NFE) | student / teacher | "
+        "Proximal FD | Spearman | chosen vs best true FD | teacher / distill steps |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        sp = "n/a" if r["selection_spearman"] is None else f"{r['selection_spearman']:.2f}"
+        lines.append(
+            f"| {r['task']} | {r['teacher_fd']:.1f} ({r['teacher_sampler']}) | {r['teacher_fd_full']:.1f} | "
+            f"{r['teacher_fd_truncated']:.1f} | {r['student_fd']:.1f} | {r['student_over_teacher']:.2f} | "
+            f"{r['proximal_fid']:.2f} | {sp} | {r['chosen_true_fd']:.1f} vs {r['best_true_fd']:.1f} | "
+            f"{r['teacher_steps']} / {r['distill_steps']} |"
+        )
+    lines += ["", "Wall time per phase (s):", "", "| task | corrupt | teacher | distill | select |",
+              "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['task']} | {r['corrupt_s']:.0f} | {r['teacher_s']:.0f} | {r['distill_s']:.0f} | "
+                     f"{r['select_s']:.0f} |")
+    lines += ["", "Sample grids (rows 1-3: best teacher; 4-6: one-step student; 7-9: student samples re-corrupted):",
+              ""]
+    lines += [f"- {r['task']}: ![{r['task']}](../{r['grid']})" for r in result["rows"]]
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget", type=float, default=5.0, help="minutes per training phase (default: 5)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
+    parser.add_argument("--limit", type=int, default=20_000, help="corrupted training images (default: 20000)")
+    parser.add_argument("--n-eval", type=int, default=1000, help="samples per FD (default: 1000)")
+    parser.add_argument("--checkpoint-every", type=int, default=50, help="distillation steps between checkpoints")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "restoration"), help="work folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/results.md")
+    args = parser.parse_args(argv)
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        parser.error(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+
+    rows = []
+    for name in names:
+        print(f"== {name}: {TASKS[name]}", flush=True)
+        rows.append(run_task(name, TASKS[name], args, Path(args.out) / name))
+        r = rows[-1]
+        print(f"   teacher FD {r['teacher_fd']:.1f} ({r['teacher_sampler']}), full {r['teacher_fd_full']:.1f}; "
+              f"student FD {r['student_fd']:.1f} ({r['student_over_teacher']:.2f}x); proximal {r['proximal_fid']:.2f}",
+              flush=True)
+    from rsd_core.metrics import ClassifierExtractor
+
+    result = {
+        "budget_minutes": args.budget,
+        "extractor": ClassifierExtractor().label,
+        "limit": args.limit,
+        "n_eval": args.n_eval,
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, {platform.python_version()}",
+        "date": datetime.date.today().isoformat(),
+        "rows": rows,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1))
+    if not args.no_doc:
+        write_doc(result, "python -m benchmarks.restoration " + " ".join(argv if argv is not None else
+                                                                        __import__("sys").argv[1:]))
+    print(f"{'task':16} {'teacher':>8} {'full':>8} {'trunc':>8} {'student':>8} {'ratio':>6} {'prox':>7}")
+    for r in rows:
+        print(f"{r['task']:16} {r['teacher_fd']:>8.1f} {r['teacher_fd_full']:>8.1f} {r['teacher_fd_truncated']:>8.1f} "
+              f"{r['student_fd']:>8.1f} {r['student_over_teacher']:>6.2f} {r['proximal_fid']:>7.2f}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
