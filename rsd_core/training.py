@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -35,6 +36,13 @@ class TrainingDivergedError(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match the model."""
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -109,14 +117,30 @@ class StepContext:
     ) -> float:
         """Backward, then step unless the loss or the gradient is non-finite (then skip and flag).
 
-        Returns the gradient norm before clipping (NaN when skipped).
+        Under torch.distributed the gradients are averaged over ranks and every rank takes the
+        same decision (a non-finite loss anywhere skips the step everywhere), so replicas never
+        drift apart. Returns the gradient norm before clipping (NaN when skipped).
         """
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        _, world_size = world()
+        if world_size > 1:
+            flag = torch.tensor([0.0 if finite else 1.0], device=loss.device)
+            dist.all_reduce(flag)
+            finite = flag.item() == 0
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad.div_(world_size)
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
             self.skipped = True
             return float("nan")
-        loss.backward()
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        params = [p for p in params if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
         if not torch.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
@@ -269,6 +293,12 @@ class Trainer:
         for opt in phase.optimizers.values():
             for group in opt.param_groups:
                 group.setdefault("base_lr", group["lr"])
+        self.rank, self.world_size = world()
+        if cfg.batch_size % self.world_size:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} (global) must be divisible by the world size {self.world_size}"
+            )
+        phase.batch_size = cfg.batch_size // self.world_size  # cfg.batch_size is the global batch
 
     @property
     def checkpoint_dir(self) -> Path | None:
@@ -284,22 +314,33 @@ class Trainer:
         if self.checkpoint_dir is None:
             return
         path = self.checkpoint_dir / f"step-{step:07d}"
+        if self.rank != 0:  # replicas are identical: one writer, the others wait for it
+            dist.barrier()
+            result.checkpoints.append(str(path))
+            return
         extra = {"metrics": metrics, "nonfinite_skipped": result.nonfinite_skipped}
         save_checkpoint(path, self.phase, step, self.gen, extra)
         result.checkpoints.append(str(path))
         if self.cfg.keep_checkpoints > 0:
             for old in list_checkpoints(self.checkpoint_dir)[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
+        if self.world_size > 1:
+            dist.barrier()
 
     def run(self) -> TrainResult:
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # Each rank draws its own data and noise; rank 0's stream is the single-process stream.
+        seed = cfg.seed + 1_000_003 * self.rank
+        torch.manual_seed(seed)
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
         start_step, result = 0, TrainResult(0, 0.0, {}, 0)
         existing = list_checkpoints(self.checkpoint_dir) if self.checkpoint_dir else []
         if existing:
-            meta = load_checkpoint(existing[-1], self.phase, self.gen)
+            meta = load_checkpoint(existing[-1], self.phase, self.gen if self.rank == 0 else None)
             start_step = int(meta["step"])
+            if self.rank != 0:  # checkpoints hold rank 0's RNG; other ranks re-derive theirs
+                self.gen.manual_seed(seed + start_step)
+                torch.manual_seed(seed + start_step)
             result.nonfinite_skipped = int(meta.get("nonfinite_skipped", 0))
             result.checkpoints = [str(p) for p in existing]
         ctx = StepContext(self.gen, self.device, self.bf16, self.channels_last)
@@ -310,7 +351,7 @@ class Trainer:
             initial=start_step,
             total=cfg.steps,
             desc=self.phase.name,
-            disable=not self.progress,
+            disable=not self.progress or self.rank != 0,
             dynamic_ncols=True,
         )
         emas = {id(e) for _, e in self.phase.ema_pairs}
@@ -333,17 +374,21 @@ class Trainer:
                     )
             else:
                 in_row = 0
-                seen = (step + 1) * self.phase.batch_size
-                beta = ema_beta(self.phase.batch_size, seen, cfg.ema_halflife_nimg, cfg.ema_rampup_ratio)
+                seen = (step + 1) * cfg.batch_size
+                beta = ema_beta(cfg.batch_size, seen, cfg.ema_halflife_nimg, cfg.ema_rampup_ratio)
                 for net, ema in self.phase.ema_pairs:
                     ema_update(ema, net, beta)
             metrics = {**metrics, "nonfinite_skipped": float(result.nonfinite_skipped)}
-            if self.callback is not None:
+            if self.callback is not None and self.rank == 0:
                 self.callback(step + 1, metrics)
             if step % 10 == 0:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")})
             done = step + 1
             over_budget = cfg.time_budget_s is not None and time.perf_counter() - t0 > cfg.time_budget_s
+            if self.world_size > 1 and cfg.time_budget_s is not None:  # all ranks stop at the same step
+                flag = torch.tensor([float(over_budget)], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                over_budget = bool(flag.item())
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or over_budget:
                 self._save(done, result, metrics)
             if over_budget:
