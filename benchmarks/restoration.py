@@ -20,6 +20,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
 from rsd_core.selection import SelectionResult, select_stage
 from rsd_core.sources import corrupt, fashion_mnist
@@ -152,7 +154,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(ROOT / "outputs" / "restoration"), help="work folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/results.md")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [n for n in names if n not in TASKS]
     if unknown:
@@ -173,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
         "extractor": ClassifierExtractor().label,
         "limit": args.limit,
         "n_eval": args.n_eval,
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, {platform.python_version()}",
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, torch threads "
+        f"{torch.get_num_threads()}, Python {platform.python_version()}",
         "date": datetime.date.today().isoformat(),
         "rows": rows,
     }

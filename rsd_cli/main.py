@@ -11,9 +11,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from rsd_cli.data_cmd import add_data_parser
+from rsd_cli.pipeline_cmd import add_pipeline_parsers
 
 # Register subcommands here: each adds its parser and sets `func` (args -> exit code).
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_data_parser,)
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_data_parser, add_pipeline_parsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,304 @@
+"""The whole pipeline's configuration (:class:`PipelineConfig`), its named presets, and how a
+user changes it: a preset, then a YAML file, then ``--set key.sub=value`` overrides, validated
+once at the end so an error names the full dotted field.
+
+Each stage receives only its own section, so a change to, say, the selection settings does not
+invalidate the cached teacher (Flyte's cache key is the task's inputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from rsd_core.config import DistillConfig, InpaintSpec, MRISpec, NetworkConfig, OperatorSpec, Spec, TrainConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that does not validate; the message names the dotted field."""
+
+
+class DataSettings(Spec):
+    """Where the clean images come from and how they are corrupted (the ``corrupt_dataset`` task)."""
+
+    source: str = "fashion-mnist"
+    split: Literal["train", "test"] = "train"
+    operator: OperatorSpec = InpaintSpec()
+    limit: int | None = None
+    clean_eval: int = 0
+    image_size: int | None = None
+    channels: Literal[1, 3] = 1
+    seed: int = 0
+
+    @field_validator("limit")
+    @classmethod
+    def _check_limit(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"limit must be >= 1 or null (all images), got {value}")
+        return value
+
+    @field_validator("clean_eval")
+    @classmethod
+    def _check_clean_eval(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"clean_eval must be >= 0, got {value}")
+        return value
+
+
+class SelectionSettings(Spec):
+    """Proximal-FID checkpoint selection (the ``select_checkpoint`` task)."""
+
+    n_samples: int = 1000
+    extractor: Literal["classifier", "inception"] = "classifier"
+    seed: int = 0
+
+    @field_validator("n_samples")
+    @classmethod
+    def _check_n(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError(f"n_samples must be >= 2 (a covariance needs two samples), got {value}")
+        return value
+
+
+class TaskResources(Spec):
+    """Kubernetes requests for one task; ``gpu`` > 0 asks the scheduler for a GPU node."""
+
+    cpu: str = "2"
+    mem: str = "4Gi"
+    gpu: int = 0
+
+    @field_validator("gpu")
+    @classmethod
+    def _check_gpu(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"gpu must be >= 0, got {value}")
+        return value
+
+
+class ResourceSettings(Spec):
+    """Per-task requests. Flyte fixes them when a workflow is registered (see docs/pipeline.md)."""
+
+    default: TaskResources = TaskResources()
+    pretrain: TaskResources = TaskResources()
+    distill: TaskResources = TaskResources()
+
+
+class TrackingSettings(Spec):
+    """MLflow: experiment, registered model name, and how often per-step metrics are logged."""
+
+    experiment: str = "rsd"
+    model_name: str = "rsd-generator"
+    log_every: int = 10
+
+    @field_validator("log_every")
+    @classmethod
+    def _check_every(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"log_every must be >= 1 (steps between logged metrics), got {value}")
+        return value
+
+    @field_validator("model_name", "experiment")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a non-empty name")
+        return value
+
+
+class PipelineConfig(Spec):
+    """Everything one pipeline execution needs, from the clean source to the registered model."""
+
+    data: DataSettings = DataSettings()
+    network: NetworkConfig = NetworkConfig()
+    teacher_train: TrainConfig = TrainConfig()
+    distill_train: TrainConfig = TrainConfig(batch_size=32, lr=5e-5, betas=(0.0, 0.999), lr_rampup_steps=0,
+                                             checkpoint_every=50)
+    distill: DistillConfig = DistillConfig()
+    selection: SelectionSettings = SelectionSettings()
+    tracking: TrackingSettings = TrackingSettings()
+    resources: ResourceSettings = ResourceSettings()
+    description: str = Field(default="", description="free text, logged as the run description")
+
+
+def _cpu_smoke() -> PipelineConfig:
+    """Seconds-scale run of every stage for tests: a few hundred images, a ~20k-parameter net."""
+    return PipelineConfig(
+        description="cpu-smoke: every stage on a tiny model (tests)",
+        data=DataSettings(operator=InpaintSpec(p=0.6), limit=256, clean_eval=64),
+        network=NetworkConfig(model_channels=8, channel_mult=(1, 2), attn_resolutions=()),
+        teacher_train=TrainConfig(steps=30, batch_size=16, lr=1e-3, lr_rampup_steps=5, checkpoint_every=30,
+                                  ema_halflife_nimg=200.0, precision="fp32"),
+        distill_train=TrainConfig(steps=12, batch_size=8, lr=5e-5, betas=(0.0, 0.999), lr_rampup_steps=0,
+                                  checkpoint_every=4, ema_halflife_nimg=100.0, precision="fp32"),
+        selection=SelectionSettings(n_samples=64),
+        tracking=TrackingSettings(experiment="rsd-smoke", model_name="rsd-smoke", log_every=2),
+    )
+
+
+def _cpu_demo() -> PipelineConfig:
+    """Fashion-MNIST inpainting (p = 0.6) on 2 CPU cores in under 15 minutes (CPU_SCALE_NOTES.md)."""
+    return PipelineConfig(
+        description="cpu-demo: Fashion-MNIST inpainting p=0.6, default CPU U-Net (32/64/128), 5 + 6 minute budgets",
+        data=DataSettings(operator=InpaintSpec(p=0.6, delta=0.1), limit=20_000, clean_eval=1000),
+        network=NetworkConfig(),  # 32/64/128 channels, attention at 8x8: 2.67 M parameters with the mask channel
+        teacher_train=TrainConfig(steps=100_000, batch_size=64, lr=7e-4, lr_rampup_steps=200,
+                                  checkpoint_every=250, time_budget_s=300.0),
+        # lr 5e-5 (the paper's 1e-5 is far too slow at this budget), betas (0, 0.999), batch 32.
+        distill_train=TrainConfig(steps=100_000, batch_size=32, lr=5e-5, betas=(0.0, 0.999), lr_rampup_steps=0,
+                                  checkpoint_every=60, time_budget_s=360.0),
+        distill=DistillConfig(lr_fake=5e-5, lr_generator=5e-5, betas_fake=(0.0, 0.999),
+                              betas_generator=(0.0, 0.999), grad_clip_fake=1.0, grad_clip_generator=1.0),
+        selection=SelectionSettings(n_samples=500, extractor="classifier"),  # 35-NFE teacher rows dominate its cost
+        tracking=TrackingSettings(experiment="rsd-demo", model_name="rsd-fmnist-inpaint", log_every=10),
+    )
+
+
+_GPU = ResourceSettings(
+    default=TaskResources(cpu="4", mem="16Gi"),
+    pretrain=TaskResources(cpu="8", mem="48Gi", gpu=1),
+    distill=TaskResources(cpu="8", mem="48Gi", gpu=1),
+)
+
+
+def _celeba64_inpaint_gpu() -> PipelineConfig:
+    """CelebA-HQ 64 inpainting, p = 0.6 (ALGORITHMS.md 1.4): ddpmpp-sized U-Net, fp16-era settings in bf16."""
+    return PipelineConfig(
+        description="celeba64-inpaint-gpu: paper settings, CelebA-HQ 64 inpainting p=0.6",
+        data=DataSettings(source="/data/celeba-hq-64", operator=InpaintSpec(p=0.6, delta=0.1), image_size=64,
+                          channels=3, clean_eval=10_000),
+        network=NetworkConfig(img_resolution=64, img_channels=3, model_channels=128, channel_mult=(1, 2, 2, 2),
+                              num_blocks=4, attn_resolutions=(16,), dropout=0.05),
+        # Teacher: Adam(0.9, 0.999, 1e-8), lr 2e-4, batch 256, EMA half-life 0.5 Mimg, 200 Mimg, 10 Mimg ramp-up.
+        teacher_train=TrainConfig(steps=781_250, batch_size=256, lr=2e-4, betas=(0.9, 0.999), adam_eps=1e-8,
+                                  lr_rampup_steps=39_063, ema_halflife_nimg=500_000.0, checkpoint_every=5000),
+        # Distillation: batch 512, Adam eps 1e-6, 100 Mimg, max_grad_norm 1.0 (fake score).
+        distill_train=TrainConfig(steps=195_313, batch_size=512, lr=1e-5, betas=(0.0, 0.999), adam_eps=1e-6,
+                                  lr_rampup_steps=0, ema_halflife_nimg=500_000.0, checkpoint_every=500),
+        distill=DistillConfig(alpha=1.2, sigma_init=2.5, t_max=800.0, loss_scaling_g=100.0, lr_fake=1e-5,
+                              lr_generator=1e-5, betas_fake=(0.0, 0.999), betas_generator=(0.9, 0.999),
+                              grad_clip_fake=1.0, grad_clip_generator=None),
+        selection=SelectionSettings(n_samples=10_000, extractor="inception"),
+        tracking=TrackingSettings(experiment="rsd-celeba64", model_name="rsd-celeba64-inpaint", log_every=100),
+        resources=_GPU,
+    )
+
+
+def _mri_multicoil_gpu() -> PipelineConfig:
+    """Multi-coil MRI, R = 4 (MRI_AND_OPERATORS.md B.3 and C.5): Fourier-space Ambient teacher, then RSD."""
+    return PipelineConfig(
+        description="mri-multicoil-gpu: paper settings, multi-coil brain MRI R=4",
+        data=DataSettings(source="brain-mri", operator=MRISpec(R=4.0, delta_R=1.0), image_size=64, clean_eval=1000),
+        network=NetworkConfig(img_resolution=64, img_channels=2, model_channels=128, channel_mult=(1, 1, 1, 1),
+                              num_blocks=4, attn_resolutions=(16,), dropout=0.1),
+        # Teacher: Adam(0.9, 0.999, 1e-8), lr 2e-4, batch 8, clip 1.0, EMA 0.5 Mimg, 10 Mimg ramp-up, 200 Mimg.
+        teacher_train=TrainConfig(steps=25_000_000, batch_size=8, lr=2e-4, betas=(0.9, 0.999), adam_eps=1e-8,
+                                  lr_rampup_steps=1_250_000, grad_clip=1.0, ema_halflife_nimg=500_000.0,
+                                  checkpoint_every=50_000),
+        # Distillation: batch 24, lr 5e-6 / glr 1e-6, betas (0, 0.999) both, eps 1e-6, snapshot every 100 kimg.
+        distill_train=TrainConfig(steps=8_333_333, batch_size=24, lr=5e-6, betas=(0.0, 0.999), adam_eps=1e-6,
+                                  lr_rampup_steps=0, ema_halflife_nimg=500_000.0, ema_rampup_ratio=0.05,
+                                  checkpoint_every=4167, seed=42),
+        distill=DistillConfig(alpha=1.2, sigma_init=2.5, t_max=800.0, loss_scaling_g=100.0, lr_fake=5e-6,
+                              lr_generator=1e-6, betas_fake=(0.0, 0.999), betas_generator=(0.0, 0.999),
+                              grad_clip_fake=1.0, grad_clip_generator=None),
+        selection=SelectionSettings(n_samples=5000, extractor="inception"),
+        tracking=TrackingSettings(experiment="rsd-mri", model_name="rsd-mri-r4", log_every=100),
+        resources=_GPU,
+    )
+
+
+PRESETS = {
+    "cpu-smoke": _cpu_smoke,
+    "cpu-demo": _cpu_demo,
+    "celeba64-inpaint-gpu": _celeba64_inpaint_gpu,
+    "mri-multicoil-gpu": _mri_multicoil_gpu,
+}
+
+
+def _format_errors(err: ValidationError, where: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("function-after", "tagged-union")))
+        parts.append(f"{loc or '<root>'}: {e['msg'].removeprefix('Value error, ')}")
+    return f"{where}: " + "; ".join(parts)
+
+
+def _merge(base: dict, update: Mapping[str, Any]) -> dict:
+    """Recursive dict merge; a mapping replaces an operator spec whole when its ``kind`` changes."""
+    out = dict(base)
+    for key, value in update.items():
+        old = out.get(key)
+        if isinstance(value, Mapping) and isinstance(old, dict) and value.get("kind", old.get("kind")) == old.get(
+            "kind"
+        ):
+            out[key] = _merge(old, value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_dotted(data: dict, path: str, value: Any) -> None:
+    keys = path.split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {path}: empty key in dotted path")
+    node = data
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if not isinstance(child, dict):
+            sections = sorted(k for k, v in node.items() if isinstance(v, dict))
+            raise ConfigError(f"--set {path}: '{'.'.join(keys[: i + 1])}' is not a section (sections: {sections})")
+        node = child
+    node.update(_merge(node, {keys[-1]: value}))
+
+
+def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
+    """``key.sub=value`` strings as (dotted path, value parsed as a YAML scalar or flow mapping)."""
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY.SUB=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({err})") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def build_config(
+    preset: str | None = "cpu-demo",
+    config_file: str | Path | None = None,
+    overrides: Iterable[str] = (),
+) -> PipelineConfig:
+    """Preset, then the YAML file on top, then ``--set`` overrides; validated once at the end."""
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    data = PRESETS[preset]().model_dump(mode="json") if preset else PipelineConfig().model_dump(mode="json")
+    where = f"preset {preset}" if preset else "defaults"
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config sections, got {type(loaded).__name__}")
+        data = _merge(data, loaded or {})
+        where += f" + {path}"
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value)
+        where += f" + --set {key}"
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, where)) from None
+
+
+def config_yaml(config: PipelineConfig) -> str:
+    """The config as YAML, loadable again with ``build_config(preset=None, config_file=...)``."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,112 @@
+"""Model registry rules: register a generator version once per pipeline execution, then promote it.
+
+Promotion compares Proximal FID, which is only meaningful between models of the *same* corrupted
+dataset, so every version carries the dataset fingerprint and its Proximal FD as tags:
+
+* ``champion`` moves to the new version when there is no champion yet, or when the champion was
+  trained on the same dataset fingerprint and the new Proximal FD is strictly lower;
+* otherwise the new version takes ``challenger`` (a champion from another dataset is never
+  displaced automatically: its score is not comparable).
+
+A retried ``register_model`` task must not create a second version: versions are tagged with the
+execution's parent MLflow run id, and an existing version with that tag is reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models.model import ModelInfo
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+TAG_EXECUTION = "rsd.execution_run_id"
+TAG_FINGERPRINT = "rsd.dataset_fingerprint"
+TAG_PROXIMAL_FD = "rsd.proximal_fd"
+TAG_OPERATOR = "rsd.operator_kind"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What was registered and where it stands: ``alias`` is ``champion`` or ``challenger``."""
+
+    name: str
+    version: int
+    alias: str
+    proximal_fd: float
+    reason: str
+
+
+def find_version(client: MlflowClient, name: str, execution_run_id: str) -> ModelVersion | None:
+    """The version an earlier attempt of this execution registered, if any."""
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.`{TAG_EXECUTION}` = '{execution_run_id}'")
+    except MlflowException:
+        return None
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def promotion(champion: ModelVersion | None, fingerprint: str, proximal_fd: float) -> tuple[str, str]:
+    """(alias, reason) for a new version scored ``proximal_fd`` on dataset ``fingerprint``."""
+    if champion is None:
+        return CHAMPION, "first version: no champion yet"
+    their_fp = champion.tags.get(TAG_FINGERPRINT, "")
+    their_fd = float(champion.tags.get(TAG_PROXIMAL_FD, "inf"))
+    if their_fp != fingerprint:
+        return CHALLENGER, f"champion v{champion.version} is from another dataset; Proximal FDs are not comparable"
+    if proximal_fd < their_fd:
+        return CHAMPION, f"Proximal FD {proximal_fd:.4g} beats champion v{champion.version} ({their_fd:.4g})"
+    return CHALLENGER, f"Proximal FD {proximal_fd:.4g} does not beat champion v{champion.version} ({their_fd:.4g})"
+
+
+def register_generator(
+    client: MlflowClient,
+    name: str,
+    execution_run_id: str,
+    fingerprint: str,
+    operator_kind: str,
+    proximal_fd: float,
+    log_model: Callable[[], ModelInfo],
+) -> Registration:
+    """Register (once per ``execution_run_id``) and promote a generator under ``name``.
+
+    ``log_model`` logs the model (in a run of this execution) and returns its ``ModelInfo``; it is
+    called only when no version of this execution exists yet, so a retry neither logs nor
+    registers twice.
+    """
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="One-step generators distilled by RSD from corrupted data.")
+    version = find_version(client, name, execution_run_id)
+    if version is None:
+        tags = {
+            TAG_EXECUTION: execution_run_id,
+            TAG_FINGERPRINT: fingerprint,
+            TAG_PROXIMAL_FD: repr(float(proximal_fd)),
+            TAG_OPERATOR: operator_kind,
+        }
+        info = log_model()
+        version = client.create_model_version(name, info.model_uri, run_id=info.run_id, tags=tags,
+                                              model_id=info.model_id)
+    else:
+        version = client.get_model_version(name, version.version)  # fresh aliases
+        for alias in (CHAMPION, CHALLENGER):
+            if alias in version.aliases:
+                return Registration(name, int(version.version), alias, proximal_fd, "already registered (retry)")
+    champion = current_champion(client, name)
+    alias, reason = promotion(champion, fingerprint, proximal_fd)
+    client.set_registered_model_alias(name, alias, version.version)
+    client.set_model_version_tag(name, version.version, "rsd.promotion", reason)
+    return Registration(name, int(version.version), alias, proximal_fd, reason)

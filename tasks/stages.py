@@ -1,0 +1,278 @@
+"""The pipeline's Flyte tasks: thin typed wrappers around ``rsd_core`` stages.
+
+Each task downloads its inputs, calls one ``rsd_core`` function, logs to a child MLflow run of
+the execution's run (``run_id``), renders Decks, and returns typed folders/files. Caching keys
+on each task's own config section; ``run_id`` and ``log_every`` are ignored by the cache so a
+new execution with the same data and settings reuses earlier results (the hit is visible as a
+missing child run).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from flytekit import Cache, current_context, task
+from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
+
+from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
+from rsd_core.data import open_dataset
+from rsd_core.export import CARD_FILE, ONNX_FILE, draw_inputs, export_generator, load_exportable
+from rsd_core.operators import parse_operator_spec
+from rsd_core.presets import DataSettings, PipelineConfig, SelectionSettings, TrackingSettings, config_yaml
+from rsd_core.selection import select_stage
+from rsd_core.sources import corrupt
+from rsd_core.stages import distill_stage, pretrain_stage, sampler_for
+from rsd_core.viz import observations_for_display, save_grid
+from tasks import decks, tracking
+from tasks.deploy import CACHE_VERSION, DEPLOYMENT, image, requests
+from tasks.registry import TAG_FINGERPRINT, TAG_OPERATOR, register_generator
+
+_RES = DEPLOYMENT.resources
+_CACHE = Cache(version=CACHE_VERSION, ignored_inputs=("run_id", "log_every"))
+GRID_SAMPLES = 64
+
+
+@dataclass
+class SelectedGenerator:
+    """The checkpoint Proximal FID chose, saved as a model, with what promotion needs to know."""
+
+    generator: FlyteDirectory
+    grid: FlyteFile
+    table: FlyteFile
+    chosen_step: int
+    proximal_fd: float
+    teacher_proximal_fd: float
+    dataset_fingerprint: str
+    operator_kind: str
+
+
+@dataclass
+class RegisteredModel:
+    """Where the execution's model ended up: registry name, version and alias, and its files."""
+
+    name: str
+    version: int
+    alias: str
+    reason: str
+    proximal_fd: float
+    run_id: str
+    tracking_uri: str
+    grid: FlyteFile
+    exported: FlyteDirectory
+
+
+def _workdir(name: str) -> Path:
+    """A fresh folder in the task's working directory (local map-task elements share that directory)."""
+    root = Path(current_context().working_directory)
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+
+
+def _execution_name() -> str:
+    """The Flyte execution's name ("local" for local runs)."""
+    return current_context().execution_id.name
+
+
+@task(cache=False, retries=2, container_image=image(), requests=requests(_RES.default))
+def open_run(config: PipelineConfig, workflow_name: str) -> str:
+    """Create the execution's parent MLflow run (whole config as params) and return its id."""
+    run_id = tracking.start_parent_run(
+        config.tracking.experiment,
+        run_name=f"{workflow_name}-{_execution_name()}",
+        params=config.model_dump(mode="json"),
+        tags={"rsd.code_version": tracking.code_version(), "rsd.workflow": workflow_name,
+              "rsd.flyte_execution": _execution_name(), "rsd.model_name": config.tracking.model_name},
+        description=config.description,
+    )
+    tracking.log_text_artifact(tracking.client(), run_id, config_yaml(config), "config.yaml")
+    return run_id
+
+
+@task(cache=_CACHE, retries=2, container_image=image(), requests=requests(_RES.default), enable_deck=True)
+def corrupt_dataset(data: DataSettings, run_id: str) -> FlyteDirectory:
+    """Corrupt the clean source into the parquet + manifest dataset; clean images stop here."""
+    work = _workdir("corrupt")
+    out, grid = work / "dataset", work / "observations.png"
+    with tracking.child_run(run_id, "corrupt_dataset", data.model_dump(mode="json")) as (client, child):
+        manifest = corrupt(data.source, data.operator, data.seed, str(out), split=data.split, limit=data.limit,
+                           clean_eval_count=data.clean_eval, image_size=data.image_size, channels=data.channels)
+        ds = open_dataset(str(out))
+        tracking.set_tags(client, child, {TAG_FINGERPRINT: ds.fingerprint, TAG_OPERATOR: data.operator.kind})
+        client.log_metric(child, "observations", manifest.count)
+        _observation_grid(ds, grid)
+        client.log_artifact(child, str(grid))
+    decks.show("observations", decks.png_html(grid, f"{manifest.name}: first 32"))
+    return FlyteDirectory(str(out))
+
+
+def _observation_grid(ds, path: Path) -> None:
+    batch = next(ds.iter_batches(batch_size=32))
+    save_grid(observations_for_display(batch.observation, ds.operator, batch.state), str(path))
+
+
+@task(cache=False, retries=2, container_image=image(), requests=requests(_RES.default), enable_deck=True)
+def check_dataset(dataset_uri: str) -> FlyteDirectory:
+    """An already-corrupted dataset (local path or s3://), checksums verified before any GPU time is spent."""
+    ds = open_dataset(dataset_uri, verify=True)
+    grid = _workdir("inspect") / "observations.png"
+    _observation_grid(ds, grid)
+    decks.show("observations", decks.png_html(grid, f"{ds.manifest.name}: {len(ds)} observations"))
+    return FlyteDirectory(dataset_uri if "://" in dataset_uri else str(Path(dataset_uri).resolve()))
+
+
+def _training_report(logger: tracking.MetricLogger, client, child: str, model_dir: Path, title: str) -> None:
+    """Loss curves and a sample grid of the saved model, as MLflow artifacts and Decks."""
+    logger.flush()
+    curves = decks.loss_curves(logger.history, model_dir.parent / f"{title}_losses.png", title)
+    grid = model_dir.parent / f"{title}_samples.png"
+    save_grid(sampler_for(model_dir).sample(GRID_SAMPLES, seed=0), str(grid))
+    client.log_artifact(child, str(curves))
+    client.log_artifact(child, str(grid))
+    decks.show(f"{title} losses", decks.png_html(curves))
+    decks.show(f"{title} samples", decks.png_html(grid, f"{GRID_SAMPLES} samples, seed 0"))
+
+
+def _log_result(client, child: str, result) -> None:
+    client.log_metric(child, "steps", result.steps)
+    client.log_metric(child, "seconds", result.seconds)
+    client.log_metric(child, "nonfinite_skipped", result.nonfinite_skipped)
+    client.set_tag(child, "rsd.stopped_by_budget", str(result.stopped_by_budget))
+
+
+@task(cache=_CACHE, retries=1, container_image=image(gpu=True), requests=requests(_RES.pretrain), enable_deck=True)
+def pretrain_teacher(dataset: FlyteDirectory, network: NetworkConfig, train: TrainConfig, log_every: int,
+                     run_id: str) -> FlyteDirectory:
+    """Stage I: the corruption-aware teacher; returns its saved EMA model folder."""
+    params = {"network": network.model_dump(mode="json"), "train": train.model_dump(mode="json")}
+    with tracking.child_run(run_id, "pretrain_teacher", params) as (client, child):
+        logger = tracking.MetricLogger(client, child, log_every)
+        teacher_dir, result = pretrain_stage(dataset.download(), network, train, _workdir("pretrain"), logger,
+                                             progress=False, code_version=tracking.code_version())
+        _log_result(client, child, result)
+        _training_report(logger, client, child, teacher_dir, "teacher")
+    return FlyteDirectory(str(teacher_dir))
+
+
+@task(cache=_CACHE, retries=1, container_image=image(gpu=True), requests=requests(_RES.distill), enable_deck=True)
+def distill(teacher: FlyteDirectory, train: TrainConfig, rsd: DistillConfig, log_every: int,
+            run_id: str) -> FlyteDirectory:
+    """Stage II: RSD into a one-step generator; returns the folder with all checkpoints and the final EMA."""
+    params = {"train": train.model_dump(mode="json"), "distill": rsd.model_dump(mode="json")}
+    out = _workdir("distill")
+    with tracking.child_run(run_id, "distill", params) as (client, child):
+        logger = tracking.MetricLogger(client, child, log_every)
+        generator_dir, result, _ = distill_stage(teacher.download(), train, rsd, out, logger, progress=False,
+                                                 code_version=tracking.code_version())
+        _log_result(client, child, result)
+        _training_report(logger, client, child, generator_dir, "generator")
+    return FlyteDirectory(str(out))
+
+
+@task(cache=_CACHE, retries=1, container_image=image(gpu=True), requests=requests(_RES.default), enable_deck=True)
+def select_checkpoint(dataset: FlyteDirectory, teacher: FlyteDirectory, distilled: FlyteDirectory,
+                      selection: SelectionSettings, run_id: str) -> SelectedGenerator:
+    """Proximal FID over the saved checkpoints (no clean data); the winner is saved as a model."""
+    dataset_dir = dataset.download()
+    ds = open_dataset(dataset_dir)
+    with tracking.child_run(run_id, "select_checkpoint", selection.model_dump(mode="json")) as (client, child):
+        result = select_stage(dataset_dir, teacher.download(), distilled.download(), _workdir("selection"),
+                              n_samples=selection.n_samples, extractor=selection.extractor, seed=selection.seed,
+                              progress=False)
+        for row in result.rows:
+            client.log_metric(child, "proximal_fd", row.proximal_fd, step=row.step or 0)
+            if row.true_fd is not None:
+                client.log_metric(child, "true_fd", row.true_fd, step=row.step or 0)
+        summary = {"chosen_step": result.chosen_step, "chosen_proximal_fd": result.proximal_fd,
+                   "teacher_proximal_fd": result.teacher_proximal_fd, "spearman": result.spearman,
+                   "chosen_true_fd": result.chosen_true_fd, "best_true_fd": result.best_true_fd}
+        for key, value in summary.items():
+            if value is not None:
+                client.log_metric(child, key, value)
+        client.set_tag(child, "rsd.extractor", result.extractor_label)
+        table = Path(result.grid).parent / "selection.json"
+        client.log_artifact(child, str(table))
+        client.log_artifact(child, result.grid)
+    rows = [r.model_dump() for r in [*result.rows, *result.teacher_rows]]
+    decks.show("selection", decks.png_html(result.grid, "teacher (best truncation) / student / student re-corrupted"),
+               decks.table_html(rows))
+    return SelectedGenerator(
+        generator=FlyteDirectory(result.generator_dir), grid=FlyteFile(result.grid), table=FlyteFile(str(table)),
+        chosen_step=result.chosen_step, proximal_fd=result.proximal_fd,
+        teacher_proximal_fd=result.teacher_proximal_fd, dataset_fingerprint=ds.fingerprint,
+        operator_kind=ds.manifest.operator.kind,
+    )
+
+
+@task(cache=False, retries=2, container_image=image(), requests=requests(_RES.default))
+def export_model(selected: SelectedGenerator, run_id: str) -> FlyteDirectory:
+    """ONNX + .pt2 + safetensors + card.json of the chosen generator."""
+    with tracking.child_run(run_id, "export_model") as (client, child):
+        out = export_generator(selected.generator.download(), _workdir("export"),
+                               {"proximal_fd": selected.proximal_fd, "chosen_step": float(selected.chosen_step)})
+        client.log_artifact(child, str(out / CARD_FILE))
+        client.log_artifact(child, str(out / ONNX_FILE))
+    return FlyteDirectory(str(out))
+
+
+def _log_pytorch_model(export_dir: Path, run_id: str):
+    """Log the exported generator as an MLflow pytorch model (torch.export, no pickle) with a signature."""
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    module, card = load_exportable(export_dir)
+    example = draw_inputs(module, card.image_shape, 2, seed=0)  # batch >= 2 keeps the batch axis dynamic
+    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *x.shape[1:]), name)
+                     for name, x in zip(module.input_names(), example, strict=True)])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *card.image_shape), "images")])
+    extra = [str(export_dir / f) for f in (ONNX_FILE, CARD_FILE, "model.json", "model.safetensors")]
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    with mlflow.start_run(run_id=run_id):
+        return mlflow.pytorch.log_model(module, name="generator", input_example=example,
+                                        signature=ModelSignature(inputs, outputs), serialization_format="pt2",
+                                        pip_requirements=["torch"], extra_files=extra)
+
+
+@task(cache=False, retries=2, container_image=image(), requests=requests(_RES.default))
+def register_model(exported: FlyteDirectory, selected: SelectedGenerator, tracking_settings: TrackingSettings,
+                   run_id: str) -> RegisteredModel:
+    """Log the model, register it once per execution, and promote it by Proximal FID."""
+    export_dir = Path(exported.download())
+    with tracking.child_run(run_id, "register_model") as (client, child):
+        registration = register_generator(
+            client, tracking_settings.model_name, run_id, selected.dataset_fingerprint, selected.operator_kind,
+            selected.proximal_fd, lambda: _log_pytorch_model(export_dir, child),
+        )
+        grid = selected.grid.download()
+        client.log_artifact(run_id, grid)
+        client.log_artifact(run_id, selected.table.download())
+        for key in ("proximal_fd", "teacher_proximal_fd", "chosen_step"):
+            client.log_metric(run_id, key, float(getattr(selected, key)))
+        tracking.set_tags(client, run_id, {
+            TAG_FINGERPRINT: selected.dataset_fingerprint, TAG_OPERATOR: selected.operator_kind,
+            "rsd.registered_model": f"{registration.name}/{registration.version}", "rsd.alias": registration.alias,
+        })
+        client.log_text(child, json.dumps(registration.__dict__, indent=1), "registration.json")
+    client.set_terminated(run_id, "FINISHED")
+    return RegisteredModel(
+        name=registration.name, version=registration.version, alias=registration.alias, reason=registration.reason,
+        proximal_fd=registration.proximal_fd, run_id=run_id, tracking_uri=tracking.tracking_uri(),
+        grid=FlyteFile(grid), exported=FlyteDirectory(str(export_dir)),
+    )
+
+
+@task(cache=False, container_image=image(), requests=requests(_RES.default))
+def sweep_items(data: DataSettings, operators: list[dict]) -> list[DataSettings]:
+    """One data section per operator spec of a sweep (validated here, before anything runs)."""
+    items = []
+    for i, spec in enumerate(operators):
+        try:
+            items.append(data.model_copy(update={"operator": parse_operator_spec(spec)}))
+        except ValueError as err:
+            raise ValueError(f"operators[{i}] = {spec}: {err}") from None
+    return items
