@@ -3,7 +3,8 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 SCRATCH := $(CURDIR)/.flyte-tmp
 
-.PHONY: help setup demo test test-slow lint bench-throughput teacher-smoke
+.PHONY: help setup demo test test-slow lint bench-throughput bench-sampling bench-eigenspace bench-restoration \
+	bench-faults bench-streaming teacher-smoke
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -11,9 +12,8 @@ help:  ## list the commands
 setup:  ## create .venv with all requirements (apt packages too, as root)
 	@bash scripts/setup.sh
 
-demo: setup  ## run the main job on the bundled dataset (CPU)
-	@mkdir -p $(SCRATCH)
-	TMPDIR=$(SCRATCH) $(PY) -m benchmarks.teacher_smoke
+demo: setup  ## run the whole pipeline (cpu-demo preset) on bundled Fashion-MNIST, on CPU (~15 min)
+	.venv/bin/rsd run --preset cpu-demo
 
 test: setup  ## run the test suite (no GPU, no network needed)
 	@mkdir -p $(SCRATCH)
@@ -31,3 +31,18 @@ bench-throughput: setup  ## images/s of a teacher training step, fp32 eager vs t
 
 teacher-smoke: setup  ## train a teacher for a few minutes on corrupted Fashion-MNIST, write a grid
 	$(PY) -m benchmarks.teacher_smoke
+
+bench-sampling: setup  ## one-step generation vs the 35-NFE and truncated teacher samplers
+	$(PY) -m benchmarks.sampling_speed
+
+bench-eigenspace: setup  ## the linear eigenspace-recovery experiment (a few minutes)
+	$(PY) -m benchmarks.eigenspace
+
+bench-restoration: setup  ## five corruptions of Fashion-MNIST: teacher vs student (about an hour at --budget 5)
+	$(PY) -m benchmarks.restoration --budget 5
+
+bench-faults: setup  ## the fault-injection table
+	$(PY) -m benchmarks.faults
+
+bench-streaming: setup  ## peak memory of streaming 1k vs 50k observations
+	$(PY) -m benchmarks.data_streaming
