@@ -807,8 +807,16 @@ def open_dataset(uri: str, storage_options: Mapping[str, Any] | None = None, ver
     ``storage_options`` default to :func:`storage_options_from_env`.
     """
     fs, root = _filesystem(uri, storage_options)
-    dataset = CorruptedDataset(uri, _load_manifest(fs, root, uri), fs, root, storage_options)
-    dataset.check_files()
-    if verify:
-        dataset.verify()
+    try:
+        dataset = CorruptedDataset(uri, _load_manifest(fs, root, uri), fs, root, storage_options)
+        dataset.check_files()
+        if verify:
+            dataset.verify()
+    except (FileNotFoundError, DatasetError):
+        raise
+    except OSError as err:  # e.g. s3fs's bare PermissionError('Forbidden'): say which URI and why
+        raise DatasetError(
+            f"{uri}: cannot access ({type(err).__name__}: {err}); check AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY and the endpoint (AWS_ENDPOINT_URL)"
+        ) from None
     return dataset

@@ -14,6 +14,7 @@ execution's parent MLflow run id, and an existing version with that tag is reuse
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,10 +86,7 @@ def register_generator(
     called only when no version of this execution exists yet, so a retry neither logs nor
     registers twice.
     """
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="One-step generators distilled by RSD from corrupted data.")
+    _ensure_registered_model(client, name)
     version = find_version(client, name, execution_run_id)
     if version is None:
         tags = {
@@ -105,8 +103,61 @@ def register_generator(
         for alias in (CHAMPION, CHALLENGER):
             if alias in version.aliases:
                 return Registration(name, int(version.version), alias, proximal_fd, "already registered (retry)")
-    champion = current_champion(client, name)
-    alias, reason = promotion(champion, fingerprint, proximal_fd)
-    client.set_registered_model_alias(name, alias, version.version)
+    _, reason = promotion(current_champion(client, name), fingerprint, proximal_fd)
+    champion = settle_champion(client, name, fingerprint)
+    alias = CHAMPION if champion is not None and champion.version == version.version else CHALLENGER
+    if alias == CHALLENGER:
+        _with_retries(lambda: client.set_registered_model_alias(name, CHALLENGER, version.version))
     client.set_model_version_tag(name, version.version, "rsd.promotion", reason)
     return Registration(name, int(version.version), alias, proximal_fd, reason)
+
+
+def _error_code(err: MlflowException) -> str:
+    return getattr(err, "error_code", "") or ""
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if "RESOURCE_DOES_NOT_EXIST" not in _error_code(err):
+            raise  # e.g. the server is down: do not mistake it for a missing model
+        try:
+            client.create_registered_model(name, description="One-step generators distilled by RSD from corrupted data")
+        except MlflowException as race:
+            if "RESOURCE_ALREADY_EXISTS" not in _error_code(race):
+                raise
+
+
+def _with_retries(action: Callable[[], object], attempts: int = 5, delay_s: float = 0.2) -> None:
+    """Alias writes can collide under concurrent registrations (a UNIQUE constraint): retry them."""
+    for attempt in range(attempts):
+        try:
+            action()
+            return
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(delay_s * (attempt + 1))
+
+
+def settle_champion(client: MlflowClient, name: str, fingerprint: str, rounds: int = 5) -> ModelVersion | None:
+    """Point ``champion`` at the best version of the champion's dataset (ours if there is none).
+
+    Read-then-write promotion races when two registrations run at once; re-deriving the
+    champion from the version tags after every write converges to the best version whatever
+    order the writes landed in, so exactly one champion, the better, remains.
+    """
+    champion = None
+    for _ in range(rounds):
+        champion = current_champion(client, name)
+        dataset = champion.tags.get(TAG_FINGERPRINT, fingerprint) if champion is not None else fingerprint
+        scored = [v for v in client.search_model_versions(f"name = '{name}' and tags.`{TAG_FINGERPRINT}` = '{dataset}'")
+                  if TAG_PROXIMAL_FD in v.tags]
+        if not scored:
+            return champion
+        best = min(scored, key=lambda v: (float(v.tags[TAG_PROXIMAL_FD]), int(v.version)))
+        if champion is not None and champion.version == best.version:
+            return champion
+        _with_retries(lambda best=best: client.set_registered_model_alias(name, CHAMPION, best.version))
+    return current_champion(client, name) or champion

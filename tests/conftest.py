@@ -1,12 +1,9 @@
 """Shared fixtures: small real data, and a scratch environment for every test session."""
 
-import os
 
 import numpy as np
 import pytest
 import torch
-
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
