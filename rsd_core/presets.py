@@ -70,12 +70,23 @@ class TaskResources(Spec):
     cpu: str = "2"
     mem: str = "4Gi"
     gpu: int = 0
+    # Data-parallel training (torch elastic via flytekitplugins-kfpytorch): processes per node and
+    # nodes. The global batch stays TrainConfig.batch_size; each process takes batch / world size.
+    nproc_per_node: int = 1
+    nnodes: int = 1
 
     @field_validator("gpu")
     @classmethod
     def _check_gpu(cls, value: int) -> int:
         if value < 0:
             raise ValueError(f"gpu must be >= 0, got {value}")
+        return value
+
+    @field_validator("nproc_per_node", "nnodes")
+    @classmethod
+    def _check_processes(cls, value: int, info) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
         return value
 
 

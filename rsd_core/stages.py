@@ -24,7 +24,7 @@ from rsd_core.objectives import Objective, objective_for
 from rsd_core.operators import build_operator
 from rsd_core.pretrain import TensorSource, build_teacher, pretrain_teacher
 from rsd_core.sampling import OneStepSampler, Sampler, TeacherSampler
-from rsd_core.training import MetricsCallback, TrainResult, load_module_weights
+from rsd_core.training import MetricsCallback, TrainResult, load_module_weights, world
 
 
 class ModelCard(Spec):
@@ -55,7 +55,10 @@ def load_observations(dataset_uri: str, limit: int | None = None):
 
 
 def save_model(folder: str | Path, net: torch.nn.Module, card: ModelCard) -> Path:
+    """Write the model folder (rank 0 only under data parallelism: the replicas are identical)."""
     folder = Path(folder)
+    if world()[0] != 0:
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     save_file(tensors, str(folder / "model.safetensors"))

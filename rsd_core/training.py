@@ -45,9 +45,24 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def init_distributed_from_env() -> None:
+    """Join the process group a launcher (torchrun, Flyte's Elastic) describes in the environment.
+
+    No-op for a single process or an already initialised group. NCCL where CUDA is present, gloo
+    otherwise; each process binds to its LOCAL_RANK GPU.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
     return torch.device(name)
 
 
@@ -283,6 +298,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callback = callback
         self.progress = progress
+        init_distributed_from_env()
         self.device = resolve_device(cfg.device)
         self.bf16 = use_bf16(cfg.precision, self.device)
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"

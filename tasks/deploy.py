@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 from flytekit import Resources
+from flytekitplugins.kfpytorch import Elastic
 
 from rsd_core.presets import PipelineConfig, TaskResources, build_config
 from tasks.tracking import source_hash
@@ -42,6 +43,19 @@ def requests(spec: TaskResources) -> Resources:
     if spec.gpu > 0:
         return Resources(cpu=spec.cpu, mem=spec.mem, gpu=str(spec.gpu))
     return Resources(cpu=spec.cpu, mem=spec.mem)
+
+
+def elastic(spec: TaskResources) -> Elastic | None:
+    """Torch elastic data parallelism when a training task asks for several processes or nodes.
+
+    gloo on CPU, NCCL on GPU (chosen in rsd_core.training from the device); with one node the
+    plugin launches the workers inside the task's pod, with several it becomes a PyTorchJob for
+    the Kubeflow training operator.
+    """
+    if spec.nproc_per_node == 1 and spec.nnodes == 1:
+        return None
+    return Elastic(nnodes=spec.nnodes, nproc_per_node=spec.nproc_per_node, start_method="fork",
+                   increase_shared_mem=False)
 
 
 def cache_version() -> str:

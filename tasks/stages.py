@@ -28,7 +28,7 @@ from rsd_core.sources import corrupt
 from rsd_core.stages import distill_stage, pretrain_stage, sampler_for
 from rsd_core.viz import observations_for_display, save_grid
 from tasks import decks, tracking
-from tasks.deploy import CACHE_VERSION, DEPLOYMENT, image, requests
+from tasks.deploy import CACHE_VERSION, DEPLOYMENT, elastic, image, requests
 from tasks.registry import TAG_FINGERPRINT, TAG_OPERATOR, register_generator
 
 _RES = DEPLOYMENT.resources
@@ -143,7 +143,8 @@ def _log_result(client, child: str, result) -> None:
     client.set_tag(child, "rsd.stopped_by_budget", str(result.stopped_by_budget))
 
 
-@task(cache=_CACHE, retries=1, container_image=image(gpu=True), requests=requests(_RES.pretrain), enable_deck=True)
+@task(cache=_CACHE, retries=1, container_image=image(gpu=True), requests=requests(_RES.pretrain), enable_deck=True,
+      task_config=elastic(_RES.pretrain))
 def pretrain_teacher(dataset: FlyteDirectory, network: NetworkConfig, train: TrainConfig, log_every: int,
                      run_id: str) -> FlyteDirectory:
     """Stage I: the corruption-aware teacher; returns its saved EMA model folder."""
@@ -157,7 +158,8 @@ def pretrain_teacher(dataset: FlyteDirectory, network: NetworkConfig, train: Tra
     return FlyteDirectory(str(teacher_dir))
 
 
-@task(cache=_CACHE, retries=1, container_image=image(gpu=True), requests=requests(_RES.distill), enable_deck=True)
+@task(cache=_CACHE, retries=1, container_image=image(gpu=True), requests=requests(_RES.distill), enable_deck=True,
+      task_config=elastic(_RES.distill))
 def distill(teacher: FlyteDirectory, train: TrainConfig, rsd: DistillConfig, log_every: int,
             run_id: str) -> FlyteDirectory:
     """Stage II: RSD into a one-step generator; returns the folder with all checkpoints and the final EMA."""

@@ -232,3 +232,24 @@ def test_package_every_workflow_and_launch_plan_for_a_gpu_cluster(scratch):
     (nightly_file,) = [k for k in entries if "rsd_pipeline_nightly" in k]
     nightly = launch_plan_pb2.LaunchPlan.FromString(entries[nightly_file])
     assert nightly.spec.entity_metadata.schedule.cron_schedule.schedule == "0 3 * * *"
+
+
+def test_multi_node_training_serializes_as_an_elastic_pytorch_job(scratch, tmp_path):
+    from flyteidl.admin import task_pb2
+
+    root, env = scratch
+    config = tmp_path / "elastic.yaml"
+    config.write_text("resources:\n  pretrain: {gpu: 8, nproc_per_node: 8, nnodes: 2}\n")
+    pkg = root / "elastic-package.tgz"
+    env = {**env, "RSD_PRESET": "celeba64-inpaint-gpu", "RSD_CONFIG": str(config)}
+    proc = subprocess.run([str(BIN / "pyflyte"), "--pkgs", "workflows", "package", "--image",
+                           "ghcr.io/example/rsd:test", "-f", "-o", str(pkg)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    with tarfile.open(pkg) as tar:
+        entries = {Path(m.name).name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    (pretrain,) = [k for k in entries if k.endswith("tasks.stages.pretrain_teacher_1.pb")]
+    (distill,) = [k for k in entries if k.endswith("tasks.stages.distill_1.pb")]
+    assert task_pb2.TaskSpec.FromString(entries[pretrain]).template.type == "pytorch"
+    assert task_pb2.TaskSpec.FromString(entries[distill]).template.type == "python-task"  # 1 process: plain
+
