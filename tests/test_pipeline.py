@@ -206,19 +206,23 @@ def test_sweep_maps_over_operators(scratch):
     assert len(datasets) == 2
 
 
-def test_package_every_workflow_and_launch_plan_for_a_gpu_cluster(scratch):
-    from flyteidl.admin import launch_plan_pb2, task_pb2
-    from flyteidl.core import tasks_pb2
-
-    root, env = scratch
-    pkg = root / "flyte-package.tgz"
-    env = {**env, "RSD_PRESET": "celeba64-inpaint-gpu", "RSD_GPU_IMAGE": "ghcr.io/example/rsd-gpu:test"}
+def _package(env: dict, pkg: Path) -> dict[str, bytes]:
+    """`pyflyte package` of every workflow with ``env``; the archive's files by name."""
     proc = subprocess.run([str(BIN / "pyflyte"), "--pkgs", "workflows", "package", "--image",
                            "ghcr.io/example/rsd:test", "-f", "-o", str(pkg)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     with tarfile.open(pkg) as tar:
-        entries = {Path(m.name).name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        return {Path(m.name).name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def test_package_every_workflow_and_launch_plan_for_a_gpu_cluster(scratch):
+    from flyteidl.admin import launch_plan_pb2, task_pb2
+    from flyteidl.core import tasks_pb2
+
+    root, env = scratch
+    env = {**env, "RSD_PRESET": "celeba64-inpaint-gpu", "RSD_GPU_IMAGE": "ghcr.io/example/rsd-gpu:test"}
+    entries = _package(env, root / "flyte-package.tgz")
     names = " ".join(entries)
     for entity in ("workflows.pipeline.rsd_pipeline", "workflows.pipeline.rsd_rerun", "workflows.pipeline.rsd_sweep",
                    "rsd_pipeline_nightly", "rsd_rerun_data_team", "tasks.stages.pretrain_teacher"):
@@ -240,14 +244,8 @@ def test_multi_node_training_serializes_as_an_elastic_pytorch_job(scratch, tmp_p
     root, env = scratch
     config = tmp_path / "elastic.yaml"
     config.write_text("resources:\n  pretrain: {gpu: 8, nproc_per_node: 8, nnodes: 2}\n")
-    pkg = root / "elastic-package.tgz"
     env = {**env, "RSD_PRESET": "celeba64-inpaint-gpu", "RSD_CONFIG": str(config)}
-    proc = subprocess.run([str(BIN / "pyflyte"), "--pkgs", "workflows", "package", "--image",
-                           "ghcr.io/example/rsd:test", "-f", "-o", str(pkg)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    with tarfile.open(pkg) as tar:
-        entries = {Path(m.name).name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    entries = _package(env, root / "elastic-package.tgz")
     (pretrain,) = [k for k in entries if k.endswith("tasks.stages.pretrain_teacher_1.pb")]
     (distill,) = [k for k in entries if k.endswith("tasks.stages.distill_1.pb")]
     assert task_pb2.TaskSpec.FromString(entries[pretrain]).template.type == "pytorch"

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from benchmarks.faults import NaNBatches
 from rsd_core.config import NetworkConfig, TrainConfig
 from rsd_core.objectives import objective_for
 from rsd_core.operators import build_operator
@@ -64,24 +65,9 @@ def test_resume_reproduces_an_uninterrupted_run(digits8, tmp_path):
         assert torch.equal(a, b)
 
 
-class NaNAfter:
-    """Wraps a source so that every batch after ``start`` is NaN (``count`` of them, or forever)."""
-
-    def __init__(self, source, start, count=None):
-        self.source, self.start, self.count, self.calls = source, start, count, 0
-
-    def next_batch(self, batch_size, generator):
-        y, state = self.source.next_batch(batch_size, generator)
-        self.calls += 1
-        end = float("inf") if self.count is None else self.start + self.count
-        if self.start < self.calls <= end:
-            y = torch.full_like(y, float("nan"))
-        return y, state
-
-
 def test_nonfinite_steps_are_skipped_and_counted(digits8, tmp_path):
     net, objective, source = _setup(digits8)
-    phase, result = pretrain_teacher(net, objective, NaNAfter(source, 10, count=3), _cfg(steps=30), tmp_path,
+    phase, result = pretrain_teacher(net, objective, NaNBatches(source, 10, count=3), _cfg(steps=30), tmp_path,
                                      progress=False)
     assert result.nonfinite_skipped == 3 and result.steps == 30
     assert all(torch.isfinite(p).all() for p in phase.net.parameters())
@@ -90,7 +76,7 @@ def test_nonfinite_steps_are_skipped_and_counted(digits8, tmp_path):
 def test_persistent_nonfinite_stops_with_a_clear_error_and_keeps_the_checkpoint(digits8, tmp_path):
     net, objective, source = _setup(digits8)
     with pytest.raises(TrainingDivergedError, match="non-finite steps in a row") as err:
-        pretrain_teacher(net, objective, NaNAfter(source, 25), _cfg(max_nonfinite_in_row=5), tmp_path,
+        pretrain_teacher(net, objective, NaNBatches(source, 25), _cfg(max_nonfinite_in_row=5), tmp_path,
                          progress=False)
     assert "step-0000020" in str(err.value)
     (ckpt,) = list_checkpoints(tmp_path / "checkpoints")
