@@ -12,21 +12,18 @@ Last stdout line: one JSON object (also written to benchmarks/results/sampling_s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks.report import emit
 from rsd_core.config import NetworkConfig
 from rsd_core.objectives import objective_for
 from rsd_core.operators import build_operator
 from rsd_core.pretrain import build_teacher
 from rsd_core.sampling import OneStepSampler, TeacherSampler
 from rsd_core.training import resolve_device, use_bf16
-
-RESULTS = Path(__file__).parent / "results" / "sampling_speed.json"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -76,10 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:10} {samplers[name].nfe:>4} {ips[name]:>9.1f}")
     print(f"one-step is {result['speedup_vs_heun35']:.1f}x faster than Heun-35 and "
           f"{result['speedup_vs_truncated']:.1f}x faster than the truncated teacher")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
-    return result
+    return emit("sampling_speed", result)
 
 
 if __name__ == "__main__":

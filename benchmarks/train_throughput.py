@@ -14,23 +14,20 @@ Last stdout line: one JSON object (also written to benchmarks/results/train_thro
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.report import emit
 from rsd_core.config import NetworkConfig, TrainConfig
 from rsd_core.networks import count_parameters
 from rsd_core.objectives import objective_for
 from rsd_core.operators import build_operator
 from rsd_core.pretrain import PretrainPhase, TensorSource, build_teacher
 from rsd_core.training import StepContext, cpu_supports_bf16, resolve_device, use_bf16
-
-RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 
 MODELS = {
     "cpu-default-32": (NetworkConfig(), 64),
@@ -149,10 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         "matmul_flops_per_s": peak,
         "rows": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
-    return result
+    return emit("train_throughput", result)
 
 
 if __name__ == "__main__":
