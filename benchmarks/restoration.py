@@ -14,21 +14,22 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
+import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.report import emit
 from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
 from rsd_core.selection import SelectionResult, select_stage
 from rsd_core.sources import corrupt, fashion_mnist
 from rsd_core.stages import distill_stage, pretrain_stage, read_card
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "restoration.json"
 DOC = ROOT / "docs" / "results.md"
 FIGURES = ROOT / "docs" / "figures"
 
@@ -178,22 +179,18 @@ def main(argv: list[str] | None = None) -> dict:
         "extractor": ClassifierExtractor().label,
         "limit": args.limit,
         "n_eval": args.n_eval,
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, torch threads "
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
         f"{torch.get_num_threads()}, Python {platform.python_version()}",
         "date": datetime.date.today().isoformat(),
         "rows": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1))
     if not args.no_doc:
-        write_doc(result, "python -m benchmarks.restoration " + " ".join(argv if argv is not None else
-                                                                        __import__("sys").argv[1:]))
+        write_doc(result, "python -m benchmarks.restoration " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"{'task':16} {'teacher':>8} {'full':>8} {'trunc':>8} {'student':>8} {'ratio':>6} {'prox':>7}")
     for r in rows:
         print(f"{r['task']:16} {r['teacher_fd']:>8.1f} {r['teacher_fd_full']:>8.1f} {r['teacher_fd_truncated']:>8.1f} "
               f"{r['student_fd']:>8.1f} {r['student_over_teacher']:>6.2f} {r['proximal_fid']:>7.2f}")
-    print(json.dumps(result))
-    return result
+    return emit("restoration", result)
 
 
 if __name__ == "__main__":

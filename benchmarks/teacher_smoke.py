@@ -12,19 +12,18 @@ benchmarks/results/teacher_smoke.json).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.report import RESULTS_DIR as RESULTS
+from benchmarks.report import emit
 from rsd_core.config import NetworkConfig, TrainConfig
 from rsd_core.data import open_dataset
 from rsd_core.sources import corrupt, fashion_mnist
 from rsd_core.stages import pretrain_stage, sampler_for
 from rsd_core.viz import observations_for_display, save_grid
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -69,12 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
         "operator": spec,
         "images_per_second": result.steps * args.batch / result.seconds,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "teacher_smoke.json").write_text(json.dumps(summary, indent=1))
     print(f"teacher: {result.steps} steps in {result.seconds:.0f} s, mean loss of the last 100 steps "
           f"{summary['final_loss']:.1f}; grid (samples above observations): {grid}")
-    print(json.dumps(summary))
-    return summary
+    return emit("teacher_smoke", summary)
 
 
 if __name__ == "__main__":
