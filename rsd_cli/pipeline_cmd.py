@@ -9,10 +9,12 @@ folder when it is imported, so the environment is set before the workflows are i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from rsd_core.presets import PRESETS, build_config
@@ -35,6 +37,32 @@ def _prepare_outputs(out: Path, cache: bool) -> None:
     tempfile.tempdir = None
 
 
+@contextlib.contextmanager
+def _raw_outputs(prefix: str | None) -> Iterator[None]:
+    """Send the tasks' outputs (FlyteDirectory/FlyteFile) to ``prefix`` instead of the local sandbox.
+
+    On a cluster Flyte sets this per execution (``--raw-output-data-prefix``); locally it makes a run
+    exercise the same upload-then-download path between tasks, e.g. on S3. S3 credentials and the
+    endpoint come from the same environment variables as the datasets'.
+    """
+    if not prefix:
+        yield
+        return
+    from flytekit.configuration import DataConfig, S3Config
+    from flytekit.core.context_manager import FlyteContextManager
+    from flytekit.core.data_persistence import FileAccessProvider
+
+    from rsd_core.data import storage_options_from_env
+
+    options = storage_options_from_env(prefix)
+    s3 = S3Config(endpoint=options.get("client_kwargs", {}).get("endpoint_url"), access_key_id=options.get("key"),
+                  secret_access_key=options.get("secret"))
+    ctx = FlyteContextManager.current_context()
+    access = FileAccessProvider(ctx.file_access.local_sandbox_dir, prefix, DataConfig(s3=s3))
+    with FlyteContextManager.with_context(ctx.with_file_access(access)):
+        yield
+
+
 def _run(args: argparse.Namespace) -> int:
     config = build_config(args.preset, args.config, args.set or [])
     if args.dataset:
@@ -50,8 +78,11 @@ def _run(args: argparse.Namespace) -> int:
 
     print(f"preset {args.preset}: {config.description or '(no description)'}")
     print(f"tracking {tracking.tracking_uri()}   outputs {args.out.resolve()}")
+    if args.raw_output_prefix:
+        print(f"task outputs {args.raw_output_prefix}")
     start = time.perf_counter()
-    result = rsd_rerun(dataset_uri=args.dataset, config=config) if args.dataset else rsd_pipeline(config=config)
+    with _raw_outputs(args.raw_output_prefix):
+        result = rsd_rerun(dataset_uri=args.dataset, config=config) if args.dataset else rsd_pipeline(config=config)
     minutes = (time.perf_counter() - start) / 60
     uri = tracking.tracking_uri()
     print(f"\nfinished in {minutes:.1f} min")
@@ -151,6 +182,8 @@ def add_pipeline_parsers(subparsers: argparse._SubParsersAction) -> None:
                    help="override one field, e.g. --set teacher_train.time_budget_s=60 (values are YAML)")
     p.add_argument("--dataset", default=None, help="an already-corrupted dataset (path or s3://): skip corruption")
     p.add_argument("--out", type=Path, default=_DEFAULT_OUT, help="outputs folder: MLflow store, Flyte sandbox")
+    p.add_argument("--raw-output-prefix", default=None, metavar="URI",
+                   help="where tasks write their outputs, e.g. s3://bucket/raw (default: the local sandbox)")
     p.add_argument("--no-cache", action="store_true", help="do not reuse Flyte's local cache of earlier runs")
     p.add_argument("--verbose", action="store_true", help="show flytekit's warnings")
     p.set_defaults(func=_run)

@@ -24,7 +24,7 @@ from rsd_core.config import DistillConfig, TrainConfig
 from rsd_core.networks import EDMPrecond
 from rsd_core.objectives import Objective
 from rsd_core.sampling import generate
-from rsd_core.training import MetricsCallback, Phase, StepContext, Trainer, TrainResult, make_ema
+from rsd_core.training import CheckpointCallback, MetricsCallback, Phase, StepContext, Trainer, TrainResult, make_ema
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 
@@ -165,10 +165,11 @@ def distill(
     callback: MetricsCallback | None = None,
     config: dict | None = None,
     progress: bool = True,
+    on_checkpoint: CheckpointCallback | None = None,
 ) -> tuple[DistillPhase, TrainResult]:
     """Distil ``teacher`` (its EMA weights) into a one-step generator; G and the fake start as its copies."""
     generator = OneStepGenerator(copy.deepcopy(teacher), objective, shape, dcfg.sigma_init)
     fake = copy.deepcopy(teacher)
     phase = DistillPhase(teacher, objective, generator, fake, train_cfg, dcfg, config or {})
-    result = Trainer(phase, train_cfg, out_dir, callback, progress).run()
+    result = Trainer(phase, train_cfg, out_dir, callback, progress, on_checkpoint).run()
     return phase, result

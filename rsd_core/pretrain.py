@@ -12,7 +12,7 @@ from rsd_core.config import NetworkConfig, TrainConfig
 from rsd_core.networks import EDMPrecond, build_unet
 from rsd_core.objectives import Objective
 from rsd_core.operators import State
-from rsd_core.training import MetricsCallback, Phase, StepContext, Trainer, TrainResult, make_ema
+from rsd_core.training import CheckpointCallback, MetricsCallback, Phase, StepContext, Trainer, TrainResult, make_ema
 
 
 class BatchSource(Protocol):
@@ -86,8 +86,9 @@ def pretrain_teacher(
     callback: MetricsCallback | None = None,
     config: dict | None = None,
     progress: bool = True,
+    on_checkpoint: CheckpointCallback | None = None,
 ) -> tuple[PretrainPhase, TrainResult]:
     """Train (or resume training) a teacher; returns the phase (``.ema`` is the teacher) and the result."""
     phase = PretrainPhase(net, objective, source, cfg, config or {})
-    result = Trainer(phase, cfg, out_dir, callback, progress).run()
+    result = Trainer(phase, cfg, out_dir, callback, progress, on_checkpoint).run()
     return phase, result

@@ -29,7 +29,14 @@ from rsd_core.metrics import (
 from rsd_core.objectives import Objective
 from rsd_core.operators import MRI, Operator, to_complex
 from rsd_core.sampling import edm_time_steps, heun_sample
-from rsd_core.stages import generator_card, generator_from_checkpoint, load_model, read_card, save_model
+from rsd_core.stages import (
+    DISTILL_DIR,
+    generator_card,
+    generator_from_checkpoint,
+    load_model,
+    read_card,
+    save_model,
+)
 from rsd_core.training import list_checkpoints, use_bf16
 from rsd_core.viz import save_grid
 
@@ -192,7 +199,7 @@ def select_stage(
     prox_ref = proximal_reference(dataset_uri, ext, n_ref)
     clean_ref = clean_reference(dataset_uri, ext, n_samples)
 
-    checkpoints = list_checkpoints(Path(distill_dir) / "distill" / "checkpoints")
+    checkpoints = list_checkpoints(Path(distill_dir) / DISTILL_DIR / "checkpoints")
     if not checkpoints:
         raise FileNotFoundError(f"no distillation checkpoints under {Path(distill_dir) / 'distill' / 'checkpoints'}")
     rows = []

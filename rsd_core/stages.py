@@ -24,7 +24,11 @@ from rsd_core.objectives import Objective, objective_for
 from rsd_core.operators import build_operator
 from rsd_core.pretrain import TensorSource, build_teacher, pretrain_teacher
 from rsd_core.sampling import OneStepSampler, Sampler, TeacherSampler
-from rsd_core.training import MetricsCallback, TrainResult, load_module_weights, world
+from rsd_core.training import CheckpointCallback, MetricsCallback, TrainResult, load_module_weights, world
+
+# Where each stage keeps its training state under its ``out_dir`` (checkpoints in ``<dir>/checkpoints``).
+PRETRAIN_DIR = "pretrain"
+DISTILL_DIR = "distill"
 
 
 class ModelCard(Spec):
@@ -114,6 +118,7 @@ def pretrain_stage(
     callback: MetricsCallback | None = None,
     progress: bool = True,
     code_version: str = "",
+    on_checkpoint: CheckpointCallback | None = None,
 ) -> tuple[Path, TrainResult]:
     """Train (or resume) a teacher on ``dataset_uri``; saves its EMA as a model under ``out_dir/teacher``."""
     source, spec, image_shape, fingerprint = load_observations(dataset_uri)
@@ -123,8 +128,8 @@ def pretrain_stage(
     torch.manual_seed(train.seed)
     net = build_teacher(network, objective)
     config = {"network": network.model_dump(), "train": train.model_dump(), "dataset_uri": dataset_uri}
-    phase, result = pretrain_teacher(net, objective, source, train, Path(out_dir) / "pretrain", callback, config,
-                                     progress)
+    phase, result = pretrain_teacher(net, objective, source, train, Path(out_dir) / PRETRAIN_DIR, callback, config,
+                                     progress, on_checkpoint)
     card = ModelCard(kind="teacher", network=network, operator=spec, image_shape=image_shape,
                      objective=objective.name, sigma_stop=default_sigma_stop(spec), dataset_fingerprint=fingerprint,
                      steps=result.steps, metrics=result.metrics, code_version=code_version)
@@ -139,13 +144,14 @@ def distill_stage(
     callback: MetricsCallback | None = None,
     progress: bool = True,
     code_version: str = "",
+    on_checkpoint: CheckpointCallback | None = None,
 ) -> tuple[Path, TrainResult, DistillPhase]:
     """Distil the saved teacher; checkpoints go to ``out_dir/distill/checkpoints``, the final EMA
     generator to ``out_dir/generator``."""
     teacher, objective, card = load_model(teacher_dir)
     config = {"train": train.model_dump(), "distill": dcfg.model_dump(), "teacher": str(teacher_dir)}
-    phase, result = distill(teacher, objective, card.image_shape, train, dcfg, Path(out_dir) / "distill", callback,
-                            config, progress)
+    phase, result = distill(teacher, objective, card.image_shape, train, dcfg, Path(out_dir) / DISTILL_DIR, callback,
+                            config, progress, on_checkpoint)
     gen_card = generator_card(card, dcfg, result.steps, result.metrics, code_version)
     return save_model(Path(out_dir) / "generator", phase.generator_ema.net, gen_card), result, phase
 

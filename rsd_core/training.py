@@ -28,6 +28,8 @@ from tqdm import tqdm
 from rsd_core.config import TrainConfig
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
+# Called on rank 0 with the checkpoints folder after each save (e.g. to copy it off the machine).
+CheckpointCallback = Callable[[Path], None]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -263,10 +265,14 @@ def load_checkpoint(path: Path, phase: Phase, gen: torch.Generator | None) -> di
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root`` (``step-NNNNNNN`` folders), oldest first."""
+    """Complete checkpoints under ``root`` (``step-NNNNNNN`` folders), oldest first.
+
+    A folder counts once its ``meta.json`` exists: it is written last, locally (inside the
+    temporary folder that is then renamed) and when a copy is uploaded or restored.
+    """
     if not root.exists():
         return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    found = [p for p in root.glob("step-*") if (p / "meta.json").is_file() and not p.name.endswith(".tmp")]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -292,8 +298,10 @@ class Trainer:
         out_dir: str | Path | None = None,
         callback: MetricsCallback | None = None,
         progress: bool = True,
+        on_checkpoint: CheckpointCallback | None = None,
     ):
         self.phase = phase
+        self.on_checkpoint = on_checkpoint
         self.cfg = cfg
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callback = callback
@@ -340,6 +348,8 @@ class Trainer:
         if self.cfg.keep_checkpoints > 0:
             for old in list_checkpoints(self.checkpoint_dir)[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.checkpoint_dir)
         if self.world_size > 1:
             dist.barrier()
 

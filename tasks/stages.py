@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flytekit import Cache, current_context, task
+from flytekit.core.context_manager import FlyteContextManager
+from flytekit.core.data_persistence import FileAccessProvider
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
@@ -25,9 +27,10 @@ from rsd_core.operators import parse_operator_spec
 from rsd_core.presets import DataSettings, PipelineConfig, SelectionSettings, TrackingSettings, config_yaml
 from rsd_core.selection import select_stage
 from rsd_core.sources import corrupt
-from rsd_core.stages import distill_stage, pretrain_stage, sampler_for
+from rsd_core.stages import DISTILL_DIR, PRETRAIN_DIR, distill_stage, pretrain_stage, sampler_for
 from rsd_core.viz import observations_for_display, save_grid
 from tasks import decks, tracking
+from tasks.checkpoints import AttemptCheckpoints
 from tasks.deploy import CACHE_VERSION, DEPLOYMENT, elastic, image, requests
 from tasks.registry import TAG_FINGERPRINT, TAG_OPERATOR, register_generator
 
@@ -72,6 +75,29 @@ def _workdir(name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
 
 
+def _remote_outputs() -> FileAccessProvider | None:
+    """The file access of a run whose raw-output prefix is remote (a cluster, or ``rsd run --raw-output-prefix``).
+
+    flytekit uploads a local path returned by a task only outside local execution; a local run with
+    a remote prefix uploads explicitly, so tasks exchange their outputs through the object store as
+    they do on a cluster.
+    """
+    access = FlyteContextManager.current_context().file_access
+    return access if access.is_remote(access.raw_output_prefix) else None
+
+
+def _out_dir(path: str | Path) -> FlyteDirectory:
+    """A task's output folder, uploaded under the raw-output prefix when that is remote."""
+    access = _remote_outputs()
+    return FlyteDirectory(str(path), remote_directory=access.get_random_remote_directory() if access else None)
+
+
+def _out_file(path: str | Path) -> FlyteFile:
+    """A task's output file, uploaded under the raw-output prefix when that is remote."""
+    access = _remote_outputs()
+    return FlyteFile(str(path), remote_path=access.get_random_remote_path(Path(path).name) if access else None)
+
+
 def _execution_name() -> str:
     """The Flyte execution's name ("local" for local runs)."""
     return current_context().execution_id.name
@@ -106,7 +132,7 @@ def corrupt_dataset(data: DataSettings, run_id: str) -> FlyteDirectory:
         _observation_grid(ds, grid)
         client.log_artifact(child, str(grid))
     decks.show("observations", decks.png_html(grid, f"{manifest.name}: first 32"))
-    return FlyteDirectory(str(out))
+    return _out_dir(str(out))
 
 
 def _observation_grid(ds, path: Path) -> None:
@@ -121,7 +147,7 @@ def check_dataset(dataset_uri: str) -> FlyteDirectory:
     grid = _workdir("inspect") / "observations.png"
     _observation_grid(ds, grid)
     decks.show("observations", decks.png_html(grid, f"{ds.manifest.name}: {len(ds)} observations"))
-    return FlyteDirectory(dataset_uri if "://" in dataset_uri else str(Path(dataset_uri).resolve()))
+    return FlyteDirectory(dataset_uri) if "://" in dataset_uri else _out_dir(Path(dataset_uri).resolve())
 
 
 def _training_report(logger: tracking.MetricLogger, client, child: str, model_dir: Path, title: str) -> None:
@@ -134,6 +160,15 @@ def _training_report(logger: tracking.MetricLogger, client, child: str, model_di
     client.log_artifact(child, str(grid))
     decks.show(f"{title} losses", decks.png_html(curves))
     decks.show(f"{title} samples", decks.png_html(grid, f"{GRID_SAMPLES} samples, seed 0"))
+
+
+def _resume_from_previous_attempt(checkpoints: Path, client, child: str) -> AttemptCheckpoints:
+    """Restore a failed earlier attempt's checkpoints (a retry on a new pod) and mirror new ones."""
+    attempt = AttemptCheckpoints(current_context().checkpoint, checkpoints)
+    restored = attempt.restore()
+    if restored:
+        client.set_tag(child, "rsd.resumed_from", restored[-1])
+    return attempt
 
 
 def _log_result(client, child: str, result) -> None:
@@ -151,11 +186,13 @@ def pretrain_teacher(dataset: FlyteDirectory, network: NetworkConfig, train: Tra
     params = {"network": network.model_dump(mode="json"), "train": train.model_dump(mode="json")}
     with tracking.child_run(run_id, "pretrain_teacher", params) as (client, child):
         logger = tracking.MetricLogger(client, child, log_every)
-        teacher_dir, result = pretrain_stage(dataset.download(), network, train, _workdir("pretrain"), logger,
-                                             progress=False, code_version=tracking.code_version())
+        work = _workdir("pretrain")
+        mirror = _resume_from_previous_attempt(work / PRETRAIN_DIR / "checkpoints", client, child)
+        teacher_dir, result = pretrain_stage(dataset.download(), network, train, work, logger, progress=False,
+                                             code_version=tracking.code_version(), on_checkpoint=mirror)
         _log_result(client, child, result)
         _training_report(logger, client, child, teacher_dir, "teacher")
-    return FlyteDirectory(str(teacher_dir))
+    return _out_dir(str(teacher_dir))
 
 
 @task(cache=_CACHE, retries=1, container_image=image(gpu=True), requests=requests(_RES.distill), enable_deck=True,
@@ -167,11 +204,12 @@ def distill(teacher: FlyteDirectory, train: TrainConfig, rsd: DistillConfig, log
     out = _workdir("distill")
     with tracking.child_run(run_id, "distill", params) as (client, child):
         logger = tracking.MetricLogger(client, child, log_every)
+        mirror = _resume_from_previous_attempt(out / DISTILL_DIR / "checkpoints", client, child)
         generator_dir, result, _ = distill_stage(teacher.download(), train, rsd, out, logger, progress=False,
-                                                 code_version=tracking.code_version())
+                                                 code_version=tracking.code_version(), on_checkpoint=mirror)
         _log_result(client, child, result)
         _training_report(logger, client, child, generator_dir, "generator")
-    return FlyteDirectory(str(out))
+    return _out_dir(str(out))
 
 
 @task(cache=_CACHE, retries=1, container_image=image(gpu=True), requests=requests(_RES.default), enable_deck=True)
@@ -202,7 +240,7 @@ def select_checkpoint(dataset: FlyteDirectory, teacher: FlyteDirectory, distille
     decks.show("selection", decks.png_html(result.grid, "teacher (best truncation) / student / student re-corrupted"),
                decks.table_html(rows))
     return SelectedGenerator(
-        generator=FlyteDirectory(result.generator_dir), grid=FlyteFile(result.grid), table=FlyteFile(str(table)),
+        generator=_out_dir(result.generator_dir), grid=_out_file(result.grid), table=_out_file(str(table)),
         chosen_step=result.chosen_step, proximal_fd=result.proximal_fd,
         teacher_proximal_fd=result.teacher_proximal_fd, dataset_fingerprint=ds.fingerprint,
         operator_kind=ds.manifest.operator.kind,
@@ -217,7 +255,7 @@ def export_model(selected: SelectedGenerator, run_id: str) -> FlyteDirectory:
                                {"proximal_fd": selected.proximal_fd, "chosen_step": float(selected.chosen_step)})
         client.log_artifact(child, str(out / CARD_FILE))
         client.log_artifact(child, str(out / ONNX_FILE))
-    return FlyteDirectory(str(out))
+    return _out_dir(str(out))
 
 
 def _log_pytorch_model(export_dir: Path, run_id: str):
@@ -264,7 +302,7 @@ def register_model(exported: FlyteDirectory, selected: SelectedGenerator, tracki
     return RegisteredModel(
         name=registration.name, version=registration.version, alias=registration.alias, reason=registration.reason,
         proximal_fd=registration.proximal_fd, run_id=run_id, tracking_uri=tracking.tracking_uri(),
-        grid=FlyteFile(grid), exported=FlyteDirectory(str(export_dir)),
+        grid=_out_file(grid), exported=_out_dir(str(export_dir)),
     )
 
 

@@ -28,3 +28,18 @@ def s3_server(tmp_path_factory):
         yield server
     finally:
         stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real ``mlflow server`` (SQLite backend, artifacts proxied to ``s3_server``), stopped by PID.
+
+    Yields a ``tests.servers.MlflowServer`` (tracking_uri, backend_store_uri, artifacts_destination).
+    """
+    from tests.servers import start_mlflow, stop_process
+
+    proc, server = start_mlflow(tmp_path_factory.mktemp("mlflow"), s3_server)
+    try:
+        yield server
+    finally:
+        stop_process(proc)

@@ -1,4 +1,4 @@
-"""Real local servers for integration tests, started on free ports chosen at run time.
+"""Real local servers (seaweedfs S3, MLflow) for integration tests, started on free ports chosen at run time.
 
 A fixed port layout (seaweedfs' defaults open 13 ports) would make parallel CI jobs collide,
 so every listening port is passed explicitly; the process is stopped by its PID.
@@ -6,6 +6,7 @@ so every listening port is passed explicitly; the process is stopped by its PID.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -77,7 +78,7 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) ->
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"weed exited with {proc.returncode}; log:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}; log:\n{log.read_text()[-3000:]}")
         try:
             urllib.request.urlopen(url, timeout=1)
             return
@@ -85,7 +86,7 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) ->
             return  # any HTTP answer (403 for anonymous access) means the server is up
         except OSError:
             time.sleep(0.2)
-    raise TimeoutError(f"S3 server at {url} did not answer in {timeout_s} s; log:\n{log.read_text()[-3000:]}")
+    raise TimeoutError(f"server at {url} did not answer in {timeout_s} s; log:\n{log.read_text()[-3000:]}")
 
 
 def start_seaweedfs(
@@ -124,13 +125,62 @@ def start_seaweedfs(
     return proc, S3Server(endpoint, access_key, secret_key, bucket, proc.pid)
 
 
-def stop_process(proc: subprocess.Popen, timeout_s: float = 3.0) -> None:
-    """SIGTERM this one process by PID, SIGKILL it if it lingers (test data is disposable)."""
+@dataclass(frozen=True)
+class MlflowServer:
+    """A running ``mlflow server``: its tracking URI and where it keeps runs and artifacts."""
+
+    tracking_uri: str
+    backend_store_uri: str
+    artifacts_destination: str
+    pid: int
+
+
+def start_mlflow(
+    data_dir: Path, s3: S3Server, prefix: str = "mlartifacts", timeout_s: float = 90.0
+) -> tuple[subprocess.Popen, MlflowServer]:
+    """Start ``mlflow server`` on a free port: SQLite backend, artifacts proxied to ``s3``.
+
+    With ``--serve-artifacts`` clients upload and download artifacts through the server, so only
+    the server holds the S3 credentials. The server runs uvicorn as a child process, so it gets
+    its own session and :func:`stop_process` signals the whole group (PGID = the server's PID).
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (port,) = free_ports(1)
+    backend = f"sqlite:///{data_dir / 'mlflow.db'}"
+    destination = f"s3://{s3.bucket}/{prefix}"
+    mlflow = Path(sys.executable).parent / "mlflow"
+    args = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", backend, "--serve-artifacts", "--artifacts-destination", destination]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(s3.env(), MLFLOW_S3_ENDPOINT_URL=s3.endpoint_url)
+    log = data_dir / "mlflow.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=data_dir,
+                                start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{uri}/health", proc, timeout_s, log)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, MlflowServer(uri, backend, destination, proc.pid)
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 5.0) -> None:
+    """SIGTERM the process by PID (its whole group when it leads one), SIGKILL if it lingers."""
     if proc.poll() is not None:
         return
-    os.kill(proc.pid, signal.SIGTERM)
+    group = os.getpgid(proc.pid) == proc.pid
+
+    def signal_it(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig) if group else os.kill(proc.pid, sig)
+
+    signal_it(signal.SIGTERM)
     try:
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
+        signal_it(signal.SIGKILL)
         proc.wait()
+    if group:  # children (uvicorn workers) may outlive the leader for a moment
+        signal_it(signal.SIGKILL)
