@@ -428,6 +428,78 @@ def nan_scenarios(work: Path) -> Iterator[Row]:
 # --------------------------------------------------------------------------- S3 faults on a real server
 
 
+class PodKilled(RuntimeError):
+    """Stands in for a pod dying mid-training: raised from the metrics callback after a checkpoint."""
+
+
+RETRY_TRAIN = {"steps": 12, "batch_size": 16, "lr": 2e-3, "lr_rampup_steps": 2, "checkpoint_every": 4,
+               "keep_checkpoints": 1, "precision": "fp32", "ema_halflife_nimg": 200, "device": "cpu"}
+
+
+def train_attempt(dataset: str, work: Path, checkpoint: Any, die_at: int | None = None) -> dict:
+    """One Flyte attempt of the pretraining task on a fresh pod (``work`` is its empty disk).
+
+    ``checkpoint`` is the attempt's flytekit ``Checkpoint`` (None: no retries); training dies with
+    :class:`PodKilled` at step ``die_at``. Returns the restored checkpoints, the steps this attempt
+    ran, the final step count and the saved teacher folder.
+    """
+    from rsd_core.config import NetworkConfig, TrainConfig
+    from rsd_core.stages import PRETRAIN_DIR, pretrain_stage
+    from tasks.checkpoints import AttemptCheckpoints
+
+    steps: list[int] = []
+
+    def callback(step: int, metrics: dict) -> None:
+        steps.append(step)
+        if step == die_at:
+            raise PodKilled(f"pod lost at step {step}")
+
+    attempt = AttemptCheckpoints(checkpoint, work / PRETRAIN_DIR / "checkpoints")
+    restored = attempt.restore()
+    teacher_dir, result = pretrain_stage(dataset, NetworkConfig(**TINY_NETWORK), TrainConfig(**RETRY_TRAIN), work,
+                                         callback, progress=False, on_checkpoint=attempt)
+    return {"restored": restored, "steps": steps, "final_step": result.steps, "teacher": teacher_dir}
+
+
+@contextlib.contextmanager
+def flyte_s3_access(server: Any) -> Iterator[Any]:
+    """flytekit's file access pointed at ``server`` (an S3Server), as a pod's would be."""
+    from flytekit.configuration import DataConfig, S3Config
+    from flytekit.core.context_manager import FlyteContextManager
+    from flytekit.core.data_persistence import FileAccessProvider
+
+    s3 = S3Config(endpoint=server.endpoint_url, access_key_id=server.access_key, secret_access_key=server.secret_key)
+    ctx = FlyteContextManager.current_context()
+    access = FileAccessProvider(ctx.file_access.local_sandbox_dir, f"s3://{server.bucket}/raw", DataConfig(s3=s3))
+    with FlyteContextManager.with_context(ctx.with_file_access(access)):
+        yield access
+
+
+def retry_on_new_pod(work: Path, server: Any) -> Row:
+    """The pod dies between checkpoints; Flyte's retry runs on a new pod with an empty disk."""
+    from flytekit.core.checkpointer import SyncCheckpoint
+
+    dataset = str(work / "data")
+    write_tiny_dataset(dataset)
+    prefix = f"s3://{server.bucket}/retry-{uuid.uuid4().hex[:8]}"
+    die_at = 10
+    with flyte_s3_access(server):
+        try:
+            train_attempt(dataset, work / "pod-0", SyncCheckpoint(f"{prefix}/attempt-0"), die_at=die_at)
+            return Row("pod lost mid-training (Flyte retry, new pod)", FAILED, "the first attempt was not killed")
+        except PodKilled:
+            pass
+        second = train_attempt(dataset, work / "pod-1", SyncCheckpoint(f"{prefix}/attempt-1", f"{prefix}/attempt-0"))
+    resumed_from = second["steps"][0] - 1
+    lost = die_at - resumed_from
+    ok = (second["restored"] == [f"step-{resumed_from:07d}"] and lost <= RETRY_TRAIN["checkpoint_every"]
+          and second["final_step"] == RETRY_TRAIN["steps"])
+    return Row("pod lost mid-training (Flyte retry, new pod)", RECOVERED if ok else FAILED,
+               f"died at step {die_at}; the retry's empty disk restored {second['restored']} from the previous "
+               f"attempt's checkpoint location on S3, lost {lost} <= {RETRY_TRAIN['checkpoint_every']} steps, "
+               f"ended at {second['final_step']}/{RETRY_TRAIN['steps']}")
+
+
 def s3_scenarios(work: Path) -> Iterator[Row]:
     """Wrong credentials, a missing bucket, a shard deleted mid-read, an interrupted write."""
     import fsspec
@@ -466,6 +538,7 @@ def s3_scenarios(work: Path) -> Iterator[Row]:
             yield Row("S3 shard deleted mid-read", CLEAR if ok else FAILED,
                       f"after {seen} rows: {type(err).__name__}: {err}"[:200])
         yield s3_interrupted_write(f"s3://{server.bucket}/{uuid.uuid4().hex[:8]}", good, fs)
+        yield retry_on_new_pod(work / "retry", server)
     finally:
         stop_process(proc)
 
@@ -530,42 +603,60 @@ def _fake_model_info(client: Any, experiment_id: str) -> Callable[[], Any]:
 
 
 def mlflow_down_scenario(work: Path) -> Row:
-    """Registration against a closed port: bounded retries, then an error; the export stays."""
-    import socket
+    """A real ``mlflow server`` killed (SIGKILL) just before registration, then brought back.
 
-    with socket.socket() as s:  # a port that was free a moment ago and has nobody listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    Registration must fail after bounded retries with an error naming the server, leave the
+    exported model untouched, and succeed when re-run alone once the server is back (same
+    SQLite backend, same port), registering exactly one version.
+    """
+    sys.path.insert(0, str(ROOT))
+    from tests.servers import start_mlflow, start_seaweedfs, stop_process
+
+    fault = "MLflow server down at registration"
     export = work / "export"
     export.mkdir(parents=True)
     for name, content in {"generator.onnx": b"onnx", "card.json": b"{}", "model.safetensors": b"w"}.items():
         (export / name).write_bytes(content)
     before = {p.name: p.read_bytes() for p in export.iterdir()}
-    env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
-           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
-           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    t0 = time.perf_counter()
+    s3_proc, s3 = start_seaweedfs(work / "seaweedfs")
+    procs = [s3_proc]
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    saved = {k: os.environ.get(k) for k in [*env, "MLFLOW_TRACKING_URI"]}
     try:
+        server_proc, server = start_mlflow(work / "mlflow", s3)
+        procs.append(server_proc)
+        os.environ.update(env, MLFLOW_TRACKING_URI=server.tracking_uri)
         from tasks import registry, tracking
 
         client = tracking.client()
-        registry.register_generator(client, "rsd-faults", "exec-down", "f" * 64, "inpaint", 1.0,
-                                    lambda: (_ for _ in ()).throw(AssertionError("log_model reached")))
-        return Row("MLflow server down at registration", FAILED, "registration succeeded against a closed port")
-    except Exception as err:  # MlflowException; anything else is reported as it is
-        seconds = time.perf_counter() - t0
-        text = " ".join(str(err).split())
-        after = {p.name: p.read_bytes() for p in export.iterdir()}
-        kept = after == before
-        named = f"127.0.0.1:{port}" in text
-        ok = kept and named and seconds < 60 and not isinstance(err, AssertionError)
-        return Row("MLflow server down at registration", CLEAR if ok else FAILED,
-                   f"{type(err).__name__} after {seconds:.1f} s (3 HTTP retries, backoff 1-2-4 s; the task "
-                   f"itself has Flyte retries=2): {text[:110]}...; exported folder "
-                   f"{'intact' if kept else 'CHANGED'}, registration can be re-run alone")
+        experiment = tracking.experiment_id(client, "faults-down")
+        log_model = _fake_model_info(client, experiment)
+        os.killpg(server_proc.pid, signal.SIGKILL)  # server and its uvicorn workers die before registration
+        server_proc.wait()
+        t0 = time.perf_counter()
+        try:
+            registry.register_generator(client, "rsd-faults", "exec-down", "f" * 64, "inpaint", 1.0, log_model)
+            return Row(fault, FAILED, "registration succeeded while the server was down")
+        except Exception as err:  # MlflowException; anything else is reported as it is
+            seconds, kind = time.perf_counter() - t0, type(err).__name__
+            text = " ".join(str(err).split())
+        kept = {p.name: p.read_bytes() for p in export.iterdir()} == before
+        named = server.tracking_uri.removeprefix("http://") in text
+        port = int(server.tracking_uri.rsplit(":", 1)[1])
+        server_proc, server = start_mlflow(work / "mlflow", s3, port=port)
+        procs.append(server_proc)
+        again = registry.register_generator(client, "rsd-faults", "exec-down", "f" * 64, "inpaint", 1.0, log_model)
+        versions = client.search_model_versions("name='rsd-faults'")
+        ok = kept and named and seconds < 60 and again.alias == registry.CHAMPION and len(versions) == 1
+        return Row(fault, CLEAR if ok else FAILED,
+                   f"real server SIGKILLed: {kind} after {seconds:.1f} s (3 HTTP retries, backoff "
+                   f"1-2-4 s; the task has Flyte retries=2): {text[:90]}...; export {'intact' if kept else 'CHANGED'};"
+                   f" server restarted, registration re-run alone: version {again.version} @{again.alias}, "
+                   f"{len(versions)} version(s)")
     finally:
+        for proc in reversed(procs):
+            stop_process(proc)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

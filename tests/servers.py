@@ -136,16 +136,17 @@ class MlflowServer:
 
 
 def start_mlflow(
-    data_dir: Path, s3: S3Server, prefix: str = "mlartifacts", timeout_s: float = 90.0
+    data_dir: Path, s3: S3Server, prefix: str = "mlartifacts", port: int | None = None, timeout_s: float = 90.0
 ) -> tuple[subprocess.Popen, MlflowServer]:
-    """Start ``mlflow server`` on a free port: SQLite backend, artifacts proxied to ``s3``.
+    """Start ``mlflow server`` on a free port (or ``port``, to bring a stopped server back on the
+    same ``data_dir``): SQLite backend, artifacts proxied to ``s3``.
 
     With ``--serve-artifacts`` clients upload and download artifacts through the server, so only
     the server holds the S3 credentials. The server runs uvicorn as a child process, so it gets
     its own session and :func:`stop_process` signals the whole group (PGID = the server's PID).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
-    (port,) = free_ports(1)
+    port = port or free_ports(1)[0]
     backend = f"sqlite:///{data_dir / 'mlflow.db'}"
     destination = f"s3://{s3.bucket}/{prefix}"
     mlflow = Path(sys.executable).parent / "mlflow"
@@ -154,7 +155,7 @@ def start_mlflow(
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(s3.env(), MLFLOW_S3_ENDPOINT_URL=s3.endpoint_url)
     log = data_dir / "mlflow.log"
-    with log.open("wb") as out:
+    with log.open("ab") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=data_dir,
                                 start_new_session=True)
     uri = f"http://127.0.0.1:{port}"

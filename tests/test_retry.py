@@ -2,6 +2,7 @@
 
 Each attempt gets a fresh working directory (the old pod's disk is gone) and a real
 ``SyncCheckpoint`` whose locations are on the seaweedfs server, as flytekit's entrypoint builds it.
+The attempt itself (``train_attempt``) is shared with ``benchmarks/faults.py``'s table row.
 """
 
 from __future__ import annotations
@@ -13,50 +14,31 @@ from pathlib import Path
 
 import pytest
 import torch
-from flytekit.configuration import DataConfig, S3Config
 from flytekit.core.checkpointer import SyncCheckpoint
-from flytekit.core.context_manager import FlyteContextManager
-from flytekit.core.data_persistence import FileAccessProvider
 from flytekit.types.directory import FlyteDirectory
 from safetensors.torch import load_file
 
+from benchmarks import faults
+from benchmarks.faults import PodKilled, train_attempt
 from rsd_core.config import NetworkConfig, TrainConfig
-from rsd_core.data import write_dataset
-from rsd_core.operators import build_operator
-from rsd_core.stages import PRETRAIN_DIR, pretrain_stage
+from rsd_core.stages import PRETRAIN_DIR
 from rsd_core.training import list_checkpoints
-from tasks.checkpoints import AttemptCheckpoints
 
-TINY = NetworkConfig(model_channels=8, channel_mult=(1, 2), attn_resolutions=())
-TRAIN = TrainConfig(steps=12, batch_size=16, lr=2e-3, lr_rampup_steps=2, checkpoint_every=4, keep_checkpoints=1,
-                    precision="fp32", ema_halflife_nimg=200)
-
-
-class PodKilled(RuntimeError):
-    """Stands in for the pod dying: raised from the metrics callback, after a checkpoint."""
+STEPS = faults.RETRY_TRAIN["steps"]
 
 
 @pytest.fixture(scope="module")
-def dataset(digits8, tmp_path_factory) -> str:
-    spec = {"kind": "inpaint", "p": 0.5}
-    op, g = build_operator(spec), torch.Generator().manual_seed(0)
-    x = digits8[:256]
-    state = op.sample_state(len(x), (1, 8, 8), g)
+def dataset(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("retry") / "data")
-    write_dataset(out, op.observe(x, state, g), state, name="digits", image_shape=(1, 8, 8), operator=spec)
+    faults.write_tiny_dataset(out)
     return out
 
 
 @pytest.fixture
 def s3_access(s3_server):
-    """flytekit's file access pointed at the real S3 server; yields a fresh checkpoint prefix."""
-    s3 = S3Config(endpoint=s3_server.endpoint_url, access_key_id=s3_server.access_key,
-                  secret_access_key=s3_server.secret_key)
-    ctx = FlyteContextManager.current_context()
-    prefix = f"s3://{s3_server.bucket}/retry-{uuid.uuid4().hex[:8]}"
-    access = FileAccessProvider(ctx.file_access.local_sandbox_dir, f"{prefix}/raw", DataConfig(s3=s3))
-    with FlyteContextManager.with_context(ctx.with_file_access(access)):
-        yield prefix, access
+    """flytekit's file access on the real S3 server; yields a fresh checkpoint prefix and the access."""
+    with faults.flyte_s3_access(s3_server) as access:
+        yield f"s3://{s3_server.bucket}/retry-{uuid.uuid4().hex[:8]}", access
 
 
 def _attempt(prefix: str, n: int) -> SyncCheckpoint:
@@ -65,21 +47,7 @@ def _attempt(prefix: str, n: int) -> SyncCheckpoint:
     return SyncCheckpoint(checkpoint_dest=f"{prefix}/attempt-{n}", checkpoint_src=src)
 
 
-def _train(dataset: str, work: Path, checkpoint: SyncCheckpoint, die_at: int | None = None):
-    steps: list[int] = []
-
-    def callback(step: int, metrics: dict) -> None:
-        steps.append(step)
-        if step == die_at:
-            raise PodKilled(f"killed at step {step}")
-
-    attempt = AttemptCheckpoints(checkpoint, work / PRETRAIN_DIR / "checkpoints")
-    restored = attempt.restore()
-    teacher_dir, result = pretrain_stage(dataset, TINY, TRAIN, work, callback, progress=False, on_checkpoint=attempt)
-    return restored, steps, result, teacher_dir
-
-
-def _remote(access: FileAccessProvider, uri: str) -> list[str]:
+def _remote(access, uri: str) -> list[str]:
     """The complete checkpoints at ``uri`` (seaweedfs, unlike AWS, lists emptied prefixes: go by files)."""
     fs = access.get_filesystem_for_path(uri)
     fs.invalidate_cache()
@@ -91,39 +59,44 @@ def test_a_retry_on_a_new_pod_resumes_from_the_last_checkpoint_and_matches_an_un
 ):
     prefix, access = s3_access
     with pytest.raises(PodKilled):
-        _train(dataset, tmp_path / "pod-0", _attempt(prefix, 0), die_at=10)
+        train_attempt(dataset, tmp_path / "pod-0", _attempt(prefix, 0), die_at=10)
     assert _remote(access, f"{prefix}/attempt-0") == ["step-0000008"]  # step 4 pruned there too
 
-    restored, steps, result, teacher_dir = _train(dataset, tmp_path / "pod-1", _attempt(prefix, 1))
-    assert restored == ["step-0000008"]
-    assert steps == [9, 10, 11, 12]  # lost two steps (less than one checkpoint interval), not ten
-    assert result.steps == TRAIN.steps
-    # The restored checkpoint was re-published at once and then pruned like any other: attempt 2 would
-    # find this attempt's newest one.
+    retry = train_attempt(dataset, tmp_path / "pod-1", _attempt(prefix, 1))
+    assert retry["restored"] == ["step-0000008"]
+    assert retry["steps"] == [9, 10, 11, 12]  # lost two steps (less than one checkpoint interval), not ten
+    assert retry["final_step"] == STEPS
+    # The restored checkpoint was re-published at once and later pruned like any other: a third
+    # attempt would find this attempt's newest one.
     assert _remote(access, f"{prefix}/attempt-1") == ["step-0000012"]
 
-    _, straight_steps, _, straight_dir = _train(dataset, tmp_path / "straight", None)
-    assert straight_steps == list(range(1, 13))
-    resumed = load_file(str(teacher_dir / "model.safetensors"))
-    straight = load_file(str(straight_dir / "model.safetensors"))
-    assert resumed.keys() == straight.keys()
-    for key in straight:
-        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+    straight = train_attempt(dataset, tmp_path / "straight", None)
+    assert straight["steps"] == list(range(1, STEPS + 1))
+    resumed = load_file(str(retry["teacher"] / "model.safetensors"))
+    expected = load_file(str(straight["teacher"] / "model.safetensors"))
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
 
 
 def test_a_checkpoint_cut_off_mid_upload_is_not_resumed_from(dataset, s3_access, tmp_path):
     prefix, access = s3_access
     with pytest.raises(PodKilled):
-        _train(dataset, tmp_path / "pod-0", _attempt(prefix, 0), die_at=6)
+        train_attempt(dataset, tmp_path / "pod-0", _attempt(prefix, 0), die_at=6)
     fs = access.get_filesystem_for_path(prefix)
     good = f"{prefix}/attempt-0/step-0000004"
     fs.copy(f"{good}/weights.safetensors", f"{prefix}/attempt-0/step-0000008/weights.safetensors")  # no meta.json
 
-    restored, steps, result, _ = _train(dataset, tmp_path / "pod-1", _attempt(prefix, 1))
-    assert restored == ["step-0000004"]
-    assert steps[0] == 5 and result.steps == TRAIN.steps
+    retry = train_attempt(dataset, tmp_path / "pod-1", _attempt(prefix, 1))
+    assert retry["restored"] == ["step-0000004"]
+    assert retry["steps"][0] == 5 and retry["final_step"] == STEPS
     assert [p.name for p in list_checkpoints(tmp_path / "pod-1" / PRETRAIN_DIR / "checkpoints")] == ["step-0000012"]
     assert _remote(access, f"{prefix}/attempt-1") == ["step-0000012"]
+
+
+def test_the_fault_table_row_reads_recovered(s3_server, tmp_path):
+    row = faults.retry_on_new_pod(tmp_path, s3_server)
+    assert row.outcome == faults.RECOVERED, row.detail
 
 
 def test_the_pretrain_task_restores_the_previous_attempt_and_tags_its_run(dataset, s3_access, tmp_path, monkeypatch):
@@ -131,9 +104,9 @@ def test_the_pretrain_task_restores_the_previous_attempt_and_tags_its_run(datase
     import tasks.stages as stages
     from tasks import tracking
 
-    prefix, access = s3_access
+    prefix, _ = s3_access
     with pytest.raises(PodKilled):
-        _train(dataset, tmp_path / "pod-0", _attempt(prefix, 0), die_at=10)
+        train_attempt(dataset, tmp_path / "pod-0", _attempt(prefix, 0), die_at=10)
 
     monkeypatch.setenv(tracking.OUTPUTS_ENV, str(tmp_path / "outputs"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -142,11 +115,12 @@ def test_the_pretrain_task_restores_the_previous_attempt_and_tags_its_run(datase
     monkeypatch.setattr(stages, "current_context", lambda: context)
     parent = tracking.start_parent_run("rsd-retry-test", run_name="retry", params={}, tags={})
     with contextlib.chdir(tmp_path):
-        stages.pretrain_teacher.task_function(dataset=FlyteDirectory(dataset), network=TINY, train=TRAIN,
-                                              log_every=1, run_id=parent)
+        stages.pretrain_teacher.task_function(
+            dataset=FlyteDirectory(dataset), network=NetworkConfig(**faults.TINY_NETWORK),
+            train=TrainConfig(**faults.RETRY_TRAIN), log_every=1, run_id=parent)
     client = tracking.client()
     exp = client.get_experiment_by_name("rsd-retry-test")
     (child,) = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "pretrain_teacher"]
     assert child.data.tags["rsd.resumed_from"] == "step-0000008"
     assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")][0] == 9
-    assert child.data.metrics["steps"] == TRAIN.steps
+    assert child.data.metrics["steps"] == STEPS
