@@ -73,6 +73,8 @@ def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("RSD_PRESET", args.preset)
     if not args.verbose:  # flytekit warns about every tuple field of the configs (schema only, harmless)
         os.environ.setdefault("FLYTE_SDK_LOGGING_LEVEL", str(logging.ERROR))
+        # With a tracking server MLflow prints two URLs per finished run; the summary below names the run.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from tasks import tracking
     from workflows.pipeline import rsd_pipeline, rsd_rerun
 

@@ -63,6 +63,7 @@ def test_pipeline_on_s3_registers_a_champion_on_the_mlflow_server(pipeline_run, 
     root, env, prefix = cluster_like
     assert "registered model  rsd-smoke version 1 alias @champion" in pipeline_run
     assert f"MLflow UI         {mlflow_server.tracking_uri}" in pipeline_run
+    assert "View run" not in pipeline_run  # MLflow's per-run URL lines are suppressed; the summary names the run
     assert not (root / "out" / "mlflow.db").exists() and not (root / "out" / "mlartifacts").exists()
 
     client = MlflowClient(mlflow_server.tracking_uri, registry_uri=mlflow_server.tracking_uri)
