@@ -8,8 +8,6 @@ prefix and downloaded by the next task, and every MLflow artifact goes through t
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import fsspec
 import pytest
 from mlflow import MlflowClient
 
-BIN = Path(sys.executable).parent
+from tests.cli import rsd
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +33,13 @@ def cluster_like(s3_server, mlflow_server, tmp_path_factory):
     return root, env, prefix
 
 
-def rsd(env, *args, timeout=600) -> str:
-    proc = subprocess.run([str(BIN / "rsd"), *args], env=env, cwd=env["TMPDIR"], capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout
-
-
 @pytest.fixture(scope="module")
 def pipeline_run(cluster_like):
     root, env, prefix = cluster_like
     rsd(env, "data", "corrupt", "--source", "fashion-mnist", "--operator", "inpaint", "--p", "0.6", "--limit", "256",
         "--clean-eval", "64", "--out", f"{prefix}/dataset")
     stdout = rsd(env, "run", "--preset", "cpu-smoke", "--dataset", f"{prefix}/dataset", "--raw-output-prefix",
-                 f"{prefix}/raw", "--out", str(root / "out"), "--no-cache")
+                 f"{prefix}/raw", "--out", str(root / "out"), "--no-cache", timeout=600)
     return stdout
 
 

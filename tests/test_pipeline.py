@@ -17,10 +17,10 @@ mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("flytekit")
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 from rsd_core.presets import PRESETS, ConfigError, build_config  # noqa: E402
+from tests.cli import BIN, rsd  # noqa: E402
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -84,13 +84,6 @@ def scratch(tmp_path_factory):
     env.update(HOME=str(root / "home"), TMPDIR=str(root / "tmp"), OMP_NUM_THREADS="1",
                RSD_CACHE_DIR=str(default_cache_dir()))  # keep the trained feature classifier across HOMEs
     return root, env
-
-
-def rsd(env, *args, timeout=300):
-    proc = subprocess.run([str(BIN / "rsd"), *args], env=env, cwd=env["TMPDIR"], capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout
 
 
 @pytest.fixture(scope="module")

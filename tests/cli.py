@@ -1,0 +1,17 @@
+"""Running the installed ``rsd`` console script as a user would, for the pipeline tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def rsd(env: dict[str, str], *args: str, timeout: float = 300) -> str:
+    """Run ``rsd *args`` in ``env`` (cwd = its TMPDIR); its stdout, or a failure showing both streams."""
+    proc = subprocess.run([str(BIN / "rsd"), *args], env=env, cwd=env["TMPDIR"], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
