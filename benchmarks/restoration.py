@@ -1,10 +1,12 @@
 """The restoration benchmark: for each corruption of Fashion-MNIST 32x32, pretrain a teacher with
 its objective, distil a one-step student, select by Proximal FID, and compare with the teacher.
 
-    python -m benchmarks.restoration --budget 5 [--tasks inpaint-0.6,blur] [--out outputs/restoration]
+    python -m benchmarks.restoration --budget 5 [--distill-budget 10] [--tasks inpaint-0.6,blur] [--out DIR]
 
-``--budget`` is minutes of wall time per training phase (teacher, then distillation). Phases
-whose outputs exist are skipped, so an interrupted run resumes where it stopped. Writes
+``--budget`` is minutes of wall time per training phase (teacher, then distillation);
+``--distill-budget`` overrides it for the distillation. Phases whose outputs exist are skipped
+(their wall times are kept in the task's times.json), so an interrupted run resumes where it
+stopped and independent tasks can run as separate processes into one ``--out``. Writes
 benchmarks/results/restoration.json (last stdout line too), docs/results.md and one grid per task
 in docs/figures/ (rows: best teacher | student | student's samples re-corrupted).
 All FDs use the in-domain Fashion-MNIST classifier features (not Inception FID).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -25,6 +28,7 @@ import torch
 
 from benchmarks.report import emit
 from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
+from rsd_core.presets import CPU_DISTILL_EMA_HALFLIFE_NIMG, CPU_DISTILL_EMA_RAMPUP_RATIO
 from rsd_core.selection import SelectionResult, select_stage
 from rsd_core.sources import corrupt, fashion_mnist
 from rsd_core.stages import distill_stage, pretrain_stage, read_card
@@ -44,36 +48,41 @@ TASKS = {
 
 def run_task(name: str, spec: dict, args, out: Path) -> dict:
     data = out / "data"
-    times = {}
-    t = time.perf_counter()
-    if not (data / "manifest.json").exists():
-        corrupt(fashion_mnist("train"), spec, seed=0, out_uri=str(data), limit=args.limit,
-                clean_eval_count=args.n_eval)
-    times["corrupt_s"] = time.perf_counter() - t
+    times_file = out / "times.json"
+    times = json.loads(times_file.read_text()) if times_file.exists() else {}
+
+    def timed(key: str, done: bool, work) -> None:
+        """Run ``work`` unless its output exists; record its wall time, or keep the recorded one."""
+        if not done:
+            t = time.perf_counter()
+            work()
+            times[key] = time.perf_counter() - t
+            out.mkdir(parents=True, exist_ok=True)
+            times_file.write_text(json.dumps(times, indent=1))
+        times.setdefault(key, float("nan"))
+
+    timed("corrupt_s", (data / "manifest.json").exists(),
+          lambda: corrupt(fashion_mnist("train"), spec, seed=0, out_uri=str(data), limit=args.limit,
+                          clean_eval_count=args.n_eval))
 
     teacher_dir = out / "teacher"
-    t = time.perf_counter()
-    if not (teacher_dir / "model.json").exists():
-        train = TrainConfig(steps=1_000_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, grad_clip=1.0,
-                            ema_halflife_nimg=10_000, checkpoint_every=500, keep_checkpoints=1,
-                            time_budget_s=args.budget * 60, seed=args.seed)
-        pretrain_stage(str(data), NetworkConfig(), train, out, progress=not args.quiet)
-    times["teacher_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    if not (out / "generator" / "model.json").exists():
-        train = TrainConfig(steps=1_000_000, batch_size=32, ema_halflife_nimg=2_000, ema_rampup_ratio=0.05,
-                            lr_rampup_steps=0, checkpoint_every=args.checkpoint_every, time_budget_s=args.budget * 60,
-                            seed=args.seed)
-        distill_stage(teacher_dir, train, DistillConfig(lr_fake=5e-5, lr_generator=5e-5), out, progress=not args.quiet)
-    times["distill_s"] = time.perf_counter() - t
-    t = time.perf_counter()
+    teacher_train = TrainConfig(steps=1_000_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, grad_clip=1.0,
+                                ema_halflife_nimg=10_000, checkpoint_every=500, keep_checkpoints=1,
+                                time_budget_s=args.budget * 60, seed=args.seed)
+    timed("teacher_s", (teacher_dir / "model.json").exists(),
+          lambda: pretrain_stage(str(data), NetworkConfig(), teacher_train, out, progress=not args.quiet))
+    distill_train = TrainConfig(steps=1_000_000, batch_size=32, ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
+                                ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0,
+                                checkpoint_every=args.checkpoint_every, time_budget_s=args.distill_budget * 60,
+                                seed=args.seed)
+    timed("distill_s", (out / "generator" / "model.json").exists(),
+          lambda: distill_stage(teacher_dir, distill_train, DistillConfig(lr_fake=5e-5, lr_generator=5e-5), out,
+                                progress=not args.quiet))
     selection_file = out / "selection" / "selection.json"
-    if selection_file.exists():
-        sel = SelectionResult.model_validate_json(selection_file.read_text())
-    else:
-        sel = select_stage(str(data), teacher_dir, out, out / "selection", n_samples=args.n_eval, seed=args.seed,
-                           progress=not args.quiet)
-    times["select_s"] = time.perf_counter() - t
+    timed("select_s", selection_file.exists(),
+          lambda: select_stage(str(data), teacher_dir, out, out / "selection", n_samples=args.n_eval,
+                               seed=args.seed, progress=not args.quiet))
+    sel = SelectionResult.model_validate_json(selection_file.read_text())
     FIGURES.mkdir(parents=True, exist_ok=True)
     grid = FIGURES / f"restoration_{name}.png"
     shutil.copyfile(sel.grid, grid)
@@ -113,7 +122,8 @@ def write_doc(result: dict, command: str) -> None:
         f"Command: `{command}`  ",
         f"Machine: {result['machine']}  ",
         f"Date: {result['date']}  ",
-        f"Budget: {result['budget_minutes']} minutes of wall time per training phase (teacher, then distillation); "
+        f"Budget: {result['budget_minutes']} minutes of wall time for the teacher, "
+        f"{result['distill_budget_minutes']} for the distillation; "
         f"{result['limit']} corrupted training images; FD on {result['n_eval']} samples.",
         "",
         f"Metric: **{result['extractor']}**. Lower is better. 'Teacher' is the better of the full 35-NFE Heun "
@@ -147,6 +157,8 @@ def write_doc(result: dict, command: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=float, default=5.0, help="minutes per training phase (default: 5)")
+    parser.add_argument("--distill-budget", type=float, default=None,
+                        help="minutes for the distillation phase (default: --budget)")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
     parser.add_argument("--limit", type=int, default=20_000, help="corrupted training images (default: 20000)")
     parser.add_argument("--n-eval", type=int, default=1000, help="samples per FD (default: 1000)")
@@ -157,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/results.md")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.distill_budget is None:
+        args.distill_budget = args.budget
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -176,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "budget_minutes": args.budget,
+        "distill_budget_minutes": args.distill_budget,
         "extractor": ClassifierExtractor().label,
         "limit": args.limit,
         "n_eval": args.n_eval,

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 from rsd_core.presets import PRESETS, ConfigError, build_config  # noqa: E402
+from rsd_core.training import ema_beta  # noqa: E402
 from tests.cli import BIN, rsd  # noqa: E402
 
 
@@ -39,6 +40,10 @@ def test_cpu_demo_follows_the_cpu_scale_notes():
     assert demo.distill.betas_generator == demo.distill.betas_fake == (0.0, 0.999)
     assert demo.distill_train.batch_size == 32
     assert demo.teacher_train.time_budget_s + demo.distill_train.time_budget_s <= 11 * 60
+    # The generator EMA averages over >= 50 iterations by ~300 (6 CPU minutes): EDM's 5% ramp-up gave ~15.
+    d = demo.distill_train
+    seen = 300 * d.batch_size
+    assert 0.5 ** (1 / 50) <= ema_beta(d.batch_size, seen, d.ema_halflife_nimg, d.ema_rampup_ratio) < 1
 
 
 def test_yaml_then_set_overrides_in_order(tmp_path):
