@@ -138,7 +138,7 @@ class PipelineConfig(Spec):
 # Generator EMA for CPU-length distillations. EDM's ramp-up (half-life <= 5% of the images seen)
 # leaves a ~30-iteration half-life after 10 CPU minutes. With a 3k-image half-life (~95 iterations
 # at batch 32), ramped up to at most 20% of the images seen, the same raw generator trajectory
-# (bit-identical) gave checkpoints whose true FD moves 3-8% between checkpoints instead of 5-17%,
+# (bit-identical) gave checkpoints whose true FD moves 3-12% between checkpoints instead of 5-17%,
 # at the same level on average (docs/results.md): what Proximal FID selection needs.
 CPU_DISTILL_EMA_HALFLIFE_NIMG = 3_000.0
 CPU_DISTILL_EMA_RAMPUP_RATIO = 0.2
