@@ -59,7 +59,7 @@ def run_task(name: str, spec: dict, args, out: Path) -> dict:
             times[key] = time.perf_counter() - t
             out.mkdir(parents=True, exist_ok=True)
             times_file.write_text(json.dumps(times, indent=1))
-        times.setdefault(key, float("nan"))
+        times.setdefault(key, None)  # reused from a work folder that predates times.json: unknown
 
     timed("corrupt_s", (data / "manifest.json").exists(),
           lambda: corrupt(fashion_mnist("train"), spec, seed=0, out_uri=str(data), limit=args.limit,
@@ -74,6 +74,7 @@ def run_task(name: str, spec: dict, args, out: Path) -> dict:
     distill_train = TrainConfig(steps=1_000_000, batch_size=32, ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
                                 ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0,
                                 checkpoint_every=args.checkpoint_every, time_budget_s=args.distill_budget * 60,
+                                lr_drop_at=args.distill_lr_drop_at, lr_drop_factor=args.distill_lr_drop_factor,
                                 seed=args.seed)
     timed("distill_s", (out / "generator" / "model.json").exists(),
           lambda: distill_stage(teacher_dir, distill_train, DistillConfig(lr_fake=5e-5, lr_generator=5e-5), out,
@@ -123,7 +124,10 @@ def write_doc(result: dict, command: str) -> None:
         f"Machine: {result['machine']}  ",
         f"Date: {result['date']}  ",
         f"Budget: {result['budget_minutes']} minutes of wall time for the teacher, "
-        f"{result['distill_budget_minutes']} for the distillation; "
+        f"{result['distill_budget_minutes']} for the distillation"
+        + (f" (its learning rates x{result['distill_lr_drop_factor']} after {result['distill_lr_drop_at']:.0%} of it)"
+           if result.get("distill_lr_drop_at") else "")
+        + "; "
         f"{result['limit']} corrupted training images; FD on {result['n_eval']} samples.",
         "",
         f"Metric: **{result['extractor']}**. Lower is better. 'Teacher' is the better of the full 35-NFE Heun "
@@ -145,8 +149,8 @@ def write_doc(result: dict, command: str) -> None:
     lines += ["", "Wall time per phase (s):", "", "| task | corrupt | teacher | distill | select |",
               "|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['task']} | {r['corrupt_s']:.0f} | {r['teacher_s']:.0f} | {r['distill_s']:.0f} | "
-                     f"{r['select_s']:.0f} |")
+        cells = ["n/a" if r[k] is None else f"{r[k]:.0f}" for k in ("corrupt_s", "teacher_s", "distill_s", "select_s")]
+        lines.append(f"| {r['task']} | " + " | ".join(cells) + " |")
     lines += ["", "Sample grids (rows 1-3: best teacher; 4-6: one-step student; 7-9: student samples re-corrupted):",
               ""]
     lines += [f"- {r['task']}: ![{r['task']}](../{r['grid']})" for r in result["rows"]]
@@ -159,6 +163,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=float, default=5.0, help="minutes per training phase (default: 5)")
     parser.add_argument("--distill-budget", type=float, default=None,
                         help="minutes for the distillation phase (default: --budget)")
+    parser.add_argument("--distill-lr-drop-at", type=float, default=None,
+                        help="fraction of the distillation after which its learning rates drop (default: never)")
+    parser.add_argument("--distill-lr-drop-factor", type=float, default=0.25,
+                        help="factor of that drop (default: 0.25)")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
     parser.add_argument("--limit", type=int, default=20_000, help="corrupted training images (default: 20000)")
     parser.add_argument("--n-eval", type=int, default=1000, help="samples per FD (default: 1000)")
@@ -191,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "budget_minutes": args.budget,
         "distill_budget_minutes": args.distill_budget,
+        "distill_lr_drop_at": args.distill_lr_drop_at,
+        "distill_lr_drop_factor": args.distill_lr_drop_factor,
         "extractor": ClassifierExtractor().label,
         "limit": args.limit,
         "n_eval": args.n_eval,

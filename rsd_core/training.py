@@ -332,7 +332,12 @@ class Trainer:
         ramp = min(1.0, (step + 1) / self.cfg.lr_rampup_steps) if self.cfg.lr_rampup_steps > 0 else 1.0
         for opt in self.phase.optimizers.values():
             for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * ramp
+                group["lr"] = group["base_lr"] * ramp * self.lr_scale
+
+    def _progress(self, done: int, elapsed: float) -> float:
+        """Fraction of the run done: of the steps, or of the time budget when that ends the run first."""
+        by_time = elapsed / self.cfg.time_budget_s if self.cfg.time_budget_s else 0.0
+        return max(done / self.cfg.steps, by_time)
 
     def _save(self, step: int, result: TrainResult, metrics: dict) -> None:
         if self.checkpoint_dir is None:
@@ -342,7 +347,7 @@ class Trainer:
             dist.barrier()
             result.checkpoints.append(str(path))
             return
-        extra = {"metrics": metrics, "nonfinite_skipped": result.nonfinite_skipped}
+        extra = {"metrics": metrics, "nonfinite_skipped": result.nonfinite_skipped, "lr_scale": self.lr_scale}
         save_checkpoint(path, self.phase, step, self.gen, extra)
         result.checkpoints.append(str(path))
         if self.cfg.keep_checkpoints > 0:
@@ -360,6 +365,7 @@ class Trainer:
         torch.manual_seed(seed)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         start_step, result = 0, TrainResult(0, 0.0, {}, 0)
+        self.lr_scale = 1.0  # becomes cfg.lr_drop_factor once; checkpoints keep it across resumes
         existing = list_checkpoints(self.checkpoint_dir) if self.checkpoint_dir else []
         if existing:
             meta = load_checkpoint(existing[-1], self.phase, self.gen if self.rank == 0 else None)
@@ -368,6 +374,7 @@ class Trainer:
                 self.gen.manual_seed(seed + start_step)
                 torch.manual_seed(seed + start_step)
             result.nonfinite_skipped = int(meta.get("nonfinite_skipped", 0))
+            self.lr_scale = float(meta.get("lr_scale", 1.0))
             result.checkpoints = [str(p) for p in existing]
         ctx = StepContext(self.gen, self.device, self.bf16, self.channels_last)
         in_row, metrics = 0, {}
@@ -404,13 +411,22 @@ class Trainer:
                 beta = ema_beta(cfg.batch_size, seen, cfg.ema_halflife_nimg, cfg.ema_rampup_ratio)
                 for net, ema in self.phase.ema_pairs:
                     ema_update(ema, net, beta)
-            metrics = {**metrics, "nonfinite_skipped": float(result.nonfinite_skipped)}
+            metrics = {**metrics, "nonfinite_skipped": float(result.nonfinite_skipped), "lr_scale": self.lr_scale}
             if self.callback is not None and self.rank == 0:
                 self.callback(step + 1, metrics)
             if step % 10 == 0:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")})
             done = step + 1
-            over_budget = cfg.time_budget_s is not None and time.perf_counter() - t0 > cfg.time_budget_s
+            elapsed = time.perf_counter() - t0
+            over_budget = cfg.time_budget_s is not None and elapsed > cfg.time_budget_s
+            if cfg.lr_drop_at is not None and self.lr_scale == 1.0:
+                drop = self._progress(done, elapsed) >= cfg.lr_drop_at
+                if self.world_size > 1 and cfg.time_budget_s is not None:  # the time test differs per rank
+                    flag = torch.tensor([float(drop)], device=self.device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    drop = bool(flag.item())
+                if drop:
+                    self.lr_scale = cfg.lr_drop_factor
             if self.world_size > 1 and cfg.time_budget_s is not None:  # all ranks stop at the same step
                 flag = torch.tensor([float(over_budget)], device=self.device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -8,7 +8,7 @@ from rsd_core.config import NetworkConfig, TrainConfig
 from rsd_core.objectives import objective_for
 from rsd_core.operators import build_operator
 from rsd_core.pretrain import TensorSource, build_teacher, pretrain_teacher
-from rsd_core.training import TrainingDivergedError, list_checkpoints
+from rsd_core.training import Trainer, TrainingDivergedError, list_checkpoints
 
 TINY = NetworkConfig(img_resolution=8, img_channels=1, model_channels=8, channel_mult=(1, 2), attn_resolutions=(4,))
 
@@ -83,3 +83,51 @@ def test_persistent_nonfinite_stops_with_a_clear_error_and_keeps_the_checkpoint(
     net2, objective, source = _setup(digits8)
     resumed, result = pretrain_teacher(net2, objective, source, _cfg(steps=20), tmp_path, progress=False)
     assert result.steps == 20 and all(torch.isfinite(p).all() for p in resumed.net.parameters())
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(step_to_stop: int):
+    def callback(step: int, metrics: dict) -> None:
+        if step == step_to_stop:
+            raise _Interrupt
+
+    return callback
+
+
+def test_lr_drop_applies_once_late_in_the_run_and_survives_a_resume(digits8, tmp_path):
+    cfg = _cfg(lr_drop_at=0.5, lr_drop_factor=0.25)
+    scales = {}
+    net, objective, source = _setup(digits8)
+    straight, _ = pretrain_teacher(net, objective, source, cfg, tmp_path / "a", progress=False,
+                                   callback=lambda step, m: scales.__setitem__(step, m["lr_scale"]))
+    assert all(scales[s] == 1.0 for s in range(1, 31)) and all(scales[s] == 0.25 for s in range(31, 61))
+    (opt,) = straight.optimizers.values()
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-3 * 0.25)
+
+    # Interrupted after the drop (checkpoint at 40, stopped at 45): the resumed run keeps the dropped lr.
+    net, objective, source = _setup(digits8)
+    with pytest.raises(_Interrupt):
+        pretrain_teacher(net, objective, source, cfg, tmp_path / "b", progress=False, callback=_interrupt_at(45))
+    net, objective, source = _setup(digits8)
+    resumed, result = pretrain_teacher(net, objective, source, cfg, tmp_path / "b", progress=False)
+    assert result.steps == 60
+    for a, b in zip(straight.net.parameters(), resumed.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_lr_drop_progress_counts_the_time_budget_when_it_ends_the_run_first(digits8):
+    net, objective, source = _setup(digits8)
+    phase, _ = pretrain_teacher(net, objective, source, _cfg(steps=1), None, progress=False)
+    trainer = Trainer(phase, _cfg(steps=1000, time_budget_s=60.0, lr_drop_at=0.5), progress=False)
+    assert trainer._progress(100, 30.0) == pytest.approx(0.5)  # half the budget, a tenth of the steps
+    assert trainer._progress(900, 6.0) == pytest.approx(0.9)  # the steps run out first
+
+
+@pytest.mark.parametrize("field, value", [("lr_drop_at", 1.0), ("lr_drop_at", 0.0), ("lr_drop_factor", 1.0),
+                                          ("lr_drop_factor", 0.0)])
+def test_lr_drop_settings_are_validated(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
