@@ -65,12 +65,28 @@ def corrupted_view(x: torch.Tensor, operator: Operator, generator: torch.Generat
     return quantise(feature_images(y))
 
 
-def make_extractor(name: str) -> FeatureExtractor:
+EXTRACTORS = ("classifier", "classifier-corrupted", "inception")
+
+
+def make_extractors(name: str, operator: Operator) -> tuple[FeatureExtractor, FeatureExtractor]:
+    """(Proximal FD extractor, true FD extractor) for an extractor name.
+
+    ``classifier-corrupted`` scores Proximal FD with the in-domain classifier trained on this operator's
+    corrupted views, and the true FD with the clean one, so true FDs stay comparable across settings."""
     if name == "classifier":
-        return ClassifierExtractor()
+        ext = ClassifierExtractor()
+        return ext, ext
+    if name == "classifier-corrupted":
+        view = ClassifierExtractor(
+            view=lambda x, gen: corrupted_view(x, operator, gen),
+            view_id=operator.spec.model_dump_json(),
+            view_name=operator.spec.kind,
+        )
+        return view, ClassifierExtractor()
     if name == "inception":
-        return InceptionExtractor()
-    raise ValueError(f"extractor must be 'classifier' or 'inception', got '{name}'")
+        ext = InceptionExtractor()
+        return ext, ext
+    raise ValueError(f"extractor must be one of {EXTRACTORS}, got '{name}'")
 
 
 def proximal_reference(dataset_uri: str, extractor: FeatureExtractor, n: int) -> FeatureStats:
@@ -108,12 +124,13 @@ class CandidateScore(BaseModel):
     true_fd: float | None = None
 
 
-def score_samples(samples, operator, extractor, prox_ref, clean_ref, seed) -> tuple[float, float | None]:
+def score_samples(samples, operator, extractors, prox_ref, clean_ref, seed) -> tuple[float, float | None]:
+    prox_ext, true_ext = extractors
     gen = torch.Generator().manual_seed(seed + 1)
-    prox = frechet_distance(compute_stats(extractor, corrupted_view(samples, operator, gen)), prox_ref)
+    prox = frechet_distance(compute_stats(prox_ext, corrupted_view(samples, operator, gen)), prox_ref)
     true = None
     if clean_ref is not None:
-        true = frechet_distance(compute_stats(extractor, quantise(feature_images(samples))), clean_ref)
+        true = frechet_distance(compute_stats(true_ext, quantise(feature_images(samples))), clean_ref)
     return prox, true
 
 
@@ -156,8 +173,11 @@ def truncation_nfe(level: float) -> int:
 
 
 class SelectionResult(BaseModel):
-    extractor_label: str
+    extractor_label: str  # of the true FD
     extractor_id: str
+    # None in selection.json files written before Proximal FD could use its own extractor: the same one.
+    proximal_extractor_label: str | None = None
+    proximal_extractor_id: str | None = None
     n_samples: int
     rows: list[CandidateScore]
     teacher_rows: list[CandidateScore]
@@ -176,6 +196,11 @@ class SelectionResult(BaseModel):
     generator_dir: str
     grid: str
 
+    @property
+    def proximal_scoring(self) -> str:
+        """How the Proximal FDs were measured (features and sample count): only equal ones compare."""
+        return f"{self.proximal_extractor_id or self.extractor_id}/n{self.n_samples}"
+
 
 def select_stage(
     dataset_uri: str,
@@ -192,12 +217,13 @@ def select_stage(
     Proximal FID, pick the best checkpoint, save it as a model and report the agreement with the
     true FD where a clean evaluation split exists."""
     out_dir = Path(out_dir)
-    ext = make_extractor(extractor)
     ds = open_dataset(dataset_uri)
     operator = ds.operator
+    extractors = make_extractors(extractor, operator)
+    prox_ext, true_ext = extractors
     n_ref = min(len(ds), n_samples)
-    prox_ref = proximal_reference(dataset_uri, ext, n_ref)
-    clean_ref = clean_reference(dataset_uri, ext, n_samples)
+    prox_ref = proximal_reference(dataset_uri, prox_ext, n_ref)
+    clean_ref = clean_reference(dataset_uri, true_ext, n_samples)
 
     checkpoints = list_checkpoints(Path(distill_dir) / DISTILL_DIR / "checkpoints")
     if not checkpoints:
@@ -206,7 +232,7 @@ def select_stage(
     for ckpt in checkpoints:
         sampler = generator_from_checkpoint(ckpt, teacher_dir, bf16=use_bf16("auto", torch.device("cpu")))
         samples = sampler.sample(n_samples, seed=seed)
-        prox, true = score_samples(samples, operator, ext, prox_ref, clean_ref, seed)
+        prox, true = score_samples(samples, operator, extractors, prox_ref, clean_ref, seed)
         rows.append(CandidateScore(name=ckpt.name, step=int(ckpt.name.split("-")[1]), proximal_fd=prox, true_fd=true))
         if progress:
             print(f"  {ckpt.name}: proximal FD {prox:.2f}" + (f", true FD {true:.2f}" if true is not None else ""))
@@ -216,7 +242,7 @@ def select_stage(
     teacher_rows = []
     by_level = teacher_truncation_samples(teacher, objective, card.image_shape, n_t, seed)
     for level, samples in by_level.items():
-        prox, true = score_samples(samples, operator, ext, prox_ref, clean_ref, seed)
+        prox, true = score_samples(samples, operator, extractors, prox_ref, clean_ref, seed)
         teacher_rows.append(CandidateScore(name=f"teacher@{level}", sigma_stop=level or None,
                                            nfe=truncation_nfe(level), proximal_fd=prox, true_fd=true))
     best_teacher = min(teacher_rows, key=lambda r: r.proximal_fd)
@@ -250,7 +276,8 @@ def select_stage(
     save_grid(torch.cat([feature_images(teacher_best), feature_images(student), obs_images]), str(grid), nrow=8)
 
     result = SelectionResult(
-        extractor_label=ext.label, extractor_id=ext.id, n_samples=n_samples, rows=rows, teacher_rows=teacher_rows,
+        extractor_label=true_ext.label, extractor_id=true_ext.id, proximal_extractor_label=prox_ext.label,
+        proximal_extractor_id=prox_ext.id, n_samples=n_samples, rows=rows, teacher_rows=teacher_rows,
         chosen_checkpoint=str(chosen_path), chosen_step=chosen.step or 0, proximal_fd=chosen.proximal_fd,
         teacher_proximal_fd=best_teacher.proximal_fd, teacher_best_sigma_stop=best_teacher.sigma_stop,
         generator_dir=str(generator_dir), grid=str(grid), **result_kwargs,

@@ -7,7 +7,14 @@ import torch
 from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
 from rsd_core.metrics import ClassifierExtractor, compute_stats, frechet_distance
 from rsd_core.operators import build_operator
-from rsd_core.selection import corrupted_view, proximal_reference, quantise, select_stage, truncation_nfe
+from rsd_core.selection import (
+    corrupted_view,
+    make_extractors,
+    proximal_reference,
+    quantise,
+    select_stage,
+    truncation_nfe,
+)
 from rsd_core.sources import corrupt, fashion_mnist
 from rsd_core.stages import distill_stage, pretrain_stage, sampler_for
 
@@ -40,6 +47,32 @@ def test_proximal_fd_prefers_clean_looking_images_without_seeing_clean_data(tmp_
 
     s_clean, s_blur, s_noise = score(clean), score(blurred), score(noise)
     assert s_clean < s_blur < s_noise, (s_clean, s_blur, s_noise)
+
+
+def test_corruption_trained_extractor_reads_erased_images_and_ranks_severity(tmp_path):
+    """Trained on the operator's views, the classifier recognises 60%-erased test images far better than the
+    clean one does, is cached under its own key, and its Proximal FD ranks clean < blurred < noise."""
+    spec = {"kind": "inpaint", "p": 0.6, "delta": 0.1}  # the benchmark's task: one training per test session
+    op = build_operator(spec)
+    prox_ext, true_ext = make_extractors("classifier-corrupted", op)
+    assert prox_ext.id != true_ext.id and true_ext.label == ClassifierExtractor.label
+    assert "inpaint views" in prox_ext.label and "not Inception" in prox_ext.label
+    assert prox_ext.recipe.corruption == op.spec.model_dump_json() and prox_ext.recipe.epochs == 2
+
+    clean, labels = fashion_mnist("test").load(0, 2000)
+    erased = corrupted_view(clean, op, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        acc = [float((ext._net(erased).argmax(1) == labels).float().mean()) for ext in (prox_ext, true_ext)]
+    assert acc[0] > 0.8 and acc[0] > acc[1] + 0.1, acc
+    assert prox_ext.info["test_accuracy_corrupted"] > 0.8
+
+    corrupt(fashion_mnist("train"), spec, seed=0, out_uri=str(tmp_path / "data"), limit=600)
+    ref = proximal_reference(str(tmp_path / "data"), prox_ext, 600)
+    blurred = build_operator({"kind": "blur", "kernel_size": 9, "std": 2.0}).forward(clean[:600], {})
+    noise = torch.rand_like(clean[:600]) * 2 - 1
+    fds = [frechet_distance(compute_stats(prox_ext, corrupted_view(x, op, torch.Generator().manual_seed(1))), ref)
+           for x in (clean[:600], blurred, noise)]
+    assert fds == sorted(fds), fds
 
 
 def test_select_stage_scores_checkpoints_and_teacher_levels(tmp_path):
