@@ -636,7 +636,7 @@ def mlflow_down_scenario(work: Path) -> Row:
         server_proc.wait()
         t0 = time.perf_counter()
         try:
-            registry.register_generator(client, "rsd-faults", "exec-down", "f" * 64, "inpaint", 1.0, log_model)
+            registry.register_generator(client, "rsd-faults", "exec-down", "f" * 64, "x/n1", "inpaint", 1.0, log_model)
             return Row(fault, FAILED, "registration succeeded while the server was down")
         except Exception as err:  # MlflowException; anything else is reported as it is
             seconds, kind = time.perf_counter() - t0, type(err).__name__
@@ -646,7 +646,8 @@ def mlflow_down_scenario(work: Path) -> Row:
         port = int(server.tracking_uri.rsplit(":", 1)[1])
         server_proc, server = start_mlflow(work / "mlflow", s3, port=port)
         procs.append(server_proc)
-        again = registry.register_generator(client, "rsd-faults", "exec-down", "f" * 64, "inpaint", 1.0, log_model)
+        again = registry.register_generator(client, "rsd-faults", "exec-down", "f" * 64, "x/n1", "inpaint", 1.0,
+                                            log_model)
         versions = client.search_model_versions("name='rsd-faults'")
         ok = kept and named and seconds < 60 and again.alias == registry.CHAMPION and len(versions) == 1
         return Row(fault, CLEAR if ok else FAILED,
@@ -680,7 +681,7 @@ def race_once(client: Any, experiment_id: str, name: str, scores: dict[str, floa
             return info
 
         try:
-            out.append(registry.register_generator(client, name, execution, "d" * 64, "inpaint", fd, log_model))
+            out.append(registry.register_generator(client, name, execution, "d" * 64, "x/n1", "inpaint", fd, log_model))
         except Exception as err:
             out.append(err)
 

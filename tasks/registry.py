@@ -1,12 +1,14 @@
 """Model registry rules: register a generator version once per pipeline execution, then promote it.
 
 Promotion compares Proximal FID, which is only meaningful between models of the *same* corrupted
-dataset, so every version carries the dataset fingerprint and its Proximal FD as tags:
+dataset scored the *same* way (feature extractor and sample count: FDs of different features are on
+different scales, and FD is biased by n), so every version carries the dataset fingerprint, that
+scoring and its Proximal FD as tags:
 
 * ``champion`` moves to the new version when there is no champion yet, or when the champion was
-  trained on the same dataset fingerprint and the new Proximal FD is strictly lower;
-* otherwise the new version takes ``challenger`` (a champion from another dataset is never
-  displaced automatically: its score is not comparable).
+  trained on the same dataset fingerprint, scored the same way, and the new Proximal FD is strictly lower;
+* otherwise the new version takes ``challenger`` (a champion from another dataset or scored another
+  way is never displaced automatically: its score is not comparable).
 
 A retried ``register_model`` task must not create a second version: versions are tagged with the
 execution's parent MLflow run id, and an existing version with that tag is reused.
@@ -28,6 +30,7 @@ CHALLENGER = "challenger"
 TAG_EXECUTION = "rsd.execution_run_id"
 TAG_FINGERPRINT = "rsd.dataset_fingerprint"
 TAG_PROXIMAL_FD = "rsd.proximal_fd"
+TAG_SCORING = "rsd.proximal_fd_scoring"  # "<extractor id>/n<samples>"
 TAG_OPERATOR = "rsd.operator_kind"
 
 
@@ -58,14 +61,18 @@ def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
         return None
 
 
-def promotion(champion: ModelVersion | None, fingerprint: str, proximal_fd: float) -> tuple[str, str]:
-    """(alias, reason) for a new version scored ``proximal_fd`` on dataset ``fingerprint``."""
+def promotion(champion: ModelVersion | None, fingerprint: str, scoring: str, proximal_fd: float) -> tuple[str, str]:
+    """(alias, reason) for a new version scored ``proximal_fd`` on dataset ``fingerprint`` with ``scoring``."""
     if champion is None:
         return CHAMPION, "first version: no champion yet"
     their_fp = champion.tags.get(TAG_FINGERPRINT, "")
+    their_scoring = champion.tags.get(TAG_SCORING, "")
     their_fd = float(champion.tags.get(TAG_PROXIMAL_FD, "inf"))
     if their_fp != fingerprint:
         return CHALLENGER, f"champion v{champion.version} is from another dataset; Proximal FDs are not comparable"
+    if their_scoring != scoring:
+        return CHALLENGER, (f"champion v{champion.version} was scored as '{their_scoring or 'unrecorded'}', this "
+                            f"version as '{scoring}'; Proximal FDs are not comparable")
     if proximal_fd < their_fd:
         return CHAMPION, f"Proximal FD {proximal_fd:.4g} beats champion v{champion.version} ({their_fd:.4g})"
     return CHALLENGER, f"Proximal FD {proximal_fd:.4g} does not beat champion v{champion.version} ({their_fd:.4g})"
@@ -76,6 +83,7 @@ def register_generator(
     name: str,
     execution_run_id: str,
     fingerprint: str,
+    scoring: str,
     operator_kind: str,
     proximal_fd: float,
     log_model: Callable[[], ModelInfo],
@@ -92,6 +100,7 @@ def register_generator(
         tags = {
             TAG_EXECUTION: execution_run_id,
             TAG_FINGERPRINT: fingerprint,
+            TAG_SCORING: scoring,
             TAG_PROXIMAL_FD: repr(float(proximal_fd)),
             TAG_OPERATOR: operator_kind,
         }
@@ -103,8 +112,8 @@ def register_generator(
         for alias in (CHAMPION, CHALLENGER):
             if alias in version.aliases:
                 return Registration(name, int(version.version), alias, proximal_fd, "already registered (retry)")
-    _, reason = promotion(current_champion(client, name), fingerprint, proximal_fd)
-    champion = settle_champion(client, name, fingerprint)
+    _, reason = promotion(current_champion(client, name), fingerprint, scoring, proximal_fd)
+    champion = settle_champion(client, name, fingerprint, scoring)
     alias = CHAMPION if champion is not None and champion.version == version.version else CHALLENGER
     if alias == CHALLENGER:
         _with_retries(lambda: client.set_registered_model_alias(name, CHALLENGER, version.version))
@@ -141,8 +150,10 @@ def _with_retries(action: Callable[[], object], attempts: int = 5, delay_s: floa
             time.sleep(delay_s * (attempt + 1))
 
 
-def settle_champion(client: MlflowClient, name: str, fingerprint: str, rounds: int = 5) -> ModelVersion | None:
-    """Point ``champion`` at the best version of the champion's dataset (ours if there is none).
+def settle_champion(
+    client: MlflowClient, name: str, fingerprint: str, scoring: str, rounds: int = 5
+) -> ModelVersion | None:
+    """Point ``champion`` at the best version of the champion's dataset and scoring (ours if there is none).
 
     Read-then-write promotion races when two registrations run at once; re-deriving the
     champion from the version tags after every write converges to the best version whatever
@@ -151,9 +162,12 @@ def settle_champion(client: MlflowClient, name: str, fingerprint: str, rounds: i
     champion = None
     for _ in range(rounds):
         champion = current_champion(client, name)
-        dataset = champion.tags.get(TAG_FINGERPRINT, fingerprint) if champion is not None else fingerprint
-        scored = [v for v in client.search_model_versions(f"name = '{name}' and tags.`{TAG_FINGERPRINT}` = '{dataset}'")
-                  if TAG_PROXIMAL_FD in v.tags]
+        dataset, how = (fingerprint, scoring) if champion is None else (
+            champion.tags.get(TAG_FINGERPRINT, fingerprint), champion.tags.get(TAG_SCORING, ""))
+        if not how:  # a champion registered before scorings were recorded: nothing is comparable with it
+            return champion
+        query = f"name = '{name}' and tags.`{TAG_FINGERPRINT}` = '{dataset}' and tags.`{TAG_SCORING}` = '{how}'"
+        scored = [v for v in client.search_model_versions(query) if TAG_PROXIMAL_FD in v.tags]
         if not scored:
             return champion
         best = min(scored, key=lambda v: (float(v.tags[TAG_PROXIMAL_FD]), int(v.version)))

@@ -32,7 +32,7 @@ from rsd_core.viz import observations_for_display, save_grid
 from tasks import decks, tracking
 from tasks.checkpoints import AttemptCheckpoints
 from tasks.deploy import CACHE_VERSION, DEPLOYMENT, elastic, image, requests
-from tasks.registry import TAG_FINGERPRINT, TAG_OPERATOR, register_generator
+from tasks.registry import TAG_FINGERPRINT, TAG_OPERATOR, TAG_SCORING, register_generator
 
 _RES = DEPLOYMENT.resources
 _CACHE = Cache(version=CACHE_VERSION, ignored_inputs=("run_id", "log_every"))
@@ -50,6 +50,7 @@ class SelectedGenerator:
     proximal_fd: float
     teacher_proximal_fd: float
     dataset_fingerprint: str
+    proximal_scoring: str
     operator_kind: str
 
 
@@ -233,6 +234,7 @@ def select_checkpoint(dataset: FlyteDirectory, teacher: FlyteDirectory, distille
             if value is not None:
                 client.log_metric(child, key, value)
         client.set_tag(child, "rsd.extractor", result.extractor_label)
+        client.set_tag(child, "rsd.proximal_extractor", result.proximal_extractor_label)
         table = Path(result.grid).parent / "selection.json"
         client.log_artifact(child, str(table))
         client.log_artifact(child, result.grid)
@@ -243,6 +245,7 @@ def select_checkpoint(dataset: FlyteDirectory, teacher: FlyteDirectory, distille
         generator=_out_dir(result.generator_dir), grid=_out_file(result.grid), table=_out_file(str(table)),
         chosen_step=result.chosen_step, proximal_fd=result.proximal_fd,
         teacher_proximal_fd=result.teacher_proximal_fd, dataset_fingerprint=ds.fingerprint,
+        proximal_scoring=result.proximal_scoring,
         operator_kind=ds.manifest.operator.kind,
     )
 
@@ -285,8 +288,8 @@ def register_model(exported: FlyteDirectory, selected: SelectedGenerator, tracki
     export_dir = Path(exported.download())
     with tracking.child_run(run_id, "register_model") as (client, child):
         registration = register_generator(
-            client, tracking_settings.model_name, run_id, selected.dataset_fingerprint, selected.operator_kind,
-            selected.proximal_fd, lambda: _log_pytorch_model(export_dir, child),
+            client, tracking_settings.model_name, run_id, selected.dataset_fingerprint, selected.proximal_scoring,
+            selected.operator_kind, selected.proximal_fd, lambda: _log_pytorch_model(export_dir, child),
         )
         grid = selected.grid.download()
         client.log_artifact(run_id, grid)
@@ -294,7 +297,8 @@ def register_model(exported: FlyteDirectory, selected: SelectedGenerator, tracki
         for key in ("proximal_fd", "teacher_proximal_fd", "chosen_step"):
             client.log_metric(run_id, key, float(getattr(selected, key)))
         tracking.set_tags(client, run_id, {
-            TAG_FINGERPRINT: selected.dataset_fingerprint, TAG_OPERATOR: selected.operator_kind,
+            TAG_FINGERPRINT: selected.dataset_fingerprint, TAG_SCORING: selected.proximal_scoring,
+            TAG_OPERATOR: selected.operator_kind,
             "rsd.registered_model": f"{registration.name}/{registration.version}", "rsd.alias": registration.alias,
         })
         client.log_text(child, json.dumps(registration.__dict__, indent=1), "registration.json")

@@ -52,8 +52,12 @@ class Logger:
                                             pip_requirements=["torch"])
 
 
-def register(client, logger, execution, fd, fingerprint=FP_A):
-    return registry.register_generator(client, client.model_name, execution, fingerprint, "inpaint", fd, logger)
+SCORING = "fmnist-cnn-0123/n1000"
+
+
+def register(client, logger, execution, fd, fingerprint=FP_A, scoring=SCORING):
+    return registry.register_generator(client, client.model_name, execution, fingerprint, scoring, "inpaint", fd,
+                                       logger)
 
 
 def test_better_takes_champion_worse_never_does(client):
@@ -80,6 +84,32 @@ def test_champion_from_another_dataset_is_not_displaced(client):
     assert int(client.get_model_version_by_alias(client.model_name, "champion").version) == 1
 
 
+@pytest.mark.parametrize("scoring", ["fmnist-cnn-4567/n1000", "fmnist-cnn-0123/n500"], ids=["extractor", "n"])
+def test_champion_scored_with_other_features_or_sample_count_is_not_displaced(client, scoring):
+    """A lower Proximal FD from another extractor or sample count is on another scale: no promotion,
+    and later versions scored like the champion still compete with it."""
+    logger = Logger(client)
+    register(client, logger, "exec-1", 10.0)
+    other = register(client, logger, "exec-2", 1.0, scoring=scoring)
+    assert other.alias == "challenger" and "not comparable" in other.reason and scoring in other.reason
+    assert int(client.get_model_version_by_alias(client.model_name, "champion").version) == 1
+    better = register(client, logger, "exec-3", 9.0)
+    assert (better.version, better.alias) == (3, "champion")
+
+
+def test_champion_without_a_recorded_scoring_is_kept(client):
+    """Versions registered before scorings were tagged compare with nothing."""
+    logger = Logger(client)
+    info = logger()
+    client.create_registered_model(client.model_name)
+    client.create_model_version(client.model_name, info.model_uri, run_id=info.run_id, model_id=info.model_id, tags={
+        registry.TAG_EXECUTION: "exec-old", registry.TAG_FINGERPRINT: FP_A, registry.TAG_PROXIMAL_FD: "10.0"})
+    client.set_registered_model_alias(client.model_name, "champion", "1")
+    new = register(client, logger, "exec-new", 1.0)
+    assert new.alias == "challenger" and "unrecorded" in new.reason
+    assert int(client.get_model_version_by_alias(client.model_name, "champion").version) == 1
+
+
 def test_retried_registration_reuses_the_version(client):
     logger = Logger(client)
     first = register(client, logger, "exec-1", 10.0)
@@ -95,7 +125,8 @@ def test_retry_after_version_created_but_before_alias(client):
     register(client, logger, "exec-1", 10.0)
     info = logger()
     client.create_model_version(client.model_name, info.model_uri, run_id=info.run_id, model_id=info.model_id, tags={
-        registry.TAG_EXECUTION: "exec-2", registry.TAG_FINGERPRINT: FP_A, registry.TAG_PROXIMAL_FD: "5.0"})
+        registry.TAG_EXECUTION: "exec-2", registry.TAG_FINGERPRINT: FP_A, registry.TAG_SCORING: SCORING,
+        registry.TAG_PROXIMAL_FD: "5.0"})
     resumed = register(client, logger, "exec-2", 5.0)
     assert (resumed.version, resumed.alias) == (2, "champion")
     assert logger.calls == 2 and len(client.search_model_versions(f"name = '{client.model_name}'")) == 2
