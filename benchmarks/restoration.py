@@ -6,9 +6,12 @@ its objective, distil a one-step student, select by Proximal FID, and compare wi
 ``--budget`` is minutes of wall time per training phase (teacher, then distillation);
 ``--distill-budget`` overrides it for the distillation. Phases whose outputs exist are skipped
 (their wall times are kept in the task's times.json), so an interrupted run resumes where it
-stopped and independent tasks can run as separate processes into one ``--out``. Writes
-benchmarks/results/restoration.json (last stdout line too), docs/results.md and one grid per task
-in docs/figures/ (rows: best teacher | student | student's samples re-corrupted).
+stopped and independent tasks can run as separate processes into one ``--out`` (with
+``--no-publish``; a last run over all tasks then only assembles the table). Writes OUT/restoration.json
+and, unless ``--no-publish``, benchmarks/results/restoration.json (last stdout line too),
+docs/results.md and one grid per task in docs/figures/ (rows: best teacher | student | student's
+samples re-corrupted). ``--distill-lr-drop-at F`` drops the distillation's learning rates by
+``--distill-lr-drop-factor`` after a fraction F of its budget.
 All FDs use the in-domain Fashion-MNIST classifier features (not Inception FID).
 """
 
@@ -29,13 +32,15 @@ import torch
 from benchmarks.report import emit
 from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
 from rsd_core.presets import CPU_DISTILL_EMA_HALFLIFE_NIMG, CPU_DISTILL_EMA_RAMPUP_RATIO
-from rsd_core.selection import SelectionResult, select_stage
+from rsd_core.selection import EXTRACTORS, SelectionResult, select_stage
 from rsd_core.sources import corrupt, fashion_mnist
 from rsd_core.stages import distill_stage, pretrain_stage, read_card
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "results.md"
 FIGURES = ROOT / "docs" / "figures"
+# docs/results.md: the benchmark rewrites what is above this line and keeps the analysis below it.
+KEEP_BELOW = "<!-- generated above by benchmarks/restoration.py; the text below is kept when it reruns -->"
 
 TASKS = {
     "inpaint-0.6": {"kind": "inpaint", "p": 0.6, "delta": 0.1},
@@ -79,14 +84,19 @@ def run_task(name: str, spec: dict, args, out: Path) -> dict:
     timed("distill_s", (out / "generator" / "model.json").exists(),
           lambda: distill_stage(teacher_dir, distill_train, DistillConfig(lr_fake=5e-5, lr_generator=5e-5), out,
                                 progress=not args.quiet))
-    selection_file = out / "selection" / "selection.json"
-    timed("select_s", selection_file.exists(),
-          lambda: select_stage(str(data), teacher_dir, out, out / "selection", n_samples=args.n_eval,
-                               seed=args.seed, progress=not args.quiet))
+    # One folder per Proximal FD extractor, so that both can be compared on the same checkpoints.
+    sel_dir = out / ("selection" if args.proximal_extractor == "classifier" else f"selection-{args.proximal_extractor}")
+    selection_file = sel_dir / "selection.json"
+    select_key = "select_s" if sel_dir.name == "selection" else f"{sel_dir.name}_s"
+    timed(select_key, selection_file.exists(),
+          lambda: select_stage(str(data), teacher_dir, out, sel_dir, n_samples=args.n_eval,
+                               extractor=args.proximal_extractor, seed=args.seed, progress=not args.quiet))
     sel = SelectionResult.model_validate_json(selection_file.read_text())
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    grid = FIGURES / f"restoration_{name}.png"
-    shutil.copyfile(sel.grid, grid)
+    grid = Path(sel.grid)
+    if args.publish:
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        grid = FIGURES / f"restoration_{name}.png"
+        shutil.copyfile(sel.grid, grid)
 
     full = next(r for r in sel.teacher_rows if r.sigma_stop is None)
     truncated = min((r for r in sel.teacher_rows if r.sigma_stop is not None), key=lambda r: r.proximal_fd)
@@ -104,6 +114,7 @@ def run_task(name: str, spec: dict, args, out: Path) -> dict:
         "student_fd": chosen.true_fd,
         "student_over_teacher": chosen.true_fd / teacher_best.true_fd,
         "proximal_fid": sel.proximal_fd,
+        "proximal_extractor": sel.proximal_extractor_label or sel.extractor_label,
         "selection_spearman": sel.spearman,
         "chosen_true_fd": sel.chosen_true_fd,
         "best_true_fd": sel.best_true_fd,
@@ -111,9 +122,18 @@ def run_task(name: str, spec: dict, args, out: Path) -> dict:
         "checkpoints": len(sel.rows),
         "teacher_steps": read_card(teacher_dir).steps,
         "distill_steps": max(r.step for r in sel.rows),
-        **times,
-        "grid": str(grid.relative_to(ROOT)),
+        **{k: v for k, v in times.items() if not k.startswith("select")},
+        "select_s": times[select_key],
+        "grid": str(grid.relative_to(ROOT)) if args.publish else str(grid),
     }
+
+
+PROXIMAL_FEATURES = {
+    "classifier": "the same clean-trained classifier as the true FD.",
+    "classifier-corrupted": "the same CNN architecture trained on each task's corrupted views of the Fashion-MNIST "
+    "training images (one per operator, cached), so its values are on another scale than the true FD's.",
+    "inception": "Inception-v3 (FID weights).",
+}
 
 
 def write_doc(result: dict, command: str) -> None:
@@ -133,6 +153,9 @@ def write_doc(result: dict, command: str) -> None:
         f"Metric: **{result['extractor']}**. Lower is better. 'Teacher' is the better of the full 35-NFE Heun "
         "sampler and the truncated sampler whose truncation level Proximal FID chose (no clean data); "
         "the student is the distillation checkpoint with the best Proximal FID.",
+        "",
+        f"Proximal FD features (`--proximal-extractor {result.get('proximal_extractor', 'classifier')}`): "
+        + PROXIMAL_FEATURES[result.get("proximal_extractor", "classifier")],
         "",
         "| task | teacher FD (sampler) | full 35-NFE | truncated | student FD (1 NFE) | student / teacher | "
         "Proximal FD | Spearman | chosen vs best true FD | teacher / distill steps |",
@@ -154,8 +177,9 @@ def write_doc(result: dict, command: str) -> None:
     lines += ["", "Sample grids (rows 1-3: best teacher; 4-6: one-step student; 7-9: student samples re-corrupted):",
               ""]
     lines += [f"- {r['task']}: ![{r['task']}](../{r['grid']})" for r in result["rows"]]
+    kept = DOC.read_text().partition(KEEP_BELOW)[2] if DOC.exists() else ""
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text("\n".join(lines) + "\n")
+    DOC.write_text("\n".join(lines) + "\n\n" + KEEP_BELOW + (kept or "\n"))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -167,6 +191,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="fraction of the distillation after which its learning rates drop (default: never)")
     parser.add_argument("--distill-lr-drop-factor", type=float, default=0.25,
                         help="factor of that drop (default: 0.25)")
+    parser.add_argument("--proximal-extractor", choices=EXTRACTORS, default="classifier-corrupted",
+                        help="features of Proximal FD (default: the in-domain classifier trained on each task's "
+                        "corruption); true FD always uses the clean in-domain classifier")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
     parser.add_argument("--limit", type=int, default=20_000, help="corrupted training images (default: 20000)")
     parser.add_argument("--n-eval", type=int, default=1000, help="samples per FD (default: 1000)")
@@ -174,7 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "outputs" / "restoration"), help="work folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/results.md")
+    parser.add_argument("--no-publish", dest="publish", action="store_false",
+                        help="leave docs/results.md, docs/figures and benchmarks/results alone; the figures go "
+                        "only to OUT/restoration.json (for smoke runs, and for tasks run as parallel processes)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.distill_budget is None:
@@ -202,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         "distill_lr_drop_at": args.distill_lr_drop_at,
         "distill_lr_drop_factor": args.distill_lr_drop_factor,
         "extractor": ClassifierExtractor().label,
+        "proximal_extractor": args.proximal_extractor,
         "limit": args.limit,
         "n_eval": args.n_eval,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
@@ -209,12 +239,17 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.date.today().isoformat(),
         "rows": rows,
     }
-    if not args.no_doc:
+    if args.publish:
         write_doc(result, "python -m benchmarks.restoration " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"{'task':16} {'teacher':>8} {'full':>8} {'trunc':>8} {'student':>8} {'ratio':>6} {'prox':>7}")
     for r in rows:
         print(f"{r['task']:16} {r['teacher_fd']:>8.1f} {r['teacher_fd_full']:>8.1f} {r['teacher_fd_truncated']:>8.1f} "
               f"{r['student_fd']:>8.1f} {r['student_over_teacher']:>6.2f} {r['proximal_fid']:>7.2f}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "restoration.json").write_text(json.dumps(result, indent=1))
+    if not args.publish:
+        print(json.dumps(result))
+        return result
     return emit("restoration", result)
 
 

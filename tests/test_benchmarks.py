@@ -1,0 +1,55 @@
+"""The restoration benchmark end to end at a toy budget: the result schema of issue 5, the lr drop,
+phase reuse on a second run, and that ``--no-publish`` leaves the committed results alone."""
+
+import json
+
+from benchmarks import restoration
+from benchmarks.report import RESULTS_DIR
+
+ISSUE_KEYS = {"task", "teacher_fd", "teacher_sampler", "teacher_fd_full", "teacher_fd_truncated", "student_fd",
+              "proximal_fid", "selection_spearman", "chosen_true_fd", "best_true_fd"}
+
+
+def _published() -> dict:
+    files = [restoration.DOC, RESULTS_DIR / "restoration.json", *restoration.FIGURES.glob("restoration_*.png")]
+    return {f: f.read_bytes() for f in files if f.exists()}
+
+
+def test_restoration_benchmark_at_a_toy_budget(tmp_path):
+    before = _published()
+    argv = ["--budget", "0.05", "--distill-budget", "0.2", "--distill-lr-drop-at", "0.5", "--n-eval", "64",
+            "--limit", "256", "--tasks", "inpaint-0.6", "--checkpoint-every", "2", "--quiet", "--no-publish",
+            "--out", str(tmp_path)]
+    result = restoration.main(argv)
+
+    assert result["budget_minutes"] == 0.05 and result["distill_budget_minutes"] == 0.2
+    assert result["distill_lr_drop_at"] == 0.5 and "not Inception FID" in result["extractor"]
+    assert result["proximal_extractor"] == "classifier-corrupted"
+    (row,) = result["rows"]
+    assert row.keys() >= ISSUE_KEYS and row["task"] == "inpaint-0.6"
+    assert row["teacher_fd"] == min(row["teacher_fd_full"], row["teacher_fd_truncated"])
+    assert row["best_true_fd"] <= row["chosen_true_fd"] == row["student_fd"]
+    assert "trained on inpaint views" in row["proximal_extractor"]
+    assert all(row[k] > 0 for k in ("corrupt_s", "teacher_s", "distill_s", "select_s"))
+    checkpoints = sorted((tmp_path / "inpaint-0.6" / "distill" / "checkpoints").iterdir())
+    scales = [json.loads((c / "meta.json").read_text())["lr_scale"] for c in checkpoints]
+    assert scales[0] == 1.0 and scales[-1] == 0.25, scales  # dropped once, half way through the budget
+    assert json.loads((tmp_path / "restoration.json").read_text()) == json.loads(json.dumps(result))
+
+    again = restoration.main(argv)  # every phase is reused: same figures, same recorded wall times
+    assert again["rows"] == result["rows"]
+    assert _published() == before
+
+
+def test_rewriting_results_md_keeps_the_analysis_below_the_marker(tmp_path, monkeypatch):
+    doc = tmp_path / "results.md"
+    monkeypatch.setattr(restoration, "DOC", doc)
+    result = json.loads((RESULTS_DIR / "restoration.json").read_text())
+    restoration.write_doc(result, "cmd one")
+    first = doc.read_text()
+    assert "cmd one" in first and first.rstrip().endswith(restoration.KEEP_BELOW)
+    doc.write_text(first + "\n## Notes by hand\n\nkept.\n")
+    restoration.write_doc(result, "cmd two")
+    second = doc.read_text()
+    assert "cmd two" in second and "cmd one" not in second
+    assert second.endswith(restoration.KEEP_BELOW + "\n\n## Notes by hand\n\nkept.\n")
