@@ -161,7 +161,7 @@ def _models(args: argparse.Namespace) -> int:
         for alias, version in client.get_registered_model(name).aliases.items():
             aliases.setdefault(str(version), []).append(alias)
         print(f"{name}")
-        print(f"  {'version':>7}  {'aliases':<20} {'proximal_fd':>11}  {'scored as':<28} {'operator':<9} "
+        print(f"  {'version':>7}  {'aliases':<20} {'proximal_fd':>11}  {'scored as':<34} {'operator':<9} "
               f"{'dataset':<12}  {'run':<32}")
         for v in versions:
             fd = float(v.tags.get(registry.TAG_PROXIMAL_FD, "nan"))
@@ -169,7 +169,7 @@ def _models(args: argparse.Namespace) -> int:
             operator = v.tags.get(registry.TAG_OPERATOR, "-")
             dataset = v.tags.get(registry.TAG_FINGERPRINT, "-")[:12]
             scoring = v.tags.get(registry.TAG_SCORING, "-")
-            print(f"  {v.version:>7}  {names:<20} {fd:>11.4g}  {scoring:<28} {operator:<9} {dataset:<12}  "
+            print(f"  {v.version:>7}  {names:<20} {fd:>11.4g}  {scoring:<34} {operator:<9} {dataset:<12}  "
                   f"{v.run_id or '-':<32}")
     return 0
 
