@@ -77,6 +77,9 @@ def make_extractors(name: str, operator: Operator) -> tuple[FeatureExtractor, Fe
         ext = ClassifierExtractor()
         return ext, ext
     if name == "classifier-corrupted":
+        if isinstance(operator, MRI):  # the classifier learns from corrupted Fashion-MNIST: 1-channel images
+            raise ValueError("extractor 'classifier-corrupted' needs an image-domain operator; MRI k-space data "
+                             "has none to train on: use 'classifier' or 'inception'")
         view = ClassifierExtractor(
             view=lambda x, gen: corrupted_view(x, operator, gen),
             view_id=operator.spec.model_dump_json(),

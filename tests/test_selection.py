@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
@@ -73,6 +74,11 @@ def test_corruption_trained_extractor_reads_erased_images_and_ranks_severity(tmp
     fds = [frechet_distance(compute_stats(prox_ext, corrupted_view(x, op, torch.Generator().manual_seed(1))), ref)
            for x in (clean[:600], blurred, noise)]
     assert fds == sorted(fds), fds
+
+
+def test_corruption_trained_extractor_refuses_mri_before_training():
+    with pytest.raises(ValueError, match="classifier-corrupted.*MRI"):
+        make_extractors("classifier-corrupted", build_operator({"kind": "mri", "R": 4, "n_coils": 4}))
 
 
 def test_select_stage_scores_checkpoints_and_teacher_levels(tmp_path):
