@@ -41,6 +41,9 @@ def _train(rank: int, world_size: int, rendezvous: str, out: str, result_file: s
         gathered = [torch.zeros_like(params) for _ in range(world_size)]
         dist.all_gather(gathered, params)
         in_sync = all(torch.equal(gathered[0], g) for g in gathered)
+        # Both ranks past every transfer before either tears gloo down: one CI run aborted rank 0 at exit
+        # ("terminate called without an active exception") without this; 3 reruns passed.
+        dist.barrier()
         dist.destroy_process_group()
     else:
         in_sync = True
