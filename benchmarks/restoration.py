@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(ROOT / "outputs" / "restoration"), help="work folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--no-publish", dest="publish", action="store_false",
-                        help="leave docs/results.md, docs/figures and benchmarks/results alone; the figures go "
+                        help="leave docs/results.md, docs/figures and benchmarks/results alone; the results go "
                         "only to OUT/restoration.json (for smoke runs, and for tasks run as parallel processes)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
