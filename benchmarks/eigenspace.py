@@ -1,4 +1,4 @@
-"""Eigenspace recovery in the linear regime (ALGORITHMS.md 9): does RSD find col(U) from corrupted data?
+"""Eigenspace recovery in the linear regime (the RSD paper's Theorem 1): does RSD find col(U) from corrupted data?
 
 Clean x = U z in R^64 (rank 4, scales 3, 2, 1.5, 1) is seen only through random masks (80 % erased,
 Ambient Diffusion teacher) or a fixed [0.2, 0.6, 0.2] blur with noise (Ambient Tweedie teacher).

@@ -65,7 +65,7 @@ def tiny_arrays(n: int = 40, seed: int = 0, spec: dict | None = None):
     """(spec, observations, state) of ``n`` random 1x8x8 images under inpainting."""
     import torch
 
-    from rsd_core.operators import build_operator
+    from rsd_core.kinds import build_operator
 
     spec = spec or {"kind": "inpaint", "p": 0.5}
     op = build_operator(spec)
@@ -385,8 +385,7 @@ def nan_scenarios(work: Path) -> Iterator[Row]:
     import torch
 
     from rsd_core.config import NetworkConfig, TrainConfig
-    from rsd_core.objectives import objective_for
-    from rsd_core.operators import build_operator
+    from rsd_core.kinds import build_operator, objective_for
     from rsd_core.pretrain import PretrainPhase, TensorSource, build_teacher, pretrain_teacher
     from rsd_core.training import TrainingDivergedError, list_checkpoints, load_checkpoint
 

@@ -51,46 +51,66 @@ TASKS = {
 }
 
 
-def run_task(name: str, spec: dict, args, out: Path) -> dict:
-    data = out / "data"
+def read_times(out: Path) -> dict:
+    """The wall times of the phases already run in the task folder ``out``."""
     times_file = out / "times.json"
-    times = json.loads(times_file.read_text()) if times_file.exists() else {}
+    return json.loads(times_file.read_text()) if times_file.exists() else {}
 
-    def timed(key: str, done: bool, work) -> None:
-        """Run ``work`` unless its output exists; record its wall time, or keep the recorded one."""
-        if not done:
-            t = time.perf_counter()
-            work()
-            times[key] = time.perf_counter() - t
-            out.mkdir(parents=True, exist_ok=True)
-            times_file.write_text(json.dumps(times, indent=1))
-        times.setdefault(key, None)  # reused from a work folder that predates times.json: unknown
 
-    timed("corrupt_s", (data / "manifest.json").exists(),
-          lambda: corrupt(fashion_mnist("train"), spec, seed=0, out_uri=str(data), limit=args.limit,
-                          clean_eval_count=args.n_eval))
+def timed_phase(out: Path, times: dict, key: str, done: bool, work) -> None:
+    """Run ``work`` unless its output exists; record its wall time in ``out/times.json``, or keep the
+    recorded one."""
+    if not done:
+        t = time.perf_counter()
+        work()
+        times[key] = time.perf_counter() - t
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "times.json").write_text(json.dumps(times, indent=1))
+    times.setdefault(key, None)  # reused from a work folder that predates times.json: unknown
+
+
+def train_models(spec: dict, out: Path, *, budget: float, distill_budget: float, limit: int, n_eval: int,
+                 seed: int, checkpoint_every: int = 50, lr_drop_at: float | None = None,
+                 lr_drop_factor: float = 0.25, progress: bool = True) -> dict:
+    """Corrupt Fashion-MNIST, pretrain the teacher and distil the student into ``out`` (budgets in
+    minutes); phases whose outputs exist are skipped. Returns the wall times recorded in
+    ``out/times.json`` (shared by the restoration and restore benchmarks)."""
+    data = out / "data"
+    times = read_times(out)
+    timed_phase(out, times, "corrupt_s", (data / "manifest.json").exists(),
+          lambda: corrupt(fashion_mnist("train"), spec, seed=0, out_uri=str(data), limit=limit,
+                          clean_eval_count=n_eval))
 
     teacher_dir = out / "teacher"
     teacher_train = TrainConfig(steps=1_000_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, grad_clip=1.0,
                                 ema_halflife_nimg=10_000, checkpoint_every=500, keep_checkpoints=1,
-                                time_budget_s=args.budget * 60, seed=args.seed)
-    timed("teacher_s", (teacher_dir / "model.json").exists(),
-          lambda: pretrain_stage(str(data), NetworkConfig(), teacher_train, out, progress=not args.quiet))
+                                time_budget_s=budget * 60, seed=seed)
+    timed_phase(out, times, "teacher_s", (teacher_dir / "model.json").exists(),
+          lambda: pretrain_stage(str(data), NetworkConfig(), teacher_train, out, progress=progress))
     distill_train = TrainConfig(steps=1_000_000, batch_size=32, ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
                                 ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0,
-                                checkpoint_every=args.checkpoint_every, time_budget_s=args.distill_budget * 60,
-                                lr_drop_at=args.distill_lr_drop_at, lr_drop_factor=args.distill_lr_drop_factor,
-                                seed=args.seed)
-    timed("distill_s", (out / "generator" / "model.json").exists(),
+                                checkpoint_every=checkpoint_every, time_budget_s=distill_budget * 60,
+                                lr_drop_at=lr_drop_at, lr_drop_factor=lr_drop_factor, seed=seed)
+    timed_phase(out, times, "distill_s", (out / "generator" / "model.json").exists(),
           lambda: distill_stage(teacher_dir, distill_train, DistillConfig(lr_fake=5e-5, lr_generator=5e-5), out,
-                                progress=not args.quiet))
+                                progress=progress))
+    return times
+
+
+def run_task(name: str, spec: dict, args, out: Path) -> dict:
+    times = train_models(spec, out, budget=args.budget, distill_budget=args.distill_budget, limit=args.limit,
+                         n_eval=args.n_eval, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                         lr_drop_at=args.distill_lr_drop_at, lr_drop_factor=args.distill_lr_drop_factor,
+                         progress=not args.quiet)
+    data = out / "data"
+    teacher_dir = out / "teacher"
     # One folder per Proximal FD extractor, so that both can be compared on the same checkpoints.
     sel_dir = out / ("selection" if args.proximal_extractor == "classifier" else f"selection-{args.proximal_extractor}")
     selection_file = sel_dir / "selection.json"
     select_key = "select_s" if sel_dir.name == "selection" else f"{sel_dir.name}_s"
-    timed(select_key, selection_file.exists(),
-          lambda: select_stage(str(data), teacher_dir, out, sel_dir, n_samples=args.n_eval,
-                               extractor=args.proximal_extractor, seed=args.seed, progress=not args.quiet))
+    timed_phase(out, times, select_key, selection_file.exists(),
+                lambda: select_stage(str(data), teacher_dir, out, sel_dir, n_samples=args.n_eval,
+                                     extractor=args.proximal_extractor, seed=args.seed, progress=not args.quiet))
     sel = SelectionResult.model_validate_json(selection_file.read_text())
     grid = Path(sel.grid)
     if args.publish:

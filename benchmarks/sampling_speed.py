@@ -19,8 +19,7 @@ import torch
 
 from benchmarks.report import emit
 from rsd_core.config import NetworkConfig
-from rsd_core.objectives import objective_for
-from rsd_core.operators import build_operator
+from rsd_core.kinds import build_operator, objective_for
 from rsd_core.pretrain import build_teacher
 from rsd_core.sampling import OneStepSampler, TeacherSampler
 from rsd_core.training import resolve_device, use_bf16

@@ -12,52 +12,48 @@ from pathlib import Path
 
 import torch
 
-from rsd_core.config import BlurSpec, InpaintSpec, MRISpec, SuperResSpec
 from rsd_core.data import CorruptedDataset, DatasetError, open_dataset, parse_spec
+from rsd_core.kinds import get_kind, registered_kinds
 from rsd_core.sources import SOURCE_NAMES, corrupt, import_corrupted, load_spec_file
 from rsd_core.viz import observations_for_display, save_grid
 
-_OPERATOR_KINDS = ("identity", "inpaint", "blur", "superres", "mri")
 _HELP = argparse.ArgumentDefaultsHelpFormatter
 
-# (flag, spec field, type, help) for every operator parameter the CLI exposes.
-_OPERATOR_PARAMS: tuple[tuple[str, str, type, str], ...] = (
-    ("--p", "p", float, f"inpaint: erasure probability (spec default {InpaintSpec().p})"),
-    ("--delta", "delta", float, f"inpaint: further-corruption probability (spec default {InpaintSpec().delta})"),
-    ("--sigma-n", "sigma_n", float, "all: measurement noise std on the [-1, 1] scale (spec default 0.0)"),
-    ("--kernel-size", "kernel_size", int, f"blur: odd kernel size (spec default {BlurSpec().kernel_size})"),
-    ("--std", "std", float, f"blur: Gaussian width in pixels (spec default {BlurSpec().std})"),
-    ("--factor", "factor", int, f"superres: down-sampling factor (spec default {SuperResSpec().factor})"),
-    ("--R", "R", float, f"mri: acceleration (spec default {MRISpec().R})"),
-    ("--delta-R", "delta_R", float, f"mri: extra acceleration of the further mask (spec default {MRISpec().delta_R})"),
-    (
-        "--acs-fraction",
-        "acs_fraction",
-        float,
-        f"mri: always-sampled centre lines (spec default {MRISpec().acs_fraction})",
-    ),
-    ("--n-coils", "n_coils", int, f"mri: number of coils (spec default {MRISpec().n_coils})"),
-    (
-        "--n-map-variants",
-        "n_map_variants",
-        int,
-        f"mri: coil-map variants in the bank (spec default {MRISpec().n_map_variants})",
-    ),
-)
+
+def _operator_params() -> dict[str, tuple[type, str]]:
+    """spec field -> (type, help) for every parameter of every registered operator kind.
+
+    A field shared by several kinds (sigma_n) is one flag; its help lists the kinds per default.
+    ("%(default).0s" prints nothing: it only stops argparse from appending "(default: None)".)"""
+    params: dict[str, tuple[type, str, dict[str, list[str]]]] = {}
+    for name in registered_kinds():
+        for field, info in get_kind(name).spec.model_fields.items():
+            if field != "kind":
+                _, _, defaults = params.setdefault(field, (info.annotation, info.description or field, {}))
+                defaults.setdefault(repr(info.default), []).append(name)
+    out = {}
+    for field, (kind_type, text, defaults) in params.items():
+        per_default = "; ".join(f"{', '.join(kinds)}: default {d}" for d, kinds in defaults.items())
+        out[field] = (kind_type, f"{text} ({per_default})%(default).0s")
+    return out
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 def _add_operator_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("operator (one of --operator or --spec)")
     choice = group.add_mutually_exclusive_group(required=True)
-    choice.add_argument("--operator", choices=_OPERATOR_KINDS, help="corruption kind")
+    choice.add_argument("--operator", choices=registered_kinds(), help="corruption kind")
     choice.add_argument("--spec", type=Path, help="operator spec as a JSON/YAML file with 'kind' and parameters")
-    for flag, dest, kind, text in _OPERATOR_PARAMS:
-        group.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    for field, (kind_type, text) in _operator_params().items():
+        group.add_argument(_flag(field), dest=field, type=kind_type, default=None, help=text)
 
 
 def _operator_spec(args: argparse.Namespace):
     """The validated spec from --spec, or from --operator plus whichever parameters were typed."""
-    given = {dest: getattr(args, dest) for _, dest, _, _ in _OPERATOR_PARAMS if getattr(args, dest) is not None}
+    given = {field: getattr(args, field) for field in _operator_params() if getattr(args, field) is not None}
     if args.spec is not None:
         if given:
             raise DatasetError(f"give operator parameters in --spec {args.spec}, not as flags ({sorted(given)})")

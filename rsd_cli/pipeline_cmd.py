@@ -24,10 +24,12 @@ _DEFAULT_OUT = Path(__file__).resolve().parents[1] / "outputs"
 
 
 def _prepare_outputs(out: Path, cache: bool) -> None:
-    """Point MLflow, Flyte's sandbox and TMPDIR into ``out`` (MLFLOW_TRACKING_URI, if set, wins)."""
+    """Point MLflow, Flyte's sandbox, Flyte's local task cache and TMPDIR into ``out``
+    (MLFLOW_TRACKING_URI, if set, wins for tracking)."""
     from tasks import tracking  # no flytekit import: TMPDIR must be set first
 
     out = out.resolve()
+    sandbox_existed = (out / "flyte-sandbox").is_dir()
     for sub in ("tmp", "flyte-sandbox"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     os.environ[tracking.OUTPUTS_ENV] = str(out)
@@ -35,6 +37,49 @@ def _prepare_outputs(out: Path, cache: bool) -> None:
     os.environ["FLYTE_SDK_LOCAL_SANDBOX"] = str(out / "flyte-sandbox")
     os.environ["FLYTE_LOCAL_CACHE_ENABLED"] = "true" if cache else "false"
     tempfile.tempdir = None
+    if cache:
+        _scope_task_cache(_task_cache_dir(out, tracking.tracking_uri()), outputs_exist=sandbox_existed)
+
+
+def _task_cache_dir(out: Path, tracking_uri: str) -> Path:
+    """Flyte's local task cache for this outputs folder *and* tracking store.
+
+    flytekit keeps one cache in the home folder for every run; its entries point at task outputs
+    under some ``--out`` and at MLflow runs in some store, so a run with another ``--out``, a deleted
+    one or another tracking store got outputs that no longer exist or live elsewhere."""
+    import hashlib
+
+    return out / "flyte-cache" / hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _stale_cache_explained(out: Path) -> Iterator[None]:
+    """A cached task output that points at a deleted path under ``out`` becomes one line saying how to
+    clear the cache, instead of flytekit's type-conversion traceback."""
+    try:
+        yield
+    except Exception as err:
+        import re
+
+        missing = [p for p in re.findall(rf"{re.escape(str(out))}[^'\"\s,}}]*", str(err)) if not Path(p).exists()]
+        if not missing:
+            raise
+        raise ValueError(f"a cached task output no longer exists ({missing[0]}): run again with --no-cache, or "
+                         f"delete {out / 'flyte-cache'}") from err
+
+
+def _scope_task_cache(cache_dir: Path, outputs_exist: bool) -> None:
+    """Use ``cache_dir`` as flytekit's local cache; drop it when the outputs it points at were deleted."""
+    import shutil
+
+    from flytekit.core import local_cache
+
+    if cache_dir.exists() and not outputs_exist:
+        print(f"cleared the task cache {cache_dir}: the task outputs it pointed at were deleted")
+        shutil.rmtree(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    local_cache.CACHE_LOCATION = str(cache_dir)
+    local_cache.LocalTaskCache._initialized = False  # re-open at the new location on first use
 
 
 @contextlib.contextmanager
@@ -67,8 +112,10 @@ def _run(args: argparse.Namespace) -> int:
     config = build_config(args.preset, args.config, args.set or [])
     if args.dataset:
         from rsd_core.data import open_dataset
+        from rsd_core.kinds import check_export
 
-        open_dataset(args.dataset)  # a bad path or manifest fails here, in one line, before Flyte starts
+        # A bad path or manifest, or a kind that cannot export as configured, fails here in one line.
+        check_export(open_dataset(args.dataset).manifest.operator, config.export.formats)
     _prepare_outputs(args.out, cache=not args.no_cache)
     os.environ.setdefault("RSD_PRESET", args.preset)
     if not args.verbose:  # flytekit warns about every tuple field of the configs (schema only, harmless)
@@ -83,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.raw_output_prefix:
         print(f"task outputs {args.raw_output_prefix}")
     start = time.perf_counter()
-    with _raw_outputs(args.raw_output_prefix):
+    with _raw_outputs(args.raw_output_prefix), _stale_cache_explained(args.out.resolve()):
         result = rsd_rerun(dataset_uri=args.dataset, config=config) if args.dataset else rsd_pipeline(config=config)
     minutes = (time.perf_counter() - start) / 60
     uri = tracking.tracking_uri()

@@ -2,14 +2,25 @@
 
 All configuration enters through these pydantic models, validated once at the edge; the
 code below them trusts its inputs. Operator specs are a union discriminated by ``kind`` so a
-manifest or YAML file names the corruption and its parameters in one place.
+manifest or YAML file names the corruption and its parameters in one place; the concrete specs live
+beside their operators (:mod:`rsd_core.operators`) and are found through the operator registry.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 
 class Spec(BaseModel):
@@ -18,143 +29,49 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _check_sigma_n(value: float) -> float:
-    if not value >= 0.0:
-        raise ValueError(f"sigma_n must be >= 0 (noise std on the [-1, 1] scale), got {value}")
-    return value
+class OperatorSpecBase(Spec):
+    """Base of every operator spec: a ``kind`` naming the registered corruption and its noise.
 
-
-class IdentitySpec(Spec):
-    """A = I: pure denoising (the DSD case)."""
-
-    kind: Literal["identity"] = "identity"
-    sigma_n: float = 0.0
-
-    _sigma = field_validator("sigma_n")(_check_sigma_n)
-
-
-class InpaintSpec(Spec):
-    """Random pixel erasure with probability ``p``, one mask shared across channels.
-
-    ``delta`` is the Ambient Diffusion further-corruption probability: each surviving pixel is
-    erased again with probability ``delta`` to form the network's input mask.
+    Validating a mapping against this base dispatches on ``kind`` to the spec class that the
+    operator registry (:mod:`rsd_core.kinds`) holds for it, so a model field typed
+    :data:`OperatorSpec` accepts every registered kind, including ones registered after this
+    module was imported, and serialises with the concrete kind's fields.
     """
 
-    kind: Literal["inpaint"] = "inpaint"
-    p: float = 0.6
-    delta: float = 0.1
-    sigma_n: float = 0.0
+    kind: str
+    sigma_n: float = Field(0.0, description="measurement noise std on the [-1, 1] scale")
 
-    _sigma = field_validator("sigma_n")(_check_sigma_n)
-
-    @field_validator("p")
+    @field_validator("sigma_n")
     @classmethod
-    def _check_p(cls, value: float) -> float:
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"p (erasure probability) must be in [0, 1), got {value}")
+    def _check_sigma_n(cls, value: float) -> float:
+        if not value >= 0.0:
+            raise ValueError(f"sigma_n must be >= 0 (noise std on the [-1, 1] scale), got {value}")
         return value
 
-    @field_validator("delta")
+    @model_validator(mode="wrap")
     @classmethod
-    def _check_delta(cls, value: float) -> float:
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"delta (further-corruption probability) must be in [0, 1), got {value}")
-        return value
+    def _dispatch_on_kind(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> OperatorSpecBase:
+        if cls is not OperatorSpecBase or isinstance(data, OperatorSpecBase) or not isinstance(data, Mapping):
+            return handler(data)
+        from rsd_core.kinds import registered_kinds, spec_type  # the registry imports this module
+
+        if "kind" not in data:
+            raise PydanticCustomError(
+                "operator_kind_missing", "operator has no 'kind' (expected one of {kinds})",
+                {"kinds": ", ".join(registered_kinds())},
+            )
+        kind = data["kind"]
+        spec_cls = spec_type(kind)
+        if spec_cls is None:
+            raise PydanticCustomError(
+                "operator_kind_unknown", "unknown operator kind {kind} (expected one of {kinds})",
+                {"kind": repr(kind), "kinds": ", ".join(registered_kinds())},
+            )
+        return spec_cls.model_validate(data)
 
 
-class BlurSpec(Spec):
-    """Gaussian blur with reflection padding (shape preserving)."""
-
-    kind: Literal["blur"] = "blur"
-    kernel_size: int = 9
-    std: float = 2.0
-    sigma_n: float = 0.0
-
-    _sigma = field_validator("sigma_n")(_check_sigma_n)
-
-    @field_validator("kernel_size")
-    @classmethod
-    def _check_kernel_size(cls, value: int) -> int:
-        if value < 1 or value % 2 == 0:
-            raise ValueError(f"kernel_size must be an odd integer >= 1, got {value}")
-        return value
-
-    @field_validator("std")
-    @classmethod
-    def _check_std(cls, value: float) -> float:
-        if not value > 0.0:
-            raise ValueError(f"std (blur width in pixels) must be > 0, got {value}")
-        return value
-
-
-class SuperResSpec(Spec):
-    """Down-sampling by ``factor`` (average pooling), kept at full size by nearest up-sampling."""
-
-    kind: Literal["superres"] = "superres"
-    factor: int = 2
-    sigma_n: float = 0.0
-
-    _sigma = field_validator("sigma_n")(_check_sigma_n)
-
-    @field_validator("factor")
-    @classmethod
-    def _check_factor(cls, value: int) -> int:
-        if value < 2:
-            raise ValueError(f"factor (down-sampling factor) must be an integer >= 2, got {value}")
-        return value
-
-
-class MRISpec(Spec):
-    """Multi-coil Cartesian k-space under-sampling (column masks, centred unitary FFT).
-
-    ``R`` is the acceleration of the acquisition mask M; the further mask M~ has acceleration
-    about ``R + delta_R`` (``delta_R = 1`` reproduces the code's "delta = R + 1").
-    ``acs_fraction`` is the fraction of central phase-encode lines always sampled.
-    Coil maps come from a deterministic bank of ``n_map_variants`` rotated birdcage maps.
-    """
-
-    kind: Literal["mri"] = "mri"
-    R: float = 4.0
-    delta_R: float = 1.0
-    acs_fraction: float = 0.0625
-    n_coils: int = 4
-    n_map_variants: int = 8
-    sigma_n: float = 0.0
-
-    _sigma = field_validator("sigma_n")(_check_sigma_n)
-
-    @field_validator("R")
-    @classmethod
-    def _check_R(cls, value: float) -> float:
-        if not value >= 1.0:
-            raise ValueError(f"R (acceleration) must be >= 1, got {value}")
-        return value
-
-    @field_validator("delta_R")
-    @classmethod
-    def _check_delta_R(cls, value: float) -> float:
-        if not value > 0.0:
-            raise ValueError(f"delta_R (extra acceleration of the further mask) must be > 0, got {value}")
-        return value
-
-    @field_validator("acs_fraction")
-    @classmethod
-    def _check_acs(cls, value: float) -> float:
-        if not 0.0 < value <= 1.0:
-            raise ValueError(f"acs_fraction must be in (0, 1], got {value}")
-        return value
-
-    @field_validator("n_coils", "n_map_variants")
-    @classmethod
-    def _check_counts(cls, value: int, info) -> int:
-        if value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
-        return value
-
-
-OperatorSpec = Annotated[
-    IdentitySpec | InpaintSpec | BlurSpec | SuperResSpec | MRISpec, Field(discriminator="kind")
-]
+# Any registered operator spec, validated by ``kind`` and serialised with all of its fields.
+OperatorSpec = SerializeAsAny[OperatorSpecBase]
 
 
 class NetworkConfig(Spec):
@@ -241,7 +158,7 @@ class TrainConfig(Spec):
 
 
 class DistillConfig(Spec):
-    """RSD / SiD distillation hyperparameters (ALGORITHMS.md 1.3)."""
+    """RSD / SiD distillation hyperparameters (docs/algorithms.md §7)."""
 
     alpha: float = 1.2
     sigma_init: float = 2.5

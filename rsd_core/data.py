@@ -33,17 +33,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rsd_core.config import OperatorSpec
-from rsd_core.operators import Operator, build_operator
+from rsd_core.config import OperatorSpec, OperatorSpecBase
+from rsd_core.kinds import build_operator
+from rsd_core.operators import Operator
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-DEFAULT_CLEAN_EVAL = "clean_eval"
 _SHARD_PATTERN = r"^part-\d{5}\.parquet$"
 _HASH_CHUNK = 1 << 22
-_OPERATOR_KINDS = ("identity", "inpaint", "blur", "superres", "mri")
 
 StateDType = Literal["float32", "float64", "int64", "int32", "uint8", "bool"]
 ArrayLike = np.ndarray | torch.Tensor
@@ -115,23 +114,18 @@ class Batch:
 
 
 def _format_validation_error(err: ValidationError, where: str) -> str:
-    """One line per pydantic error: the field path (without the union tag) and what was wrong."""
+    """One line per pydantic error: the field path and what was wrong (an unknown or missing
+    operator kind comes with the registered kinds)."""
     parts = []
     for e in err.errors():
-        if e["type"] == "union_tag_invalid":
-            parts.append(f"unknown operator kind {e['ctx']['tag']!r} (expected one of {', '.join(_OPERATOR_KINDS)})")
+        if e["type"].startswith("operator_kind"):
+            parts.append(e["msg"])
             continue
-        if e["type"] == "union_tag_not_found":
-            parts.append(f"operator has no 'kind' (expected one of {', '.join(_OPERATOR_KINDS)})")
-            continue
-        loc = ".".join(str(p) for p in e["loc"] if p not in _OPERATOR_KINDS) or "value"
+        loc = ".".join(str(p) for p in e["loc"]) or "value"
         got = e.get("input")
         shown = f" (got {got!r})" if isinstance(got, (int, float, str, bool)) else ""
         parts.append(f"field '{loc}': {e['msg']}{shown}")
     return f"{where}: " + "; ".join(parts)
-
-
-_SPEC_ADAPTER: TypeAdapter = TypeAdapter(OperatorSpec)
 
 
 def parse_spec(data: OperatorSpec | Mapping[str, Any], where: str = "operator spec") -> OperatorSpec:
@@ -139,7 +133,7 @@ def parse_spec(data: OperatorSpec | Mapping[str, Any], where: str = "operator sp
     if not isinstance(data, Mapping):
         return data
     try:
-        return _SPEC_ADAPTER.validate_python(dict(data))
+        return OperatorSpecBase.model_validate(dict(data))
     except ValidationError as err:
         raise DatasetError(_format_validation_error(err, where)) from None
 
@@ -156,17 +150,11 @@ def expected_state(operator: Operator, image_shape: Sequence[int]) -> dict[str, 
 def default_observation_range(
     spec: OperatorSpec, image_shape: Sequence[int], value_range: tuple[float, float]
 ) -> tuple[float, float]:
-    """A provable bound on observations, so out-of-range values flag a wrong scale or corruption.
-
-    Masking, blurring and block averaging are convex combinations, so A(x) stays in the image
-    range. For MRI, |F(S x)| <= sqrt(H W) max|x| with |S| <= 1 and |x| <= sqrt(2) max(|lo|, |hi|).
-    Gaussian noise adds a margin of 8 sigma_n (exceeded with probability ~1e-15 per value).
-    """
-    lo, hi = value_range
+    """A provable bound on observations, so out-of-range values flag a wrong scale or corruption:
+    the operator's bound on noiseless observations, plus a margin of 8 sigma_n for Gaussian
+    noise (exceeded with probability ~1e-15 per value)."""
+    lo, hi = build_operator(spec).observation_bound(image_shape, value_range)
     margin = 8.0 * spec.sigma_n
-    if spec.kind == "mri":
-        bound = math.sqrt(2.0 * image_shape[1] * image_shape[2]) * max(abs(lo), abs(hi))
-        return (-bound - margin, bound + margin)
     return (lo - margin, hi + margin)
 
 

@@ -1,4 +1,4 @@
-"""Stage II: Restoration Score Distillation into a one-step generator (ALGORITHMS.md 1.3).
+"""Stage II: Restoration Score Distillation into a one-step generator (docs/algorithms.md §7).
 
 Each iteration, on fresh z:
 1. fake-score step: x_g = sg(G(z)) is *re-corrupted* with fresh operator state and fresh
@@ -170,6 +170,8 @@ def distill(
     """Distil ``teacher`` (its EMA weights) into a one-step generator; G and the fake start as its copies."""
     generator = OneStepGenerator(copy.deepcopy(teacher), objective, shape, dcfg.sigma_init)
     fake = copy.deepcopy(teacher)
-    phase = DistillPhase(teacher, objective, generator, fake, train_cfg, dcfg, config or {})
+    # Checkpoints record the distillation settings they were made with (selection samples them at sigma_init).
+    config = {**(config or {}), "distill": dcfg.model_dump()}
+    phase = DistillPhase(teacher, objective, generator, fake, train_cfg, dcfg, config)
     result = Trainer(phase, train_cfg, out_dir, callback, progress, on_checkpoint).run()
     return phase, result

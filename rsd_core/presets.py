@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from rsd_core.config import DistillConfig, InpaintSpec, MRISpec, NetworkConfig, OperatorSpec, Spec, TrainConfig
+from rsd_core.config import DistillConfig, NetworkConfig, OperatorSpec, Spec, TrainConfig
+from rsd_core.kinds import EXPORT_FORMATS, check_export
+from rsd_core.operators import InpaintSpec, MRISpec
 
 
 class ConfigError(ValueError):
@@ -30,6 +32,9 @@ class DataSettings(Spec):
     operator: OperatorSpec = InpaintSpec()
     limit: int | None = None
     clean_eval: int = 0
+    # None: the clean evaluation images are the first corrupted ones; "test": that many of the source's test
+    # split instead (brain-mri: a held-out subject), so the true FD also measures generalisation.
+    clean_eval_split: Literal["train", "test"] | None = None
     image_size: int | None = None
     channels: Literal[1, 3] = 1
     seed: int = 0
@@ -53,9 +58,11 @@ class SelectionSettings(Spec):
     """Proximal-FID checkpoint selection (the ``select_checkpoint`` task)."""
 
     n_samples: int = 1000
-    # classifier-corrupted: Proximal FD on the in-domain classifier trained on this dataset's corruption
-    # (one-off ~1 min of training per operator); the true FD keeps the clean classifier.
-    extractor: Literal["classifier", "classifier-corrupted", "inception"] = "classifier"
+    # self-supervised: Proximal FD features learnt from this dataset's own corrupted observations (no labels, no
+    # clean images; about a CPU minute once per dataset, cached), the CPU default. inception: the GPU default.
+    # classifier, classifier-corrupted: Fashion-MNIST CNNs trained with clean labels, for evaluation only
+    # (rsd_core.selection.EXTRACTORS). The true FD, where a clean split exists, keeps the clean classifier.
+    extractor: Literal["self-supervised", "inception", "classifier", "classifier-corrupted"] = "self-supervised"
     seed: int = 0
 
     @field_validator("n_samples")
@@ -122,6 +129,13 @@ class TrackingSettings(Spec):
         return value
 
 
+class ExportSettings(Spec):
+    """Portable formats the selected generator is exported to (the ``export_model`` task); each
+    operator kind declares the formats it supports (rsd_core.kinds), checked before training."""
+
+    formats: tuple[Literal["onnx", "pt2"], ...] = EXPORT_FORMATS
+
+
 class PipelineConfig(Spec):
     """Everything one pipeline execution needs, from the clean source to the registered model."""
 
@@ -134,7 +148,13 @@ class PipelineConfig(Spec):
     selection: SelectionSettings = SelectionSettings()
     tracking: TrackingSettings = TrackingSettings()
     resources: ResourceSettings = ResourceSettings()
+    export: ExportSettings = ExportSettings()
     description: str = Field(default="", description="free text, logged as the run description")
+
+    @model_validator(mode="after")
+    def _check_exportable(self) -> PipelineConfig:
+        check_export(self.data.operator, self.export.formats)
+        return self
 
 
 # Generator EMA for CPU-length distillations. EDM's ramp-up (half-life <= 5% of the images seen)
@@ -162,7 +182,7 @@ def _cpu_smoke() -> PipelineConfig:
 
 
 def _cpu_demo() -> PipelineConfig:
-    """Fashion-MNIST inpainting (p = 0.6) on 2 CPU cores in under 15 minutes (CPU_SCALE_NOTES.md)."""
+    """Fashion-MNIST inpainting (p = 0.6) on 2 CPU cores in under 15 minutes (settings measured on this project's CPU machines: docs/results.md)."""
     return PipelineConfig(
         description="cpu-demo: Fashion-MNIST inpainting p=0.6, default CPU U-Net (32/64/128), 5 + 6 minute budgets",
         data=DataSettings(operator=InpaintSpec(p=0.6, delta=0.1), limit=20_000, clean_eval=1000),
@@ -176,10 +196,56 @@ def _cpu_demo() -> PipelineConfig:
                                   ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO),
         distill=DistillConfig(lr_fake=5e-5, lr_generator=5e-5, betas_fake=(0.0, 0.999),
                               betas_generator=(0.0, 0.999), grad_clip_fake=1.0, grad_clip_generator=1.0),
-        # Proximal FD on the classifier trained on inpainting views: it tracks late distillation gains that the
-        # clean-trained one misses under 60% erasure (docs/results.md). 35-NFE teacher rows dominate the cost.
-        selection=SelectionSettings(n_samples=500, extractor="classifier-corrupted"),
+        # Proximal FD on features learnt from the corrupted observations alone (docs/results.md compares them with
+        # the clean-label classifiers on the restoration tasks). 35-NFE teacher rows dominate the cost.
+        selection=SelectionSettings(n_samples=500, extractor="self-supervised"),
         tracking=TrackingSettings(experiment="rsd-demo", model_name="rsd-fmnist-inpaint", log_every=10),
+    )
+
+
+def cpu_mri_operator(R: float = 4.0) -> MRISpec:
+    """The spec's mask rules at 32 px: ACS = 6.25% of the columns (2 of 32, as 20 of 320), M with floor(32 / R)
+    lines, the further mask M~ with floor(32 / (R + 1)) (R = 4: 8 and 6 lines, ACS included); 4 coils, the
+    reference code's virtual-coil count (at 32x32 their FFTs cost little next to the U-Net)."""
+    return MRISpec(R=R, delta_R=1.0, acs_fraction=0.0625, n_coils=4)
+
+
+# cpu-mri's training settings, shared with benchmarks/mri.py: the network, learning rates and EMA are cpu-demo's
+# (the paper's MRI rates, 5e-6 / 1e-6, barely move a network in CPU minutes); the lr drop at 2/3 of the
+# distillation is the restoration benchmark's.
+CPU_MRI_NETWORK = NetworkConfig(img_channels=2)  # 32/64/128 channels, attention at 8x8; + the M~ and ones channels
+CPU_MRI_TEACHER = TrainConfig(steps=100_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, checkpoint_every=250,
+                              time_budget_s=300.0)
+CPU_MRI_DISTILL_TRAIN = TrainConfig(steps=100_000, batch_size=32, lr=5e-5, betas=(0.0, 0.999), lr_rampup_steps=0,
+                                    checkpoint_every=30, time_budget_s=360.0, lr_drop_at=2 / 3,
+                                    ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
+                                    ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO)
+CPU_MRI_DISTILL = DistillConfig(lr_fake=5e-5, lr_generator=5e-5, betas_fake=(0.0, 0.999),
+                                betas_generator=(0.0, 0.999), grad_clip_fake=1.0, grad_clip_generator=1.0)
+
+
+def _cpu_mri() -> PipelineConfig:
+    """Multi-coil brain MRI at R = 4 through the whole DAG on 2 CPU cores in about 20 minutes.
+
+    32x32 slices with 4 coils (:func:`cpu_mri_operator`): the 1,345 Colin27 training slices of ``brain-mri``;
+    the true FD (evaluation only) is against the 419 held-out MNI152 slices. 32 px because a 64 px step costs
+    about 4x as much, which would leave the teacher a quarter of the steps in the same minutes. Selection
+    learns its Proximal FD features from the observations' zero-filled (A^H y) magnitudes alone
+    (self-supervised: no clean images, no labels); Inception on magnitudes, the costliest part of selection on
+    a CPU, scores only the true FD, on 128 samples per candidate. Export: .pt2 with the projection's FFTs
+    inside (ONNX cannot hold complex tensors).
+    """
+    return PipelineConfig(
+        description="cpu-mri: multi-coil brain MRI R=4, 32x32, 4 coils, default CPU U-Net, 5 + 6 minute budgets",
+        data=DataSettings(source="brain-mri", operator=cpu_mri_operator(4.0), image_size=32, clean_eval=419,
+                          clean_eval_split="test"),
+        network=CPU_MRI_NETWORK,
+        teacher_train=CPU_MRI_TEACHER,
+        distill_train=CPU_MRI_DISTILL_TRAIN,
+        distill=CPU_MRI_DISTILL,
+        selection=SelectionSettings(n_samples=128, extractor="self-supervised"),
+        export=ExportSettings(formats=("pt2",)),
+        tracking=TrackingSettings(experiment="rsd-mri-cpu", model_name="rsd-mri-r4-cpu", log_every=10),
     )
 
 
@@ -191,7 +257,7 @@ _GPU = ResourceSettings(
 
 
 def _celeba64_inpaint_gpu() -> PipelineConfig:
-    """CelebA-HQ 64 inpainting, p = 0.6 (ALGORITHMS.md 1.4): ddpmpp-sized U-Net, fp16-era settings in bf16."""
+    """CelebA-HQ 64 inpainting, p = 0.6 (the reference scripts' settings): ddpmpp-sized U-Net, fp16-era settings in bf16."""
     return PipelineConfig(
         description="celeba64-inpaint-gpu: paper settings, CelebA-HQ 64 inpainting p=0.6",
         data=DataSettings(source="/data/celeba-hq-64", operator=InpaintSpec(p=0.6, delta=0.1), image_size=64,
@@ -214,7 +280,7 @@ def _celeba64_inpaint_gpu() -> PipelineConfig:
 
 
 def _mri_multicoil_gpu() -> PipelineConfig:
-    """Multi-coil MRI, R = 4 (MRI_AND_OPERATORS.md B.3 and C.5): Fourier-space Ambient teacher, then RSD."""
+    """Multi-coil MRI, R = 4 (the reference MRI scripts' settings; docs/algorithms.md §5): Fourier-space Ambient teacher, then RSD."""
     return PipelineConfig(
         description="mri-multicoil-gpu: paper settings, multi-coil brain MRI R=4",
         data=DataSettings(source="brain-mri", operator=MRISpec(R=4.0, delta_R=1.0), image_size=64, clean_eval=1000),
@@ -232,6 +298,7 @@ def _mri_multicoil_gpu() -> PipelineConfig:
                               lr_generator=1e-6, betas_fake=(0.0, 0.999), betas_generator=(0.0, 0.999),
                               grad_clip_fake=1.0, grad_clip_generator=None),
         selection=SelectionSettings(n_samples=5000, extractor="inception"),
+        export=ExportSettings(formats=("pt2",)),  # ONNX cannot hold the projection's complex FFTs (rsd_core.export)
         tracking=TrackingSettings(experiment="rsd-mri", model_name="rsd-mri-r4", log_every=100),
         resources=_GPU,
     )
@@ -240,6 +307,7 @@ def _mri_multicoil_gpu() -> PipelineConfig:
 PRESETS = {
     "cpu-smoke": _cpu_smoke,
     "cpu-demo": _cpu_demo,
+    "cpu-mri": _cpu_mri,
     "celeba64-inpaint-gpu": _celeba64_inpaint_gpu,
     "mri-multicoil-gpu": _mri_multicoil_gpu,
 }

@@ -23,6 +23,8 @@ import torch
 from rsd_core.objectives import Objective, State
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# guide(x_i, t_i) -> (D(x_i; t_i), correction subtracted from x_{i+1}): posterior sampling (rsd_core.posterior)
+Guide = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def edm_time_steps(
@@ -44,20 +46,26 @@ def heun_sample(
     rho: float = 7.0,
     sigma_stop: float | None = None,
     on_level: Callable[[float, torch.Tensor], None] | None = None,
+    guide: Guide | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Deterministic Heun sampler (EDM Algorithm 2) from ``latents`` ~ N(0, I).
 
     Returns the sample and the number of denoiser evaluations (35 for 18 steps untruncated).
     The state is kept in float64; ``denoise(x, t)`` receives float64 x and a float64 scalar t.
     ``on_level(t_i, D(x_i; t_i))`` sees the x0 prediction at every level: the output of every
-    truncation point, from one trajectory.
+    truncation point, from one trajectory. ``guide``, when given, replaces the first denoiser call
+    of every step and returns a correction that is subtracted after the Heun update (DPS
+    guidance); it enables gradients itself, the rest of the sampler runs without them.
     """
     t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
     x = latents.to(torch.float64) * t_steps[0]
     nfe = 0
     for i in range(num_steps):
         t_cur, t_next = t_steps[i], t_steps[i + 1]
-        denoised = denoise(x, t_cur).to(torch.float64)
+        if guide is None:
+            denoised, correction = denoise(x, t_cur).to(torch.float64), None
+        else:
+            denoised, correction = guide(x, t_cur)
         nfe += 1
         if on_level is not None:
             on_level(float(t_cur), denoised)
@@ -70,7 +78,7 @@ def heun_sample(
             nfe += 1
             d_next = (x_next - denoised_next) / t_next
             x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)
-        x = x_next
+        x = x_next if correction is None else x_next - correction
     return x, nfe
 
 

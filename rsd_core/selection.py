@@ -1,4 +1,4 @@
-"""Proximal FID and model selection without clean data (ALGORITHMS.md 7, 10.12).
+"""Proximal FID and model selection without clean data (docs/algorithms.md §8).
 
 Proximal FID compares generated images *pushed through the same corruption* (fresh operator
 state, fresh measurement noise, then uint8 re-quantisation) with the corrupted dataset itself,
@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
-from rsd_core.data import open_dataset
+from rsd_core.data import CorruptedDataset, open_dataset
+from rsd_core.kinds import get_kind
 from rsd_core.metrics import (
     ClassifierExtractor,
     FeatureExtractor,
@@ -27,10 +28,12 @@ from rsd_core.metrics import (
     spearman,
 )
 from rsd_core.objectives import Objective
-from rsd_core.operators import MRI, Operator, to_complex
+from rsd_core.operators import Operator, to_complex
 from rsd_core.sampling import edm_time_steps, heun_sample
+from rsd_core.ssl_features import SelfSupervisedExtractor, SSLRecipe
 from rsd_core.stages import (
     DISTILL_DIR,
+    checkpoint_distill_config,
     generator_card,
     generator_from_checkpoint,
     load_model,
@@ -59,27 +62,45 @@ def feature_images(x: torch.Tensor) -> torch.Tensor:
 def corrupted_view(x: torch.Tensor, operator: Operator, generator: torch.Generator) -> torch.Tensor:
     """A(x) + sigma_n eps with fresh state, as an image: the generated side of Proximal FID."""
     state = operator.sample_state(len(x), tuple(x.shape[1:]), generator, x.device)
-    y = operator.observe(x, state, generator)
-    if isinstance(operator, MRI):
-        y = operator.adjoint(y, state)  # k-space -> zero-filled image, as the reference side
+    y = operator.image_view(operator.observe(x, state, generator), state)  # as the reference side sees it
     return quantise(feature_images(y))
 
 
-EXTRACTORS = ("classifier", "classifier-corrupted", "inception")
+# self-supervised: the default for selection, learnt from the dataset's own corrupted observations (ssl_features).
+# inception: the standard FID network (GPU presets). classifier, classifier-corrupted: EVALUATION ONLY, CNNs
+# trained with labels on clean Fashion-MNIST (the images the benchmark's corrupted datasets were made from);
+# they assume clean labelled data from the same domain, which a data team does not have.
+EXTRACTORS = ("self-supervised", "inception", "classifier", "classifier-corrupted")
 
 
-def make_extractors(name: str, operator: Operator) -> tuple[FeatureExtractor, FeatureExtractor]:
+def make_extractors(
+    name: str, operator: Operator, dataset: CorruptedDataset | None = None
+) -> tuple[FeatureExtractor, FeatureExtractor | None]:
     """(Proximal FD extractor, true FD extractor) for an extractor name.
 
-    ``classifier-corrupted`` scores Proximal FD with the in-domain classifier trained on this operator's
-    corrupted views, and the true FD with the clean one, so true FDs stay comparable across settings."""
+    ``self-supervised`` learns Proximal FD features from ``dataset``'s corrupted observations only; its true
+    FD, which exists only where the dataset has a clean evaluation split (None otherwise), uses the clean
+    classifier, an evaluation tool (Inception on magnitudes for complex MRI images). ``classifier-corrupted``
+    (evaluation only) scores Proximal FD with the Fashion-MNIST classifier trained on this operator's corrupted
+    views, and the true FD with the clean one, so true FDs stay comparable across settings."""
+    if name == "self-supervised":
+        if dataset is None:
+            raise ValueError("extractor 'self-supervised' learns from the dataset's observations: pass the dataset")
+        ext = SelfSupervisedExtractor(lambda: observation_images(dataset, SSLRecipe().max_images),
+                                      dataset.fingerprint, dataset.manifest.name)
+        if dataset.manifest.clean_eval_uri is None:
+            return ext, None
+        # Complex (MRI) images are scored as magnitudes with Inception, as the paper's MRI FIDs are: the
+        # Fashion-MNIST classifier describes no such domain.
+        return ext, InceptionExtractor() if get_kind(operator.spec.kind).image_channels == 2 else ClassifierExtractor()
     if name == "classifier":
         ext = ClassifierExtractor()
         return ext, ext
     if name == "classifier-corrupted":
-        if isinstance(operator, MRI):  # the classifier learns from corrupted Fashion-MNIST: 1-channel images
-            raise ValueError("extractor 'classifier-corrupted' needs an image-domain operator; MRI k-space data "
-                             "has none to train on: use 'classifier' or 'inception'")
+        channels = get_kind(operator.spec.kind).image_channels
+        if channels not in (None, 1):  # the classifier learns from corrupted Fashion-MNIST: 1-channel images
+            raise ValueError(f"extractor 'classifier-corrupted' trains on 1-channel images; operator kind "
+                             f"'{operator.spec.kind}' needs {channels}-channel images: use 'classifier' or 'inception'")
         view = ClassifierExtractor(
             view=lambda x, gen: corrupted_view(x, operator, gen),
             view_id=operator.spec.model_dump_json(),
@@ -92,18 +113,18 @@ def make_extractors(name: str, operator: Operator) -> tuple[FeatureExtractor, Fe
     raise ValueError(f"extractor must be one of {EXTRACTORS}, got '{name}'")
 
 
+def observation_images(ds: CorruptedDataset, n: int) -> torch.Tensor:
+    """The first ``n`` observations as every extractor sees them: the operator's image view, quantised."""
+    obs, state, _ = ds.read_all()
+    obs, state = obs[:n], {k: v[:n] for k, v in state.items()}
+    return quantise(feature_images(ds.operator.image_view(obs, state)))
+
+
 def proximal_reference(dataset_uri: str, extractor: FeatureExtractor, n: int) -> FeatureStats:
     """Statistics of the first ``n`` corrupted observations (cached by dataset fingerprint)."""
     ds = open_dataset(dataset_uri)
-
-    def images():
-        obs, state, _ = ds.read_all()
-        obs, state = obs[:n], {k: v[:n] for k, v in state.items()}
-        if isinstance(ds.operator, MRI):
-            obs = ds.operator.adjoint(obs, state)
-        return quantise(feature_images(obs))
-
-    return cached_reference_stats(f"{ds.fingerprint[:32]}-proximal-n{n}", extractor, images)
+    return cached_reference_stats(f"{ds.fingerprint[:32]}-proximal-n{n}", extractor,
+                                  lambda: observation_images(ds, n))
 
 
 def clean_reference(dataset_uri: str, extractor: FeatureExtractor, n: int) -> FeatureStats | None:
@@ -176,8 +197,11 @@ def truncation_nfe(level: float) -> int:
 
 
 class SelectionResult(BaseModel):
-    extractor_label: str  # of the true FD
-    extractor_id: str
+    # Features of the true FD; None when the dataset has no clean evaluation split (no true FD at all).
+    extractor_label: str | None
+    extractor_id: str | None
+    # The EXTRACTORS name of the Proximal FD features; None in selection.json files written before it was recorded.
+    proximal_extractor: str | None = None
     # None in selection.json files written before Proximal FD could use its own extractor: the same one.
     proximal_extractor_label: str | None = None
     proximal_extractor_id: str | None = None
@@ -211,7 +235,7 @@ def select_stage(
     distill_dir: str | Path,
     out_dir: str | Path,
     n_samples: int = 1000,
-    extractor: str = "classifier",
+    extractor: str = "self-supervised",
     seed: int = 0,
     progress: bool = True,
     n_teacher: int | None = None,
@@ -222,11 +246,11 @@ def select_stage(
     out_dir = Path(out_dir)
     ds = open_dataset(dataset_uri)
     operator = ds.operator
-    extractors = make_extractors(extractor, operator)
+    extractors = make_extractors(extractor, operator, ds)
     prox_ext, true_ext = extractors
     n_ref = min(len(ds), n_samples)
     prox_ref = proximal_reference(dataset_uri, prox_ext, n_ref)
-    clean_ref = clean_reference(dataset_uri, true_ext, n_samples)
+    clean_ref = None if true_ext is None else clean_reference(dataset_uri, true_ext, n_samples)
 
     checkpoints = list_checkpoints(Path(distill_dir) / DISTILL_DIR / "checkpoints")
     if not checkpoints:
@@ -267,8 +291,7 @@ def select_stage(
         }
 
     sampler = generator_from_checkpoint(chosen_path, teacher_dir)
-    meta = json.loads((chosen_path / "meta.json").read_text())
-    gen_card = generator_card(read_card(teacher_dir), _distill_cfg(meta), chosen.step or 0,
+    gen_card = generator_card(read_card(teacher_dir), checkpoint_distill_config(chosen_path), chosen.step or 0,
                               {"proximal_fd": chosen.proximal_fd}, card.code_version)
     generator_dir = save_model(out_dir / "selected", sampler.net, gen_card)
 
@@ -279,7 +302,9 @@ def select_stage(
     save_grid(torch.cat([feature_images(teacher_best), feature_images(student), obs_images]), str(grid), nrow=8)
 
     result = SelectionResult(
-        extractor_label=true_ext.label, extractor_id=true_ext.id, proximal_extractor_label=prox_ext.label,
+        extractor_label=None if true_ext is None else true_ext.label,
+        extractor_id=None if true_ext is None else true_ext.id,
+        proximal_extractor=extractor, proximal_extractor_label=prox_ext.label,
         proximal_extractor_id=prox_ext.id, n_samples=n_samples, rows=rows, teacher_rows=teacher_rows,
         chosen_checkpoint=str(chosen_path), chosen_step=chosen.step or 0, proximal_fd=chosen.proximal_fd,
         teacher_proximal_fd=best_teacher.proximal_fd, teacher_best_sigma_stop=best_teacher.sigma_stop,
@@ -287,9 +312,3 @@ def select_stage(
     )
     (out_dir / "selection.json").write_text(result.model_dump_json(indent=1))
     return result
-
-
-def _distill_cfg(meta: dict):
-    from rsd_core.config import DistillConfig
-
-    return DistillConfig(**meta.get("config", {}).get("distill", {}))

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from rsd_core.config import IdentitySpec, OperatorSpec
+from rsd_core.config import OperatorSpec
 from rsd_core.data import DatasetError, Manifest, WriteBatch, parse_spec, resolve_relative, write_dataset
-from rsd_core.operators import build_operator
+from rsd_core.kinds import build_operator
+from rsd_core.operators import IdentitySpec
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
@@ -148,8 +149,12 @@ def smooth_phase(n: int, size: int, generator: torch.Generator, grid: int = 4) -
 
 @lru_cache(maxsize=4)
 def _brain_images(split: str, size: int, seed: int) -> torch.Tensor:
+    """Slices in a seeded random order: read in volume and axis order, any prefix (``limit``, a clean
+    evaluation count, a reference of n images) would hold one axis of one volume only."""
     magnitude = torch.cat([_volume_slices(p, size) for p in brain_volumes(split)])
-    phase = smooth_phase(len(magnitude), size, torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    magnitude = magnitude[torch.randperm(len(magnitude), generator=generator)]
+    phase = smooth_phase(len(magnitude), size, generator)
     z = torch.polar(magnitude, phase)
     return torch.stack([z.real, z.imag], dim=1).contiguous()
 
@@ -250,6 +255,7 @@ def corrupt(
     image_size: int | None = None,
     channels: int = 1,
     clean_eval_uri: str = "clean_eval",
+    clean_eval_split: str | None = None,
     rows_per_shard: int = 16384,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Manifest:
@@ -259,15 +265,24 @@ def corrupt(
     batches, so the same arguments give byte-identical shards. With ``clean_eval_count`` > 0 the
     clean versions of rows 0..clean_eval_count-1 go to ``clean_eval_uri`` (relative to
     ``out_uri`` unless absolute), written before the main manifest so a finished dataset always
-    has its clean split; it is for true-FID reporting only.
+    has its clean split; it is for true-FID reporting only. With ``clean_eval_split`` (e.g. ``"test"``:
+    brain-mri's held-out subject) the clean split is instead the first ``clean_eval_count`` images of
+    that split of the same source, so the true FD measures generalisation beyond the corrupted images.
     """
     spec = parse_spec(spec)
     src = get_source(source, split, image_size, channels) if isinstance(source, str) else source
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be >= 1, got {limit}")
     count = src.count if limit is None else min(limit, src.count)
-    if not 0 <= clean_eval_count <= count:
-        raise DatasetError(f"clean_eval_count must be in [0, {count}] (the images corrupted), got {clean_eval_count}")
+    eval_src, eval_count = src, count
+    if clean_eval_split is not None:
+        if not isinstance(source, str):
+            raise DatasetError("clean_eval_split needs a source given by name (to open its other split)")
+        eval_src = get_source(source, clean_eval_split, image_size, channels)
+        eval_count = eval_src.count
+    if not 0 <= clean_eval_count <= eval_count:
+        raise DatasetError(f"clean_eval_count must be in [0, {eval_count}] (the images corrupted, or of "
+                           f"clean_eval_split), got {clean_eval_count}")
     op = build_operator(spec)
     name = f"{src.name}-{split}-{spec.kind}"
     provenance = {**src.provenance, "split": split, "limit": limit, "corrupt_batch": _CORRUPT_BATCH}
@@ -275,12 +290,13 @@ def corrupt(
     if clean_eval_count:
         write_dataset(
             resolve_relative(out_uri, clean_eval_uri),
-            _clean_batches(src, clean_eval_count),
+            _clean_batches(eval_src, clean_eval_count),
             name=f"{name}-clean-eval",
             image_shape=src.image_shape,
             operator=IdentitySpec(),
             seed=seed,
-            provenance={**provenance, "role": "clean evaluation split (true FID only)", "of": name},
+            provenance={**provenance, **eval_src.provenance, "split": clean_eval_split or split,
+                        "role": "clean evaluation split (true FID only)", "of": name},
             storage_options=storage_options,
         )
         clean_ref = clean_eval_uri

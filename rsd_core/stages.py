@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from rsd_core.config import DistillConfig, NetworkConfig, OperatorSpec, Spec, TrainConfig
 from rsd_core.distill import DistillPhase, OneStepGenerator, distill
+from rsd_core.kinds import build_operator, default_sigma_stop, objective_for
 from rsd_core.networks import EDMPrecond
-from rsd_core.objectives import Objective, objective_for
-from rsd_core.operators import build_operator
+from rsd_core.objectives import Objective
 from rsd_core.pretrain import TensorSource, build_teacher, pretrain_teacher
 from rsd_core.sampling import OneStepSampler, Sampler, TeacherSampler
 from rsd_core.training import CheckpointCallback, MetricsCallback, TrainResult, load_module_weights, world
@@ -100,16 +100,6 @@ def sampler_for(folder: str | Path, device: str | torch.device = "cpu", bf16: bo
     return TeacherSampler(net, objective, card.image_shape, sigma_stop=stop, bf16=bf16)
 
 
-def default_sigma_stop(operator: OperatorSpec) -> float | None:
-    """The teacher sampler's truncation level (see sampling.py): sigma_n for noisy data, 0.05 for
-    Ambient inpainting teachers (returns at the grid level 0.06; Proximal FID can refine it)."""
-    if operator.sigma_n > 0:
-        return operator.sigma_n
-    if operator.kind in ("inpaint", "mri"):
-        return 0.05
-    return None
-
-
 def pretrain_stage(
     dataset_uri: str,
     network: NetworkConfig,
@@ -161,15 +151,18 @@ def generator_card(teacher_card: ModelCard, dcfg: DistillConfig, steps: int, met
                                            "steps": steps, "metrics": metrics, "code_version": code_version})
 
 
+def checkpoint_distill_config(checkpoint: str | Path) -> DistillConfig:
+    """The distillation settings a checkpoint was trained with (from its meta.json)."""
+    meta = json.loads((Path(checkpoint) / "meta.json").read_text())
+    return DistillConfig(**meta.get("config", {}).get("distill", {}))
+
+
 def generator_from_checkpoint(checkpoint: str | Path, teacher_dir: str | Path, device="cpu",
                               bf16: bool = False) -> OneStepSampler:
-    """The EMA generator stored in a distillation checkpoint folder, as a sampler."""
+    """The EMA generator stored in a distillation checkpoint folder, as a sampler at the input scale
+    ``sigma_init`` it was distilled with (not the teacher card's), as the exported model samples."""
     net, objective, card = load_model(teacher_dir, device)
-    gen = OneStepGenerator(net, objective, card.image_shape)
+    sigma_init = checkpoint_distill_config(checkpoint).sigma_init
+    gen = OneStepGenerator(net, objective, card.image_shape, sigma_init)
     load_module_weights(Path(checkpoint), "generator_ema", gen)
-    return OneStepSampler(gen.net.eval(), objective, card.image_shape, card.sigma_init, bf16=bf16)
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=1, default=str))
+    return OneStepSampler(gen.net.eval(), objective, card.image_shape, sigma_init, bf16=bf16)

@@ -1,4 +1,4 @@
-"""The linear low-rank experiment of ALGORITHMS.md 9 (Theorem 1: eigenspace recovery).
+"""The linear low-rank experiment of the RSD paper's Theorem 1 (eigenspace recovery).
 
 Clean data x = U z in R^d with z ~ N(0, I_r) are only seen through a linear corruption:
 random pixel masks (Ambient Diffusion teacher) or a fixed blur matrix with noise (Ambient
@@ -23,12 +23,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from rsd_core.config import DistillConfig, InpaintSpec, Spec, TrainConfig
+from rsd_core.config import DistillConfig, Spec, TrainConfig
 from rsd_core.distill import DistillPhase
 from rsd_core.metrics import covariance_error, principal_angles_deg, projection_distance
 from rsd_core.networks import build_mlp
-from rsd_core.objectives import AmbientDiffusionObjective, Objective, objective_for
-from rsd_core.operators import Inpaint, Operator, State
+from rsd_core.objectives import AmbientDiffusionObjective, AmbientTweedieObjective, Objective
+from rsd_core.operators import Inpaint, InpaintSpec, Operator, State
 from rsd_core.pretrain import TensorSource, pretrain_teacher
 from rsd_core.sampling import TeacherSampler
 from rsd_core.training import MetricsCallback, Trainer
@@ -148,7 +148,7 @@ class LinearGenerator(nn.Module):
 
 @dataclass(frozen=True)
 class SubspaceReport:
-    """How well col(theta) matches col(U), by the three metrics of ALGORITHMS.md 9."""
+    """How well col(theta) matches col(U), by three metrics: principal angles, projection distance and covariance error."""
 
     max_angle_deg: float
     projection_distance: float
@@ -220,7 +220,8 @@ def blur_corruption(u: torch.Tensor, sigma_n: float, taps: Sequence[float] = BLU
     """A fixed zero-padded blur matrix with noise sigma_n, Ambient Tweedie objective (EDM if noiseless)."""
     a = blur_matrix(u.shape[0], taps)
     operator = MatrixOperator(a, MatrixSpec(sigma_n=sigma_n))
-    return Corruption("blur", operator, objective_for(operator), a @ u @ u.T @ a.T)
+    objective = AmbientTweedieObjective(operator) if sigma_n > 0 else Objective(operator)
+    return Corruption("blur", operator, objective, a @ u @ u.T @ a.T)
 
 
 @dataclass(frozen=True)

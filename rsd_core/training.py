@@ -3,7 +3,7 @@
 A *phase* owns its networks, optimisers and the math of one step; the :class:`Trainer` owns
 everything around it: device and precision, seeding and the RNG stream, lr ramp-up, EMA,
 gradient clipping and the non-finite guard (through :meth:`StepContext.optimizer_step`),
-checkpoints (safetensors + JSON, atomic) with exact resume, a tqdm progress bar, a time budget,
+checkpoints (safetensors + JSON, atomic) with exact resume, progress reports (rsd_core.progress), a time budget,
 and a metrics callback (no tracking library is imported here).
 """
 
@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
 from rsd_core.config import TrainConfig
+from rsd_core.progress import TrainingProgress
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 # Called on rank 0 with the checkpoints folder after each save (e.g. to copy it off the machine).
@@ -379,19 +379,13 @@ class Trainer:
         ctx = StepContext(self.gen, self.device, self.bf16, self.channels_last)
         in_row, metrics = 0, {}
         t0 = time.perf_counter()
-        bar = tqdm(
-            range(start_step, cfg.steps),
-            initial=start_step,
-            total=cfg.steps,
-            desc=self.phase.name,
-            disable=not self.progress or self.rank != 0,
-            dynamic_ncols=True,
-        )
+        report = TrainingProgress(self.phase.name, start_step, cfg.steps, cfg.batch_size, cfg.time_budget_s,
+                                  enabled=self.progress and self.rank == 0)
         emas = {id(e) for _, e in self.phase.ema_pairs}
         for module in self.phase.modules.values():
             module.train(id(module) not in emas)
         done = start_step
-        for step in bar:
+        for step in range(start_step, cfg.steps):
             self._set_lr(step)
             ctx.skipped = False
             metrics = self.phase.step(ctx)
@@ -399,7 +393,7 @@ class Trainer:
                 in_row += 1
                 result.nonfinite_skipped += 1
                 if in_row >= cfg.max_nonfinite_in_row:
-                    bar.close()
+                    report.close()
                     last = list_checkpoints(self.checkpoint_dir)[-1:] if self.checkpoint_dir else []
                     raise TrainingDivergedError(
                         f"{self.phase.name}: {in_row} non-finite steps in a row at step {step}; "
@@ -414,8 +408,6 @@ class Trainer:
             metrics = {**metrics, "nonfinite_skipped": float(result.nonfinite_skipped), "lr_scale": self.lr_scale}
             if self.callback is not None and self.rank == 0:
                 self.callback(step + 1, metrics)
-            if step % 10 == 0:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")})
             done = step + 1
             elapsed = time.perf_counter() - t0
             over_budget = cfg.time_budget_s is not None and elapsed > cfg.time_budget_s
@@ -431,12 +423,13 @@ class Trainer:
                 flag = torch.tensor([float(over_budget)], device=self.device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 over_budget = bool(flag.item())
+            report.update(done, metrics, last=done == cfg.steps or over_budget)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or over_budget:
                 self._save(done, result, metrics)
             if over_budget:
                 result.stopped_by_budget = True
                 break
-        bar.close()
+        report.close()
         result.steps = done
         result.seconds = time.perf_counter() - t0
         result.metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rsd_core.operators import MRI, Operator
+from rsd_core.operators import Operator
 
 
 def to_display(images: torch.Tensor) -> torch.Tensor:
@@ -28,10 +28,8 @@ def to_display(images: torch.Tensor) -> torch.Tensor:
 
 
 def observations_for_display(observations: torch.Tensor, operator: Operator, state: dict) -> torch.Tensor:
-    """Observations as images: MRI k-space becomes its zero-filled adjoint reconstruction."""
-    if isinstance(operator, MRI):
-        return operator.adjoint(observations.float(), state)
-    return observations
+    """Observations as images, in the operator's own view (MRI k-space: its zero-filled adjoint)."""
+    return operator.image_view(observations, state)
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int = 8, padding: int = 2) -> None:

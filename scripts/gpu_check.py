@@ -113,7 +113,7 @@ def synthetic_source(n: int, device, seed: int = 0):
     import torch
     import torch.nn.functional as F
 
-    from rsd_core.operators import build_operator
+    from rsd_core.kinds import build_operator
     from rsd_core.pretrain import TensorSource
 
     gen = torch.Generator().manual_seed(seed)
@@ -171,8 +171,7 @@ def run_single(args, device, peak: float, out: Path) -> tuple[list[dict], object
     """Pretrain, then distil, on one device; returns the reports, the teacher and its objective."""
     from rsd_core.config import DistillConfig
     from rsd_core.distill import distill
-    from rsd_core.objectives import objective_for
-    from rsd_core.operators import build_operator
+    from rsd_core.kinds import build_operator, objective_for
     from rsd_core.pretrain import build_teacher, pretrain_teacher
 
     small = device.type != "cuda"
@@ -222,8 +221,7 @@ def _ddp_worker(rank: int, world: int, args_dict: dict, rendezvous: str, result_
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{rendezvous}", rank=rank,
                             world_size=world)
     try:
-        from rsd_core.objectives import objective_for
-        from rsd_core.operators import build_operator
+        from rsd_core.kinds import build_operator, objective_for
         from rsd_core.pretrain import build_teacher, pretrain_teacher
 
         device = torch.device(args.device)

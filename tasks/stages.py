@@ -22,9 +22,17 @@ from flytekit.types.file import FlyteFile
 
 from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
 from rsd_core.data import open_dataset
-from rsd_core.export import CARD_FILE, ONNX_FILE, draw_inputs, export_generator, load_exportable
+from rsd_core.export import CARD_FILE, ONNX_FILE, export_generator
+from rsd_core.kinds import check_export
 from rsd_core.operators import parse_operator_spec
-from rsd_core.presets import DataSettings, PipelineConfig, SelectionSettings, TrackingSettings, config_yaml
+from rsd_core.presets import (
+    DataSettings,
+    ExportSettings,
+    PipelineConfig,
+    SelectionSettings,
+    TrackingSettings,
+    config_yaml,
+)
 from rsd_core.selection import select_stage
 from rsd_core.sources import corrupt
 from rsd_core.stages import DISTILL_DIR, PRETRAIN_DIR, distill_stage, pretrain_stage, sampler_for
@@ -126,7 +134,8 @@ def corrupt_dataset(data: DataSettings, run_id: str) -> FlyteDirectory:
     out, grid = work / "dataset", work / "observations.png"
     with tracking.child_run(run_id, "corrupt_dataset", data.model_dump(mode="json")) as (client, child):
         manifest = corrupt(data.source, data.operator, data.seed, str(out), split=data.split, limit=data.limit,
-                           clean_eval_count=data.clean_eval, image_size=data.image_size, channels=data.channels)
+                           clean_eval_count=data.clean_eval, image_size=data.image_size, channels=data.channels,
+                           clean_eval_split=data.clean_eval_split)
         ds = open_dataset(str(out))
         tracking.set_tags(client, child, {TAG_FINGERPRINT: ds.fingerprint, TAG_OPERATOR: data.operator.kind})
         client.log_metric(child, "observations", manifest.count)
@@ -142,9 +151,11 @@ def _observation_grid(ds, path: Path) -> None:
 
 
 @task(cache=False, retries=2, container_image=image(), requests=requests(_RES.default), enable_deck=True)
-def check_dataset(dataset_uri: str) -> FlyteDirectory:
-    """An already-corrupted dataset (local path or s3://), checksums verified before any GPU time is spent."""
+def check_dataset(dataset_uri: str, export: ExportSettings) -> FlyteDirectory:
+    """An already-corrupted dataset (local path or s3://), checksums verified and its operator's export
+    formats checked before any GPU time is spent."""
     ds = open_dataset(dataset_uri, verify=True)
+    check_export(ds.manifest.operator, export.formats)
     grid = _workdir("inspect") / "observations.png"
     _observation_grid(ds, grid)
     decks.show("observations", decks.png_html(grid, f"{ds.manifest.name}: {len(ds)} observations"))
@@ -189,7 +200,7 @@ def pretrain_teacher(dataset: FlyteDirectory, network: NetworkConfig, train: Tra
         logger = tracking.MetricLogger(client, child, log_every)
         work = _workdir("pretrain")
         mirror = _resume_from_previous_attempt(work / PRETRAIN_DIR / "checkpoints", client, child)
-        teacher_dir, result = pretrain_stage(dataset.download(), network, train, work, logger, progress=False,
+        teacher_dir, result = pretrain_stage(dataset.download(), network, train, work, logger, progress=True,
                                              code_version=tracking.code_version(), on_checkpoint=mirror)
         _log_result(client, child, result)
         _training_report(logger, client, child, teacher_dir, "teacher")
@@ -206,7 +217,7 @@ def distill(teacher: FlyteDirectory, train: TrainConfig, rsd: DistillConfig, log
     with tracking.child_run(run_id, "distill", params) as (client, child):
         logger = tracking.MetricLogger(client, child, log_every)
         mirror = _resume_from_previous_attempt(out / DISTILL_DIR / "checkpoints", client, child)
-        generator_dir, result, _ = distill_stage(teacher.download(), train, rsd, out, logger, progress=False,
+        generator_dir, result, _ = distill_stage(teacher.download(), train, rsd, out, logger, progress=True,
                                                  code_version=tracking.code_version(), on_checkpoint=mirror)
         _log_result(client, child, result)
         _training_report(logger, client, child, generator_dir, "generator")
@@ -251,34 +262,29 @@ def select_checkpoint(dataset: FlyteDirectory, teacher: FlyteDirectory, distille
 
 
 @task(cache=False, retries=2, container_image=image(), requests=requests(_RES.default))
-def export_model(selected: SelectedGenerator, run_id: str) -> FlyteDirectory:
-    """ONNX + .pt2 + safetensors + card.json of the chosen generator."""
+def export_model(selected: SelectedGenerator, export: ExportSettings, run_id: str) -> FlyteDirectory:
+    """The requested formats (ONNX, .pt2) + safetensors + card.json of the chosen generator."""
     with tracking.child_run(run_id, "export_model") as (client, child):
         out = export_generator(selected.generator.download(), _workdir("export"),
-                               {"proximal_fd": selected.proximal_fd, "chosen_step": float(selected.chosen_step)})
+                               {"proximal_fd": selected.proximal_fd, "chosen_step": float(selected.chosen_step)},
+                               formats=export.formats)
         client.log_artifact(child, str(out / CARD_FILE))
-        client.log_artifact(child, str(out / ONNX_FILE))
+        if "onnx" in export.formats:
+            client.log_artifact(child, str(out / ONNX_FILE))
     return _out_dir(str(out))
 
 
-def _log_pytorch_model(export_dir: Path, run_id: str):
-    """Log the exported generator as an MLflow pytorch model (torch.export, no pickle) with a signature."""
+def _log_generator_model(export_dir: Path, run_id: str):
+    """Log the exported generator as one MLflow model with the ``pytorch`` flavour (torch.export, no
+    pickle) and a ``python_function`` one, so ``mlflow models serve`` works (tasks/serving.py)."""
     import mlflow
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.models import Model
 
-    module, card = load_exportable(export_dir)
-    example = draw_inputs(module, card.image_shape, 2, seed=0)  # batch >= 2 keeps the batch axis dynamic
-    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *x.shape[1:]), name)
-                     for name, x in zip(module.input_names(), example, strict=True)])
-    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *card.image_shape), "images")])
-    extra = [str(export_dir / f) for f in (ONNX_FILE, CARD_FILE, "model.json", "model.safetensors")]
+    from tasks import serving
+
     mlflow.set_tracking_uri(tracking.tracking_uri())
     with mlflow.start_run(run_id=run_id):
-        return mlflow.pytorch.log_model(module, name="generator", input_example=example,
-                                        signature=ModelSignature(inputs, outputs), serialization_format="pt2",
-                                        pip_requirements=["torch"], extra_files=extra)
+        return Model.log(None, flavor=serving, name="generator", export_dir=str(export_dir))
 
 
 @task(cache=False, retries=2, container_image=image(), requests=requests(_RES.default))
@@ -289,7 +295,7 @@ def register_model(exported: FlyteDirectory, selected: SelectedGenerator, tracki
     with tracking.child_run(run_id, "register_model") as (client, child):
         registration = register_generator(
             client, tracking_settings.model_name, run_id, selected.dataset_fingerprint, selected.proximal_scoring,
-            selected.operator_kind, selected.proximal_fd, lambda: _log_pytorch_model(export_dir, child),
+            selected.operator_kind, selected.proximal_fd, lambda: _log_generator_model(export_dir, child),
         )
         grid = selected.grid.download()
         client.log_artifact(run_id, grid)

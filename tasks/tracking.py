@@ -23,6 +23,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 import rsd_core
+from rsd_core.progress import format_duration
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS_ENV = "RSD_OUTPUTS"
@@ -149,11 +150,23 @@ class MetricLogger:
         self._pending = []
 
 
+# The figures a stage's end-of-stage line shows, when the task logged them to its run.
+KEY_METRICS: dict[str, tuple[str, ...]] = {
+    "corrupt_dataset": ("observations",),
+    "pretrain_teacher": ("steps", "loss"),
+    "distill": ("steps", "loss_fake", "loss_generator"),
+    "select_checkpoint": ("chosen_step", "chosen_proximal_fd", "teacher_proximal_fd"),
+}
+
+
 @contextlib.contextmanager
 def child_run(parent_run_id: str, task_name: str, params: Mapping[str, Any] | None = None
               ) -> Iterator[tuple[MlflowClient, str]]:
     """A run nested under the execution's run for one task. If the task raises, both are marked
-    FAILED (a successful retry's final task marks the execution's run FINISHED again)."""
+    FAILED (a successful retry's final task marks the execution's run FINISHED again).
+
+    It also tells a person watching (a terminal or pod logs) that the task started, and when it
+    ends, how long it took and its key figures (:data:`KEY_METRICS`, read back from the run)."""
     c = client()
     parent = c.get_run(parent_run_id)
     run = c.create_run(parent.info.experiment_id, run_name=task_name,
@@ -161,13 +174,21 @@ def child_run(parent_run_id: str, task_name: str, params: Mapping[str, Any] | No
     run_id = run.info.run_id
     if params:
         log_params(c, run_id, params)
+    print(f"[{task_name}] started", flush=True)
+    start = time.perf_counter()
     try:
         yield c, run_id
-    except BaseException:
+    except BaseException as err:
         c.set_terminated(run_id, "FAILED")
         c.set_terminated(parent_run_id, "FAILED")
+        print(f"[{task_name}] failed after {format_duration(time.perf_counter() - start)}: "
+              f"{type(err).__name__}", flush=True)
         raise
     c.set_terminated(run_id, "FINISHED")
+    metrics = c.get_run(run_id).data.metrics
+    figures = ", ".join(f"{key} {metrics[key]:.4g}" for key in KEY_METRICS.get(task_name, ()) if key in metrics)
+    print(f"[{task_name}] done in {format_duration(time.perf_counter() - start)}" + (f": {figures}" if figures else ""),
+          flush=True)
 
 
 def log_text_artifact(mlflow_client: MlflowClient, run_id: str, text: str, file_name: str) -> None:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from rsd_cli.main import main
 from rsd_core.data import DatasetError, open_dataset, write_dataset
-from rsd_core.operators import build_operator
+from rsd_core.kinds import build_operator
 from rsd_core.sources import brain_mri, corrupt, fashion_mnist, image_folder, import_corrupted
 from rsd_core.streaming import StreamingDataset
 from rsd_core.viz import save_grid

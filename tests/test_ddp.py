@@ -9,8 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rsd_core.config import NetworkConfig, TrainConfig
-from rsd_core.objectives import objective_for
-from rsd_core.operators import build_operator
+from rsd_core.kinds import build_operator, objective_for
 from rsd_core.pretrain import TensorSource, build_teacher, pretrain_teacher
 from rsd_core.training import list_checkpoints
 

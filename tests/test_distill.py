@@ -1,47 +1,102 @@
 """RSD distillation: the SiD loss direction, re-corruption, no measurement noise in the G step, resume."""
 
+import pytest
 import torch
+from torch import nn
 
 from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
-from rsd_core.distill import DistillPhase, OneStepGenerator, distill, sid_generator_loss, sid_noise_levels
-from rsd_core.objectives import objective_for
-from rsd_core.operators import Identity, build_operator
+from rsd_core.distill import DistillPhase, OneStepGenerator, distill, sid_noise_levels
+from rsd_core.kinds import build_operator, objective_for
+from rsd_core.operators import Identity
 from rsd_core.pretrain import TensorSource, build_teacher, pretrain_teacher
 from rsd_core.sampling import OneStepSampler, TeacherSampler
-from rsd_core.training import Trainer, list_checkpoints
+from rsd_core.stages import ModelCard, generator_from_checkpoint, save_model
+from rsd_core.training import StepContext, Trainer, list_checkpoints
 
 
-def gaussian_1d_denoiser(var):
-    return lambda x, s: x * var / (var + s[:, None] ** 2)
+class GaussianDenoiser(nn.Module):
+    """E[x0 | x0 + s n] = x var / (var + s^2) for x0 ~ N(0, var I): the exact denoiser of isotropic Gaussian data."""
+
+    def __init__(self, var: float):
+        super().__init__()
+        self.var = nn.Parameter(torch.tensor(var, dtype=torch.float64))
+
+    def forward(self, x, sigma):
+        return x * self.var / (self.var + sigma.double().reshape(-1, 1, 1, 1) ** 2)
 
 
-def _generator_grad(theta0, teacher_var, swap=False):
-    theta = torch.tensor(theta0, requires_grad=True)
-    gen = torch.Generator().manual_seed(0)
-    z = torch.randn(20_000, 1, generator=gen)
-    x_g = theta * z
-    s = sid_noise_levels(len(z), 800, gen, "cpu")
-    y_s = x_g + s[:, None] * torch.randn(x_g.shape, generator=gen)
-    teacher, fake = gaussian_1d_denoiser(teacher_var), gaussian_1d_denoiser(theta0**2)
+class ScaleGenerator(nn.Module):
+    """G(z) = theta z, z ~ N(0, I): a generator of N(0, theta^2 I) with one weight."""
+
+    def __init__(self, theta: float, shape=(1, 8, 8)):
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor(theta, dtype=torch.float64))
+        self.shape = shape
+
+    def sample(self, n, generator, bf16=False):
+        return self.theta * torch.randn((n, *self.shape), generator=generator, dtype=torch.float64)
+
+
+def _generator_step_grad(theta, data_var, batch, swap=False, alpha=1.2):
+    """d(loss)/d(theta) of one real generator step with exact Gaussian denoisers (teacher: the data's,
+    fake: the generator's), and the same gradient in closed form from the step's own random draws.
+
+    Per sample, with y = theta z + s n, teacher a y and fake b y (a = v / (v + s^2), b likewise with
+    theta^2), d = (a - b) y and w = 1 / mean|theta z - a y| held fixed (computed without gradient):
+        loss = w sum_pixels d . ((a y - theta z) - alpha d),  dy/dtheta = z,
+        dloss/dtheta = w sum_pixels [-d . z + (a - b) z . ((a y - theta z) - alpha d) + d . (a z - alpha (a - b) z)].
+    All but the first term reach theta through the networks' *inputs* y; detaching their outputs leaves
+    -w sum d . z (returned too, to show the check can tell them apart). Returns (autograd grad, closed form,
+    its Monte-Carlo standard error, detached closed form), all scaled as the step scales the loss.
+    """
+    objective = objective_for(build_operator({"kind": "identity"}))
+    teacher, fake = GaussianDenoiser(data_var), GaussianDenoiser(theta**2)
     if swap:
         teacher, fake = fake, teacher
-    loss = sid_generator_loss(teacher(y_s, s), fake(y_s, s), x_g, alpha=1.2).mean()
-    loss.backward()
-    return float(theta.grad)
+    generator = ScaleGenerator(theta)
+    dcfg = DistillConfig(alpha=alpha)
+    phase = DistillPhase(teacher, objective, generator, fake, TrainConfig(batch_size=batch, precision="fp32"), dcfg, {})
+    phase._generator_step(StepContext(torch.Generator().manual_seed(0), torch.device("cpu"), False, False))
+
+    gen = torch.Generator().manual_seed(0)  # replay the step's draws: z, then s, then n
+    z = torch.randn((batch, *generator.shape), generator=gen, dtype=torch.float64)
+    s = sid_noise_levels(batch, dcfg.t_max, gen, "cpu").double().reshape(-1, 1, 1, 1)
+    n = torch.randn(z.shape, generator=gen).double()
+    y = theta * z + s * n
+    a, b = (net.var.item() / (net.var.item() + s**2) for net in (teacher, fake))
+    d = (a - b) * y
+    w = 1.0 / (theta * z - a * y).abs().mean((1, 2, 3), keepdim=True).clamp_min(1e-5)
+    scale = dcfg.loss_scaling_g
+    direct = d * -z  # through y_g = x_g only
+    via_inputs = (a - b) * z * ((a * y - theta * z) - alpha * d) + d * (a * z - alpha * (a - b) * z)
+    per_sample = scale * (w * (direct + via_inputs)).sum((1, 2, 3))
+    detached = scale * (w * direct).sum((1, 2, 3))
+    se = float(per_sample.std()) / batch**0.5
+    return float(generator.theta.grad), float(per_sample.mean()), se, float(detached.mean())
+
+
+def test_sid_generator_gradient_flows_through_both_networks_inputs():
+    """The generator step's gradient equals the closed form that includes the paths through f_phi's and
+    f_psi's inputs (their weights frozen, their outputs not detached): docs/algorithms.md §7."""
+    for theta in (0.5, 2.0):
+        grad, closed, _, detached = _generator_step_grad(theta, 1.0, batch=256)
+        assert grad == pytest.approx(closed, rel=1e-4), (theta, grad, closed)
+        assert abs(closed - detached) > 0.02 * abs(closed), (theta, closed, detached)
 
 
 def test_sid_generator_gradient_moves_toward_the_data_and_flips_when_swapped():
-    # data N(0, 1); generator N(0, theta^2). Too narrow -> grow, too wide -> shrink.
-    assert _generator_grad(0.5, 1.0) < 0
-    assert _generator_grad(2.0, 1.0) > 0
-    assert _generator_grad(0.5, 1.0, swap=True) > 0
-    assert _generator_grad(2.0, 1.0, swap=True) < 0
+    """Data N(0, I), generator N(0, theta^2 I) in 64 dimensions: too narrow -> grow, too wide -> shrink,
+    each by more than 30 Monte-Carlo standard errors; swapping teacher and fake reverses both."""
+    for theta, swap, sign in ((0.5, False, -1), (2.0, False, 1), (0.5, True, 1), (2.0, True, -1)):
+        grad, closed, se, _ = _generator_step_grad(theta, 1.0, batch=20_000, swap=swap)
+        assert grad == pytest.approx(closed, rel=1e-4)
+        assert sign * grad > 30 * se, (theta, swap, grad, se)
 
 
 def test_noise_levels_follow_the_truncated_rho7_schedule():
     s = sid_noise_levels(100_000, 800, torch.Generator().manual_seed(0), "cpu")
     assert float(s.min()) >= 0.002 - 1e-6 and float(s.max()) <= 24.42
-    assert abs(float((s < 0.2).float().mean()) - 0.33) < 0.02  # ALGORITHMS.md 5: ~33% below 0.2
+    assert abs(float((s < 0.2).float().mean()) - 0.33) < 0.02  # docs/algorithms.md §7: ~33% of s below 0.2
 
 
 class RecordingIdentity(Identity):
@@ -65,7 +120,7 @@ class RecordingIdentity(Identity):
 TINY = NetworkConfig(img_resolution=8, img_channels=1, model_channels=8, channel_mult=(1, 2), attn_resolutions=())
 
 
-def test_fake_step_sees_recorrupted_samples_and_generator_step_adds_no_noise():
+def test_fake_step_sees_recorrupted_samples():
     op = RecordingIdentity(build_operator({"kind": "identity", "sigma_n": 0.3}).spec)
     objective = objective_for(op)
     seen = []
@@ -82,8 +137,6 @@ def test_fake_step_sees_recorrupted_samples_and_generator_step_adds_no_noise():
     cfg = TrainConfig(steps=1, batch_size=8, precision="fp32", channels_last=False)
     phase = DistillPhase(teacher, objective, generator, build_teacher(TINY, objective), cfg, DistillConfig(), {})
 
-    from rsd_core.training import StepContext
-
     ctx = StepContext(torch.Generator().manual_seed(0), torch.device("cpu"), False, False)
     gen_before = ctx.generator.get_state()
     phase._fake_step(ctx)
@@ -94,9 +147,48 @@ def test_fake_step_sees_recorrupted_samples_and_generator_step_adds_no_noise():
     assert len(seen) == 1 and not torch.allclose(seen[0], x_g)  # the fake saw A(x_g) + noise, not x_g
     residual = seen[0] - x_g
     assert abs(float(residual.std()) - 0.3) < 0.05
-    op.calls.clear()
-    phase._generator_step(ctx)
-    assert "noise" not in op.calls and "forward" in op.calls
+
+
+class OtherNoiseIdentity(Identity):
+    """The same operator with another measurement-noise source: ten times the noise, from its own generator."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.own = torch.Generator().manual_seed(123)
+
+    def noise(self, y, generator, state):
+        return 10 * super().noise(y, self.own, state)
+
+
+def _generator_step_result(op):
+    """Loss, gradient norm and updated weights of one generator step from fixed networks and seeds."""
+    objective = objective_for(op)
+    torch.manual_seed(0)
+    teacher, net, fake = (build_teacher(TINY, objective) for _ in range(3))
+    with torch.no_grad():  # off the zero-initialised output layers, so that teacher and fake disagree
+        for p in (*teacher.parameters(), *fake.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    generator = OneStepGenerator(net, objective, (1, 8, 8))
+    cfg = TrainConfig(steps=1, batch_size=8, precision="fp32", channels_last=False)
+    phase = DistillPhase(teacher, objective, generator, fake, cfg, DistillConfig(), {})
+    loss, grad_norm = phase._generator_step(StepContext(torch.Generator().manual_seed(0), torch.device("cpu"),
+                                                        False, False))
+    return loss, grad_norm, [p.detach().clone() for p in generator.parameters()]
+
+
+def test_generator_step_is_unchanged_by_the_measurement_noise():
+    """y_g = A(G(z)) carries no measurement noise (ALGORITHMS.md 1.3): the step's loss, gradient and updated
+    generator are bit-identical whether the operator's noise is its own, ten times larger from another
+    generator, or of twice the sigma_n; any use of the noise (through ``noise``, ``observe`` or sigma_n
+    itself, or a draw from the step's generator) would change them."""
+    spec = build_operator({"kind": "identity", "sigma_n": 0.3}).spec
+    results = [_generator_step_result(op) for op in (
+        Identity(spec), OtherNoiseIdentity(spec), build_operator({"kind": "identity", "sigma_n": 0.6}))]
+    (loss, grad_norm, weights), *others = results
+    assert grad_norm > 0
+    for other_loss, other_norm, other_weights in others:
+        assert (other_loss, other_norm) == (loss, grad_norm)
+        assert all(torch.equal(a, b) for a, b in zip(weights, other_weights, strict=True))
 
 
 def _tiny_teacher(digits8, tmp_path):
@@ -135,3 +227,19 @@ def test_short_distillation_runs_checkpoints_resumes_and_samples(digits8, tmp_pa
     teacher_sampler = TeacherSampler(teacher, objective, (1, 8, 8), sigma_stop=0.05)  # returns at the grid level 0.0599
     assert teacher_sampler.nfe == 29 and torch.isfinite(teacher_sampler.sample(4, seed=0)).all()
     assert Trainer  # the distillation ran through the shared loop
+
+
+def test_checkpoints_are_scored_at_the_sigma_init_they_were_distilled_with(digits8, tmp_path):
+    """Selection samples checkpoints as the exported model will: at the distillation's sigma_init, not the
+    teacher card's default 2.5."""
+    teacher, objective = _tiny_teacher(digits8, tmp_path)
+    card = ModelCard(kind="teacher", network=TINY, operator=objective.operator.spec, image_shape=(1, 8, 8),
+                     objective=objective.name)
+    teacher_dir = save_model(tmp_path / "teacher_model", teacher, card)
+    cfg = TrainConfig(steps=2, batch_size=8, checkpoint_every=2, precision="fp32")
+    phase, _ = distill(teacher, objective, (1, 8, 8), cfg, DistillConfig(sigma_init=1.0), tmp_path / "d",
+                       progress=False)
+    sampler = generator_from_checkpoint(list_checkpoints(tmp_path / "d" / "checkpoints")[-1], teacher_dir)
+    assert sampler.sigma_init == 1.0
+    expected = OneStepSampler(phase.generator_ema.net, objective, (1, 8, 8), 1.0).sample(6, seed=3)
+    assert torch.allclose(sampler.sample(6, seed=3), expected, atol=1e-5)

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from rsd_core.networks import edm_coefficients
+from rsd_core.kinds import build_operator
+from rsd_core.networks import EDMPrecond, edm_coefficients
 from rsd_core.objectives import AmbientDiffusionObjective, AmbientTweedieObjective, Objective
-from rsd_core.operators import build_operator
 from rsd_core.sampling import edm_time_steps, heun_sample
 from tests.gaussian import LinearNet, fit, gaussian_denoiser, random_covariance
 
@@ -18,6 +18,46 @@ def test_edm_constants_at_sigma_init():
     assert c_out == pytest.approx(0.4903, abs=1e-4)
     assert c_in == pytest.approx(0.3922, abs=1e-4)
     assert c_noise == pytest.approx(0.2291, abs=1e-4)
+
+
+class RecordingBackbone(torch.nn.Module):
+    """A stub F(inp, c_noise) = 2 inp[:, :C] - inp[:, C:].sum(1) + c_noise that records what it was given."""
+
+    def __init__(self, img_channels):
+        super().__init__()
+        self.img_channels = img_channels
+        self.calls = []
+
+    def forward(self, inp, c_noise):
+        self.calls.append((inp.clone(), c_noise.clone()))
+        c = self.img_channels
+        return 2 * inp[:, :c] - inp[:, c:].sum(1, keepdim=True) + c_noise.reshape(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 0.8])
+def test_edm_precond_is_skip_plus_scaled_backbone_of_scaled_input(sigma_data):
+    """D(x; sigma) = c_skip x + c_out F([c_in x, cond]; c_noise), with the coefficients written out here from
+    docs/algorithms.md §2 (not taken from the code under test); the conditioning channels are not scaled."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2, 3, 3, generator=gen)
+    cond = torch.rand(4, 1, 3, 3, generator=gen)
+    sigma = torch.tensor([0.01, 0.3, 2.5, 40.0])
+    backbone = RecordingBackbone(2)
+    out = EDMPrecond(backbone, img_channels=2, cond_channels=1, sigma_data=sigma_data)(x, sigma, cond)
+
+    s = sigma.double().reshape(-1, 1, 1, 1)
+    c_skip = sigma_data**2 / (s**2 + sigma_data**2)
+    c_out = s * sigma_data / (s**2 + sigma_data**2).sqrt()
+    c_in = 1 / (s**2 + sigma_data**2).sqrt()
+    c_noise = sigma.double().log() / 4
+    (inp, got_noise), = backbone.calls
+    torch.testing.assert_close(inp.double(), torch.cat([c_in * x.double(), cond.double()], 1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_noise.double(), c_noise, rtol=1e-5, atol=1e-6)
+    f = 2 * c_in * x.double() - cond.double() + c_noise.reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(out.double(), c_skip * x.double() + c_out * f, rtol=1e-5, atol=1e-5)
+    # a scalar sigma is broadcast over the batch
+    scalar = EDMPrecond(RecordingBackbone(2), 2, 1, sigma_data)(x, 2.5, cond)
+    torch.testing.assert_close(scalar[2], out[2])
 
 
 def test_time_steps_match_the_published_levels():
@@ -107,6 +147,72 @@ def test_ambient_tweedie_minimiser_is_the_clean_posterior_mean():
     naive = LinearNet(d)
     fit(naive, lambda: naive_obj.loss(naive, y, {}, torch.Generator().manual_seed(2)).mean())
     assert (naive.W.detach() - analytic).abs().max() > 0.1
+
+
+class FlatLinearNet(LinearNet):
+    """LinearNet on (B, C, H, W) images: h = W vec(x), reshaped back."""
+
+    def forward(self, x, sigma, cond=None):
+        return super().forward(x.flatten(1), sigma).reshape(x.shape)
+
+
+def test_noisy_superres_minimiser_is_the_posterior_mean_of_the_low_resolution_image():
+    """One 2x2 block, sigma_n 0.2, sigma_t 0.5: the Ambient Tweedie optimum is E[A x | y_t].
+
+    With the noise drawn on the low-resolution grid and up-sampled (one value per block) the
+    optimum was 0.14 away (largest entry 0.21): the objective's (1 - r) h + r y_t rule needs white noise."""
+    d, n, sigma_n, sigma_t = 4, 40_000, 0.2, 0.5
+    x0, cov, _ = _gaussian_data(n, d, seed=4)
+    op = build_operator({"kind": "superres", "factor": 2, "sigma_n": sigma_n})
+    y = op.observe(x0.reshape(n, 1, 2, 2), {}, torch.Generator().manual_seed(1))
+    obj = AmbientTweedieObjective(op)
+    FixedSigma(obj, sigma_t)
+    net = FlatLinearNet(d)
+    fit(net, lambda: obj.loss(net, y, {}, torch.Generator().manual_seed(2)).mean())
+    a = torch.full((d, d), 1 / d, dtype=torch.float64)  # block averaging kept at full size
+    cov_y = a @ cov @ a.T
+    analytic = cov_y @ torch.linalg.inv(cov_y + sigma_t**2 * torch.eye(d, dtype=torch.float64))
+    assert (net.W.detach() - analytic).abs().max() < 0.03, (net.W, analytic)
+
+
+class SigmaRecordingNet(LinearNet):
+    """A fixed random linear predictor that records the noise levels and inputs it is called with."""
+
+    def __init__(self, d):
+        super().__init__(d)
+        self.W.data = torch.randn(d, d, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        self.sigmas, self.inputs = [], []
+
+    def forward(self, x, sigma, cond=None):
+        self.sigmas.append(sigma.detach().clone())
+        self.inputs.append(x.detach().clone())
+        return super().forward(x, sigma, cond)
+
+
+def test_ambient_tweedie_clamps_sigma_t_below_sigma_n_to_sigma_n_with_zero_loss():
+    """sigma_t = max(lognormal, sigma_n) (docs/algorithms.md §4): a draw below sigma_n is evaluated at sigma_n on
+    the observation itself (no extra noise), where the mapped prediction is y exactly, so it carries no loss
+    and no gradient whatever the network predicts; about 36.6% of draws clamp at sigma_n = 0.2."""
+    d, sigma_n = 4, 0.2
+    op = build_operator({"kind": "identity", "sigma_n": sigma_n})
+    y = torch.randn(50_000, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    below = AmbientTweedieObjective(op)
+    FixedSigma(below, 0.1)
+    net = SigmaRecordingNet(d)
+    loss = below.loss(net, y[:64], {}, torch.Generator().manual_seed(1))
+    assert torch.all(net.sigmas[0] == sigma_n) and torch.equal(net.inputs[0], y[:64])
+    assert float(loss.abs().max()) == 0.0
+    loss.sum().backward()
+    assert float(net.W.grad.abs().max()) == 0.0
+
+    obj = AmbientTweedieObjective(op)
+    net = SigmaRecordingNet(d)
+    loss = obj.loss(net, y, {}, torch.Generator().manual_seed(2))
+    clamped = net.sigmas[0] == sigma_n
+    assert abs(float(clamped.double().mean()) - 0.366) < 0.01
+    # zero up to the float32 rounding of sigma_n in the ratio sigma_n^2 / sigma_t^2
+    assert float(loss[clamped].abs().max()) < 1e-4 * float(loss[~clamped].median())
 
 
 class MaskIndexedLinearNet(torch.nn.Module):

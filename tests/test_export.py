@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from rsd_core.config import BlurSpec, InpaintSpec, NetworkConfig
+from rsd_core.config import NetworkConfig
 from rsd_core.export import CARD_FILE, ONNX_FILE, PT2_FILE, ExportError, draw_inputs, export_generator, load_exportable
+from rsd_core.operators import BlurSpec, InpaintSpec
 from rsd_core.stages import ModelCard, build_network, save_model
 
 TINY = NetworkConfig(img_resolution=8, img_channels=1, model_channels=8, channel_mult=(1, 2), attn_resolutions=(4,))

@@ -4,7 +4,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from rsd_core.operators import build_operator, parse_operator_spec
+from rsd_core.kinds import build_operator
+from rsd_core.operators import parse_operator_spec
 
 IMAGE_SPECS = [
     ({"kind": "identity", "sigma_n": 0.2}, (3, 16, 16)),

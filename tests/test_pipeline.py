@@ -4,6 +4,7 @@ HOME/TMPDIR/outputs; then the local cache on a second run, and serialization for
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -109,6 +110,22 @@ def runs_by_name(client, name: str):
     return [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == name]
 
 
+def test_run_with_stdout_in_a_file_reports_each_stage_and_training_progress(first_run):
+    """Piped stdout (pod logs, CI): one start and one end line per stage with its key figures, and plain
+    training lines (the first step, every RSD_PROGRESS_INTERVAL seconds, the last step)."""
+    lines = first_run[1].splitlines()
+    for stage in ("corrupt_dataset", "pretrain_teacher", "distill", "select_checkpoint", "export_model",
+                  "register_model"):
+        assert f"[{stage}] started" in lines, stage
+        assert any(line.startswith(f"[{stage}] done in ") for line in lines), stage
+    assert any(line.startswith("[pretrain_teacher] done in ") and "loss " in line for line in lines)
+    assert any(line.startswith("[select_checkpoint] done in ") and "chosen_proximal_fd" in line for line in lines)
+    for phase, total in (("pretrain", 30), ("distill", 12)):
+        steps = [line.split()[2] for line in lines if line.startswith(f"[{phase}] step ")]
+        assert steps[0] == f"1/{total}" and steps[-1] == f"{total}/{total}", steps
+    assert "\r" not in first_run[1]
+
+
 def test_smoke_pipeline_registers_a_champion_with_metrics_grid_and_onnx(first_run, scratch):
     import onnxruntime as ort
 
@@ -177,6 +194,28 @@ def test_rerun_on_an_existing_dataset_reruns_only_the_stage_whose_config_changed
     assert len(runs_by_name(client, "pretrain_teacher")) == len(runs_by_name(client, "distill")) == 1
     reselected = [r for r in runs_by_name(client, "select_checkpoint") if r.data.params["n_samples"] == "48"]
     assert len(reselected) == 1
+
+
+def test_another_tracking_store_does_not_reuse_cached_training(first_run, scratch):
+    """Cached task outputs carry MLflow runs of one store: a run tracked elsewhere trains again."""
+    out, _ = first_run
+    env = {**scratch[1], "MLFLOW_TRACKING_URI": f"sqlite:///{Path(scratch[0]) / 'other-store.db'}"}
+    lines = rsd(env, "run", "--preset", "cpu-smoke", "--out", str(out)).splitlines()
+    assert "[pretrain_teacher] started" in lines and "[distill] started" in lines
+    assert "registered model  rsd-smoke version 1 alias @champion" in "\n".join(lines)
+
+
+def test_a_task_cache_whose_outputs_were_deleted_is_cleared(tmp_path, capsys):
+    from rsd_cli.pipeline_cmd import _scope_task_cache
+
+    cache = tmp_path / "flyte-cache" / "abc"
+    cache.mkdir(parents=True)
+    (cache / "entry").write_text("points at deleted outputs")
+    _scope_task_cache(cache, outputs_exist=False)
+    assert not (cache / "entry").exists() and "cleared the task cache" in capsys.readouterr().out
+    (cache / "entry").write_text("points at existing outputs")
+    _scope_task_cache(cache, outputs_exist=True)
+    assert (cache / "entry").exists()
 
 
 def test_sweep_maps_over_operators(scratch):
@@ -249,3 +288,12 @@ def test_multi_node_training_serializes_as_an_elastic_pytorch_job(scratch, tmp_p
     assert task_pb2.TaskSpec.FromString(entries[pretrain]).template.type == "pytorch"
     assert task_pb2.TaskSpec.FromString(entries[distill]).template.type == "python-task"  # 1 process: plain
 
+
+def test_deleting_the_outputs_and_running_again_works(first_run, scratch):
+    """``rm -rf outputs`` then the same command: everything is recomputed (this test runs last in the
+    module: it deletes the first run's outputs)."""
+    out, _ = first_run
+    shutil.rmtree(out)
+    stdout = rsd(scratch[1], "run", "--preset", "cpu-smoke", "--out", str(out))
+    assert "[pretrain_teacher] started" in stdout.splitlines()
+    assert "registered model  rsd-smoke version 1 alias @champion" in stdout

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
+from rsd_core.kinds import build_operator
 from rsd_core.metrics import ClassifierExtractor, compute_stats, frechet_distance
-from rsd_core.operators import build_operator
 from rsd_core.selection import (
     corrupted_view,
     make_extractors,
@@ -99,5 +99,9 @@ def test_select_stage_scores_checkpoints_and_teacher_levels(tmp_path):
     assert {r.nfe for r in result.teacher_rows} == {23, 25, 27, 29, 31, 35}
     saved = json.loads((tmp_path / "sel" / "selection.json").read_text())
     assert saved["chosen_checkpoint"] == result.chosen_checkpoint
+    # the default features are learnt from the corrupted data alone, and the report names both feature sets
+    assert saved["proximal_extractor"] == "self-supervised" and saved["proximal_extractor_id"].startswith("ssl-")
+    assert "no labels, no clean images" in saved["proximal_extractor_label"]
+    assert saved["extractor_label"] == ClassifierExtractor.label  # the true FD: evaluation only
     samples = sampler_for(result.generator_dir).sample(4, seed=0)
     assert samples.shape == (4, 1, 32, 32) and torch.isfinite(samples).all()

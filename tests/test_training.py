@@ -5,8 +5,7 @@ import torch
 
 from benchmarks.faults import NaNBatches
 from rsd_core.config import NetworkConfig, TrainConfig
-from rsd_core.objectives import objective_for
-from rsd_core.operators import build_operator
+from rsd_core.kinds import build_operator, objective_for
 from rsd_core.pretrain import TensorSource, build_teacher, pretrain_teacher
 from rsd_core.training import Trainer, TrainingDivergedError, list_checkpoints
 

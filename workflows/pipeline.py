@@ -41,7 +41,7 @@ def train_and_register(dataset: FlyteDirectory, config: PipelineConfig, run_id: 
                         log_every=config.tracking.log_every, run_id=run_id)
     selected = select_checkpoint(dataset=dataset, teacher=teacher, distilled=distilled, selection=config.selection,
                                  run_id=run_id)
-    exported = export_model(selected=selected, run_id=run_id)
+    exported = export_model(selected=selected, export=config.export, run_id=run_id)
     return register_model(exported=exported, selected=selected, tracking_settings=config.tracking, run_id=run_id)
 
 
@@ -57,7 +57,7 @@ def rsd_pipeline(config: PipelineConfig) -> RegisteredModel:
 def rsd_rerun(dataset_uri: str, config: PipelineConfig) -> RegisteredModel:
     """Train, select and register on an already-corrupted dataset; ``config.data`` is not used."""
     run_id = open_run(config=config, workflow_name="rsd_rerun")
-    dataset = check_dataset(dataset_uri=dataset_uri)
+    dataset = check_dataset(dataset_uri=dataset_uri, export=config.export)
     return train_and_register(dataset=dataset, config=config, run_id=run_id)
 
 

@@ -1,0 +1,260 @@
+"""The restore benchmark: held-out clean images seen through each operator, restored three ways.
+
+    python -m benchmarks.restore [--models DIR] [--tasks inpaint-0.8,...] [--n-images 64] [--train]
+
+For every task, the first ``--n-images`` Fashion-MNIST *test* images (never seen in training;
+brain-MRI test slices for ``mri-r4``) are corrupted by the task's operator with a fixed seed,
+then restored by
+- ``generator``: latent optimisation through the one-step generator (rsd_core.restore, tuned defaults);
+- ``teacher-dps``: diffusion posterior sampling with the teacher (rsd_core.posterior);
+- ``classical``: the operator's classical estimate (rsd_core.baselines);
+and scored with PSNR and SSIM against the clean images ([0, 1] scale; MRI: magnitudes, range per
+image) and seconds per image (wall time of the method on the same images, same run, batched,
+``--threads`` torch threads). Models are read from ``DIR/<task>/{teacher,generator}`` (the layout
+of benchmarks/restoration.py's work folder); with ``--train``, missing ones are trained there with
+``--budget`` / ``--distill-budget`` minutes (a task without models is skipped and listed).
+Each method's restorations are kept in ``OUT/<task>/<method>.safetensors`` with its timing, so an
+interrupted run resumes. Writes benchmarks/results/restore.json (also the last stdout line),
+docs/figures/restore_<task>.png (rows: observation, classical, teacher-dps, generator, generator
+spread (scaled to its maximum), clean) and a section of docs/results.md; ``--no-publish`` writes
+only OUT/restore.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from benchmarks.report import emit
+from benchmarks.restoration import TASKS as TRAINING_TASKS
+from benchmarks.restoration import train_models
+from rsd_core.baselines import classical_estimate
+from rsd_core.kinds import build_operator
+from rsd_core.metrics import psnr, ssim
+from rsd_core.posterior import DPSConfig, dps_restore
+from rsd_core.restore import RestoreConfig, restore_observations
+from rsd_core.sources import brain_mri, fashion_mnist
+from rsd_core.stages import load_model, read_card
+from rsd_core.viz import save_grid, to_display
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "results.md"
+FIGURES = ROOT / "docs" / "figures"
+SECTION_START = "<!-- benchmarks/restore.py: generated section start -->"
+SECTION_END = "<!-- benchmarks/restore.py: generated section end -->"
+TASKS = ("inpaint-0.6", "inpaint-0.8", "blur-noise-0.2", "superres-x2", "mri-r4")
+METHODS = ("classical", "teacher-dps", "generator")
+OBSERVATION_SEED = 1234
+# DPS guidance constant zeta' per task, tuned on validation images (docs/algorithms.md).
+DPS_ZETA = {"inpaint-0.6": 1.0, "inpaint-0.8": 1.0, "blur-noise-0.2": 1.0, "superres-x2": 1.0, "mri-r4": 1.0}
+
+
+def clean_images(task: str, n: int, image_shape: tuple[int, ...]) -> torch.Tensor:
+    """The first ``n`` held-out clean test images of the task's source, in [-1, 1]."""
+    source = brain_mri("test", image_shape[-1]) if task == "mri-r4" else fashion_mnist("test")
+    return source.load(0, min(n, source.count))[0]
+
+
+def observe(operator, clean: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """y = A(x) + sigma_n eps with per-sample state, from one fixed seed."""
+    rng = torch.Generator().manual_seed(OBSERVATION_SEED)
+    state = operator.sample_state(len(clean), tuple(clean.shape[1:]), rng)
+    return operator.observe(clean, state, rng), state
+
+
+def scores(restored: torch.Tensor, clean: torch.Tensor) -> tuple[float, float]:
+    """Mean PSNR and SSIM: [0, 1] images with range 1; complex (MRI) images as magnitudes, range per image."""
+    if clean.shape[1] == 2:
+        return psnr(restored, clean).mean, ssim(restored, clean).mean
+    a, b = to_display(restored), to_display(clean)
+    return psnr(a, b, 1.0).mean, ssim(a, b, 1.0).mean
+
+
+def run_method(folder: Path, method: str, settings: dict, work: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
+               n: int) -> dict:
+    """Run ``work`` (-> restorations, spread or None) and time it, unless ``folder`` holds the result of
+    the same method with the same settings (the file name carries their digest)."""
+    digest = hashlib.sha256(json.dumps({**settings, "n": n}, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = folder / f"{method}-{digest}.safetensors"
+    meta_path = path.with_suffix(".json")
+    if not (path.exists() and meta_path.exists()):
+        start = time.perf_counter()
+        restored, spread = work()
+        seconds = time.perf_counter() - start
+        tensors = {"restored": restored.contiguous()}
+        if spread is not None:
+            tensors["spread"] = spread.contiguous()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path))
+        meta_path.write_text(json.dumps({"seconds": seconds, "n": n, "threads": torch.get_num_threads(),
+                                         "settings": settings}, default=str))
+    meta = json.loads(meta_path.read_text())
+    return {**load_file(str(path)), "seconds_per_image": meta["seconds"] / meta["n"]}
+
+
+def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict]:
+    generator_dir, teacher_dir = models / task / "generator", models / task / "teacher"
+    card = read_card(generator_dir)
+    operator = build_operator(card.operator)
+    clean = clean_images(task, args.n_images, card.image_shape)
+    y, state = observe(operator, clean)
+    restore_config = RestoreConfig(batch_size=args.batch_size)
+    dps_config = DPSConfig(zeta=DPS_ZETA[task], batch_size=args.batch_size)
+
+    def generator():
+        net, objective, _ = load_model(generator_dir)
+        result = restore_observations(net, objective, card.image_shape, card.sigma_init, y, state, restore_config,
+                                      progress=not args.quiet)
+        return result.mean, result.spread
+
+    def teacher_dps():
+        net, objective, teacher_card = load_model(teacher_dir)
+        return dps_restore(net, objective, card.image_shape, y, state, dps_config, teacher_card.sigma_stop,
+                           progress=not args.quiet), None
+
+    work = {"classical": lambda: (classical_estimate(operator, y, state), None),
+            "teacher-dps": teacher_dps, "generator": generator}
+    settings = {"classical": {"operator": card.operator.model_dump()},
+                "teacher-dps": {"model": read_card(teacher_dir).model_dump(), "config": dps_config.model_dump()},
+                "generator": {"model": card.model_dump(), "config": restore_config.model_dump()}}
+    rows, outputs = [], {}
+    for method in args.methods:
+        outputs[method] = run_method(out / task, method, settings[method], work[method], len(y))
+        p, s = scores(outputs[method]["restored"], clean)
+        rows.append({"task": task, "method": method, "psnr": p, "ssim": s,
+                     "seconds_per_image": outputs[method]["seconds_per_image"]})
+        print(f"   {method:12} PSNR {p:6.2f} dB  SSIM {s:.3f}  {rows[-1]['seconds_per_image']:.4f} s/image", flush=True)
+    grid = save_task_grid(task, operator.image_view(y, state), outputs, clean, out, args.publish)
+    return rows, {"task": task, "operator": card.operator.model_dump(), "grid": grid,
+                  "restore_config": restore_config.model_dump(), "dps_config": dps_config.model_dump(),
+                  "teacher_sigma_stop": read_card(teacher_dir).sigma_stop, "n_images": len(y)}
+
+
+def save_task_grid(task: str, observed: torch.Tensor, outputs: dict, clean: torch.Tensor, out: Path,
+                   publish: bool) -> str:
+    """Eight columns; rows: observation, each method's restoration, the generator's spread, clean."""
+    k = min(8, len(clean))
+    rows = [observed[:k]] + [outputs[m]["restored"][:k] for m in METHODS if m in outputs]
+    if "generator" in outputs:
+        spread = outputs["generator"]["spread"][:k].norm(dim=1, keepdim=True)
+        spread = spread / spread.amax().clamp_min(1e-12)
+        rows.append((2 * spread - 1).expand(-1, clean.shape[1], -1, -1) if clean.shape[1] != 2
+                    else torch.cat([spread, torch.zeros_like(spread)], dim=1))
+    rows.append(clean[:k])
+    path = (FIGURES if publish else out) / f"restore_{task}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(torch.cat(rows), str(path), nrow=k)
+    return str(path.relative_to(ROOT)) if publish else str(path)
+
+
+def write_doc(result: dict, command: str) -> None:
+    """Replace this benchmark's section of docs/results.md (appended at the end the first time)."""
+    by = {(r["task"], r["method"]): r for r in result["rows"]}
+    lines = [SECTION_START, "", "# Restoring observations (CPU)", "",
+             f"Command: `{command}`  ", f"Machine: {result['machine']}  ", f"Date: {result['date']}  ",
+             f"Images: the first {result['n_images']} Fashion-MNIST test images per task (held out from training), "
+             f"corrupted with seed {OBSERVATION_SEED}; models from `{result['models']}`.", "",
+             "PSNR / SSIM on the [0, 1] scale against the clean images (higher is better); seconds per image on "
+             f"{result['threads']} torch thread(s), batches of {result['batch_size']} observations.", "",
+             "| task | classical PSNR / SSIM | teacher DPS PSNR / SSIM | generator PSNR / SSIM | "
+             "s/image classical / DPS / generator | DPS time / generator time |",
+             "|---|---|---|---|---|---|"]
+    for task in result["tasks"]:
+        cells, speeds = [], []
+        for method in METHODS:
+            r = by.get((task, method))
+            cells.append(f"{r['psnr']:.2f} / {r['ssim']:.3f}" if r else "n/a")
+            speeds.append(f"{r['seconds_per_image']:.4f}" if r else "n/a")
+        dps, gen = by.get((task, "teacher-dps")), by.get((task, "generator"))
+        ratio = f"{dps['seconds_per_image'] / gen['seconds_per_image']:.1f}x" if dps and gen else "n/a"
+        lines.append(f"| {task} | " + " | ".join(cells) + f" | {' / '.join(speeds)} | {ratio} |")
+    if result["skipped"]:
+        lines += ["", "Not run: " + "; ".join(f"{t} ({why})" for t, why in result["skipped"].items()) + "."]
+    lines += ["", "Grids (rows: observation, classical, teacher DPS, generator, generator spread scaled to its "
+              "maximum, clean):", ""]
+    lines += [f"- {t['task']}: ![{t['task']}](../{t['grid']})" for t in result["task_settings"]]
+    lines += ["", SECTION_END]
+    text = DOC.read_text() if DOC.exists() else ""
+    if SECTION_START in text and SECTION_END in text:
+        before, _, rest = text.partition(SECTION_START)
+        text = before + "\n".join(lines) + rest.partition(SECTION_END)[2]
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+    DOC.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="/work/bench/restore-models",
+                        help="folder with <task>/teacher and <task>/generator model folders")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument("--n-images", type=int, default=64, help="held-out test images per task (default: 64)")
+    parser.add_argument("--batch-size", type=int, default=64, help="observations per batch (default: 64)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, also for timing (default: 1)")
+    parser.add_argument("--train", action="store_true",
+                        help="train missing Fashion-MNIST models into --models (benchmarks/restoration.py's stages)")
+    parser.add_argument("--budget", type=float, default=3.0, help="with --train: teacher minutes (default: 3)")
+    parser.add_argument("--distill-budget", type=float, default=6.0,
+                        help="with --train: distillation minutes (default: 6)")
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "restore"), help="work folder (resumable)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-publish", dest="publish", action="store_false",
+                        help="leave docs/ and benchmarks/results alone; results go to OUT/restore.json only")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [n for n in names if n not in TASKS] + [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown task(s) or method(s) {unknown}; tasks {list(TASKS)}, methods {list(METHODS)}")
+    models, out = Path(args.models), Path(args.out)
+
+    rows, settings, skipped = [], [], {}
+    for task in names:
+        if args.train and task in TRAINING_TASKS:
+            train_models(TRAINING_TASKS[task], models / task, budget=args.budget, distill_budget=args.distill_budget,
+                         limit=20_000, n_eval=0, seed=0, progress=not args.quiet)
+        if not all((models / task / m / "model.json").exists() for m in ("teacher", "generator")):
+            skipped[task] = f"no trained teacher and generator under {models / task}"
+            print(f"== {task}: skipped ({skipped[task]})", flush=True)
+            continue
+        print(f"== {task}", flush=True)
+        task_rows, task_settings = run_task(task, models, out, args)
+        rows += task_rows
+        settings.append(task_settings)
+
+    result = {
+        "rows": rows,
+        "tasks": [s["task"] for s in settings],
+        "skipped": skipped,
+        "task_settings": settings,
+        "n_images": args.n_images,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "models": str(models),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
+        "date": datetime.date.today().isoformat(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "restore.json").write_text(json.dumps(result, indent=1))
+    if not args.publish:
+        print(json.dumps(result))
+        return result
+    write_doc(result, "python -m benchmarks.restore " + " ".join(argv if argv is not None else sys.argv[1:]))
+    return emit("restore", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Tuning evidence for the restore benchmark: generator latent optimisation and DPS settings, swept on
+validation images (Fashion-MNIST training images 59,000 onwards; the models saw only the first 20,000
+and the benchmark scores test images).
+
+    python -m benchmarks.restore_tuning --task inpaint-0.8 --method generator \
+        --grid '{"steps": [10, 30], "lr": [0.1, 0.3]}' [--base '{"restarts": 1}'] [--n-images 16]
+
+Every combination of the ``--grid`` values (over ``--base``, over the defaults) is run on the same
+observations; PSNR, SSIM and seconds per image are appended to benchmarks/results/restore_tuning.json
+(one record per run, with its settings) and printed, one JSON line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.report import RESULTS_DIR
+from benchmarks.restore import observe, scores
+from rsd_core.kinds import build_operator
+from rsd_core.posterior import DPSConfig, dps_restore
+from rsd_core.restore import RestoreConfig, restore_observations
+from rsd_core.sources import fashion_mnist
+from rsd_core.stages import load_model
+
+VALIDATION_START = 59_000
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", required=True, help="task folder name under --models")
+    parser.add_argument("--method", choices=("generator", "teacher-dps"), required=True)
+    parser.add_argument("--grid", default="{}", help="JSON {setting: [values]} swept as a product")
+    parser.add_argument("--base", default="{}", help="JSON settings applied to every run")
+    parser.add_argument("--models", default="/work/bench/restore-models")
+    parser.add_argument("--n-images", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    folder = Path(args.models) / args.task / ("generator" if args.method == "generator" else "teacher")
+    net, objective, card = load_model(folder)
+    operator = build_operator(card.operator)
+    clean = fashion_mnist("train").load(VALIDATION_START, VALIDATION_START + args.n_images)[0]
+    y, state = observe(operator, clean)
+    grid, base = json.loads(args.grid), json.loads(args.base)
+    records = []
+    for values in itertools.product(*grid.values()):
+        settings = {**base, **dict(zip(grid, values, strict=True)), "batch_size": args.n_images}
+        start = time.perf_counter()
+        if args.method == "generator":
+            config = RestoreConfig(**settings)
+            restored = restore_observations(net, objective, card.image_shape, card.sigma_init, y, state, config).mean
+        else:
+            config = DPSConfig(**settings)
+            restored = dps_restore(net, objective, card.image_shape, y, state, config, card.sigma_stop)
+        seconds = (time.perf_counter() - start) / len(y)
+        p, s = scores(restored, clean)
+        records.append({"task": args.task, "method": args.method, "settings": config.model_dump(), "psnr": p,
+                        "ssim": s, "seconds_per_image": seconds, "n_images": len(y), "threads": args.threads})
+        print(json.dumps(records[-1]), flush=True)
+    path = RESULTS_DIR / "restore_tuning.json"
+    previous = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(previous + records, indent=1))
+    return records
+
+
+if __name__ == "__main__":
+    main()

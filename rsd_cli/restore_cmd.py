@@ -1,0 +1,114 @@
+"""`rsd restore`: clean versions of a corrupted dataset from a registered generator, as the Flyte
+workflow ``rsd_restore`` run locally (the same outputs folder as `rsd run`: MLflow store, sandbox).
+
+The model and the dataset are checked here first, so a mismatch is one line on stderr before
+Flyte starts; the workflow's first task repeats the check for cluster runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from rsd_cli.pipeline_cmd import _DEFAULT_OUT, _HELP, _prepare_outputs, _raw_outputs
+from rsd_core.restore import RestoreConfig
+
+_SETTING_HELP = {
+    "steps": "Adam steps on the latents",
+    "lr": "Adam learning rate on the latents",
+    "restarts": "latents per observation: their mean is the restoration, their std the spread",
+    "prior_weight": "weight of the Gaussian prior |z|^2 / 2 on the latents",
+    "sigma_floor": "noise scale of the misfit when the data are noiseless",
+    "data_consistency": "true/false: re-impose the measurements on the result (noiseless data)",
+    "batch_size": "observations optimised together",
+    "seed": "seed of the latents (a row group adds its first row index)",
+}
+
+
+def _uri(value: str) -> str:
+    """URLs as given; local paths made absolute (the tasks do not share the caller's cwd on a cluster)."""
+    return value if "://" in value else str(Path(value).resolve())
+
+
+def _config(args: argparse.Namespace) -> RestoreConfig:
+    given = {name: getattr(args, name) for name in RestoreConfig.model_fields if hasattr(args, name)}
+    try:
+        return RestoreConfig(**given)
+    except ValidationError as err:
+        raise ValueError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+                                   for e in err.errors())) from None
+
+
+def _restore(args: argparse.Namespace) -> int:
+    config = _config(args)
+    model_uri, dataset_uri, out_uri = args.model, _uri(args.dataset), _uri(args.out)
+    _prepare_outputs(args.out_dir, cache=False)
+    if not args.verbose:  # as in `rsd run`: flytekit's schema warnings, MLflow's run URLs and download bars
+        os.environ.setdefault("FLYTE_SDK_LOGGING_LEVEL", str(logging.ERROR))
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from rsd_core.stages import read_card
+    from tasks import tracking
+    from tasks.restore import check_inputs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, ds = check_inputs(model_uri, dataset_uri, out_uri, Path(tmp))
+        card = read_card(model.folder)
+    print(f"model    {model.label}: '{card.operator.kind}' generator of {tuple(card.image_shape)} images")
+    print(f"dataset  {dataset_uri}: {len(ds)} '{ds.manifest.operator.kind}' observations in "
+          f"{len(ds.manifest.shards)} shard(s)")
+    print(f"settings {' '.join(f'{k}={v}' for k, v in config.model_dump().items())}")
+    print(f"tracking {tracking.tracking_uri()}   outputs {args.out_dir.resolve()}", flush=True)
+    from workflows.restore import rsd_restore
+
+    start = time.perf_counter()
+    with _raw_outputs(args.raw_output_prefix):
+        result = rsd_restore(model_uri=model_uri, dataset_uri=dataset_uri, out_uri=out_uri, config=config,
+                             experiment=args.experiment)
+    m = result.metrics
+    print(f"\nrestored {result.count} observations in {(time.perf_counter() - start) / 60:.1f} min "
+          f"({m['seconds_per_image']:.3g} s per image)")
+    print(f"restored dataset  {result.uri}")
+    print(f"spread            {result.spread_uri}")
+    print(f"data misfit       {m['misfit']:.4g} (mean squared residual)   spread {m['spread']:.4g} (mean std)")
+    if "eval/images" in m:
+        ssim = f", SSIM {m['eval/ssim']:.4f}" if "eval/ssim" in m else ""
+        print(f"evaluation        PSNR {m['eval/psnr']:.2f} dB{ssim} on the {int(m['eval/images'])} rows "
+              "of the dataset's clean split")
+    print(f"MLflow run        {result.run_id}")
+    print(f"grid              {result.grid.path}  (observation / restoration / spread / clean when known)")
+    return 0
+
+
+def add_restore_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `rsd restore`; each RestoreConfig field becomes a flag (default: the tuned value)."""
+    p = subparsers.add_parser(
+        "restore", help="restore a corrupted dataset with a registered generator", formatter_class=_HELP,
+        description="Clean versions of your own observations: optimise the generator's latent so that the "
+        "dataset's operator applied to G(z) matches each observation (several restarts), shard by shard, as the "
+        "Flyte workflow rsd_restore. Writes a dataset of restored images (identity operator) at --out, their "
+        "per-pixel spread at --out/spread, and an MLflow run with time, misfit, spread (PSNR/SSIM when the "
+        "dataset has a clean split) and a grid. The model must be trained on the dataset's operator and "
+        "image shape.",
+    )
+    required = {"--model": "models:/<name>@<alias> or models:/<name>/<version>",
+                "--dataset": "the corrupted dataset (path or s3://)",
+                "--out": "where the restored dataset goes (path or s3://; must not exist)"}
+    for flag, text in required.items():
+        p.add_argument(flag, required=True, default=argparse.SUPPRESS, help=text)
+    for name, field in RestoreConfig.model_fields.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
+                       metavar=type(field.default).__name__,
+                       help=f"{_SETTING_HELP.get(name, 'restoration setting')} (default: {field.default})")
+    p.add_argument("--experiment", default="rsd-restore", help="MLflow experiment of the run")
+    p.add_argument("--out-dir", type=Path, default=_DEFAULT_OUT, help="outputs folder: MLflow store, Flyte sandbox")
+    p.add_argument("--raw-output-prefix", default=None, metavar="URI",
+                   help="where tasks write their outputs, e.g. s3://bucket/raw (default: the local sandbox)")
+    p.add_argument("--verbose", action="store_true", help="show flytekit's warnings")
+    p.set_defaults(func=_restore)

@@ -1,0 +1,281 @@
+"""Restoring a whole corrupted dataset with a saved one-step generator, shard by shard.
+
+The ``rsd_restore`` Flyte workflow (``tasks/restore.py``) wraps these functions: a compatibility
+check before any work, one :func:`restore_shard` per parquet shard (a map task), and
+:func:`write_restored`, which streams the per-shard results into datasets of the project's format.
+
+What gets written, and why in this shape:
+
+* ``OUT/`` is a dataset of **identity-operator observations** (noiseless, ``sigma_n = 0``) whose
+  rows are the posterior means, in the source's row order, with its labels. An identity dataset
+  is what the format calls clean images, so a restored dataset feeds everything that takes a
+  dataset (training with ``kind: identity``, FID references, ``rsd data`` tools) with no new
+  format. Its manifest's ``provenance`` records the model (registry name, version, run, the
+  fingerprint of the data it was trained on), the source dataset (URI, name, fingerprint,
+  operator), the restoration settings and the code version; ``clean_eval_uri`` points at the
+  source's clean split, whose rows are the clean versions of the first rows, so the restored
+  dataset can be evaluated like the source.
+* ``OUT/spread/`` is a second identity dataset, row for row: the per-pixel standard deviation of
+  the restarts (``value_range`` [0, 1]: restorations are clipped to [-1, 1]). The format has one
+  image column per row, and a second dataset keeps both checksummed and readable with
+  :func:`rsd_core.data.open_dataset`.
+
+Each shard's result is a safetensors file (no pickle) with the rows' index, mean, spread, data
+misfit and labels; restoration is seeded per row group (``seed + first row index``), so a
+shard's result does not depend on which worker restores it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rsd_core.data import (
+    CorruptedDataset,
+    Manifest,
+    WriteBatch,
+    expected_state,
+    open_dataset,
+    resolve_relative,
+    write_dataset,
+)
+from rsd_core.kinds import build_operator
+from rsd_core.metrics import psnr, ssim
+from rsd_core.restore import RestoreConfig, restore_observations
+from rsd_core.stages import ModelCard, load_model
+from rsd_core.viz import observations_for_display, save_grid
+
+SPREAD_DIR = "spread"
+GRID_COLUMNS = 8
+_SSIM_WINDOW = 11
+
+
+class RestoreInputError(ValueError):
+    """A model and a dataset that do not fit together; the message is one line naming both."""
+
+
+def check_restorable(card: ModelCard, model: str, ds: CorruptedDataset) -> None:
+    """Refuse, before any work, a model that cannot restore ``ds``.
+
+    The generator must be a distilled one, trained on the same operator kind and image shape,
+    and its forward model A must be the dataset's: restoration runs the *model's* operator on the
+    dataset's per-sample state (a blur of another width or a different coil bank would fit the
+    wrong A silently). Parameters that only shape the state's law or the noise (an inpainting
+    rate, an MRI acceleration, sigma_n) may differ; both specs go to the provenance.
+    """
+    m = ds.manifest
+    where = f"model {model} vs dataset {ds.uri}"
+    if card.kind != "generator":
+        raise RestoreInputError(f"{where}: the model is a {card.kind}; restoration needs a one-step generator")
+    if card.operator.kind != m.operator.kind:
+        raise RestoreInputError(f"{where}: the model was trained on '{card.operator.kind}' observations, the dataset "
+                                f"holds '{m.operator.kind}' ones; use a model trained on '{m.operator.kind}' data")
+    if tuple(card.image_shape) != tuple(m.image_shape):
+        raise RestoreInputError(f"{where}: the model makes images of shape {tuple(card.image_shape)}, the dataset's "
+                                f"images are {tuple(m.image_shape)}")
+    model_op = build_operator(card.operator)
+    if model_op.observation_shape(m.image_shape) != tuple(m.observation_shape) or expected_state(
+            model_op, m.image_shape) != m.state_keys or not _same_forward(model_op, ds):
+        raise RestoreInputError(f"{where}: the model's forward model {card.operator.model_dump()} differs from the "
+                                f"dataset's {m.operator.model_dump()}")
+
+
+def _same_forward(model_op, ds: CorruptedDataset) -> bool:
+    """A(x) of both operators on random images and state drawn by the dataset's operator."""
+    shape = tuple(ds.manifest.image_shape)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((2, *shape), generator=gen) * 2 - 1
+    state = ds.operator.sample_state(2, shape, gen)
+    try:
+        return torch.allclose(model_op.forward(x, state), ds.operator.forward(x, state), atol=1e-5)
+    except (IndexError, RuntimeError):  # e.g. a state index outside the model's coil-map bank
+        return False
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """What one shard's restoration measured (sums, so shards add up)."""
+
+    rows: int
+    seconds: float
+    misfit_sum: float
+    spread_sum: float
+
+
+def restore_shard(model_dir: str | Path, dataset_uri: str, shard: int, config: RestoreConfig, out_file: str | Path,
+                  device: str = "cpu") -> ShardSummary:
+    """Restore shard ``shard`` of the dataset, one row group at a time, into ``out_file`` (safetensors).
+
+    Per row: ``mean``, ``spread``, ``misfit`` (the mean squared residual A(mean) - y over the
+    observation's entries, with the dataset's operator and state) and the source ``label``.
+    """
+    ds = open_dataset(dataset_uri)
+    net, objective, card = load_model(model_dir, device)
+    units = [(shard, g) for g in range(ds.manifest.shards[shard].row_groups)]
+    start = time.perf_counter()
+    parts: dict[str, list[torch.Tensor]] = {"index": [], "mean": [], "spread": [], "misfit": [], "label": []}
+    for batch in ds.iter_batches(batch_size=ds.manifest.shards[shard].rows, units=units):
+        seeded = config.model_copy(update={"seed": config.seed + int(batch.index[0])})
+        restored = restore_observations(net, objective, card.image_shape, card.sigma_init, batch.observation,
+                                        batch.state, seeded)
+        residual = ds.operator.forward(restored.mean, batch.state) - batch.observation
+        parts["index"].append(batch.index)
+        parts["mean"].append(restored.mean)
+        parts["spread"].append(restored.spread)
+        parts["misfit"].append(residual.square().flatten(1).mean(1))
+        if batch.label is not None:
+            parts["label"].append(batch.label)
+    seconds = time.perf_counter() - start
+    tensors = {k: torch.cat(v).contiguous() for k, v in parts.items() if v}
+    save_file(tensors, str(out_file), metadata={"seconds": repr(seconds), "device": device})
+    return ShardSummary(len(tensors["index"]), seconds, float(tensors["misfit"].sum()),
+                        float(tensors["spread"].mean(dim=(1, 2, 3)).sum()))
+
+
+def read_summary(part: str | Path) -> ShardSummary:
+    """The :class:`ShardSummary` stored in a shard's result file."""
+    with safe_open(str(part), "pt") as f:
+        misfit, spread = f.get_tensor("misfit"), f.get_tensor("spread")
+        return ShardSummary(len(misfit), float(f.metadata()["seconds"]), float(misfit.sum()),
+                            float(spread.mean(dim=(1, 2, 3)).sum()))
+
+
+def _load(part: str | Path, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    with safe_open(str(part), "pt") as f:
+        return {k: f.get_tensor(k) for k in keys if k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+
+
+def _batches(parts: Sequence[str | Path], column: str) -> Iterator[WriteBatch]:
+    """(images, {}, labels) per shard result, in row order: what :func:`write_dataset` streams."""
+    for part in parts:
+        loaded = _load(part, (column, "label"))
+        yield loaded[column], {}, loaded.get("label")
+
+
+class _Rows:
+    """A dataset's rows in index order, handed out ``n`` at a time (the clean split, beside the results)."""
+
+    def __init__(self, ds: CorruptedDataset | None):
+        self._batches = iter(ds.iter_batches()) if ds is not None else iter(())
+        self._pending: list[torch.Tensor] = []
+        self._count = 0
+
+    def take(self, n: int) -> torch.Tensor | None:
+        while self._count < n:
+            batch = next(self._batches, None)
+            if batch is None:
+                break
+            self._pending.append(batch.observation)
+            self._count += len(batch.observation)
+        if not self._pending:
+            return None
+        rows = torch.cat(self._pending)
+        taken, rest = rows[:n], rows[n:]
+        self._pending, self._count = ([rest], len(rest)) if len(rest) else ([], 0)
+        return taken
+
+
+def quality(restored: torch.Tensor, clean: torch.Tensor, value_range: tuple[float, float]) -> dict[str, torch.Tensor]:
+    """Per-image PSNR (and SSIM where images hold an 11x11 window) of restorations against clean images.
+
+    Grey images use the value range as the peak; RGB ones are compared over all channels for PSNR
+    and channel-averaged for SSIM; complex (2-channel) images by magnitude with the reference's
+    peak, as MRI metrics are.
+    """
+    n, c, h, w = clean.shape
+    peak = None if c == 2 else value_range[1] - value_range[0]
+    if c == 3:  # PSNR over all channels at once: the channels stacked into one tall grey image
+        out = {"psnr": psnr(restored.reshape(n, 1, c * h, w), clean.reshape(n, 1, c * h, w), peak).values}
+    else:
+        out = {"psnr": psnr(restored, clean, peak).values}
+    if min(h, w) >= _SSIM_WINDOW:  # RGB: the mean of the three channels' SSIMs
+        grey = (-1, 1 if c == 3 else c, h, w)
+        out["ssim"] = ssim(restored.reshape(grey), clean.reshape(grey), peak).values.reshape(n, -1).mean(1)
+    return {k: torch.as_tensor(v) for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class RestoredDataset:
+    """Where the restoration went and what it measured."""
+
+    uri: str
+    spread_uri: str
+    manifest: Manifest
+    metrics: dict[str, float]
+
+
+def write_restored(out_uri: str, parts: Sequence[str | Path], source: CorruptedDataset,
+                   provenance: Mapping[str, Any]) -> RestoredDataset:
+    """Stream the shard results into ``out_uri`` (means) and ``out_uri/spread``, and measure them.
+
+    ``metrics``: ``images``, ``seconds`` (summed over shards), ``misfit`` and ``spread`` (means
+    over images), and, when the source has a clean split, ``eval/psnr``, ``eval/ssim`` and
+    ``eval/images`` over the rows it covers.
+    """
+    m = source.manifest
+    spread_uri = resolve_relative(out_uri, SPREAD_DIR)
+    clean_uri = resolve_relative(source.uri, m.clean_eval_uri) if m.clean_eval_uri else None
+    common = {"image_shape": m.image_shape, "operator": {"kind": "identity"}, "value_range": m.value_range}
+    manifest = write_dataset(out_uri, _batches(parts, "mean"), name=f"{m.name}-restored", seed=m.seed,
+                              provenance={**provenance, "spread_uri": SPREAD_DIR}, clean_eval_uri=clean_uri, **common)
+    write_dataset(spread_uri, _batches(parts, "spread"), name=f"{m.name}-restored-spread",
+                   provenance={"role": "per-pixel std over restarts", "of": f"{m.name}-restored"},
+                   **{**common, "value_range": (0.0, 1.0)})
+    summaries = [read_summary(p) for p in parts]
+    count = sum(s.rows for s in summaries)
+    metrics = {"images": float(count), "seconds": sum(s.seconds for s in summaries),
+               "misfit": sum(s.misfit_sum for s in summaries) / count,
+               "spread": sum(s.spread_sum for s in summaries) / count}
+    metrics.update(_evaluate(parts, source, m.value_range))
+    return RestoredDataset(out_uri, spread_uri, manifest, metrics)
+
+
+def _evaluate(parts: Sequence[str | Path], source: CorruptedDataset, value_range) -> dict[str, float]:
+    """Mean PSNR/SSIM of the rows the source's clean split covers (its first rows); none without one."""
+    clean = _Rows(source.clean_eval())
+    sums: dict[str, float] = {}
+    covered = 0
+    for part in parts:
+        mean = _load(part, ("mean",))["mean"]
+        reference = clean.take(len(mean))
+        if reference is None:
+            break
+        for key, values in quality(mean[: len(reference)], reference, value_range).items():
+            sums[key] = sums.get(key, 0.0) + float(values.sum())
+        covered += len(reference)
+    if not covered:
+        return {}
+    return {"eval/images": float(covered), **{f"eval/{k}": v / covered for k, v in sums.items()}}
+
+
+def restoration_grid(source: CorruptedDataset, restored_uri: str, path: str | Path, n: int = GRID_COLUMNS) -> Path:
+    """A PNG of the first ``n`` rows: observation (as an image) / restoration / spread / clean when known.
+
+    The spread row is scaled to its own maximum (black = no spread), so it shows where the
+    restarts disagree whatever their scale.
+    """
+    batch = next(source.iter_batches(batch_size=n))
+    restored = open_dataset(restored_uri)
+    mean = next(restored.iter_batches(batch_size=n)).observation
+    spread = next(open_dataset(resolve_relative(restored_uri, SPREAD_DIR)).iter_batches(batch_size=n)).observation
+    rows = [observations_for_display(batch.observation, source.operator, batch.state), mean, _spread_view(spread)]
+    clean = _Rows(source.clean_eval()).take(len(mean))
+    if clean is not None and len(clean) == len(mean):
+        rows.append(clean)
+    save_grid(torch.cat(rows), str(path), nrow=len(mean))
+    return Path(path)
+
+
+def _spread_view(spread: torch.Tensor) -> torch.Tensor:
+    """Spread scaled to [0, 1] by its maximum, encoded so :func:`save_grid` shows 0 as black."""
+    scaled = spread / spread.abs().amax().clamp_min(1e-8)
+    if spread.shape[1] == 2:  # complex images are shown as magnitude: put it in the real channel
+        return torch.cat([scaled.square().sum(1, keepdim=True).sqrt() / 2**0.5, torch.zeros_like(scaled[:, :1])], 1)
+    return scaled * 2 - 1

@@ -1,0 +1,184 @@
+"""Restoration of observations: latent optimisation against the closed-form MAP of a linear Gaussian
+generator, data consistency, the spread over restarts, the classical baselines and DPS."""
+
+import pytest
+import torch
+
+from rsd_core.baselines import bicubic_upsample, biharmonic_inpaint, least_squares_cg, wiener_deblur
+from rsd_core.config import NetworkConfig
+from rsd_core.kinds import build_operator
+from rsd_core.metrics import psnr
+from rsd_core.objectives import Objective
+from rsd_core.posterior import DPSConfig, dps_restore
+from rsd_core.pretrain import build_teacher
+from rsd_core.restore import RestoreConfig, restore_observations, restore_with_model
+from rsd_core.stages import ModelCard, save_model
+from tests.gaussian import gaussian_denoiser, random_covariance
+
+SHAPE = (1, 4, 4)
+D = 16
+SIGMA_INIT = 2.5
+
+
+class LinearGenerator(torch.nn.Module):
+    """G(eps) = W eps + b behind the network call signature: net(sigma_init * eps, sigma_init)."""
+
+    def __init__(self, scale: float = 0.3, seed: int = 0):
+        super().__init__()
+        rng = torch.Generator().manual_seed(seed)
+        self.W = torch.nn.Parameter(scale * torch.randn(D, D, generator=rng) / D**0.5, requires_grad=False)
+        self.b = torch.nn.Parameter(0.1 * torch.randn(D, generator=rng), requires_grad=False)
+
+    def forward(self, x, sigma, cond=None):
+        eps = x.flatten(1) / sigma.view(-1, 1)
+        return (eps @ self.W.T + self.b).view_as(x)
+
+
+def matrix_of(operator, state):
+    """The dense matrix of a linear operator on one (1, 4, 4) image with one sample's state."""
+    basis = torch.eye(D).view(D, *SHAPE)
+    rows = operator.forward(basis, {k: v.expand(D, *v.shape[1:]) for k, v in state.items()})
+    return rows.flatten(1).T
+
+
+def observe(spec: dict, n: int = 3, seed: int = 1):
+    operator = build_operator(spec)
+    rng = torch.Generator().manual_seed(seed)
+    x = 0.3 * torch.randn((n, *SHAPE), generator=rng)
+    state = operator.sample_state(n, SHAPE, rng)
+    return operator, x, state, operator.observe(x, state, rng)
+
+
+@pytest.mark.parametrize("spec", [{"kind": "blur", "kernel_size": 3, "std": 1.0, "sigma_n": 0.1},
+                                  {"kind": "inpaint", "p": 0.5, "sigma_n": 0.1}])
+def test_latent_optimisation_reaches_the_closed_form_map(spec):
+    """argmin ||A(W e + b) - y||^2 / (2 s^2) + lam ||e||^2 / 2 is linear algebra; every restart gets there."""
+    operator, _, state, y = observe(spec)
+    net = LinearGenerator()
+    config = RestoreConfig(steps=400, lr=0.2, restarts=3, prior_weight=0.5, sigma_floor=0.05,
+                           data_consistency=False)
+    got = restore_observations(net, Objective(operator), SHAPE, SIGMA_INIT, y, state, config)
+    s2 = max(operator.sigma_n, config.sigma_floor) ** 2
+    W, b = net.W.double(), net.b.double()
+    for i in range(len(y)):
+        A = matrix_of(operator, {k: v[i : i + 1] for k, v in state.items()}).double()
+        AW = A @ W
+        e = torch.linalg.solve(AW.T @ AW / s2 + config.prior_weight * torch.eye(D, dtype=torch.float64),
+                               AW.T @ (y[i].flatten().double() - A @ b) / s2)
+        want = (W @ e + b).clamp(-1, 1).view(SHAPE)
+        assert torch.allclose(got.mean[i].double(), want, atol=2e-3), (got.mean[i] - want).abs().max()
+    assert got.spread.max() < 2e-3
+
+
+def test_data_consistency_keeps_measured_pixels_and_block_means():
+    net = LinearGenerator(scale=0.1)  # restarts stay inside [-1, 1], where the final clamp is a no-op
+    config = RestoreConfig(steps=5, restarts=2, data_consistency=True)
+    operator, _, state, y = observe({"kind": "inpaint", "p": 0.5})
+    got = restore_observations(net, Objective(operator), SHAPE, SIGMA_INIT, y, state, config).mean
+    measured = state["mask"].expand_as(y) > 0
+    assert torch.allclose(got[measured], y[measured].clamp(-1, 1), atol=1e-6)
+    operator, _, state, y = observe({"kind": "superres", "factor": 2})
+    got = restore_observations(net, Objective(operator), SHAPE, SIGMA_INIT, y, state, config).mean
+    assert torch.allclose(operator.forward(got, state), y.clamp(-1, 1), atol=1e-5)
+
+
+def test_spread_is_zero_for_identical_restarts_and_positive_otherwise():
+    """A generator that ignores its latent gives identical restarts (the observations still differ,
+    so a spread taken over the wrong axis would show); an under-determined one does not."""
+    operator, _, state, y = observe({"kind": "inpaint", "p": 0.5})
+    config = RestoreConfig(steps=20, restarts=4, prior_weight=0.0)
+    constant = LinearGenerator(scale=0.0)
+    assert torch.equal(restore_observations(constant, Objective(operator), SHAPE, SIGMA_INIT, y, state,
+                                            config).spread, torch.zeros_like(y))
+    free = restore_observations(LinearGenerator(), Objective(operator), SHAPE, SIGMA_INIT, y, state, config)
+    missing = state["mask"].expand_as(y) == 0
+    assert free.spread[missing].min() > 1e-3
+    assert free.spread[~missing].max() < 1e-6  # measured pixels are kept in every restart
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    from rsd_core.sources import fashion_mnist
+
+    return fashion_mnist("test").load(0, 16)[0]
+
+
+def to_unit(x):
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def test_wiener_deconvolution_beats_the_blurred_image_and_inverts_the_reflect_padded_blur(fashion):
+    operator = build_operator({"kind": "blur", "kernel_size": 5, "std": 1.0, "sigma_n": 0.05})
+    y = operator.observe(fashion, {}, torch.Generator().manual_seed(0))
+    restored = wiener_deblur(y, operator.kernel, nsr=0.01)
+    assert psnr(to_unit(restored), to_unit(fashion), 1.0).mean > psnr(to_unit(y), to_unit(fashion), 1.0).mean + 1.0
+    clean = operator.forward(0.5 * fashion, {})  # half range: the final clamp stays inactive
+    refit = operator.forward(wiener_deblur(clean, operator.kernel, nsr=1e-8), {})
+    assert (refit - clean).abs().max() < 1e-3  # exact forward model, borders included
+
+
+def test_biharmonic_beats_zero_filling_and_bicubic_beats_nearest(fashion):
+    operator = build_operator({"kind": "inpaint", "p": 0.8})
+    state = operator.sample_state(len(fashion), tuple(fashion.shape[1:]), torch.Generator().manual_seed(0))
+    y = operator.forward(fashion, state)
+    filled = psnr(to_unit(biharmonic_inpaint(y, state["mask"])), to_unit(fashion), 1.0).mean
+    assert filled > psnr(to_unit(y), to_unit(fashion), 1.0).mean + 5.0
+    operator = build_operator({"kind": "superres", "factor": 2})
+    y = operator.forward(fashion, {})
+    assert psnr(to_unit(bicubic_upsample(y, 2)), to_unit(fashion), 1.0).mean > psnr(to_unit(y), to_unit(fashion),
+                                                                                     1.0).mean
+
+
+def test_least_squares_cg_matches_the_normal_equations():
+    operator, _, state, y = observe({"kind": "blur", "kernel_size": 3, "std": 1.0, "sigma_n": 0.1})
+    lam = 0.05
+    got = least_squares_cg(operator, y, state, lam, iters=40)
+    A = matrix_of(operator, {}).double()
+    want = torch.linalg.solve(A.T @ A + lam * torch.eye(D, dtype=torch.float64), A.T @ y.flatten(1).double().T).T
+    assert torch.allclose(got.flatten(1).double(), want.clamp(-1, 1), atol=1e-4)
+
+
+class GaussianTeacher(torch.nn.Module):
+    """The exact denoiser of N(mu, Sigma) images behind the network call signature."""
+
+    def __init__(self):
+        super().__init__()
+        self.mu = torch.nn.Parameter(torch.zeros(D, dtype=torch.float64), requires_grad=False)
+        self.denoiser = gaussian_denoiser(self.mu.data, random_covariance(D, seed=3))
+
+    def forward(self, x, sigma, cond=None):
+        return self.denoiser(x.flatten(1), sigma).view_as(x).float()
+
+
+def test_dps_reduces_the_misfit_of_the_teacher_samples():
+    operator, _, state, y = observe({"kind": "inpaint", "p": 0.5}, n=16)
+    objective, teacher = Objective(operator), GaussianTeacher()
+
+    def misfit(zeta):
+        x = dps_restore(teacher, objective, SHAPE, y, state, DPSConfig(zeta=zeta, data_consistency=False))
+        return float((operator.forward(x, state) - y).square().sum())
+
+    unguided, guided = misfit(1e-9), misfit(1.0)
+    assert guided < 0.5 * unguided, (guided, unguided)
+
+
+def test_restore_with_model_folder(tmp_path):
+    """A saved generator folder restores observations of its own shape, and refuses a teacher."""
+    network = NetworkConfig(img_resolution=8, model_channels=8, channel_mult=(1, 2), attn_resolutions=())
+    operator = build_operator({"kind": "inpaint", "p": 0.6})
+    from rsd_core.kinds import objective_for
+
+    net = build_teacher(network, objective_for(operator))
+    card = ModelCard(kind="generator", network=network, operator=operator.spec, image_shape=(1, 8, 8),
+                     objective="ambient_diffusion")
+    save_model(tmp_path / "generator", net, card)
+    save_model(tmp_path / "teacher", net, card.model_copy(update={"kind": "teacher"}))
+    state = operator.sample_state(3, (1, 8, 8), torch.Generator().manual_seed(0))
+    y = operator.forward(torch.rand(3, 1, 8, 8) * 2 - 1, state)
+    got = restore_with_model(tmp_path / "generator", y, state, RestoreConfig(steps=2, restarts=2))
+    assert got.mean.shape == got.spread.shape == (3, 1, 8, 8)
+    assert got.mean.abs().max() <= 1.0
+    with pytest.raises(ValueError, match="one-step generator"):
+        restore_with_model(tmp_path / "teacher", y, state, RestoreConfig(steps=2))
+    with pytest.raises(ValueError, match="need their state"):
+        restore_with_model(tmp_path / "generator", y, {}, RestoreConfig(steps=2))

@@ -1,0 +1,296 @@
+"""`rsd restore` end to end on a tiny registered generator, its one-line refusals of a model that does
+not fit the data, and the registered model served the MLflow way (pyfunc in-process and over HTTP)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+mlflow = pytest.importorskip("mlflow")
+pytest.importorskip("flytekit")
+
+from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig  # noqa: E402
+from rsd_core.data import MANIFEST_NAME, open_dataset, write_dataset  # noqa: E402
+from tests.cli import BIN  # noqa: E402
+
+MODEL = "restore-smoke"
+CHAMPION = f"models:/{MODEL}@champion"
+ROWS = 80  # three shards of 32, 32 and 16 rows, 16 rows per row group
+CLEAN_ROWS = 24
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    """The subprocess environment: scratch HOME/TMPDIR, one thread, no inherited tracking settings."""
+    root = tmp_path_factory.mktemp("restore")
+    for sub in ("home", "tmp"):
+        (root / sub).mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "FLYTE_", "RSD_"))}
+    env.update(HOME=str(root / "home"), TMPDIR=str(root / "tmp"), OMP_NUM_THREADS="1",
+               FLYTE_LOCAL_CACHE_ENABLED="false", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    return root, env
+
+
+def _sharded_copy(source: str, out: Path, **changes) -> str:
+    """The dataset at ``source`` rewritten in shards of 32 rows (16 per row group), with ``changes``
+    to the manifest's fields, so the workflow maps over several shards."""
+    ds = open_dataset(source)
+    obs, state, labels = ds.read_all()
+    m = ds.manifest
+    fields = {"name": m.name, "image_shape": m.image_shape, "operator": m.operator, "seed": m.seed,
+              "clean_eval_uri": str(Path(source) / m.clean_eval_uri), **changes}
+    write_dataset(str(out), obs, state, labels, rows_per_shard=32, rows_per_group=16, **fields)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def trained(scratch):
+    """A generator trained for a few steps on corrupted Fashion-MNIST (inpainting p = 0.6), exported
+    and registered as champion of ``restore-smoke`` exactly as the pipeline's register_model does."""
+    from rsd_core.export import export_generator
+    from rsd_core.sources import corrupt
+    from rsd_core.stages import distill_stage, pretrain_stage
+    from tasks import registry, tracking
+    from tasks.stages import _log_generator_model
+
+    root, _ = scratch
+    out = root / "outputs"
+    corrupt("fashion-mnist", {"kind": "inpaint", "p": 0.6}, 0, str(root / "raw"), limit=ROWS,
+            clean_eval_count=CLEAN_ROWS)
+    dataset = _sharded_copy(str(root / "raw"), root / "data")
+    network = NetworkConfig(model_channels=8, channel_mult=(1, 2), attn_resolutions=())
+    teacher_train = TrainConfig(steps=6, batch_size=8, lr=1e-3, lr_rampup_steps=2, checkpoint_every=6,
+                                ema_halflife_nimg=100.0, precision="fp32")
+    distill_train = TrainConfig(steps=2, batch_size=4, lr=5e-5, betas=(0.0, 0.999), lr_rampup_steps=0,
+                                checkpoint_every=2, ema_halflife_nimg=50.0, precision="fp32")
+    teacher, _ = pretrain_stage(dataset, network, teacher_train, root / "work", progress=False)
+    generator, _, _ = distill_stage(teacher, distill_train, DistillConfig(), root / "work", progress=False)
+    export = export_generator(generator, root / "export", formats=("pt2",))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(tracking.OUTPUTS_ENV, str(out))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        client = tracking.client()
+        run = client.create_run(tracking.experiment_id(client, "restore-test")).info.run_id
+        registration = registry.register_generator(client, MODEL, run, open_dataset(dataset).fingerprint, "test/n1",
+                                                   "inpaint", 1.0, lambda: _log_generator_model(export, run))
+    assert registration.alias == "champion"
+    return out, dataset
+
+
+def _rsd(env: dict, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / "rsd"), *args], env=env, cwd=env["TMPDIR"], capture_output=True, text=True,
+                          timeout=300)
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _client(out: Path):
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_rsd_restore_writes_the_restored_dataset_with_provenance_metrics_and_grid(trained, scratch):
+    out, dataset = trained
+    root, env = scratch
+    restored = root / "restored"
+    started = time.perf_counter()
+    stdout = _rsd(env, "restore", "--model", CHAMPION, "--dataset", dataset, "--out", str(restored),
+                  "--out-dir", str(out), "--steps", "4", "--restarts", "2").stdout
+    print(f"rsd restore: {time.perf_counter() - started:.1f} s")
+    assert f"model    {CHAMPION} (version 1): 'inpaint' generator" in stdout
+    assert "80 'inpaint' observations in 3 shard(s)" in stdout
+    assert "shard 3/3: 16 observations restored" in stdout
+    assert f"restored dataset  {restored}" in stdout
+    assert f"on the {CLEAN_ROWS} rows of the dataset's clean split" in stdout
+
+    source, result = open_dataset(dataset), open_dataset(str(restored), verify=True)
+    assert result.manifest.operator.kind == "identity" and len(result) == len(source) == ROWS
+    prov = result.manifest.provenance
+    assert (prov["model"]["name"], prov["model"]["version"]) == (MODEL, 1)
+    assert prov["source"]["fingerprint"] == source.fingerprint and prov["settings"]["steps"] == 4
+    y, state, labels = source.read_all()
+    mean, _, restored_labels = result.read_all()
+    assert torch.equal(labels, restored_labels)
+    # Noiseless inpainting with data consistency keeps every measured pixel: rows stayed in order across shards.
+    mask = state["mask"].expand_as(y).bool()
+    torch.testing.assert_close(mean[mask], y[mask], atol=1e-5, rtol=0)
+    spread, _, _ = open_dataset(str(restored / "spread")).read_all()
+    assert spread.shape == mean.shape and (spread >= 0).all() and spread[~mask].max() > 0
+    assert result.manifest.clean_eval_uri and result.clean_eval() is not None
+
+    client = _client(out)
+    (run,) = client.search_runs([client.get_experiment_by_name("rsd-restore").experiment_id],
+                                "tags.`rsd.workflow` = 'rsd_restore'")
+    assert run.info.status == "FINISHED" and run.data.tags["rsd.model_version"] == "1"
+    metrics = run.data.metrics
+    assert metrics["images"] == ROWS and metrics["seconds"] > 0 and metrics["eval/images"] == CLEAN_ROWS
+    assert {"misfit", "spread", "seconds_per_image", "eval/psnr", "eval/ssim"} <= set(metrics)
+    assert metrics["misfit"] < 0.05 and 0 < metrics["eval/ssim"] <= 1
+    assert "restoration.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    shards = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    assert sorted(r.info.run_name for r in shards if r.info.run_name.startswith("restore_shard")) == [
+        "restore_shard-00000", "restore_shard-00001", "restore_shard-00002"]
+
+
+def _blur_dataset(path: Path, trained_on: str) -> str:
+    images = torch.rand(8, 1, 32, 32) * 2 - 1
+    write_dataset(str(path), images, name="blurred", image_shape=(1, 32, 32), operator={"kind": "blur", "std": 1.0})
+    return str(path)
+
+
+def _small_inpaint_dataset(path: Path, trained_on: str) -> str:
+    images = torch.rand(8, 1, 16, 16) * 2 - 1
+    write_dataset(str(path), images, {"mask": torch.ones(8, 1, 16, 16)}, name="small", image_shape=(1, 16, 16),
+                  operator={"kind": "inpaint", "p": 0.6})
+    return str(path)
+
+
+def _stateless_copy(path: Path, trained_on: str) -> str:
+    """The trained-on dataset with the inpainting masks dropped from its manifest."""
+    shutil.copytree(trained_on, path)
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    manifest["state_keys"] = {}
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return str(path)
+
+
+def _rsd_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """``rsd *args`` through the console script's entry point, in this process (the refusals happen
+    before Flyte starts, so a subprocess would only add its imports); the environment it sets is undone."""
+    import tempfile as tempfile_module
+
+    from rsd_cli.main import main
+
+    for key in ("RSD_OUTPUTS", "TMPDIR", "FLYTE_SDK_LOCAL_SANDBOX", "FLYTE_LOCAL_CACHE_ENABLED",
+                "FLYTE_SDK_LOGGING_LEVEL", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
+                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        monkeypatch.setenv(key, os.environ.get(key, ""))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tempfile_module, "tempdir", tempfile_module.tempdir)
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (_blur_dataset, "the model was trained on 'inpaint' observations, the dataset holds 'blur' ones; "
+                    "use a model trained on 'blur' data"),
+    (_small_inpaint_dataset, "the model makes images of shape (1, 32, 32), the dataset's images are (1, 16, 16)"),
+    (_stateless_copy, "field 'state_keys' lacks per-sample state ['mask'] that operator 'inpaint' needs"),
+], ids=["wrong-kind", "wrong-shape", "missing-state"])
+def test_a_model_that_does_not_fit_the_data_is_refused_in_one_line_before_any_work(trained, scratch, make, message,
+                                                                                  monkeypatch, capsys):
+    out, dataset = trained
+    root, _ = scratch
+    bad = make(root / f"bad{make.__name__}", dataset)
+    target = root / f"never{make.__name__}"
+    code, stderr = _rsd_in_process(monkeypatch, capsys, "restore", "--model", CHAMPION, "--dataset", bad,
+                                   "--out", str(target), "--out-dir", str(out))
+    assert code == 2
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert message in stderr
+    assert not target.exists()
+    experiment = _client(out).get_experiment_by_name("rsd-restore")
+    runs = _client(out).search_runs([experiment.experiment_id]) if experiment else []
+    assert all(r.data.params.get("dataset") != bad for r in runs)
+
+
+def test_a_forward_model_other_than_the_datasets_is_refused():
+    """A blur of another width passes the kind and shape checks but would fit the wrong A."""
+    from rsd_core.restore_dataset import RestoreInputError, check_restorable
+    from rsd_core.stages import ModelCard
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = open_dataset(_blur_dataset(Path(tmp) / "d", ""))
+        card = ModelCard(kind="generator", network=NetworkConfig(), operator={"kind": "blur", "std": 2.0},
+                         image_shape=(1, 32, 32), objective="blur")
+        with pytest.raises(RestoreInputError, match="forward model .* differs from the dataset's"):
+            check_restorable(card, "m", ds)
+        check_restorable(card.model_copy(update={"operator": ds.manifest.operator}), "m", ds)
+
+
+def _pyfunc(out: Path):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+        return mlflow.pyfunc.load_model(CHAMPION)
+
+
+def test_registered_model_has_a_pyfunc_flavour_that_samples_and_restores(trained):
+    from mlflow.exceptions import MlflowException
+
+    from rsd_cli.pipeline_cmd import _sample_registered
+
+    out, dataset = trained
+    model = _pyfunc(out)
+    assert {"pytorch", "python_function"} <= set(model.metadata.flavors)
+    images = model.predict({"count": np.array([3])}, params={"seed": 5})["images"]
+    assert images.shape == (3, 1, 32, 32) and np.isfinite(images).all()
+    with pytest.MonkeyPatch.context() as mp:  # `rsd sample`'s path through the pytorch flavour: same draws
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+        np.testing.assert_allclose(images, _sample_registered(CHAMPION, 3, 5).numpy(), atol=1e-6)
+    eps, u = np.random.default_rng(0).standard_normal((2, 1, 32, 32), dtype=np.float32), np.zeros((2, 1, 32, 32))
+    given = model.predict({"eps": eps, "u": u.astype(np.float32)})["images"]
+    assert given.shape == (2, 1, 32, 32)
+
+    y, state, _ = open_dataset(dataset).read_all()
+    restored = model.predict({"observations": y[:4].numpy(), "mask": state["mask"][:4].numpy()},
+                             params={"steps": 3, "restarts": 2})
+    assert restored["mean"].shape == restored["spread"].shape == (4, 1, 32, 32)
+    observed = np.broadcast_to(state["mask"][:4].numpy(), restored["mean"].shape) > 0
+    np.testing.assert_allclose(restored["mean"][observed], y[:4].numpy()[observed], atol=1e-5)
+    with pytest.raises(MlflowException, match=r"need their per-sample state \['mask'\]"):
+        model.predict({"observations": y[:2].numpy()})
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def test_mlflow_models_serve_answers_sampling_and_restoration_requests(trained, scratch):
+    from tests.servers import free_ports, stop_process
+
+    out, dataset = trained
+    root, env = scratch
+    port = free_ports(1)[0]
+    serve_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
+    log = (root / "serve.log").open("wb")
+    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", CHAMPION, "--env-manager", "local",
+                             "-h", "127.0.0.1", "-p", str(port), "-w", "1"], env=serve_env, cwd=root,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            assert proc.poll() is None, (root / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no answer on /ping: " + (root / "serve.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/invocations"
+        sampled = _post(url, {"inputs": {"count": [2]}, "params": {"seed": 5}})["predictions"]
+        expected = _pyfunc(out).predict({"count": np.array([2])}, params={"seed": 5})["images"]
+        np.testing.assert_allclose(np.asarray(sampled["images"], dtype=np.float32), expected, atol=1e-5)
+        y, state, _ = open_dataset(dataset).read_all()
+        body = {"inputs": {"observations": y[:2].tolist(), "mask": state["mask"][:2].tolist()},
+                "params": {"steps": 2}}
+        restored = _post(url, body)["predictions"]
+        assert np.asarray(restored["mean"]).shape == np.asarray(restored["spread"]).shape == (2, 1, 32, 32)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _post(url, {"inputs": {"observations": y[:1].tolist()}})
+        assert refused.value.code == 400 and b"['mask']" in refused.value.read()
+    finally:
+        stop_process(proc, timeout_s=10)
+        log.close()
