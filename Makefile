@@ -44,5 +44,5 @@ bench-restoration: setup  ## five corruptions of Fashion-MNIST, teacher vs stude
 bench-faults: setup  ## the fault-injection table
 	$(PY) -m benchmarks.faults
 
-bench-streaming: setup  ## peak memory of streaming 1k vs 50k observations
+bench-streaming: setup  ## teacher training's peak memory on 10k vs 200k observations, streamed vs in-memory speed
 	$(PY) -m benchmarks.data_streaming

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from rsd_core.synthetic import (
+from benchmarks.synthetic import (
     ANALYTIC_SCHEDULE,
     ILL_CONDITIONED_TAPS,
     Corruption,

@@ -380,6 +380,9 @@ class NaNBatches:
             y = torch.full_like(y, float("nan"))
         return y, state
 
+    def seek(self, batches_done: int) -> None:
+        self.source.seek(batches_done)
+
 
 def nan_scenarios(work: Path) -> Iterator[Row]:
     import torch

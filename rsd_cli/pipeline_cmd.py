@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from rsd_core.presets import PRESETS, build_config
+from rsd_core.presets import PRESETS, build_config, for_existing_dataset
 
 _HELP = argparse.ArgumentDefaultsHelpFormatter
 _DEFAULT_OUT = Path(__file__).resolve().parents[1] / "outputs"
@@ -108,14 +108,35 @@ def _raw_outputs(prefix: str | None) -> Iterator[None]:
         yield
 
 
+def check_local_resources(config, preset: str) -> None:
+    """A local run executes every task in this process, so Kubernetes requests and data-parallel
+    layouts cannot apply; refuse them instead of ignoring them."""
+    registered = build_config(preset).resources
+    if config.resources != registered:
+        changed = sorted(
+            f"resources.{task}.{field}"
+            for task, spec in config.resources
+            for field, value in spec
+            if getattr(getattr(registered, task), field) != value
+        )
+        raise ValueError(
+            f"{', '.join(changed)}: task resources are fixed when the workflows are registered on a cluster "
+            "(RSD_PRESET / RSD_CONFIG at `pyflyte register`, see docs/deploy.md); a local `rsd run` executes "
+            "every task in this process and cannot honour them: drop the setting"
+        )
+
+
 def _run(args: argparse.Namespace) -> int:
     config = build_config(args.preset, args.config, args.set or [])
+    check_local_resources(config, args.preset)
     if args.dataset:
         from rsd_core.data import open_dataset
         from rsd_core.kinds import check_export
 
         # A bad path or manifest, or a kind that cannot export as configured, fails here in one line.
-        check_export(open_dataset(args.dataset).manifest.operator, config.export.formats)
+        manifest = open_dataset(args.dataset).manifest
+        check_export(manifest.operator, config.export.formats)
+        config = for_existing_dataset(config, args.preset)
     _prepare_outputs(args.out, cache=not args.no_cache)
     os.environ.setdefault("RSD_PRESET", args.preset)
     if not args.verbose:  # flytekit warns about every tuple field of the configs (schema only, harmless)
@@ -125,7 +146,11 @@ def _run(args: argparse.Namespace) -> int:
     from tasks import tracking
     from workflows.pipeline import rsd_pipeline, rsd_rerun
 
-    print(f"preset {args.preset}: {config.description or '(no description)'}")
+    if args.dataset:  # the preset's description would name the preset's data
+        print(f"dataset {manifest.name}: {manifest.count} observations, operator {manifest.operator.kind} "
+              f"({args.dataset}); settings of preset {args.preset}")
+    else:
+        print(f"preset {args.preset}: {config.description or '(no description)'}")
     print(f"tracking {tracking.tracking_uri()}   outputs {args.out.resolve()}")
     if args.raw_output_prefix:
         print(f"task outputs {args.raw_output_prefix}")
@@ -137,6 +162,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nfinished in {minutes:.1f} min")
     print(f"registered model  {result.name} version {result.version} alias @{result.alias} "
           f"(Proximal FD {result.proximal_fd:.4g}; {result.reason})")
+    print(f"scored on         {result.proximal_features}")
     print(f"MLflow run        {result.run_id}")
     if uri.startswith("sqlite:///"):
         print(f"MLflow UI         .venv/bin/mlflow ui --backend-store-uri {uri}")
@@ -155,15 +181,13 @@ def _sample_registered(uri: str, n: int, seed: int):
     import mlflow
     import torch
 
+    from rsd_core.export import draw_card_inputs
+
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     card = json.loads((local / "extra_files" / "card.json").read_text())
     program = mlflow.pytorch.load_model(str(local))
-    gen = torch.Generator().manual_seed(seed)
-    inputs = [torch.randn((n, *card["image_shape"]), generator=gen)]
-    if "u" in card["inputs"]:
-        inputs.append(torch.rand((n, 1, *card["image_shape"][1:]), generator=gen))
     with torch.no_grad():
-        return program(*inputs)
+        return program(*draw_card_inputs(card["inputs"], n, seed))
 
 
 def _sample(args: argparse.Namespace) -> int:

@@ -70,7 +70,7 @@ def _restore(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with _raw_outputs(args.raw_output_prefix):
         result = rsd_restore(model_uri=model_uri, dataset_uri=dataset_uri, out_uri=out_uri, config=config,
-                             experiment=args.experiment)
+                             **({"experiment": args.experiment} if hasattr(args, "experiment") else {}))
     m = result.metrics
     print(f"\nrestored {result.count} observations in {(time.perf_counter() - start) / 60:.1f} min "
           f"({m['seconds_per_image']:.3g} s per image)")
@@ -106,7 +106,8 @@ def add_restore_parser(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
                        metavar=type(field.default).__name__,
                        help=f"{_SETTING_HELP.get(name, 'restoration setting')} (default: {field.default})")
-    p.add_argument("--experiment", default="rsd-restore", help="MLflow experiment of the run")
+    p.add_argument("--experiment", default=argparse.SUPPRESS,
+                   help="MLflow experiment of the run (default: rsd-restore)")
     p.add_argument("--out-dir", type=Path, default=_DEFAULT_OUT, help="outputs folder: MLflow store, Flyte sandbox")
     p.add_argument("--raw-output-prefix", default=None, metavar="URI",
                    help="where tasks write their outputs, e.g. s3://bucket/raw (default: the local sandbox)")

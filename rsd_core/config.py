@@ -127,8 +127,19 @@ class TrainConfig(Spec):
     # slower (benchmarks/train_throughput.py on an avx512_bf16 Xeon without AMX).
     channels_last: bool | None = None
     time_budget_s: float | None = None
+    # Streaming from a dataset's shards (pretraining): DataLoader worker processes that read and
+    # prefetch (0 = read in the training process) and the rows each reader shuffles at a time.
+    data_workers: int = 1
+    shuffle_buffer: int = 4096
 
-    @field_validator("steps", "batch_size", "checkpoint_every", "max_nonfinite_in_row")
+    @field_validator("data_workers")
+    @classmethod
+    def _check_workers(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"data_workers must be >= 0 (0 reads in the training process), got {value}")
+        return value
+
+    @field_validator("steps", "batch_size", "checkpoint_every", "max_nonfinite_in_row", "shuffle_buffer")
     @classmethod
     def _positive(cls, value: int, info) -> int:
         if value < 1:
@@ -155,6 +166,20 @@ class TrainConfig(Spec):
         if not 0.0 < value < 1.0:
             raise ValueError(f"lr_drop_factor must be in (0, 1), got {value}")
         return value
+
+
+# The TrainConfig fields that only a single-optimiser loop (teacher pretraining) reads; distillation has
+# two optimisers, set in DistillConfig (lr_fake / lr_generator, betas_*, grad_clip_*).
+SINGLE_OPTIMIZER_FIELDS = ("lr", "betas", "grad_clip")
+
+
+def check_distill_train(train: TrainConfig, where: str = "distill_train") -> None:
+    """Refuse optimiser settings in the distillation's loop config, which no optimiser would read."""
+    default = TrainConfig()
+    changed = [f for f in SINGLE_OPTIMIZER_FIELDS if getattr(train, f) != getattr(default, f)]
+    if changed:
+        raise ValueError("; ".join(f"{where}.{f} is not used by distillation: set distill.{f}_fake and "
+                                   f"distill.{f}_generator" for f in changed))
 
 
 class DistillConfig(Spec):

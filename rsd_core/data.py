@@ -110,6 +110,12 @@ class Batch:
     label: torch.Tensor | None
 
 
+def _head(batch: Batch, n: int) -> Batch:
+    """The first ``n`` rows of ``batch``."""
+    label = None if batch.label is None else batch.label[:n]
+    return Batch(batch.index[:n], batch.observation[:n], {k: v[:n] for k, v in batch.state.items()}, label)
+
+
 # --------------------------------------------------------------------------- specs and errors
 
 
@@ -708,6 +714,21 @@ class CorruptedDataset:
         """(shard, row group) pairs: the unit of work that streaming splits across workers."""
         return [(i, g) for i, s in enumerate(self.manifest.shards) for g in range(s.row_groups)]
 
+    def units_rows(self) -> dict[tuple[int, int], int]:
+        """Rows in each (shard, row group), from the shards' parquet footers (no data is read)."""
+        out = {}
+        for i, shard in enumerate(self.manifest.shards):
+            with self._fs.open(self._path(shard), "rb") as handle:
+                try:
+                    meta = pq.read_metadata(handle)
+                except (pa.ArrowException, OSError) as err:
+                    raise DatasetError(f"{shard.file}: not a valid parquet file ({err})") from None
+            if meta.num_row_groups != shard.row_groups:
+                raise DatasetError(f"{shard.file}: {meta.num_row_groups} row groups, {MANIFEST_NAME} says "
+                                   f"{shard.row_groups}")
+            out.update({(i, g): meta.row_group(g).num_rows for g in range(shard.row_groups)})
+        return out
+
     def _open_shard(self, i: int, stack: ExitStack) -> pq.ParquetFile:
         """Open shard ``i`` (closed with ``stack``) after its checksum and schema checks."""
         shard = self.manifest.shards[i]
@@ -773,9 +794,16 @@ class CorruptedDataset:
                 except pa.ArrowException as err:
                     raise DatasetError(f"{file}: unreadable row group {group} ({err})") from None
 
-    def read_all(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
-        """(observations, state, labels) of the whole dataset in index order; for small data only."""
-        batches = list(self.iter_batches())
+    def read_all(self, limit: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """(observations, state, labels) of the first ``limit`` rows (default: all, for small data only) in
+        index order; only the row groups holding them are read."""
+        batches = []
+        for batch in self.iter_batches():
+            batches.append(batch)
+            if limit is not None and sum(len(b.index) for b in batches) >= limit:
+                break
+        if limit is not None:
+            batches = [_head(b, limit - sum(len(x.index) for x in batches[:i])) for i, b in enumerate(batches)]
         obs = torch.cat([b.observation for b in batches])
         state = {k: torch.cat([b.state[k] for b in batches]) for k in self.manifest.state_keys}
         labels = torch.cat([b.label for b in batches]) if self.manifest.has_labels else None

@@ -20,13 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rsd_core.config import DistillConfig, TrainConfig
+from rsd_core.config import DistillConfig, TrainConfig, check_distill_train
 from rsd_core.networks import EDMPrecond
 from rsd_core.objectives import Objective
-from rsd_core.sampling import generate
+from rsd_core.sampling import RHO, SIGMA_MAX, SIGMA_MIN, generate
 from rsd_core.training import CheckpointCallback, MetricsCallback, Phase, StepContext, Trainer, TrainResult, make_ema
-
-SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 
 
 class OneStepGenerator(nn.Module):
@@ -88,6 +86,7 @@ class DistillPhase(Phase):
         dcfg: DistillConfig,
         config: dict,
     ):
+        check_distill_train(train_cfg, "train_cfg")  # its optimisers read DistillConfig, not the loop config
         self.teacher = teacher.eval().requires_grad_(False)
         self.frozen_modules = {"teacher": self.teacher}
         self.objective = objective

@@ -520,14 +520,6 @@ def cached_reference_stats(
     return stats
 
 
-def fd_between(
-    extractor: FeatureExtractor, images_a: torch.Tensor, images_b: torch.Tensor, batch_size: int = 64
-) -> float:
-    """Frechet distance between two image sets under one extractor (no caching)."""
-    stats_a = compute_stats(extractor, images_a, batch_size)
-    return frechet_distance(stats_a, compute_stats(extractor, images_b, batch_size))
-
-
 # --------------------------------------------------------------------------------------------------
 # Image metrics against a clean reference (MRI)
 # --------------------------------------------------------------------------------------------------
@@ -630,31 +622,3 @@ def _numpy(x: ArrayLike) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().double().numpy()
     return np.asarray(x, dtype=np.float64)
-
-
-def _projector(a: ArrayLike) -> np.ndarray:
-    q = scipy.linalg.orth(_numpy(a))
-    return q @ q.T
-
-
-def principal_angles_deg(a: ArrayLike, b: ArrayLike) -> np.ndarray:
-    """Principal angles in degrees (largest first) between the column spans of ``a`` (D, k), ``b`` (D, l)."""
-    return np.degrees(scipy.linalg.subspace_angles(_numpy(a), _numpy(b)))
-
-
-def projection_distance(a: ArrayLike, b: ArrayLike) -> float:
-    """||P_A - P_B||_F between the orthogonal projectors on the column spans.
-
-    Basis-free; for equal ranks it equals sqrt(2 * sum(sin^2(principal angles))).
-    """
-    return float(np.linalg.norm(_projector(a) - _projector(b)))
-
-
-def covariance_error(theta: ArrayLike, u: ArrayLike) -> float:
-    """||theta theta^T - U U^T||_F / ||U U^T||_F: the linear-regime recovery error of Section 9 (Theorem 1).
-
-    Unlike the subspace metrics it also sees scale, and it is invariant to theta -> theta R for orthogonal R.
-    """
-    t, uu = _numpy(theta), _numpy(u)
-    target = uu @ uu.T
-    return float(np.linalg.norm(t @ t.T - target) / np.linalg.norm(target))

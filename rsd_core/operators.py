@@ -47,6 +47,11 @@ class Operator:
         already observe images; operators that measure elsewhere override this."""
         return y
 
+    def first_invalid(self, y: torch.Tensor, state: State, atol: float) -> tuple[int, str] | None:
+        """The first row of imported observations that this operator could not have produced, and
+        why (None if all are consistent). ``atol`` allows for uint8 quantisation of image files."""
+        return None
+
     def observation_bound(self, image_shape: Sequence[int], value_range: tuple[float, float]) -> tuple[float, float]:
         """A provable range of noiseless observations of images in ``value_range``: masking,
         blurring and block averaging are convex combinations, so A(x) stays in the image range."""
@@ -180,9 +185,32 @@ class Inpaint(Operator):
     def adjoint(self, y: torch.Tensor, state: State) -> torch.Tensor:
         return y * state["mask"].to(y.dtype)
 
+    def first_invalid(self, y, state, atol):
+        return _mask_errors(y, state["mask"], atol, "the pixel is erased")
+
     def noise(self, y, generator, state):
         # Erased pixels carry no measurement, hence no noise.
         return super().noise(y, generator, state) * state["mask"].to(y.dtype)
+
+
+def first_nonbinary(mask: torch.Tensor) -> int | None:
+    """Index of the first sample whose mask has a value other than 0 or 1."""
+    bad = ((mask != 0) & (mask != 1)).flatten(1).any(1)
+    return int(bad.nonzero()[0]) if bad.any() else None
+
+
+def first_outside_mask(y: torch.Tensor, mask: torch.Tensor, atol: float) -> int | None:
+    """Index of the first sample with a measurement where its mask says "not measured"."""
+    bad = ((y * (1 - mask.to(y.dtype))).abs() > atol).flatten(1).any(1)
+    return int(bad.nonzero()[0]) if bad.any() else None
+
+
+def _mask_errors(y: torch.Tensor, mask: torch.Tensor, atol: float, what: str) -> tuple[int, str] | None:
+    if (row := first_nonbinary(mask)) is not None:
+        return row, "state 'mask' is not binary (0 = not measured, 1 = measured)"
+    if (row := first_outside_mask(y, mask, atol)) is not None:
+        return row, f"observation is non-zero where its mask says {what}"
+    return None
 
 
 def gaussian_kernel2d(kernel_size: int, std: float) -> torch.Tensor:
@@ -273,6 +301,14 @@ class SuperRes(Operator):
 
     def adjoint(self, y: torch.Tensor, state: State) -> torch.Tensor:
         return self.forward(y, state)
+
+    def first_invalid(self, y, state, atol):
+        """Noiseless low-resolution observations are constant on each block: A(y) = y."""
+        if self.sigma_n > 0:
+            return None
+        bad = ((self.forward(y, state) - y).abs() > atol).flatten(1).any(1)
+        return (int(bad.nonzero()[0]), f"observation is not constant on {self.factor}x{self.factor} blocks") \
+            if bad.any() else None
 
 
 def birdcage_maps(n_coils: int, height: int, width: int, rotation: float = 0.0) -> torch.Tensor:
@@ -466,6 +502,13 @@ class MRI(Operator):
         k = torch.view_as_complex(k) * state["mask"].to(y.device)
         maps = self._maps(state, h, w, y.device)
         return to_real((maps.conj() * ifft2c(k)).sum(1)).to(y.dtype)
+
+    def first_invalid(self, y, state, atol):
+        index = state["maps_index"]
+        bad = (index < 0) | (index >= self.n_map_variants)
+        if bad.any():
+            return int(bad.nonzero()[0]), f"state 'maps_index' is outside [0, {self.n_map_variants})"
+        return _mask_errors(y, state["mask"], atol, "the k-space line is not sampled")
 
     def normal(self, x: torch.Tensor, state: State) -> torch.Tensor:
         """P_M x = A^H A x, the image-to-image map used by the Fourier-space Ambient objective."""

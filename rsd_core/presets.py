@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from rsd_core.config import DistillConfig, NetworkConfig, OperatorSpec, Spec, TrainConfig
+from rsd_core.config import DistillConfig, NetworkConfig, OperatorSpec, Spec, TrainConfig, check_distill_train
 from rsd_core.kinds import EXPORT_FORMATS, check_export
 from rsd_core.operators import InpaintSpec, MRISpec
 
@@ -111,7 +111,9 @@ class TrackingSettings(Spec):
     """MLflow: experiment, registered model name, and how often per-step metrics are logged."""
 
     experiment: str = "rsd"
-    model_name: str = "rsd-generator"
+    # None: named after the dataset's manifest name when the model is registered (tasks.registry), as a run
+    # on an already-corrupted dataset is unless a name is given (for_existing_dataset).
+    model_name: str | None = "rsd-generator"
     log_every: int = 10
 
     @field_validator("log_every")
@@ -123,8 +125,8 @@ class TrackingSettings(Spec):
 
     @field_validator("model_name", "experiment")
     @classmethod
-    def _check_name(cls, value: str) -> str:
-        if not value.strip():
+    def _check_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("must be a non-empty name")
         return value
 
@@ -142,7 +144,7 @@ class PipelineConfig(Spec):
     data: DataSettings = DataSettings()
     network: NetworkConfig = NetworkConfig()
     teacher_train: TrainConfig = TrainConfig()
-    distill_train: TrainConfig = TrainConfig(batch_size=32, lr=5e-5, betas=(0.0, 0.999), lr_rampup_steps=0,
+    distill_train: TrainConfig = TrainConfig(batch_size=32, lr_rampup_steps=0,
                                              checkpoint_every=50)
     distill: DistillConfig = DistillConfig()
     selection: SelectionSettings = SelectionSettings()
@@ -152,8 +154,9 @@ class PipelineConfig(Spec):
     description: str = Field(default="", description="free text, logged as the run description")
 
     @model_validator(mode="after")
-    def _check_exportable(self) -> PipelineConfig:
+    def _check_consistent(self) -> PipelineConfig:
         check_export(self.data.operator, self.export.formats)
+        check_distill_train(self.distill_train)
         return self
 
 
@@ -174,7 +177,7 @@ def _cpu_smoke() -> PipelineConfig:
         network=NetworkConfig(model_channels=8, channel_mult=(1, 2), attn_resolutions=()),
         teacher_train=TrainConfig(steps=30, batch_size=16, lr=1e-3, lr_rampup_steps=5, checkpoint_every=30,
                                   ema_halflife_nimg=200.0, precision="fp32"),
-        distill_train=TrainConfig(steps=12, batch_size=8, lr=5e-5, betas=(0.0, 0.999), lr_rampup_steps=0,
+        distill_train=TrainConfig(steps=12, batch_size=8, lr_rampup_steps=0,
                                   checkpoint_every=4, ema_halflife_nimg=100.0, precision="fp32"),
         selection=SelectionSettings(n_samples=64),
         tracking=TrackingSettings(experiment="rsd-smoke", model_name="rsd-smoke", log_every=2),
@@ -182,7 +185,8 @@ def _cpu_smoke() -> PipelineConfig:
 
 
 def _cpu_demo() -> PipelineConfig:
-    """Fashion-MNIST inpainting (p = 0.6) on 2 CPU cores in under 15 minutes (settings measured on this project's CPU machines: docs/results.md)."""
+    """Fashion-MNIST inpainting (p = 0.6) on 2 CPU cores in under 15 minutes (settings measured on this
+    project's CPU machines: docs/results.md)."""
     return PipelineConfig(
         description="cpu-demo: Fashion-MNIST inpainting p=0.6, default CPU U-Net (32/64/128), 5 + 6 minute budgets",
         data=DataSettings(operator=InpaintSpec(p=0.6, delta=0.1), limit=20_000, clean_eval=1000),
@@ -190,7 +194,7 @@ def _cpu_demo() -> PipelineConfig:
         teacher_train=TrainConfig(steps=100_000, batch_size=64, lr=7e-4, lr_rampup_steps=200,
                                   checkpoint_every=250, time_budget_s=300.0),
         # lr 5e-5 (the paper's 1e-5 is far too slow at this budget), betas (0, 0.999), batch 32.
-        distill_train=TrainConfig(steps=100_000, batch_size=32, lr=5e-5, betas=(0.0, 0.999), lr_rampup_steps=0,
+        distill_train=TrainConfig(steps=100_000, batch_size=32, lr_rampup_steps=0,
                                   checkpoint_every=60, time_budget_s=360.0,
                                   ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
                                   ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO),
@@ -216,7 +220,7 @@ def cpu_mri_operator(R: float = 4.0) -> MRISpec:
 CPU_MRI_NETWORK = NetworkConfig(img_channels=2)  # 32/64/128 channels, attention at 8x8; + the M~ and ones channels
 CPU_MRI_TEACHER = TrainConfig(steps=100_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, checkpoint_every=250,
                               time_budget_s=300.0)
-CPU_MRI_DISTILL_TRAIN = TrainConfig(steps=100_000, batch_size=32, lr=5e-5, betas=(0.0, 0.999), lr_rampup_steps=0,
+CPU_MRI_DISTILL_TRAIN = TrainConfig(steps=100_000, batch_size=32, lr_rampup_steps=0,
                                     checkpoint_every=30, time_budget_s=360.0, lr_drop_at=2 / 3,
                                     ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
                                     ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO)
@@ -257,7 +261,8 @@ _GPU = ResourceSettings(
 
 
 def _celeba64_inpaint_gpu() -> PipelineConfig:
-    """CelebA-HQ 64 inpainting, p = 0.6 (the reference scripts' settings): ddpmpp-sized U-Net, fp16-era settings in bf16."""
+    """CelebA-HQ 64 inpainting, p = 0.6 (the reference scripts' settings): ddpmpp-sized U-Net, fp16-era
+    settings in bf16."""
     return PipelineConfig(
         description="celeba64-inpaint-gpu: paper settings, CelebA-HQ 64 inpainting p=0.6",
         data=DataSettings(source="/data/celeba-hq-64", operator=InpaintSpec(p=0.6, delta=0.1), image_size=64,
@@ -268,7 +273,7 @@ def _celeba64_inpaint_gpu() -> PipelineConfig:
         teacher_train=TrainConfig(steps=781_250, batch_size=256, lr=2e-4, betas=(0.9, 0.999), adam_eps=1e-8,
                                   lr_rampup_steps=39_063, ema_halflife_nimg=500_000.0, checkpoint_every=5000),
         # Distillation: batch 512, Adam eps 1e-6, 100 Mimg, max_grad_norm 1.0 (fake score).
-        distill_train=TrainConfig(steps=195_313, batch_size=512, lr=1e-5, betas=(0.0, 0.999), adam_eps=1e-6,
+        distill_train=TrainConfig(steps=195_313, batch_size=512, adam_eps=1e-6,
                                   lr_rampup_steps=0, ema_halflife_nimg=500_000.0, checkpoint_every=500),
         distill=DistillConfig(alpha=1.2, sigma_init=2.5, t_max=800.0, loss_scaling_g=100.0, lr_fake=1e-5,
                               lr_generator=1e-5, betas_fake=(0.0, 0.999), betas_generator=(0.9, 0.999),
@@ -280,7 +285,8 @@ def _celeba64_inpaint_gpu() -> PipelineConfig:
 
 
 def _mri_multicoil_gpu() -> PipelineConfig:
-    """Multi-coil MRI, R = 4 (the reference MRI scripts' settings; docs/algorithms.md §5): Fourier-space Ambient teacher, then RSD."""
+    """Multi-coil MRI, R = 4 (the reference MRI scripts' settings; docs/algorithms.md §5): Fourier-space
+    Ambient teacher, then RSD."""
     return PipelineConfig(
         description="mri-multicoil-gpu: paper settings, multi-coil brain MRI R=4",
         data=DataSettings(source="brain-mri", operator=MRISpec(R=4.0, delta_R=1.0), image_size=64, clean_eval=1000),
@@ -291,7 +297,7 @@ def _mri_multicoil_gpu() -> PipelineConfig:
                                   lr_rampup_steps=1_250_000, grad_clip=1.0, ema_halflife_nimg=500_000.0,
                                   checkpoint_every=50_000),
         # Distillation: batch 24, lr 5e-6 / glr 1e-6, betas (0, 0.999) both, eps 1e-6, snapshot every 100 kimg.
-        distill_train=TrainConfig(steps=8_333_333, batch_size=24, lr=5e-6, betas=(0.0, 0.999), adam_eps=1e-6,
+        distill_train=TrainConfig(steps=8_333_333, batch_size=24, adam_eps=1e-6,
                                   lr_rampup_steps=0, ema_halflife_nimg=500_000.0, ema_rampup_ratio=0.05,
                                   checkpoint_every=4167, seed=42),
         distill=DistillConfig(alpha=1.2, sigma_init=2.5, t_max=800.0, loss_scaling_g=100.0, lr_fake=5e-6,
@@ -391,6 +397,22 @@ def build_config(
         return PipelineConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, where)) from None
+
+
+def for_existing_dataset(config: PipelineConfig, preset: str | None) -> PipelineConfig:
+    """The config of a run on an already-corrupted dataset (``rsd_rerun``).
+
+    A preset's model name and description describe the data the preset corrupts itself (e.g. cpu-demo's
+    Fashion-MNIST inpainting); on a data team's dataset they would register and describe the model under a
+    dataset name it does not have. Unless the user changed them, the model name becomes None (named after the
+    dataset's manifest at registration) and the description empty (the run describes its dataset instead).
+    """
+    base = PRESETS[preset]() if preset else PipelineConfig()
+    tracking = config.tracking
+    if tracking.model_name == base.tracking.model_name:
+        tracking = tracking.model_copy(update={"model_name": None})
+    description = "" if config.description == base.description else config.description
+    return config.model_copy(update={"tracking": tracking, "description": description})
 
 
 def config_yaml(config: PipelineConfig) -> str:

@@ -16,9 +16,13 @@ from rsd_core.training import CheckpointCallback, MetricsCallback, Phase, StepCo
 
 
 class BatchSource(Protocol):
-    """Where observations come from: ``next_batch`` draws a batch using the trainer's RNG."""
+    """Where observations come from: ``next_batch`` draws a batch (using the trainer's RNG if it
+    samples); ``seek(n)`` continues after ``n`` batches (a resumed run). In memory:
+    :class:`TensorSource`; streamed from a dataset's shards: :class:`rsd_core.streaming.StreamSource`."""
 
     def next_batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, State]: ...
+
+    def seek(self, batches_done: int) -> None: ...
 
 
 @dataclass
@@ -42,6 +46,9 @@ class TensorSource:
         idx = idx.cpu()
         return self.observations[idx], {k: v[idx] for k, v in self.state.items()}
 
+    def seek(self, batches_done: int) -> None:
+        """Nothing to do: draws come from the trainer's RNG, which checkpoints restore."""
+
 
 class PretrainPhase(Phase):
     """One network trained with ``objective`` on batches from ``source``, with an EMA copy."""
@@ -60,6 +67,9 @@ class PretrainPhase(Phase):
         self.optimizers = {"net": self.opt}
         self.ema_pairs = [(net, self.ema)]
         self.config = config
+
+    def resume(self, step: int) -> None:
+        self.source.seek(step)
 
     def step(self, ctx: StepContext) -> dict[str, float]:
         y, state = self.source.next_batch(self.batch_size, ctx.generator)

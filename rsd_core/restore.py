@@ -116,7 +116,7 @@ def _restore_batch(
         for _ in range(config.steps):
             misfit = (operator.forward(generate(eps), state_r) - y_r).square().flatten(1).sum(1)
             prior = eps.square().flatten(1).sum(1)
-            loss = (-misfit * inv_two_s2 + 0.5 * config.prior_weight * prior).sum()
+            loss = (misfit * inv_two_s2 + 0.5 * config.prior_weight * prior).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -132,15 +132,13 @@ def restore_shard(model_dir: str | Path, dataset_uri: str, shard: int, config: R
         parts["misfit"].append(residual.square().flatten(1).mean(1))
         if batch.label is not None:
             parts["label"].append(batch.label)
-    seconds = time.perf_counter() - start
     tensors = {k: torch.cat(v).contiguous() for k, v in parts.items() if v}
-    save_file(tensors, str(out_file), metadata={"seconds": repr(seconds), "device": device})
-    return ShardSummary(len(tensors["index"]), seconds, float(tensors["misfit"].sum()),
-                        float(tensors["spread"].mean(dim=(1, 2, 3)).sum()))
+    save_file(tensors, str(out_file), metadata={"seconds": repr(time.perf_counter() - start)})
+    return _summary(out_file)
 
 
-def read_summary(part: str | Path) -> ShardSummary:
-    """The :class:`ShardSummary` stored in a shard's result file."""
+def _summary(part: str | Path) -> ShardSummary:
+    """The :class:`ShardSummary` of a shard's result file."""
     with safe_open(str(part), "pt") as f:
         misfit, spread = f.get_tensor("misfit"), f.get_tensor("spread")
         return ShardSummary(len(misfit), float(f.metadata()["seconds"]), float(misfit.sum()),
@@ -153,9 +151,14 @@ def _load(part: str | Path, keys: Sequence[str]) -> dict[str, torch.Tensor]:
 
 
 def _batches(parts: Sequence[str | Path], column: str) -> Iterator[WriteBatch]:
-    """(images, {}, labels) per shard result, in row order: what :func:`write_dataset` streams."""
+    """(images, {}, labels) per shard result: what :func:`write_dataset` streams. The rows' indices
+    must continue from part to part, so results can never land on another observation's row."""
+    expected = 0
     for part in parts:
-        loaded = _load(part, (column, "label"))
+        loaded = _load(part, ("index", column, "label"))
+        if not torch.equal(loaded["index"], torch.arange(expected, expected + len(loaded["index"]))):
+            raise ValueError(f"{part}: shard results out of row order (expected rows from {expected})")
+        expected += len(loaded["index"])
         yield loaded[column], {}, loaded.get("label")
 
 
@@ -228,7 +231,7 @@ def write_restored(out_uri: str, parts: Sequence[str | Path], source: CorruptedD
     write_dataset(spread_uri, _batches(parts, "spread"), name=f"{m.name}-restored-spread",
                    provenance={"role": "per-pixel std over restarts", "of": f"{m.name}-restored"},
                    **{**common, "value_range": (0.0, 1.0)})
-    summaries = [read_summary(p) for p in parts]
+    summaries = [_summary(p) for p in parts]
     count = sum(s.rows for s in summaries)
     metrics = {"images": float(count), "seconds": sum(s.seconds for s in summaries),
                "misfit": sum(s.misfit_sum for s in summaries) / count,

@@ -27,8 +27,13 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Guide = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+# EDM's noise range and schedule exponent (Karras et al. 2022), shared by the sampler and SiD's noise levels.
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+NUM_STEPS = 18
+
+
 def edm_time_steps(
-    num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+    num_steps: int = NUM_STEPS, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO
 ) -> torch.Tensor:
     """Karras et al. (2022) eq. 5 levels t_0 > ... > t_{N-1}, then t_N = 0, in float64."""
     i = torch.arange(num_steps, dtype=torch.float64)
@@ -36,14 +41,30 @@ def edm_time_steps(
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
 
 
+def truncation_index(sigma_stop: float | None, t_steps: torch.Tensor | None = None) -> int | None:
+    """The step i at which a truncated sampler returns D(x_i; t_i): the lowest level t_i >= ``sigma_stop``
+    (the first level when ``sigma_stop`` exceeds them all) of ``t_steps`` (default: EDM's 18 levels);
+    None (run to the end) when ``sigma_stop`` is None or 0. The one copy of the truncation rule."""
+    if not sigma_stop:
+        return None
+    grid = (edm_time_steps() if t_steps is None else t_steps)[:-1].tolist()
+    return max((i for i, t in enumerate(grid) if t >= sigma_stop), default=0)
+
+
+def truncation_nfe(sigma_stop: float | None) -> int:
+    """Network evaluations of the (truncated) 18-step Heun sampler: 2 i + 1 when it returns at step i."""
+    i = truncation_index(sigma_stop)
+    return 2 * NUM_STEPS - 1 if i is None else 2 * i + 1
+
+
 @torch.no_grad()
 def heun_sample(
     denoise: Denoiser,
     latents: torch.Tensor,
-    num_steps: int = 18,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    rho: float = 7.0,
+    num_steps: int = NUM_STEPS,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    rho: float = RHO,
     sigma_stop: float | None = None,
     on_level: Callable[[float, torch.Tensor], None] | None = None,
     guide: Guide | None = None,
@@ -58,6 +79,7 @@ def heun_sample(
     guidance); it enables gradients itself, the rest of the sampler runs without them.
     """
     t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
+    stop_at = truncation_index(sigma_stop, t_steps)
     x = latents.to(torch.float64) * t_steps[0]
     nfe = 0
     for i in range(num_steps):
@@ -69,7 +91,7 @@ def heun_sample(
         nfe += 1
         if on_level is not None:
             on_level(float(t_cur), denoised)
-        if sigma_stop is not None and t_next < sigma_stop:
+        if i == stop_at:
             return denoised, nfe
         d_cur = (x - denoised) / t_cur
         x_next = x + (t_next - t_cur) * d_cur
@@ -113,17 +135,14 @@ class TeacherSampler(Sampler):
     net: torch.nn.Module
     objective: Objective
     shape: tuple[int, ...]
-    num_steps: int = 18
+    num_steps: int = NUM_STEPS
     sigma_stop: float | None = None
     bf16: bool = False
 
     def __post_init__(self):
         self.device = next(self.net.parameters()).device
-        self.nfe = 2 * self.num_steps - 1
-        if self.sigma_stop is not None:
-            t = edm_time_steps(self.num_steps)
-            stop_i = next((i for i in range(self.num_steps) if t[i + 1] < self.sigma_stop), self.num_steps)
-            self.nfe = 2 * stop_i + 1 if stop_i < self.num_steps else self.nfe
+        stop_i = truncation_index(self.sigma_stop, edm_time_steps(self.num_steps))
+        self.nfe = 2 * self.num_steps - 1 if stop_i is None else 2 * stop_i + 1
 
     @torch.no_grad()
     def _sample_batch(self, n, generator):

@@ -9,7 +9,6 @@ reported next to it, only to measure how well the proximal choice agrees with th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from rsd_core.metrics import (
 )
 from rsd_core.objectives import Objective
 from rsd_core.operators import Operator, to_complex
-from rsd_core.sampling import edm_time_steps, heun_sample
+from rsd_core.sampling import edm_time_steps, heun_sample, truncation_index, truncation_nfe
 from rsd_core.ssl_features import SelfSupervisedExtractor, SSLRecipe
 from rsd_core.stages import (
     DISTILL_DIR,
@@ -115,8 +114,7 @@ def make_extractors(
 
 def observation_images(ds: CorruptedDataset, n: int) -> torch.Tensor:
     """The first ``n`` observations as every extractor sees them: the operator's image view, quantised."""
-    obs, state, _ = ds.read_all()
-    obs, state = obs[:n], {k: v[:n] for k, v in state.items()}
+    obs, state, _ = ds.read_all(limit=n)
     return quantise(feature_images(ds.operator.image_view(obs, state)))
 
 
@@ -134,7 +132,7 @@ def clean_reference(dataset_uri: str, extractor: FeatureExtractor, n: int) -> Fe
         return None
 
     def images():
-        return quantise(feature_images(clean.read_all()[0][:n]))
+        return quantise(feature_images(clean.read_all(limit=n)[0]))
 
     return cached_reference_stats(f"{clean.fingerprint[:32]}-clean-n{n}", extractor, images)
 
@@ -166,8 +164,8 @@ def teacher_truncation_samples(net, objective: Objective, shape, n: int, seed: i
     Level L gives the x0 prediction at the lowest grid level >= L (the rule of ``heun_sample``);
     0.0 gives the full 35-NFE sample. One trajectory serves all levels.
     """
-    grid = edm_time_steps(18)[:-1].tolist()
-    picks = {lvl: min((t for t in grid if t >= lvl), default=grid[-1]) if lvl > 0 else None for lvl in levels}
+    grid = edm_time_steps()[:-1].tolist()
+    picks = {lvl: None if (i := truncation_index(lvl)) is None else grid[i] for lvl in levels}
     outs: dict[float, list[torch.Tensor]] = {lvl: [] for lvl in levels}
     gen = torch.Generator().manual_seed(seed)
     device = next(net.parameters()).device
@@ -186,14 +184,6 @@ def teacher_truncation_samples(net, objective: Objective, shape, n: int, seed: i
         for lvl, t in picks.items():
             outs[lvl].append(final.float() if t is None else at_level[t])
     return {lvl: torch.cat(v) for lvl, v in outs.items()}
-
-
-def truncation_nfe(level: float) -> int:
-    if level <= 0:
-        return 35
-    grid = edm_time_steps(18)[:-1].tolist()
-    i = max(i for i, t in enumerate(grid) if t >= level)
-    return 2 * i + 1
 
 
 class SelectionResult(BaseModel):

@@ -357,6 +357,19 @@ def _infer_image_shape(spec: OperatorSpec, obs_shape: tuple[int, ...]) -> tuple[
     raise DatasetError(f"observations of shape {obs_shape} cannot come from operator '{spec.kind}'")
 
 
+def _check_consistent(operator, obs: np.ndarray, state: Mapping[str, np.ndarray], start: int, quantum: float,
+                      path: Path) -> None:
+    """Refuse observations their operator could not have produced (e.g. a non-binary mask, or a
+    value where the mask says "erased"), naming the first bad row."""
+    if not set(operator.state_keys) <= set(state):
+        return  # write_dataset names the missing state columns
+    tensors = {k: torch.from_numpy(np.array(state[k])) for k in operator.state_keys}
+    found = operator.first_invalid(torch.from_numpy(np.array(obs, dtype=np.float32)), tensors, atol=quantum + 1e-5)
+    if found is not None:
+        row, reason = found
+        raise DatasetError(f"{path}: row {start + row}: {reason} (operator '{operator.spec.kind}')")
+
+
 def import_corrupted(
     observations: str | Path,
     spec: OperatorSpec | Mapping[str, Any] | str | Path,
@@ -420,15 +433,16 @@ def import_corrupted(
     if label_array is not None and len(label_array) != count:
         raise DatasetError(f"labels: {len(label_array)} rows, but there are {count} observations")
 
+    operator = build_operator(spec)
+    quantum = (value_range[1] - value_range[0]) / 255 if path.is_dir() else 0.0  # image files hold uint8
+
     def batches() -> Iterator[WriteBatch]:
         for start in range(0, count, _CORRUPT_BATCH):
             stop = min(start + _CORRUPT_BATCH, count)
             state_rows = {k: np.asarray(v[start:stop]) for k, v in states.items()}
-            yield (
-                load(start, stop),
-                state_rows,
-                None if label_array is None else np.asarray(label_array[start:stop]),
-            )
+            obs = load(start, stop)
+            _check_consistent(operator, obs, state_rows, start, quantum, path)
+            yield obs, state_rows, None if label_array is None else np.asarray(label_array[start:stop])
 
     return write_dataset(
         out_uri,

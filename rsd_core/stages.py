@@ -22,7 +22,7 @@ from rsd_core.distill import DistillPhase, OneStepGenerator, distill
 from rsd_core.kinds import build_operator, default_sigma_stop, objective_for
 from rsd_core.networks import EDMPrecond
 from rsd_core.objectives import Objective
-from rsd_core.pretrain import TensorSource, build_teacher, pretrain_teacher
+from rsd_core.pretrain import build_teacher, pretrain_teacher
 from rsd_core.sampling import OneStepSampler, Sampler, TeacherSampler
 from rsd_core.training import CheckpointCallback, MetricsCallback, TrainResult, load_module_weights, world
 
@@ -45,17 +45,6 @@ class ModelCard(Spec):
     steps: int = 0
     metrics: dict[str, float] = Field(default_factory=dict)
     code_version: str = ""
-
-
-def load_observations(dataset_uri: str, limit: int | None = None):
-    """(TensorSource, operator spec, image shape, fingerprint) of a corrupted dataset, in memory."""
-    from rsd_core.data import open_dataset  # pyarrow is needed only where datasets are read
-
-    ds = open_dataset(dataset_uri)
-    obs, state, _ = ds.read_all()
-    if limit is not None:
-        obs, state = obs[:limit], {k: v[:limit] for k, v in state.items()}
-    return TensorSource(obs, state), ds.manifest.operator, tuple(ds.manifest.image_shape), ds.fingerprint
 
 
 def save_model(folder: str | Path, net: torch.nn.Module, card: ModelCard) -> Path:
@@ -111,7 +100,13 @@ def pretrain_stage(
     on_checkpoint: CheckpointCallback | None = None,
 ) -> tuple[Path, TrainResult]:
     """Train (or resume) a teacher on ``dataset_uri``; saves its EMA as a model under ``out_dir/teacher``."""
-    source, spec, image_shape, fingerprint = load_observations(dataset_uri)
+    from rsd_core.data import open_dataset  # pyarrow is needed only where datasets are read
+    from rsd_core.streaming import StreamSource
+
+    ds = open_dataset(dataset_uri)
+    spec, image_shape, fingerprint = ds.manifest.operator, tuple(ds.manifest.image_shape), ds.fingerprint
+    # Streamed, never loaded whole: memory stays bounded for any dataset size (docs/benchmarks.md).
+    source = StreamSource(ds, seed=train.seed, shuffle_buffer=train.shuffle_buffer, workers=train.data_workers)
     if network.img_channels != image_shape[0] or network.img_resolution != image_shape[-1]:
         network = network.model_copy(update={"img_channels": image_shape[0], "img_resolution": image_shape[-1]})
     objective = objective_for(build_operator(spec))

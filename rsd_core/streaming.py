@@ -5,6 +5,10 @@ set by ``shuffle_buffer`` and the read batch size, not by the dataset size. Row 
 (the unit of work) are dealt round-robin over every (DDP rank, DataLoader worker) pair, so
 each row is read by exactly one reader per epoch, and the order depends only on
 ``seed``, the epoch and the number of readers.
+
+:class:`StreamSource` is what training reads: epochs chained without end, batches prefetched
+by DataLoader workers, and positioned by the number of batches already drawn, so a resumed run
+sees exactly the batches an uninterrupted one would (replaying at most one epoch per reader).
 """
 
 from __future__ import annotations
@@ -94,7 +98,10 @@ class StreamingDataset(IterableDataset):
                 yield batch.observation[i].clone(), state, label
 
     def __iter__(self) -> Iterator[Sample]:
-        reader, readers = self._reader()
+        return self.epoch_rows(*self._reader())
+
+    def epoch_rows(self, reader: int, readers: int) -> Iterator[Sample]:
+        """One epoch of one reader's rows, shuffled through the buffer."""
         rows = self._rows(self.units_for(reader, readers))
         if not self.shuffle:
             yield from rows
@@ -110,3 +117,101 @@ class StreamingDataset(IterableDataset):
             buffer[slot] = row
         for slot in rng.permutation(len(buffer)):
             yield buffer[slot]
+
+
+class _EndlessReader(IterableDataset):
+    """Every DataLoader worker streams its own rows epoch after epoch, starting ``start_rows[worker]``
+    rows into its stream (rows of its earlier epochs are skipped by epoch, not read).
+
+    A DataLoader takes batch ``i`` from its worker ``i mod workers``; a loader restarted after ``n``
+    batches must begin with stream ``n mod workers``, so its worker ``j`` plays stream
+    ``(j + first) mod workers``."""
+
+    def __init__(self, stream: StreamingDataset, rank: int, world_size: int, workers: int, start_rows: list[int],
+                 unit_rows: dict[tuple[int, int], int], first: int = 0):
+        super().__init__()
+        self.stream, self.rank, self.world_size, self.workers = stream, rank, world_size, workers
+        self.start_rows, self.unit_rows, self.first = start_rows, unit_rows, first
+
+    def rows_per_epoch(self, reader: int, readers: int) -> int:
+        """Rows this reader streams in the current epoch (its units change with the epoch's shuffle)."""
+        return sum(self.unit_rows[unit] for unit in self.stream.units_for(reader, readers))
+
+    def __iter__(self) -> Iterator[Sample]:
+        info = get_worker_info()
+        worker = ((info.id if info is not None else 0) + self.first) % self.workers
+        reader, readers = self.rank * self.workers + worker, self.world_size * self.workers
+        epoch, skip = 0, self.start_rows[worker]
+        while True:  # which epoch the start falls in: row counts from the footers, nothing is read
+            self.stream.set_epoch(epoch)
+            per_epoch = self.rows_per_epoch(reader, readers)
+            if skip < per_epoch:
+                break
+            epoch, skip = epoch + 1, skip - per_epoch
+        while True:
+            self.stream.set_epoch(epoch)
+            for i, row in enumerate(self.stream.epoch_rows(reader, readers)):
+                if i >= skip:
+                    yield row
+            epoch, skip = epoch + 1, 0
+
+
+class StreamSource:
+    """Training batches streamed from a dataset's shards (a ``BatchSource`` for the pretraining phase).
+
+    Memory is bounded by the shuffle buffers and the prefetch queue, not the dataset size. Each DDP
+    rank (``rank``/``world_size``, default torch.distributed's) and each of its ``workers`` DataLoader
+    processes read disjoint row groups; batch ``i`` comes from worker ``i mod workers``. ``seek(n)``
+    positions the stream after ``n`` batches, which the trainer calls on resume.
+    """
+
+    def __init__(self, dataset: CorruptedDataset | str, *, seed: int = 0, shuffle_buffer: int = 4096,
+                 workers: int = 1, prefetch_batches: int = 4, rank: int | None = None,
+                 world_size: int | None = None, storage_options: Mapping[str, Any] | None = None):
+        if isinstance(dataset, str):
+            dataset = open_dataset(dataset, storage_options)
+        self.stream = StreamingDataset(dataset, shuffle=True, shuffle_buffer=shuffle_buffer, seed=seed)
+        # None: torch.distributed's, read on the first batch (the trainer joins the process group first)
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+        self.prefetch_batches = prefetch_batches
+        self.batches_done = 0
+        self._batch_size: int | None = None
+        self._iter: Iterator | None = None
+        self._unit_rows: dict[tuple[int, int], int] | None = None
+
+    def seek(self, batches_done: int) -> None:
+        """Continue after ``batches_done`` batches (of the batch size of the next call)."""
+        self.batches_done = batches_done
+        self._iter = None
+
+    def _start(self, batch_size: int) -> None:
+        from torch.utils.data import DataLoader
+
+        if self.rank is None:
+            initialised = dist.is_available() and dist.is_initialized()
+            self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if initialised else (0, 1)
+        workers = max(1, self.workers)
+        dataset = self.stream.dataset
+        if len(dataset.units()) < self.world_size * workers:
+            raise ValueError(
+                f"{dataset.uri}: {len(dataset.units())} row groups for {self.world_size * workers} readers "
+                "(ranks x data workers): write the dataset with smaller row groups or use fewer workers"
+            )
+        per_worker = [len(range(w, self.batches_done, workers)) * batch_size for w in range(workers)]
+        if self._unit_rows is None:
+            self._unit_rows = self.stream.dataset.units_rows()
+        reader = _EndlessReader(self.stream, self.rank, self.world_size, workers, per_worker, self._unit_rows,
+                                first=self.batches_done % workers)
+        kwargs = {"num_workers": self.workers, "prefetch_factor": self.prefetch_batches, "persistent_workers": True} \
+            if self.workers > 0 else {}
+        self._iter = iter(DataLoader(reader, batch_size=batch_size, **kwargs))
+        self._batch_size = batch_size
+
+    def next_batch(self, batch_size: int, generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The next batch (``generator`` is unused: the order is fixed by the seed and the position)."""
+        if self._iter is None or batch_size != self._batch_size:
+            self._start(batch_size)
+        obs, state, _ = next(self._iter)
+        self.batches_done += 1
+        return obs, state

@@ -180,6 +180,10 @@ class Phase:
     def step(self, ctx: StepContext) -> dict[str, float]:
         raise NotImplementedError
 
+    def resume(self, step: int) -> None:
+        """Called once before the first step with the step the run starts from (0 for a new run), so a
+        phase whose data stream has a position can continue exactly where the checkpoint left it."""
+
 
 @dataclass
 class TrainResult:
@@ -376,6 +380,7 @@ class Trainer:
             result.nonfinite_skipped = int(meta.get("nonfinite_skipped", 0))
             self.lr_scale = float(meta.get("lr_scale", 1.0))
             result.checkpoints = [str(p) for p in existing]
+        self.phase.resume(start_step)
         ctx = StepContext(self.gen, self.device, self.bf16, self.channels_last)
         in_row, metrics = 0, {}
         t0 = time.perf_counter()

@@ -153,12 +153,14 @@ def step_flops(phase, device, bf16: bool) -> float:
     return float(counter.get_total_flops())
 
 
-def train_config(args, steps: int, batch: int):
+def train_config(args, steps: int, batch: int, teacher: bool = True):
+    """The loop settings; the teacher's optimiser settings only for pretraining (distillation has its own)."""
     from rsd_core.config import TrainConfig
 
-    return TrainConfig(steps=steps, batch_size=batch, lr=2e-4, lr_rampup_steps=min(50, steps), grad_clip=1.0,
+    optimiser = {"lr": 2e-4} if teacher else {}
+    return TrainConfig(steps=steps, batch_size=batch, lr_rampup_steps=min(50, steps), grad_clip=1.0,
                        ema_halflife_nimg=50_000.0, checkpoint_every=steps, precision="bf16" if args.bf16 else "fp32",
-                       device=args.device, seed=0)
+                       device=args.device, seed=0, **optimiser)
 
 
 def phase_report(name: str, clock: StepClock, batch: int, flops: float, peak: float, warmup: int) -> dict:
@@ -193,8 +195,8 @@ def run_single(args, device, peak: float, out: Path) -> tuple[list[dict], object
 
     clock = StepClock()
     dcfg = DistillConfig(lr_fake=1e-5, lr_generator=1e-5)
-    dphase, _ = distill(phase.ema, objective, (3, 64, 64), train_config(args, args.distill_steps, args.batch), dcfg,
-                        out / "distill", callback=clock, progress=False)
+    loop = train_config(args, args.distill_steps, args.batch, teacher=False)
+    dphase, _ = distill(phase.ema, objective, (3, 64, 64), loop, dcfg, out / "distill", callback=clock, progress=False)
     reports.append(phase_report("distill", clock, args.batch, step_flops(dphase, device, args.bf16), peak,
                                 args.warmup))
     print(_line(reports[-1]), flush=True)

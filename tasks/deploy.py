@@ -19,7 +19,7 @@ import os
 from flytekit import Resources
 from flytekitplugins.kfpytorch import Elastic
 
-from rsd_core.presets import PipelineConfig, TaskResources, build_config
+from rsd_core.presets import PipelineConfig, TaskResources, build_config, for_existing_dataset
 from tasks.tracking import source_hash
 
 IMAGE_ENV = "RSD_IMAGE"
@@ -68,4 +68,6 @@ def cache_version() -> str:
 
 
 DEPLOYMENT = deployment_config()
+# The data team's re-run names its model and run after its dataset, not after the preset's data.
+RERUN_DEPLOYMENT = for_existing_dataset(DEPLOYMENT, os.environ.get(PRESET_ENV, "cpu-demo"))
 CACHE_VERSION = cache_version()

@@ -16,6 +16,7 @@ execution's parent MLflow run id, and an existing version with that tag is reuse
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,15 @@ class Registration:
     alias: str
     proximal_fd: float
     reason: str
+
+
+def dataset_model_name(dataset_name: str) -> str:
+    """The registered model name of a dataset's generators: ``rsd-`` and its manifest name, lower-cased, with
+    runs of characters other than letters, digits, '.', '_' and '-' replaced by '-'."""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", dataset_name.lower()).strip("-")
+    if not slug:
+        raise ValueError(f"dataset name {dataset_name!r} gives no model name: set tracking.model_name")
+    return f"rsd-{slug}"
 
 
 def find_version(client: MlflowClient, name: str, execution_run_id: str) -> ModelVersion | None:

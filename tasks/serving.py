@@ -38,7 +38,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from rsd_core.data import expected_state
-from rsd_core.export import CARD_FILE, ONNX_FILE, draw_inputs, load_exportable
+from rsd_core.export import CARD_FILE, ONNX_FILE, draw_card_inputs, draw_inputs, load_exportable
 from rsd_core.kinds import build_operator
 from rsd_core.restore import RestoreConfig, restore_with_model
 from rsd_core.stages import read_card
@@ -55,7 +55,7 @@ def params_schema() -> ParamSchema:
 
 def save_model(path: str, mlflow_model: Model, export_dir: str | Path) -> None:
     """Write the MLflow model of the exported generator in ``export_dir`` to ``path``: both flavours."""
-    module, card = load_exportable(export_dir)
+    module, card = load_exportable(export_dir, formats=("pt2",))  # the pytorch flavour holds the .pt2 program
     example = draw_inputs(module, card.image_shape, 2, seed=0)  # batch >= 2 keeps the batch axis dynamic
     inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *x.shape[1:]), name)
                      for name, x in zip(module.input_names(), example, strict=True)])
@@ -113,12 +113,7 @@ class GeneratorModel:
 
     def draw_latents(self, n: int, seed: int) -> list[torch.Tensor]:
         """The program's inputs for ``n`` images as ``rsd sample`` draws them: eps, then u, from one seed."""
-        gen = torch.Generator().manual_seed(seed)
-        shape = tuple(self.card["image_shape"])
-        latents = [torch.randn((n, *shape), generator=gen)]
-        if "u" in self.card["inputs"]:
-            latents.append(torch.rand((n, 1, *shape[1:]), generator=gen))
-        return latents
+        return draw_card_inputs(self.card["inputs"], n, seed)
 
     def _generate(self, latents: list[torch.Tensor]) -> np.ndarray:
         if len(latents) != len(self.card["inputs"]):

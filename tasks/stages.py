@@ -40,7 +40,7 @@ from rsd_core.viz import observations_for_display, save_grid
 from tasks import decks, tracking
 from tasks.checkpoints import AttemptCheckpoints
 from tasks.deploy import CACHE_VERSION, DEPLOYMENT, elastic, image, requests
-from tasks.registry import TAG_FINGERPRINT, TAG_OPERATOR, TAG_SCORING, register_generator
+from tasks.registry import TAG_FINGERPRINT, TAG_OPERATOR, TAG_SCORING, dataset_model_name, register_generator
 
 _RES = DEPLOYMENT.resources
 _CACHE = Cache(version=CACHE_VERSION, ignored_inputs=("run_id", "log_every"))
@@ -58,7 +58,9 @@ class SelectedGenerator:
     proximal_fd: float
     teacher_proximal_fd: float
     dataset_fingerprint: str
+    dataset_name: str
     proximal_scoring: str
+    proximal_features: str  # the label of the Proximal FD features: every report names them
     operator_kind: str
 
 
@@ -71,6 +73,7 @@ class RegisteredModel:
     alias: str
     reason: str
     proximal_fd: float
+    proximal_features: str
     run_id: str
     tracking_uri: str
     grid: FlyteFile
@@ -113,15 +116,27 @@ def _execution_name() -> str:
 
 
 @task(cache=False, retries=2, container_image=image(), requests=requests(_RES.default))
-def open_run(config: PipelineConfig, workflow_name: str) -> str:
-    """Create the execution's parent MLflow run (whole config as params) and return its id."""
+def open_run(config: PipelineConfig, workflow_name: str, dataset_uri: str = "") -> str:
+    """Create the execution's parent MLflow run (the config as params) and return its id.
+
+    With ``dataset_uri`` (a run on an already-corrupted dataset) the unused ``data`` section is left out of
+    the params, and an empty description names that dataset: the preset's would describe other data."""
+    params = config.model_dump(mode="json")
+    tags = {"rsd.code_version": tracking.code_version(), "rsd.workflow": workflow_name,
+            "rsd.flyte_execution": _execution_name(),
+            "rsd.model_name": config.tracking.model_name or "named after the dataset"}
+    description = config.description
+    if dataset_uri:
+        del params["data"]
+        name = open_dataset(dataset_uri).manifest.name
+        tags |= {"rsd.dataset_name": name, "rsd.dataset_uri": dataset_uri}
+        description = description or f"{workflow_name} on dataset '{name}' ({dataset_uri})"
     run_id = tracking.start_parent_run(
         config.tracking.experiment,
         run_name=f"{workflow_name}-{_execution_name()}",
-        params=config.model_dump(mode="json"),
-        tags={"rsd.code_version": tracking.code_version(), "rsd.workflow": workflow_name,
-              "rsd.flyte_execution": _execution_name(), "rsd.model_name": config.tracking.model_name},
-        description=config.description,
+        params=params,
+        tags=tags,
+        description=description,
     )
     tracking.log_text_artifact(tracking.client(), run_id, config_yaml(config), "config.yaml")
     return run_id
@@ -244,7 +259,8 @@ def select_checkpoint(dataset: FlyteDirectory, teacher: FlyteDirectory, distille
         for key, value in summary.items():
             if value is not None:
                 client.log_metric(child, key, value)
-        client.set_tag(child, "rsd.extractor", result.extractor_label)
+        if result.extractor_label is not None:  # no clean split, no true FD
+            client.set_tag(child, "rsd.extractor", result.extractor_label)
         client.set_tag(child, "rsd.proximal_extractor", result.proximal_extractor_label)
         table = Path(result.grid).parent / "selection.json"
         client.log_artifact(child, str(table))
@@ -256,7 +272,8 @@ def select_checkpoint(dataset: FlyteDirectory, teacher: FlyteDirectory, distille
         generator=_out_dir(result.generator_dir), grid=_out_file(result.grid), table=_out_file(str(table)),
         chosen_step=result.chosen_step, proximal_fd=result.proximal_fd,
         teacher_proximal_fd=result.teacher_proximal_fd, dataset_fingerprint=ds.fingerprint,
-        proximal_scoring=result.proximal_scoring,
+        proximal_scoring=result.proximal_scoring, dataset_name=ds.manifest.name,
+        proximal_features=result.proximal_extractor_label or result.extractor_label or "",
         operator_kind=ds.manifest.operator.kind,
     )
 
@@ -293,8 +310,9 @@ def register_model(exported: FlyteDirectory, selected: SelectedGenerator, tracki
     """Log the model, register it once per execution, and promote it by Proximal FID."""
     export_dir = Path(exported.download())
     with tracking.child_run(run_id, "register_model") as (client, child):
+        name = tracking_settings.model_name or dataset_model_name(selected.dataset_name)
         registration = register_generator(
-            client, tracking_settings.model_name, run_id, selected.dataset_fingerprint, selected.proximal_scoring,
+            client, name, run_id, selected.dataset_fingerprint, selected.proximal_scoring,
             selected.operator_kind, selected.proximal_fd, lambda: _log_generator_model(export_dir, child),
         )
         grid = selected.grid.download()
@@ -311,7 +329,8 @@ def register_model(exported: FlyteDirectory, selected: SelectedGenerator, tracki
     client.set_terminated(run_id, "FINISHED")
     return RegisteredModel(
         name=registration.name, version=registration.version, alias=registration.alias, reason=registration.reason,
-        proximal_fd=registration.proximal_fd, run_id=run_id, tracking_uri=tracking.tracking_uri(),
+        proximal_fd=registration.proximal_fd, proximal_features=selected.proximal_features, run_id=run_id,
+        tracking_uri=tracking.tracking_uri(),
         grid=_out_file(grid), exported=_out_dir(str(export_dir)),
     )
 

@@ -3,7 +3,7 @@ phase reuse on a second run, and that ``--no-publish`` leaves the committed resu
 
 import json
 
-from benchmarks import restoration
+from benchmarks import extractors, restoration
 from benchmarks.report import RESULTS_DIR
 
 ISSUE_KEYS = {"task", "teacher_fd", "teacher_sampler", "teacher_fd_full", "teacher_fd_truncated", "student_fd",
@@ -24,12 +24,12 @@ def test_restoration_benchmark_at_a_toy_budget(tmp_path):
 
     assert result["budget_minutes"] == 0.05 and result["distill_budget_minutes"] == 0.2
     assert result["distill_lr_drop_at"] == 0.5 and "not Inception FID" in result["extractor"]
-    assert result["proximal_extractor"] == "classifier-corrupted"
+    assert result["proximal_extractor"] == "self-supervised"
     (row,) = result["rows"]
     assert row.keys() >= ISSUE_KEYS and row["task"] == "inpaint-0.6"
     assert row["teacher_fd"] == min(row["teacher_fd_full"], row["teacher_fd_truncated"])
     assert row["best_true_fd"] <= row["chosen_true_fd"] == row["student_fd"]
-    assert "trained on inpaint views" in row["proximal_extractor"]
+    assert "no labels, no clean images" in row["proximal_extractor"]
     assert all(row[k] > 0 for k in ("corrupt_s", "teacher_s", "distill_s", "select_s"))
     checkpoints = sorted((tmp_path / "inpaint-0.6" / "distill" / "checkpoints").iterdir())
     scales = [json.loads((c / "meta.json").read_text())["lr_scale"] for c in checkpoints]
@@ -38,6 +38,19 @@ def test_restoration_benchmark_at_a_toy_budget(tmp_path):
 
     again = restoration.main(argv)  # every phase is reused: same figures, same recorded wall times
     assert again["rows"] == result["rows"]
+    assert _published() == before
+
+    # every extractor scores the same candidates of that work folder: the checkpoints, then the teacher's levels
+    scored = extractors.main(["--work", str(tmp_path), "--tasks", "inpaint-0.6,blur-noise-0.2", "--extractors",
+                              "self-supervised,classifier", "--n-eval", "64", "--n-teacher", "16", "--no-publish"])
+    (task,) = scored["tasks"]
+    assert scored["pending"] == ["blur-noise-0.2"] and task["task"] == "inpaint-0.6"
+    assert [r["candidate"] for r in task["rows"]] == [c.name for c in checkpoints] + [
+        f"teacher@{level}" for level in (0.58, 0.29, 0.13, 0.05, 0.02, 0.0)]
+    ssl = task["by_extractor"]["self-supervised"]
+    assert ssl["checkpoint"]["best_true_fd"] <= ssl["checkpoint"]["chosen_true_fd"]
+    assert -1 <= ssl["spearman_all"] <= 1 and task["features"]["self-supervised"]["id"].startswith("ssl-")
+    assert scored["summary"]["classifier"]["checkpoint"]["tasks"] == 1
     assert _published() == before
 
 

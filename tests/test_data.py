@@ -362,6 +362,40 @@ def test_import_npy_casts_uint8_masks(tmp_path):
     assert manifest.count == 20 and torch.equal(obs, y) and torch.equal(got["mask"], state["mask"])
 
 
+@pytest.mark.parametrize(
+    ("kind", "spoil", "message"),
+    [
+        ("inpaint", lambda y, st: st["mask"].__setitem__((3, 0, 0, 0), 0.5), "row 3: state 'mask' is not binary"),
+        ("inpaint", lambda y, st: y.__setitem__((5,), torch.where(st["mask"][5] > 0, y[5], 0.7)),
+         "row 5: observation is non-zero where its mask says the pixel is erased"),
+        ("mri", lambda y, st: y.__setitem__((2,), y[2] + 0.1),
+         "row 2: observation is non-zero where its mask says the k-space line is not sampled"),
+        ("superres", lambda y, st: y.__setitem__((4, 0, 0, 0), y[4, 0, 0, 0] + 0.5),
+         "row 4: observation is not constant on 2x2 blocks"),
+    ],
+)
+def test_import_refuses_observations_the_operator_could_not_have_produced(tmp_path, kind, spoil, message,
+                                                                          monkeypatch):
+    """Per-sample state must be valid for its operator and the observations consistent with it."""
+    if kind == "superres":  # block constancy is checkable only without measurement noise
+        monkeypatch.setitem(SPECS, kind, ({"kind": "superres", "factor": 2}, SPECS[kind][1]))
+    _, _, y, state = _corrupted(kind, 20)
+    np.save(tmp_path / "ok.npy", y.numpy())
+    paths = {}
+    for key, value in state.items():
+        np.save(tmp_path / f"{key}.npy", value.numpy())
+        paths[key] = tmp_path / f"{key}.npy"
+    import_corrupted(tmp_path / "ok.npy", SPECS[kind][0], str(tmp_path / "ok"), state=paths)  # consistent as made
+
+    spoil(y, state)
+    np.save(tmp_path / "obs.npy", y.numpy())
+    for key, value in state.items():
+        np.save(tmp_path / f"{key}.npy", value.numpy())
+    with pytest.raises(DatasetError, match=f"obs.npy: {message}") as err:
+        import_corrupted(tmp_path / "obs.npy", SPECS[kind][0], str(tmp_path / "bad"), state=paths)
+    assert "\n" not in str(err.value)
+
+
 # --------------------------------------------------------------------------- CLI and viz
 
 

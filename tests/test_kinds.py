@@ -16,7 +16,7 @@ from pydantic import Field
 
 from rsd_core.config import DistillConfig, NetworkConfig, OperatorSpecBase, TrainConfig
 from rsd_core.distill import distill
-from rsd_core.export import ExportError, export_generator, load_exportable
+from rsd_core.export import ExportError, draw_inputs, export_generator, load_exportable
 from rsd_core.kinds import (
     OperatorKind,
     build_operator,
@@ -132,8 +132,7 @@ def test_every_kind_runs_the_whole_contract(name, tmp_path):
     if "pt2" in kind.export_formats:
         out = export_generator(model_dir, tmp_path / "export", formats=("pt2",))
         module, _ = load_exportable(model_dir, ("pt2",))
-        eps = torch.randn((2, *shape), generator=rng)
-        inputs = (eps, torch.rand((2, 1, *shape[1:]), generator=rng)) if module.uses_mask else (eps,)
+        inputs = draw_inputs(module, shape, 2, seed=1)
         program = torch.export.load(str(out / "generator.pt2")).module()
         assert torch.allclose(program(*inputs), module(*inputs), atol=1e-5)
     else:
@@ -154,10 +153,10 @@ def test_the_toy_kind_reaches_the_cli_and_the_dataset_errors():
 
 
 def test_config_that_cannot_export_is_refused_before_training():
-    with pytest.raises(ConfigError, match="operator kind 'mri' cannot be exported as onnx, pt2"):
+    with pytest.raises(ConfigError, match="operator kind 'mri' cannot be exported as onnx \\(it exports to: pt2\\)"):
         build_config("cpu-smoke", overrides=["data.operator={kind: mri}", "network.img_channels=2"])
-    config = build_config("cpu-smoke", overrides=["data.operator={kind: mri}", "export.formats=[]"])
-    assert config.export.formats == ()
+    config = build_config("cpu-smoke", overrides=["data.operator={kind: mri}", "export.formats=[pt2]"])
+    assert config.export.formats == ("pt2",)
 
 
 def test_a_kind_name_is_registered_once():

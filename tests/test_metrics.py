@@ -271,32 +271,3 @@ def test_spearman() -> None:
     a = np.array([3.0, 1.0, 4.0, 1.5, 9.0])
     assert M.spearman(a, np.exp(a)) == pytest.approx(1.0)
     assert M.spearman(torch.tensor(a), -a) == pytest.approx(-1.0)
-
-
-def test_subspace_metrics_same_rotated_and_orthogonal() -> None:
-    rng = np.random.default_rng(3)
-    a = rng.standard_normal((6, 2))
-    rotation = np.array([[0.6, -0.8], [0.8, 0.6]])
-    np.testing.assert_allclose(M.principal_angles_deg(a, a @ rotation), 0.0, atol=1e-6)
-    assert M.projection_distance(a, a @ rotation) == pytest.approx(0.0, abs=1e-12)
-
-    e = np.eye(6)
-    np.testing.assert_allclose(M.principal_angles_deg(e[:, :2], e[:, 2:4]), 90.0)
-    assert M.projection_distance(e[:, :2], e[:, 2:4]) == pytest.approx(2.0)
-
-    theta = math.radians(30)
-    tilted = math.cos(theta) * e[:, :1] + math.sin(theta) * e[:, 1:2]
-    np.testing.assert_allclose(M.principal_angles_deg(e[:, :1], tilted), 30.0)
-    b = rng.standard_normal((6, 2))
-    assert M.projection_distance(a @ rotation, b) == pytest.approx(M.projection_distance(a, b))
-    assert M.projection_distance(e[:, :1], tilted) == pytest.approx(math.sqrt(2) * math.sin(theta))
-
-
-def test_covariance_error() -> None:
-    rng = np.random.default_rng(4)
-    u = rng.standard_normal((8, 3))
-    q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
-    assert M.covariance_error(u, u) == pytest.approx(0.0, abs=1e-12)
-    assert M.covariance_error(torch.tensor(u @ q), u) == pytest.approx(0.0, abs=1e-12)
-    assert M.covariance_error(np.zeros_like(u), u) == pytest.approx(1.0)
-    assert M.covariance_error(2 * u, u) == pytest.approx(3.0)

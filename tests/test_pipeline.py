@@ -57,6 +57,23 @@ def test_yaml_then_set_overrides_in_order(tmp_path):
     assert switched.data.operator.factor == 4
 
 
+def test_a_run_on_an_existing_dataset_is_named_after_it_unless_told_otherwise():
+    """The preset's model name and description describe the preset's own data (cpu-demo: Fashion-MNIST):
+    on another dataset they give way, the model to one named after that dataset's manifest."""
+    from rsd_core.presets import for_existing_dataset
+    from tasks.registry import dataset_model_name
+
+    rerun = for_existing_dataset(build_config("cpu-demo"), "cpu-demo")
+    assert rerun.tracking.model_name is None and rerun.description == ""
+    assert rerun.selection.extractor == "self-supervised"  # features learnt from that dataset, not Fashion-MNIST
+    named = for_existing_dataset(build_config("cpu-demo", overrides=["tracking.model_name=scans",
+                                                                     "description=our scans"]), "cpu-demo")
+    assert (named.tracking.model_name, named.description) == ("scans", "our scans")
+    assert dataset_model_name("Team Scans/2024 (v2)") == "rsd-team-scans-2024-v2"
+    with pytest.raises(ValueError, match="tracking.model_name"):
+        dataset_model_name("???")
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("teacher_train.lr=-1", "teacher_train.lr: lr must be > 0"),
     ("teacher_train.lrr=1", "teacher_train.lrr: Extra inputs are not permitted"),
@@ -187,9 +204,15 @@ def test_rerun_on_an_existing_dataset_reruns_only_the_stage_whose_config_changed
     (dataset,) = out.glob("flyte-sandbox/*/corrupt-*/dataset/manifest.json")
     stdout = rsd(scratch[1], "run", "--preset", "cpu-smoke", "--out", str(out), "--dataset", str(dataset.parent),
                  "--set", "selection.n_samples=48")
-    assert re.search(r"registered model  rsd-smoke version \d+ alias @\w+", stdout)
+    # named after the dataset, not registered under (nor described as) the preset's model
+    name = json.loads(dataset.read_text())["name"]
+    assert f"dataset {name}: " in stdout and "cpu-smoke: every stage" not in stdout
+    assert re.search(rf"registered model  rsd-{name} version 1 alias @champion", stdout)
+    assert f"scored on         self-supervised encoder trained on the corrupted observations of '{name}'" in stdout
     client = client_for(out)
-    assert len(runs_by_name(client, "rsd_rerun-local")) == 1
+    (parent,) = runs_by_name(client, "rsd_rerun-local")
+    assert parent.data.tags["rsd.dataset_name"] == name and name in parent.data.tags["mlflow.note.content"]
+    assert not any(key.startswith("data.") for key in parent.data.params)  # the preset's unused data section
     assert len(runs_by_name(client, "corrupt_dataset")) == 1
     assert len(runs_by_name(client, "pretrain_teacher")) == len(runs_by_name(client, "distill")) == 1
     reselected = [r for r in runs_by_name(client, "select_checkpoint") if r.data.params["n_samples"] == "48"]

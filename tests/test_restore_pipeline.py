@@ -42,14 +42,14 @@ def scratch(tmp_path_factory):
     return root, env
 
 
-def _sharded_copy(source: str, out: Path, **changes) -> str:
-    """The dataset at ``source`` rewritten in shards of 32 rows (16 per row group), with ``changes``
-    to the manifest's fields, so the workflow maps over several shards."""
+def _sharded_copy(source: str, out: Path) -> str:
+    """The dataset at ``source`` rewritten in shards of 32 rows (16 per row group), so the workflow maps
+    over several shards."""
     ds = open_dataset(source)
     obs, state, labels = ds.read_all()
     m = ds.manifest
     fields = {"name": m.name, "image_shape": m.image_shape, "operator": m.operator, "seed": m.seed,
-              "clean_eval_uri": str(Path(source) / m.clean_eval_uri), **changes}
+              "clean_eval_uri": str(Path(source) / m.clean_eval_uri)}
     write_dataset(str(out), obs, state, labels, rows_per_shard=32, rows_per_group=16, **fields)
     return str(out)
 
@@ -72,7 +72,7 @@ def trained(scratch):
     network = NetworkConfig(model_channels=8, channel_mult=(1, 2), attn_resolutions=())
     teacher_train = TrainConfig(steps=6, batch_size=8, lr=1e-3, lr_rampup_steps=2, checkpoint_every=6,
                                 ema_halflife_nimg=100.0, precision="fp32")
-    distill_train = TrainConfig(steps=2, batch_size=4, lr=5e-5, betas=(0.0, 0.999), lr_rampup_steps=0,
+    distill_train = TrainConfig(steps=2, batch_size=4, lr_rampup_steps=0,
                                 checkpoint_every=2, ema_halflife_nimg=50.0, precision="fp32")
     teacher, _ = pretrain_stage(dataset, network, teacher_train, root / "work", progress=False)
     generator, _, _ = distill_stage(teacher, distill_train, DistillConfig(), root / "work", progress=False)
@@ -175,7 +175,10 @@ def _rsd_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     for key in ("RSD_OUTPUTS", "TMPDIR", "FLYTE_SDK_LOCAL_SANDBOX", "FLYTE_LOCAL_CACHE_ENABLED",
                 "FLYTE_SDK_LOGGING_LEVEL", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
-        monkeypatch.setenv(key, os.environ.get(key, ""))
+        original = os.environ.get(key)
+        monkeypatch.setenv(key, original or "-")  # recorded, so whatever `rsd` sets is undone
+        if original is None:
+            monkeypatch.delenv(key)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(tempfile_module, "tempdir", tempfile_module.tempdir)
     code = main(list(args))
@@ -203,6 +206,12 @@ def test_a_model_that_does_not_fit_the_data_is_refused_in_one_line_before_any_wo
     experiment = _client(out).get_experiment_by_name("rsd-restore")
     runs = _client(out).search_runs([experiment.experiment_id]) if experiment else []
     assert all(r.data.params.get("dataset") != bad for r in runs)
+
+
+def test_a_bad_setting_names_its_flag(monkeypatch, capsys, tmp_path):
+    code, stderr = _rsd_in_process(monkeypatch, capsys, "restore", "--model", CHAMPION, "--dataset", str(tmp_path),
+                                   "--out", str(tmp_path / "o"), "--steps", "0", "--out-dir", str(tmp_path))
+    assert code == 2 and stderr == "error: --steps: Input should be greater than or equal to 1\n"
 
 
 def test_a_forward_model_other_than_the_datasets_is_refused():
@@ -294,3 +303,46 @@ def test_mlflow_models_serve_answers_sampling_and_restoration_requests(trained, 
     finally:
         stop_process(proc, timeout_s=10)
         log.close()
+
+
+def test_shard_results_are_written_only_in_row_order(tmp_path):
+    """The map task's results are zipped back by position: a part out of order is refused, not misfiled."""
+    from safetensors.torch import save_file
+
+    from rsd_core.restore_dataset import _batches
+
+    parts = []
+    for start in (0, 4):
+        parts.append(tmp_path / f"{start}.safetensors")
+        save_file({"index": torch.arange(start, start + 4), "mean": torch.zeros(4, 1, 2, 2)}, str(parts[-1]))
+    assert [len(images) for images, _, _ in _batches(parts, "mean")] == [4, 4]
+    with pytest.raises(ValueError, match="out of row order"):
+        list(_batches(parts[::-1], "mean"))
+
+
+@pytest.mark.slow
+def test_rsd_restore_reads_and_writes_s3(trained, scratch, s3_server, monkeypatch):
+    """The dataset, its clean split and the restoration on a real S3 server (seaweedfs)."""
+    out, dataset = trained
+    root, env = scratch
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    obs = f"s3://{s3_server.bucket}/restore/obs"
+    source = open_dataset(dataset)
+    clean = source.clean_eval()
+    write_dataset(f"{obs}/clean_eval", *clean.read_all(), name=clean.manifest.name, image_shape=(1, 32, 32),
+                  operator={"kind": "identity"})
+    y, state, labels = source.read_all()
+    write_dataset(obs, y, state, labels, name=source.manifest.name, image_shape=(1, 32, 32),
+                  operator=source.manifest.operator, clean_eval_uri="clean_eval", rows_per_shard=32,
+                  rows_per_group=16)
+    restored = f"s3://{s3_server.bucket}/restore/restored"
+    stdout = _rsd({**env, **s3_server.env()}, "restore", "--model", CHAMPION, "--dataset", obs, "--out", restored,
+                  "--out-dir", str(out), "--steps", "2", "--experiment", "rsd-restore-s3").stdout
+    assert f"restored dataset  {restored}" in stdout and f"the {CLEAN_ROWS} rows" in stdout
+    result = open_dataset(restored, verify=True)
+    assert len(result) == ROWS and len(open_dataset(f"{restored}/spread")) == ROWS
+    assert result.manifest.provenance["source"]["uri"] == obs
+    refused = _rsd({**env, **s3_server.env()}, "restore", "--model", CHAMPION, "--dataset", obs, "--out", restored,
+                   "--out-dir", str(out), ok=False)
+    assert "already holds a dataset" in refused.stderr

@@ -8,13 +8,13 @@ import torch
 from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
 from rsd_core.kinds import build_operator
 from rsd_core.metrics import ClassifierExtractor, compute_stats, frechet_distance
+from rsd_core.sampling import truncation_nfe
 from rsd_core.selection import (
     corrupted_view,
     make_extractors,
     proximal_reference,
     quantise,
     select_stage,
-    truncation_nfe,
 )
 from rsd_core.sources import corrupt, fashion_mnist
 from rsd_core.stages import distill_stage, pretrain_stage, sampler_for
@@ -77,7 +77,7 @@ def test_corruption_trained_extractor_reads_erased_images_and_ranks_severity(tmp
 
 
 def test_corruption_trained_extractor_refuses_mri_before_training():
-    with pytest.raises(ValueError, match="classifier-corrupted.*MRI"):
+    with pytest.raises(ValueError, match="classifier-corrupted.*operator kind 'mri' needs 2-channel images"):
         make_extractors("classifier-corrupted", build_operator({"kind": "mri", "R": 4, "n_coils": 4}))
 
 

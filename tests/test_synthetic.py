@@ -1,10 +1,13 @@
 """The linear eigenspace experiment: exact Gaussian denoisers, the matrix operator, and RSD recovering col(U)."""
 
 import copy
+import math
 
+import numpy as np
+import pytest
 import torch
 
-from rsd_core.synthetic import (
+from benchmarks.synthetic import (
     GaussianDenoiser,
     LinearGenerator,
     MatrixOperator,
@@ -13,9 +16,12 @@ from rsd_core.synthetic import (
     blur_corruption,
     blur_matrix,
     condition_number,
+    covariance_error,
     distill_linear,
     low_rank_basis,
     mask_corruption,
+    principal_angles_deg,
+    projection_distance,
     sample_clean,
     scaled_components,
     subspace_report,
@@ -96,3 +102,32 @@ def test_short_analytic_distillation_on_the_blur_recovers_the_eigenspace():
     theta = distill_linear(teacher, fake, generator, blur.objective, [Stage(800, 2e-3, 6e-3)], batch_size=256)
     end = subspace_report(theta, u).max_angle_deg
     assert start > 60 and end < 10, (start, end)
+
+
+def test_subspace_metrics_same_rotated_and_orthogonal() -> None:
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((6, 2))
+    rotation = np.array([[0.6, -0.8], [0.8, 0.6]])
+    np.testing.assert_allclose(principal_angles_deg(a, a @ rotation), 0.0, atol=1e-6)
+    assert projection_distance(a, a @ rotation) == pytest.approx(0.0, abs=1e-12)
+
+    e = np.eye(6)
+    np.testing.assert_allclose(principal_angles_deg(e[:, :2], e[:, 2:4]), 90.0)
+    assert projection_distance(e[:, :2], e[:, 2:4]) == pytest.approx(2.0)
+
+    theta = math.radians(30)
+    tilted = math.cos(theta) * e[:, :1] + math.sin(theta) * e[:, 1:2]
+    np.testing.assert_allclose(principal_angles_deg(e[:, :1], tilted), 30.0)
+    b = rng.standard_normal((6, 2))
+    assert projection_distance(a @ rotation, b) == pytest.approx(projection_distance(a, b))
+    assert projection_distance(e[:, :1], tilted) == pytest.approx(math.sqrt(2) * math.sin(theta))
+
+
+def test_covariance_error() -> None:
+    rng = np.random.default_rng(4)
+    u = rng.standard_normal((8, 3))
+    q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    assert covariance_error(u, u) == pytest.approx(0.0, abs=1e-12)
+    assert covariance_error(torch.tensor(u @ q), u) == pytest.approx(0.0, abs=1e-12)
+    assert covariance_error(np.zeros_like(u), u) == pytest.approx(1.0)
+    assert covariance_error(2 * u, u) == pytest.approx(3.0)

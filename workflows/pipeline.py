@@ -15,7 +15,7 @@ from flytekit import CronSchedule, LaunchPlan, map_task, workflow
 from flytekit.types.directory import FlyteDirectory
 
 from rsd_core.presets import PipelineConfig
-from tasks.deploy import DEPLOYMENT
+from tasks.deploy import DEPLOYMENT, RERUN_DEPLOYMENT
 from tasks.stages import (
     RegisteredModel,
     SelectedGenerator,
@@ -56,7 +56,7 @@ def rsd_pipeline(config: PipelineConfig) -> RegisteredModel:
 @workflow
 def rsd_rerun(dataset_uri: str, config: PipelineConfig) -> RegisteredModel:
     """Train, select and register on an already-corrupted dataset; ``config.data`` is not used."""
-    run_id = open_run(config=config, workflow_name="rsd_rerun")
+    run_id = open_run(config=config, workflow_name="rsd_rerun", dataset_uri=dataset_uri)
     dataset = check_dataset(dataset_uri=dataset_uri, export=config.export)
     return train_and_register(dataset=dataset, config=config, run_id=run_id)
 
@@ -86,5 +86,5 @@ nightly = LaunchPlan.get_or_create(
 data_team_rerun = LaunchPlan.get_or_create(
     workflow=rsd_rerun,
     name="rsd_rerun_data_team",
-    default_inputs={"config": DEPLOYMENT},
+    default_inputs={"config": RERUN_DEPLOYMENT},
 )

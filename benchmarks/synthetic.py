@@ -19,13 +19,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+import scipy.linalg
 import torch
 from pydantic import Field
 from torch import nn
 
 from rsd_core.config import DistillConfig, Spec, TrainConfig
 from rsd_core.distill import DistillPhase
-from rsd_core.metrics import covariance_error, principal_angles_deg, projection_distance
 from rsd_core.networks import build_mlp
 from rsd_core.objectives import AmbientDiffusionObjective, AmbientTweedieObjective, Objective
 from rsd_core.operators import Inpaint, InpaintSpec, Operator, State
@@ -36,6 +37,40 @@ from rsd_core.training import MetricsCallback, Trainer
 SCALES = (3.0, 2.0, 1.5, 1.0)
 BLUR_TAPS = (0.2, 0.6, 0.2)
 ILL_CONDITIONED_TAPS = (0.25, 0.5, 0.25)
+
+
+def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _projector(a: torch.Tensor | np.ndarray) -> np.ndarray:
+    q = scipy.linalg.orth(_numpy(a))
+    return q @ q.T
+
+
+def principal_angles_deg(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Principal angles in degrees (largest first) between the column spans of ``a`` (D, k), ``b`` (D, l)."""
+    return np.degrees(scipy.linalg.subspace_angles(_numpy(a), _numpy(b)))
+
+
+def projection_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    """||P_A - P_B||_F between the orthogonal projectors on the column spans.
+
+    Basis-free; for equal ranks it equals sqrt(2 * sum(sin^2(principal angles))).
+    """
+    return float(np.linalg.norm(_projector(a) - _projector(b)))
+
+
+def covariance_error(theta: torch.Tensor | np.ndarray, u: torch.Tensor | np.ndarray) -> float:
+    """||theta theta^T - U U^T||_F / ||U U^T||_F: the linear-regime recovery error of Section 9 (Theorem 1).
+
+    Unlike the subspace metrics it also sees scale, and it is invariant to theta -> theta R for orthogonal R.
+    """
+    t, uu = _numpy(theta), _numpy(u)
+    target = uu @ uu.T
+    return float(np.linalg.norm(t @ t.T - target) / np.linalg.norm(target))
 
 
 class MatrixSpec(Spec):
@@ -148,7 +183,7 @@ class LinearGenerator(nn.Module):
 
 @dataclass(frozen=True)
 class SubspaceReport:
-    """How well col(theta) matches col(U), by three metrics: principal angles, projection distance and covariance error."""
+    """How well col(theta) matches col(U): principal angles, projection distance and covariance error."""
 
     max_angle_deg: float
     projection_distance: float
@@ -264,7 +299,6 @@ def distill_linear(
         cfg = TrainConfig(
             steps=stage.steps,
             batch_size=batch_size,
-            lr=1.0,  # unused: DistillPhase takes its learning rates from DistillConfig
             lr_rampup_steps=0,
             ema_halflife_nimg=10_000,
             checkpoint_every=stage.steps,
