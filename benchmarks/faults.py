@@ -593,6 +593,14 @@ def s3_interrupted_write(uri: str, options: dict, fs: Any) -> Row:
 # --------------------------------------------------------------------------- MLflow registration
 
 
+def _register_fake(client, name: str, execution: str, fingerprint: str, fd: float, log_model):
+    """Register an inpainting generator scored "x/n1" (the registry faults only vary these)."""
+    from tasks import registry
+
+    return registry.register_generator(client, name=name, execution_run_id=execution, fingerprint=fingerprint,
+                                       scoring="x/n1", operator_kind="inpaint", proximal_fd=fd, log_model=log_model)
+
+
 def _fake_model_info(client: Any, experiment_id: str) -> Callable[[], Any]:
     """A ``log_model`` stand-in: a run with no artifacts, so a registration costs milliseconds."""
 
@@ -638,7 +646,7 @@ def mlflow_down_scenario(work: Path) -> Row:
         server_proc.wait()
         t0 = time.perf_counter()
         try:
-            registry.register_generator(client, "rsd-faults", "exec-down", "f" * 64, "x/n1", "inpaint", 1.0, log_model)
+            _register_fake(client, "rsd-faults", "exec-down", "f" * 64, 1.0, log_model)
             return Row(fault, FAILED, "registration succeeded while the server was down")
         except Exception as err:  # MlflowException; anything else is reported as it is
             seconds, kind = time.perf_counter() - t0, type(err).__name__
@@ -648,8 +656,7 @@ def mlflow_down_scenario(work: Path) -> Row:
         port = int(server.tracking_uri.rsplit(":", 1)[1])
         server_proc, server = start_mlflow(work / "mlflow", s3, port=port)
         procs.append(server_proc)
-        again = registry.register_generator(client, "rsd-faults", "exec-down", "f" * 64, "x/n1", "inpaint", 1.0,
-                                            log_model)
+        again = _register_fake(client, "rsd-faults", "exec-down", "f" * 64, 1.0, log_model)
         versions = client.search_model_versions("name='rsd-faults'")
         ok = kept and named and seconds < 60 and again.alias == registry.CHAMPION and len(versions) == 1
         return Row(fault, CLEAR if ok else FAILED,
@@ -683,7 +690,7 @@ def race_once(client: Any, experiment_id: str, name: str, scores: dict[str, floa
             return info
 
         try:
-            out.append(registry.register_generator(client, name, execution, "d" * 64, "x/n1", "inpaint", fd, log_model))
+            out.append(_register_fake(client, name, execution, "d" * 64, fd, log_model))
         except Exception as err:
             out.append(err)
 

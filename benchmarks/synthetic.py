@@ -309,7 +309,7 @@ def distill_linear(
         )
         dcfg = DistillConfig(lr_generator=stage.lr_generator, lr_fake=stage.lr_fake)
         phase = DistillPhase(teacher, objective, generator, fake, cfg, dcfg, {})
-        Trainer(phase, cfg, None, callback, progress=False).run()
+        Trainer(phase, cfg, None, callback=callback, progress=False).run()
         ema_theta = phase.generator_ema.theta.detach().clone()
     return ema_theta
 

@@ -161,6 +161,7 @@ def distill(
     train_cfg: TrainConfig,
     dcfg: DistillConfig,
     out_dir: str | Path | None,
+    *,
     callback: MetricsCallback | None = None,
     config: dict | None = None,
     progress: bool = True,
@@ -172,5 +173,6 @@ def distill(
     # Checkpoints record the distillation settings they were made with (selection samples them at sigma_init).
     config = {**(config or {}), "distill": dcfg.model_dump()}
     phase = DistillPhase(teacher, objective, generator, fake, train_cfg, dcfg, config)
-    result = Trainer(phase, train_cfg, out_dir, callback, progress, on_checkpoint).run()
+    result = Trainer(phase, train_cfg, out_dir, callback=callback, progress=progress,
+                     on_checkpoint=on_checkpoint).run()
     return phase, result

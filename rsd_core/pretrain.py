@@ -93,6 +93,7 @@ def pretrain_teacher(
     source: BatchSource,
     cfg: TrainConfig,
     out_dir: str | Path | None,
+    *,
     callback: MetricsCallback | None = None,
     config: dict | None = None,
     progress: bool = True,
@@ -100,5 +101,5 @@ def pretrain_teacher(
 ) -> tuple[PretrainPhase, TrainResult]:
     """Train (or resume training) a teacher; returns the phase (``.ema`` is the teacher) and the result."""
     phase = PretrainPhase(net, objective, source, cfg, config or {})
-    result = Trainer(phase, cfg, out_dir, callback, progress, on_checkpoint).run()
+    result = Trainer(phase, cfg, out_dir, callback=callback, progress=progress, on_checkpoint=on_checkpoint).run()
     return phase, result

@@ -224,6 +224,7 @@ def select_stage(
     teacher_dir: str | Path,
     distill_dir: str | Path,
     out_dir: str | Path,
+    *,
     n_samples: int = 1000,
     extractor: str = "self-supervised",
     seed: int = 0,

@@ -94,6 +94,7 @@ def pretrain_stage(
     network: NetworkConfig,
     train: TrainConfig,
     out_dir: str | Path,
+    *,
     callback: MetricsCallback | None = None,
     progress: bool = True,
     code_version: str = "",
@@ -113,8 +114,8 @@ def pretrain_stage(
     torch.manual_seed(train.seed)
     net = build_teacher(network, objective)
     config = {"network": network.model_dump(), "train": train.model_dump(), "dataset_uri": dataset_uri}
-    phase, result = pretrain_teacher(net, objective, source, train, Path(out_dir) / PRETRAIN_DIR, callback, config,
-                                     progress, on_checkpoint)
+    phase, result = pretrain_teacher(net, objective, source, train, Path(out_dir) / PRETRAIN_DIR, callback=callback,
+                                     config=config, progress=progress, on_checkpoint=on_checkpoint)
     card = ModelCard(kind="teacher", network=network, operator=spec, image_shape=image_shape,
                      objective=objective.name, sigma_stop=default_sigma_stop(spec), dataset_fingerprint=fingerprint,
                      steps=result.steps, metrics=result.metrics, code_version=code_version)
@@ -126,6 +127,7 @@ def distill_stage(
     train: TrainConfig,
     dcfg: DistillConfig,
     out_dir: str | Path,
+    *,
     callback: MetricsCallback | None = None,
     progress: bool = True,
     code_version: str = "",
@@ -135,8 +137,8 @@ def distill_stage(
     generator to ``out_dir/generator``."""
     teacher, objective, card = load_model(teacher_dir)
     config = {"train": train.model_dump(), "distill": dcfg.model_dump(), "teacher": str(teacher_dir)}
-    phase, result = distill(teacher, objective, card.image_shape, train, dcfg, Path(out_dir) / DISTILL_DIR, callback,
-                            config, progress, on_checkpoint)
+    phase, result = distill(teacher, objective, card.image_shape, train, dcfg, Path(out_dir) / DISTILL_DIR,
+                            callback=callback, config=config, progress=progress, on_checkpoint=on_checkpoint)
     gen_card = generator_card(card, dcfg, result.steps, result.metrics, code_version)
     return save_model(Path(out_dir) / "generator", phase.generator_ema.net, gen_card), result, phase
 

@@ -300,6 +300,7 @@ class Trainer:
         phase: Phase,
         cfg: TrainConfig,
         out_dir: str | Path | None = None,
+        *,
         callback: MetricsCallback | None = None,
         progress: bool = True,
         on_checkpoint: CheckpointCallback | None = None,

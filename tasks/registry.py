@@ -90,6 +90,7 @@ def promotion(champion: ModelVersion | None, fingerprint: str, scoring: str, pro
 
 def register_generator(
     client: MlflowClient,
+    *,
     name: str,
     execution_run_id: str,
     fingerprint: str,

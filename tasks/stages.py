@@ -215,7 +215,7 @@ def pretrain_teacher(dataset: FlyteDirectory, network: NetworkConfig, train: Tra
         logger = tracking.MetricLogger(client, child, log_every)
         work = _workdir("pretrain")
         mirror = _resume_from_previous_attempt(work / PRETRAIN_DIR / "checkpoints", client, child)
-        teacher_dir, result = pretrain_stage(dataset.download(), network, train, work, logger, progress=True,
+        teacher_dir, result = pretrain_stage(dataset.download(), network, train, work, callback=logger, progress=True,
                                              code_version=tracking.code_version(), on_checkpoint=mirror)
         _log_result(client, child, result)
         _training_report(logger, client, child, teacher_dir, "teacher")
@@ -232,7 +232,7 @@ def distill(teacher: FlyteDirectory, train: TrainConfig, rsd: DistillConfig, log
     with tracking.child_run(run_id, "distill", params) as (client, child):
         logger = tracking.MetricLogger(client, child, log_every)
         mirror = _resume_from_previous_attempt(out / DISTILL_DIR / "checkpoints", client, child)
-        generator_dir, result, _ = distill_stage(teacher.download(), train, rsd, out, logger, progress=True,
+        generator_dir, result, _ = distill_stage(teacher.download(), train, rsd, out, callback=logger, progress=True,
                                                  code_version=tracking.code_version(), on_checkpoint=mirror)
         _log_result(client, child, result)
         _training_report(logger, client, child, generator_dir, "generator")
@@ -312,8 +312,9 @@ def register_model(exported: FlyteDirectory, selected: SelectedGenerator, tracki
     with tracking.child_run(run_id, "register_model") as (client, child):
         name = tracking_settings.model_name or dataset_model_name(selected.dataset_name)
         registration = register_generator(
-            client, name, run_id, selected.dataset_fingerprint, selected.proximal_scoring,
-            selected.operator_kind, selected.proximal_fd, lambda: _log_generator_model(export_dir, child),
+            client, name=name, execution_run_id=run_id, fingerprint=selected.dataset_fingerprint,
+            scoring=selected.proximal_scoring, operator_kind=selected.operator_kind,
+            proximal_fd=selected.proximal_fd, log_model=lambda: _log_generator_model(export_dir, child),
         )
         grid = selected.grid.download()
         client.log_artifact(run_id, grid)

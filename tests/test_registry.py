@@ -56,8 +56,9 @@ SCORING = "fmnist-cnn-0123/n1000"
 
 
 def register(client, logger, execution, fd, fingerprint=FP_A, scoring=SCORING):
-    return registry.register_generator(client, client.model_name, execution, fingerprint, scoring, "inpaint", fd,
-                                       logger)
+    return registry.register_generator(client, name=client.model_name, execution_run_id=execution,
+                                       fingerprint=fingerprint, scoring=scoring, operator_kind="inpaint",
+                                       proximal_fd=fd, log_model=logger)
 
 
 def test_better_takes_champion_worse_never_does(client):

@@ -82,8 +82,10 @@ def trained(scratch):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         client = tracking.client()
         run = client.create_run(tracking.experiment_id(client, "restore-test")).info.run_id
-        registration = registry.register_generator(client, MODEL, run, open_dataset(dataset).fingerprint, "test/n1",
-                                                   "inpaint", 1.0, lambda: _log_generator_model(export, run))
+        registration = registry.register_generator(
+            client, name=MODEL, execution_run_id=run, fingerprint=open_dataset(dataset).fingerprint,
+            scoring="test/n1", operator_kind="inpaint", proximal_fd=1.0,
+            log_model=lambda: _log_generator_model(export, run))
     assert registration.alias == "champion"
     return out, dataset
 
