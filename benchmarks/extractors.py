@@ -33,8 +33,9 @@ import torch
 
 from benchmarks.report import emit
 from benchmarks.restoration import TASKS
+from rsd_core.classifier import ClassifierExtractor
 from rsd_core.data import CorruptedDataset, open_dataset
-from rsd_core.metrics import ClassifierExtractor, FeatureStats, cached_reference_stats, spearman
+from rsd_core.frechet import FeatureStats, cached_reference_stats, spearman
 from rsd_core.selection import (
     EXTRACTORS,
     clean_reference,

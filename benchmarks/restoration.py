@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"   teacher FD {r['teacher_fd']:.1f} ({r['teacher_sampler']}), full {r['teacher_fd_full']:.1f}; "
               f"student FD {r['student_fd']:.1f} ({r['student_over_teacher']:.2f}x); proximal {r['proximal_fid']:.2f}",
               flush=True)
-    from rsd_core.metrics import ClassifierExtractor
+    from rsd_core.classifier import ClassifierExtractor
 
     result = {
         "budget_minutes": args.budget,

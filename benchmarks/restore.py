@@ -40,8 +40,8 @@ from benchmarks.report import emit
 from benchmarks.restoration import TASKS as TRAINING_TASKS
 from benchmarks.restoration import train_models
 from rsd_core.baselines import classical_estimate
+from rsd_core.image_metrics import psnr, ssim
 from rsd_core.kinds import build_operator
-from rsd_core.metrics import psnr, ssim
 from rsd_core.posterior import DPSConfig, dps_restore
 from rsd_core.restore import RestoreConfig, restore_observations
 from rsd_core.sources import brain_mri, fashion_mnist

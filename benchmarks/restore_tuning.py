@@ -56,11 +56,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             config = RestoreConfig(**settings)
             restored = restore_observations(net, objective, card.image_shape, card.sigma_init, y, state, config).mean
         else:
+            sigma_stop = settings.pop("sigma_stop", card.sigma_stop)
             config = DPSConfig(**settings)
-            restored = dps_restore(net, objective, card.image_shape, y, state, config, card.sigma_stop)
+            restored = dps_restore(net, objective, card.image_shape, y, state, config, sigma_stop)
+            settings["sigma_stop"] = sigma_stop
         seconds = (time.perf_counter() - start) / len(y)
         p, s = scores(restored, clean)
-        records.append({"task": args.task, "method": args.method, "settings": config.model_dump(), "psnr": p,
+        settings = {**settings, **config.model_dump()}
+        records.append({"task": args.task, "method": args.method, "settings": settings, "psnr": p,
                         "ssim": s, "seconds_per_image": seconds, "n_images": len(y), "threads": args.threads})
         print(json.dumps(records[-1]), flush=True)
     path = RESULTS_DIR / "restore_tuning.json"

@@ -3,10 +3,12 @@
 DPS (Chung et al. 2023) along the teacher's own Heun trajectory (``heun_sample``): at every level
 t_i, with x0_hat = D(x_i; t_i) evaluated with gradients, the sampler's Heun update is followed by
 
-    x_{i+1} <- x_{i+1} - zeta_t * grad_{x_i} ||y - A(x0_hat)||^2,   zeta_t = zeta / ||y - A(x0_hat)||,
+    x_{i+1} <- x_{i+1} - zeta_t * grad_{x_i} ||y - A(x0_hat)||^2,   zeta_t = zeta (1 + t_i^2) / ||y - A(x0_hat)||,
 
 per sample, the gradient going through the denoiser (one forward and one backward pass per level,
-plus the Heun correction's forward pass). The teacher is queried through its objective, so an
+plus the Heun correction's forward pass). DPS is stated for the variance-preserving process; our
+trajectory is EDM's variance-exploding one, x_VE = x_VP / sqrt(abar) with 1 / abar = 1 + t^2, and
+the paper's step zeta / ||r|| in VP coordinates is zeta (1 + t^2) / ||r|| in VE coordinates. The teacher is queried through its objective, so an
 Ambient teacher keeps one input mask (or MRI projection) per sample along the whole trajectory
 and the truncated sampler stops at the card's ``sigma_stop``, exactly as sampling does.
 
@@ -67,7 +69,7 @@ def dps_batch(
             x0 = denoise(x_in, t).float()
             residual = (y - operator.forward(x0, state)).flatten(1).norm(dim=1)
             (grad,) = torch.autograd.grad(residual.square().sum(), x_in)
-        zeta_t = config.zeta / residual.detach().clamp_min(1e-12)
+        zeta_t = config.zeta * (1.0 + t.float() ** 2) / residual.detach().clamp_min(1e-12)
         return x0.detach().double(), (zeta_t.view(-1, *([1] * (grad.ndim - 1))) * grad).double()
 
     x, _ = heun_sample(denoise, latents, config.num_steps, sigma_stop=sigma_stop, guide=guide)

@@ -46,8 +46,8 @@ from rsd_core.data import (
     resolve_relative,
     write_dataset,
 )
+from rsd_core.image_metrics import psnr, ssim
 from rsd_core.kinds import build_operator
-from rsd_core.metrics import psnr, ssim
 from rsd_core.restore import RestoreConfig, restore_observations
 from rsd_core.stages import ModelCard, load_model
 from rsd_core.viz import observations_for_display, save_grid

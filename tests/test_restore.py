@@ -6,8 +6,8 @@ import torch
 
 from rsd_core.baselines import bicubic_upsample, biharmonic_inpaint, least_squares_cg, wiener_deblur
 from rsd_core.config import NetworkConfig
+from rsd_core.image_metrics import psnr
 from rsd_core.kinds import build_operator
-from rsd_core.metrics import psnr
 from rsd_core.objectives import Objective
 from rsd_core.posterior import DPSConfig, dps_restore
 from rsd_core.pretrain import build_teacher

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
+from rsd_core.classifier import ClassifierExtractor
 from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
+from rsd_core.frechet import compute_stats, frechet_distance
 from rsd_core.kinds import build_operator
-from rsd_core.metrics import ClassifierExtractor, compute_stats, frechet_distance
 from rsd_core.sampling import truncation_nfe
 from rsd_core.selection import (
     corrupted_view,

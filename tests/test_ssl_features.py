@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rsd_core import metrics
+from rsd_core import classifier, frechet
 from rsd_core.data import open_dataset
+from rsd_core.frechet import compute_stats, frechet_distance
 from rsd_core.kinds import build_operator
-from rsd_core.metrics import compute_stats, frechet_distance
 from rsd_core.selection import corrupted_view, make_extractors, proximal_reference
 from rsd_core.sources import corrupt, fashion_mnist
 from rsd_core.ssl_features import SelfSupervisedExtractor, SSLRecipe, augment
@@ -62,18 +62,18 @@ def test_augmentation_shifts_flips_and_erases_a_quarter_of_the_pixels():
 
 
 def test_self_supervised_proximal_fd_ranks_severity_from_corrupted_data_alone(tmp_path, monkeypatch):
-    """No clean images and no labels: with Fashion-MNIST unreadable to the metrics module, the extractor trains
+    """No clean images and no labels: with Fashion-MNIST unreadable to the classifier, the extractor trains
     on the dataset's observations, has no true-FD partner (no clean split), and its Proximal FD still ranks
     clean < blurred < noise images pushed through the operator."""
     spec = {"kind": "inpaint", "p": 0.6, "delta": 0.1}
     corrupt(fashion_mnist("train"), spec, seed=0, out_uri=str(tmp_path / "data"), limit=600)
     ds = open_dataset(str(tmp_path / "data"))
-    monkeypatch.setenv(metrics.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(frechet.CACHE_DIR_ENV, str(tmp_path / "cache"))
 
     def unreadable(*_, **__):
         raise AssertionError("the self-supervised extractor must not read Fashion-MNIST (clean images, labels)")
 
-    monkeypatch.setattr(metrics, "_load_fashion_mnist", unreadable)
+    monkeypatch.setattr(classifier, "_split", unreadable)
     prox_ext, true_ext = make_extractors("self-supervised", ds.operator, ds)
     assert true_ext is None
     assert ds.manifest.name in prox_ext.label and "no labels, no clean images" in prox_ext.label
