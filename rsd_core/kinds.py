@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rsd_core.config import OperatorSpecBase
+from rsd_core.config import EXPORT_FORMATS, OperatorSpecBase
 from rsd_core.objectives import (
     AmbientDiffusionObjective,
     AmbientTweedieObjective,
@@ -41,8 +41,6 @@ from rsd_core.operators import (
     SuperRes,
     SuperResSpec,
 )
-
-EXPORT_FORMATS = ("onnx", "pt2")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""The whole pipeline's configuration (:class:`PipelineConfig`), its named presets, and how a
-user changes it: a preset, then a YAML file, then ``--set key.sub=value`` overrides, validated
-once at the end so an error names the full dotted field.
+"""The pipeline's named presets (values of :class:`rsd_core.config.PipelineConfig`), and how a user
+changes one: a preset, then a YAML file, then ``--set key.sub=value`` overrides, validated once at the
+end so an error names the full dotted field.
 
 Each stage receives only its own section, so a change to, say, the selection settings does not
 invalidate the cached teacher (Flyte's cache key is the task's inputs).
@@ -10,154 +10,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
-from rsd_core.config import DistillConfig, NetworkConfig, OperatorSpec, Spec, TrainConfig, check_distill_train
-from rsd_core.kinds import EXPORT_FORMATS, check_export
+from rsd_core.config import (
+    DataSettings,
+    DistillConfig,
+    ExportSettings,
+    NetworkConfig,
+    PipelineConfig,
+    ResourceSettings,
+    SelectionSettings,
+    TaskResources,
+    TrackingSettings,
+    TrainConfig,
+)
 from rsd_core.operators import InpaintSpec, MRISpec
 
 
 class ConfigError(ValueError):
     """A configuration that does not validate; the message names the dotted field."""
-
-
-class DataSettings(Spec):
-    """Where the clean images come from and how they are corrupted (the ``corrupt_dataset`` task)."""
-
-    source: str = "fashion-mnist"
-    split: Literal["train", "test"] = "train"
-    operator: OperatorSpec = InpaintSpec()
-    limit: int | None = None
-    clean_eval: int = 0
-    # None: the clean evaluation images are the first corrupted ones; "test": that many of the source's test
-    # split instead (brain-mri: a held-out subject), so the true FD also measures generalisation.
-    clean_eval_split: Literal["train", "test"] | None = None
-    image_size: int | None = None
-    channels: Literal[1, 3] = 1
-    seed: int = 0
-
-    @field_validator("limit")
-    @classmethod
-    def _check_limit(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"limit must be >= 1 or null (all images), got {value}")
-        return value
-
-    @field_validator("clean_eval")
-    @classmethod
-    def _check_clean_eval(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"clean_eval must be >= 0, got {value}")
-        return value
-
-
-class SelectionSettings(Spec):
-    """Proximal-FID checkpoint selection (the ``select_checkpoint`` task)."""
-
-    n_samples: int = 1000
-    # self-supervised: Proximal FD features learnt from this dataset's own corrupted observations (no labels, no
-    # clean images; about a CPU minute once per dataset, cached), the CPU default. inception: the GPU default.
-    # classifier, classifier-corrupted: Fashion-MNIST CNNs trained with clean labels, for evaluation only
-    # (rsd_core.selection.EXTRACTORS). The true FD, where a clean split exists, keeps the clean classifier.
-    extractor: Literal["self-supervised", "inception", "classifier", "classifier-corrupted"] = "self-supervised"
-    seed: int = 0
-
-    @field_validator("n_samples")
-    @classmethod
-    def _check_n(cls, value: int) -> int:
-        if value < 2:
-            raise ValueError(f"n_samples must be >= 2 (a covariance needs two samples), got {value}")
-        return value
-
-
-class TaskResources(Spec):
-    """Kubernetes requests for one task; ``gpu`` > 0 asks the scheduler for a GPU node."""
-
-    cpu: str = "2"
-    mem: str = "4Gi"
-    gpu: int = 0
-    # Data-parallel training (torch elastic via flytekitplugins-kfpytorch): processes per node and
-    # nodes. The global batch stays TrainConfig.batch_size; each process takes batch / world size.
-    nproc_per_node: int = 1
-    nnodes: int = 1
-
-    @field_validator("gpu")
-    @classmethod
-    def _check_gpu(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"gpu must be >= 0, got {value}")
-        return value
-
-    @field_validator("nproc_per_node", "nnodes")
-    @classmethod
-    def _check_processes(cls, value: int, info) -> int:
-        if value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
-        return value
-
-
-class ResourceSettings(Spec):
-    """Per-task requests. Flyte fixes them when a workflow is registered (see docs/pipeline.md)."""
-
-    default: TaskResources = TaskResources()
-    pretrain: TaskResources = TaskResources()
-    distill: TaskResources = TaskResources()
-
-
-class TrackingSettings(Spec):
-    """MLflow: experiment, registered model name, and how often per-step metrics are logged."""
-
-    experiment: str = "rsd"
-    # None: named after the dataset's manifest name when the model is registered (tasks.registry), as a run
-    # on an already-corrupted dataset is unless a name is given (for_existing_dataset).
-    model_name: str | None = "rsd-generator"
-    log_every: int = 10
-
-    @field_validator("log_every")
-    @classmethod
-    def _check_every(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"log_every must be >= 1 (steps between logged metrics), got {value}")
-        return value
-
-    @field_validator("model_name", "experiment")
-    @classmethod
-    def _check_name(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("must be a non-empty name")
-        return value
-
-
-class ExportSettings(Spec):
-    """Portable formats the selected generator is exported to (the ``export_model`` task); each
-    operator kind declares the formats it supports (rsd_core.kinds), checked before training."""
-
-    formats: tuple[Literal["onnx", "pt2"], ...] = EXPORT_FORMATS
-
-
-class PipelineConfig(Spec):
-    """Everything one pipeline execution needs, from the clean source to the registered model."""
-
-    data: DataSettings = DataSettings()
-    network: NetworkConfig = NetworkConfig()
-    teacher_train: TrainConfig = TrainConfig()
-    distill_train: TrainConfig = TrainConfig(batch_size=32, lr_rampup_steps=0,
-                                             checkpoint_every=50)
-    distill: DistillConfig = DistillConfig()
-    selection: SelectionSettings = SelectionSettings()
-    tracking: TrackingSettings = TrackingSettings()
-    resources: ResourceSettings = ResourceSettings()
-    export: ExportSettings = ExportSettings()
-    description: str = Field(default="", description="free text, logged as the run description")
-
-    @model_validator(mode="after")
-    def _check_consistent(self) -> PipelineConfig:
-        check_export(self.data.operator, self.export.formats)
-        check_distill_train(self.distill_train)
-        return self
 
 
 # Generator EMA for CPU-length distillations. EDM's ramp-up (half-life <= 5% of the images seen)

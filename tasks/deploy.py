@@ -19,7 +19,8 @@ import os
 from flytekit import Resources
 from flytekitplugins.kfpytorch import Elastic
 
-from rsd_core.presets import PipelineConfig, TaskResources, build_config, for_existing_dataset
+from rsd_core.config import PipelineConfig, TaskResources
+from rsd_core.presets import build_config, for_existing_dataset
 from tasks.tracking import source_hash
 
 IMAGE_ENV = "RSD_IMAGE"

@@ -20,19 +20,21 @@ from flytekit.core.data_persistence import FileAccessProvider
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
+from rsd_core.config import (
+    DataSettings,
+    DistillConfig,
+    ExportSettings,
+    NetworkConfig,
+    PipelineConfig,
+    SelectionSettings,
+    TrackingSettings,
+    TrainConfig,
+)
 from rsd_core.data import open_dataset
 from rsd_core.export import CARD_FILE, ONNX_FILE, export_generator
 from rsd_core.kinds import check_export
 from rsd_core.operators import parse_operator_spec
-from rsd_core.presets import (
-    DataSettings,
-    ExportSettings,
-    PipelineConfig,
-    SelectionSettings,
-    TrackingSettings,
-    config_yaml,
-)
+from rsd_core.presets import config_yaml
 from rsd_core.selection import select_stage
 from rsd_core.sources import corrupt
 from rsd_core.stages import DISTILL_DIR, PRETRAIN_DIR, distill_stage, pretrain_stage, sampler_for

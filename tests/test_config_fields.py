@@ -16,9 +16,9 @@ import pytest
 from pydantic import BaseModel
 
 from rsd_cli.pipeline_cmd import check_local_resources
-from rsd_core.config import SINGLE_OPTIMIZER_FIELDS, OperatorSpecBase
+from rsd_core.config import SINGLE_OPTIMIZER_FIELDS, OperatorSpecBase, PipelineConfig
 from rsd_core.kinds import get_kind, registered_kinds
-from rsd_core.presets import ConfigError, PipelineConfig, build_config
+from rsd_core.presets import ConfigError, build_config
 
 ROOT = Path(__file__).resolve().parent.parent
 # Fields that only describe a run (logged, never acted on), as their docstrings/descriptions say.

@@ -77,7 +77,7 @@ def test_a_run_on_an_existing_dataset_is_named_after_it_unless_told_otherwise():
 @pytest.mark.parametrize(("override", "message"), [
     ("teacher_train.lr=-1", "teacher_train.lr: lr must be > 0"),
     ("teacher_train.lrr=1", "teacher_train.lrr: Extra inputs are not permitted"),
-    ("data.operator.p=1.5", "data.operator.inpaint.p: p (erasure probability) must be in [0, 1)"),
+    ("data.operator.p=1.5", "data.operator.p: p (erasure probability) must be in [0, 1)"),
     ("selection.extractor=vgg", "selection.extractor"),
     ("network.channel_mult.x=1", "'network.channel_mult' is not a section"),
     ("steps", "--set expects KEY.SUB=VALUE"),

@@ -14,7 +14,7 @@ import functools
 from flytekit import CronSchedule, LaunchPlan, map_task, workflow
 from flytekit.types.directory import FlyteDirectory
 
-from rsd_core.presets import PipelineConfig
+from rsd_core.config import PipelineConfig
 from tasks.deploy import DEPLOYMENT, RERUN_DEPLOYMENT
 from tasks.stages import (
     RegisteredModel,
