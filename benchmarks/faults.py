@@ -459,7 +459,7 @@ def train_attempt(dataset: str, work: Path, checkpoint: Any, die_at: int | None 
     attempt = AttemptCheckpoints(checkpoint, work / PRETRAIN_DIR / "checkpoints")
     restored = attempt.restore()
     teacher_dir, result = pretrain_stage(dataset, NetworkConfig(**TINY_NETWORK), TrainConfig(**RETRY_TRAIN), work,
-                                         callback, progress=False, on_checkpoint=attempt)
+                                         callback=callback, progress=False, on_checkpoint=attempt)
     return {"restored": restored, "steps": steps, "final_step": result.steps, "teacher": teacher_dir}
 
 

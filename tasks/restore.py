@@ -27,9 +27,9 @@ from rsd_core.restore_dataset import check_restorable, restoration_grid, restore
 from rsd_core.stages import read_card
 from tasks import decks, tracking
 from tasks.deploy import DEPLOYMENT, image, requests
+from tasks.pipeline_tasks import _execution_name, _out_dir, _out_file, _workdir
 from tasks.registry import TAG_FINGERPRINT, TAG_OPERATOR
 from tasks.serving import EXTRA_FILES
-from tasks.stages import _execution_name, _out_dir, _out_file, _workdir
 
 _RES = DEPLOYMENT.resources
 DEFAULT_EXPERIMENT = "rsd-restore"

@@ -72,7 +72,7 @@ def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
 def source_hash() -> str:
     """sha256 (16 hex) of the science and task code, so images without ``.git`` still name their code."""
     digest = hashlib.sha256()
-    for path in sorted([*REPO_ROOT.glob("rsd_core/*.py"), REPO_ROOT / "tasks" / "stages.py"]):
+    for path in sorted([*REPO_ROOT.glob("rsd_core/*.py"), REPO_ROOT / "tasks" / "pipeline_tasks.py"]):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 

@@ -285,10 +285,10 @@ def test_package_every_workflow_and_launch_plan_for_a_gpu_cluster(scratch):
     entries = _package(env, root / "flyte-package.tgz")
     names = " ".join(entries)
     for entity in ("workflows.pipeline.rsd_pipeline", "workflows.pipeline.rsd_rerun", "workflows.pipeline.rsd_sweep",
-                   "rsd_pipeline_nightly", "rsd_rerun_data_team", "tasks.stages.pretrain_teacher"):
+                   "rsd_pipeline_nightly", "rsd_rerun_data_team", "tasks.pipeline_tasks.pretrain_teacher"):
         assert entity in names, f"{entity} not serialized: {sorted(entries)}"
 
-    (task_file,) = [k for k in entries if k.endswith("tasks.stages.pretrain_teacher_1.pb")]
+    (task_file,) = [k for k in entries if k.endswith("tasks.pipeline_tasks.pretrain_teacher_1.pb")]
     template = task_pb2.TaskSpec.FromString(entries[task_file]).template
     requests = {r.name: r.value for r in template.container.resources.requests}
     assert requests[tasks_pb2.Resources.GPU] == "1"
@@ -306,8 +306,8 @@ def test_multi_node_training_serializes_as_an_elastic_pytorch_job(scratch, tmp_p
     config.write_text("resources:\n  pretrain: {gpu: 8, nproc_per_node: 8, nnodes: 2}\n")
     env = {**env, "RSD_PRESET": "celeba64-inpaint-gpu", "RSD_CONFIG": str(config)}
     entries = _package(env, root / "elastic-package.tgz")
-    (pretrain,) = [k for k in entries if k.endswith("tasks.stages.pretrain_teacher_1.pb")]
-    (distill,) = [k for k in entries if k.endswith("tasks.stages.distill_1.pb")]
+    (pretrain,) = [k for k in entries if k.endswith("tasks.pipeline_tasks.pretrain_teacher_1.pb")]
+    (distill,) = [k for k in entries if k.endswith("tasks.pipeline_tasks.distill_1.pb")]
     assert task_pb2.TaskSpec.FromString(entries[pretrain]).template.type == "pytorch"
     assert task_pb2.TaskSpec.FromString(entries[distill]).template.type == "python-task"  # 1 process: plain
 

@@ -62,7 +62,7 @@ def trained(scratch):
     from rsd_core.sources import corrupt
     from rsd_core.stages import distill_stage, pretrain_stage
     from tasks import registry, tracking
-    from tasks.stages import _log_generator_model
+    from tasks.pipeline_tasks import _log_generator_model
 
     root, _ = scratch
     out = root / "outputs"

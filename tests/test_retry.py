@@ -101,8 +101,7 @@ def test_the_fault_table_row_reads_recovered(s3_server, tmp_path):
 
 def test_the_pretrain_task_restores_the_previous_attempt_and_tags_its_run(dataset, s3_access, tmp_path, monkeypatch):
     """The Flyte task itself, run as attempt 1 of a retried execution, resumes (wiring, not the loop)."""
-    import tasks.stages as stages
-    from tasks import tracking
+    from tasks import pipeline_tasks, tracking
 
     prefix, _ = s3_access
     with pytest.raises(PodKilled):
@@ -112,10 +111,10 @@ def test_the_pretrain_task_restores_the_previous_attempt_and_tags_its_run(datase
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     context = types.SimpleNamespace(checkpoint=_attempt(prefix, 1), working_directory=str(tmp_path / "pod-1"),
                                     execution_id=types.SimpleNamespace(name="retry"))
-    monkeypatch.setattr(stages, "current_context", lambda: context)
+    monkeypatch.setattr(pipeline_tasks, "current_context", lambda: context)
     parent = tracking.start_parent_run("rsd-retry-test", run_name="retry", params={}, tags={})
     with contextlib.chdir(tmp_path):
-        stages.pretrain_teacher.task_function(
+        pipeline_tasks.pretrain_teacher.task_function(
             dataset=FlyteDirectory(dataset), network=NetworkConfig(**faults.TINY_NETWORK),
             train=TrainConfig(**faults.RETRY_TRAIN), log_every=1, run_id=parent)
     client = tracking.client()

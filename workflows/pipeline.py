@@ -16,7 +16,7 @@ from flytekit.types.directory import FlyteDirectory
 
 from rsd_core.config import PipelineConfig
 from tasks.deploy import DEPLOYMENT, RERUN_DEPLOYMENT
-from tasks.stages import (
+from tasks.pipeline_tasks import (
     RegisteredModel,
     SelectedGenerator,
     check_dataset,
