@@ -13,7 +13,8 @@ FD, true FD) over the checkpoints and the true FD of the checkpoint that extract
 against the best one, and the same for the teacher's truncation levels (``--n-teacher`` samples of one
 Heun trajectory, as ``select_stage`` scores them; Proximal FID also picks that level). Tasks whose
 distillation has not finished only get their extractors and reference statistics built (cached),
-so a first run while training goes on takes that cost off the final one.
+so a first run while training goes on takes that cost off the final one; ``--resume`` keeps the
+tasks already published with the same settings and checkpoints and scores only the others.
 
 Writes benchmarks/results/extractors.json (also the last stdout line; ``--no-publish``: stdout only) and
 prints a markdown table.
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import emit
+from benchmarks.report import RESULTS_DIR, emit
 from benchmarks.restoration import TASKS
 from rsd_core.classifier import ClassifierExtractor
 from rsd_core.data import CorruptedDataset, open_dataset
@@ -130,18 +131,20 @@ def _cell(a: dict) -> str:
 
 
 def table(tasks: list[dict], names: list[str]) -> str:
-    """Markdown: per task and extractor, Spearman over all candidates, then chosen vs best true FD among the
-    checkpoints and among the teacher's truncation levels."""
-    head = " | ".join(f"{n}: Spearman (all) / checkpoint chosen vs best / truncation chosen vs best" for n in names)
-    lines = [f"| task | candidates | {head} |", "|---|---:|" + "---|" * len(names)]
+    """Markdown, per task and extractor: Spearman within the checkpoints and within the truncation levels
+    (each group's FDs share one sample count; "all" mixes two, whose FD biases differ), then the chosen
+    candidate's true FD against the best one's, among the checkpoints and among the truncation levels."""
+    head = " | ".join(f"{n}: Spearman ckpt / trunc; chosen vs best ckpt; trunc" for n in names)
+    lines = [f"| task | ckpts | {head} |", "|---|---:|" + "---|" * len(names)]
     for t in tasks:
         cells = []
         for n in names:
             a = t["by_extractor"][n]
-            rho = "n/a" if a["spearman_all"] is None else f"{a['spearman_all']:.2f}"
-            parts = [rho] + [_cell(a[g]) for g in ("checkpoint", "teacher") if g in a]
-            cells.append(" / ".join(parts))
-        lines.append(f"| {t['task']} | {len(t['rows'])} | " + " | ".join(cells) + " |")
+            rho = " / ".join("n/a" if a.get(g, {}).get("spearman") is None else f"{a[g]['spearman']:.2f}"
+                             for g in ("checkpoint", "teacher"))
+            cells.append("; ".join([rho] + [_cell(a[g]) for g in ("checkpoint", "teacher") if g in a]))
+        n_ckpt = sum(r["group"] == "checkpoint" for r in t["rows"])
+        lines.append(f"| {t['task']} | {n_ckpt} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -158,11 +161,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-publish", dest="publish", action="store_false",
                         help="print the result only; leave benchmarks/results alone (smoke runs)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the tasks of benchmarks/results/extractors.json scored with the same settings, "
+                        "extractors and checkpoints; score only the others")
     args = parser.parse_args(argv)
     names = [e.strip() for e in args.extractors.split(",") if e.strip()]
     if unknown := [e for e in names if e not in EXTRACTORS]:
         parser.error(f"unknown extractor(s) {unknown}; choose from {list(EXTRACTORS)}")
     torch.set_num_threads(args.threads)
+    n_teacher = args.n_eval if args.n_teacher is None else args.n_teacher
+    settings = {"n_eval": args.n_eval, "n_teacher": n_teacher, "seed": args.seed, "extractors": names}
+    published = RESULTS_DIR / "extractors.json"
+    previous = json.loads(published.read_text()) if args.resume and published.exists() else {}
+    kept = {t["task"]: t for t in previous.get("tasks", [])
+            if all(previous.get(k) == v for k, v in settings.items())}
 
     tasks, pending = [], []
     for task in (t.strip() for t in args.tasks.split(",") if t.strip()):
@@ -170,13 +182,17 @@ def main(argv: list[str] | None = None) -> dict:
         if not (task_dir / "data" / "manifest.json").exists():
             pending.append(task)
             continue
+        checkpoints = [c.name for c in list_checkpoints(task_dir / DISTILL_DIR / "checkpoints")]
+        if task in kept and [r["candidate"] for r in kept[task]["rows"] if r["group"] == "checkpoint"] == checkpoints:
+            print(f"== {task}: kept from {published}", flush=True)
+            tasks.append(kept[task])
+            continue
         print(f"== {task}", flush=True)
         t = time.perf_counter()
         operator, scorers = prepare(task_dir, names, args.n_eval)
         if not (task_dir / "generator" / "model.json").exists():  # still distilling: extractors are cached now
             pending.append(task)
             continue
-        n_teacher = args.n_eval if args.n_teacher is None else args.n_teacher
         rows = score_task(task_dir, operator, scorers, args.n_eval, n_teacher, args.seed)
         tasks.append({"task": task, "operator": operator.spec.model_dump(mode="json"),
                       "features": {n: {"id": s[0][0].id, "label": s[0][0].label} for n, s in scorers.items()},
@@ -191,9 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
                for n in names}
     result = {
         "work": str(args.work),
-        "n_eval": args.n_eval,
-        "seed": args.seed,
-        "extractors": names,
+        **settings,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
         "date": datetime.date.today().isoformat(),
         "tasks": tasks,

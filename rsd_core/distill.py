@@ -39,13 +39,13 @@ class OneStepGenerator(nn.Module):
         self.shape = tuple(shape)
         self.sigma_init = sigma_init
 
-    def sample(self, n: int, generator: torch.Generator | None, bf16: bool = False) -> torch.Tensor:
-        return generate(self.net, self.objective, n, self.shape, generator, self.sigma_init, bf16)
+    def sample(self, n: int, rng: torch.Generator | None, bf16: bool = False) -> torch.Tensor:
+        return generate(self.net, self.objective, n, self.shape, rng, self.sigma_init, bf16)
 
 
-def sid_noise_levels(batch: int, t_max: float, generator: torch.Generator | None, device) -> torch.Tensor:
+def sid_noise_levels(batch: int, t_max: float, rng: torch.Generator | None, device) -> torch.Tensor:
     """s = (s_max^(1/rho) + (1 - u)(s_min^(1/rho) - s_max^(1/rho)))^rho, u ~ U[0, t_max/1000]."""
-    u = torch.rand(batch, generator=generator, device=device) * (t_max / 1000.0)
+    u = torch.rand(batch, generator=rng, device=device) * (t_max / 1000.0)
     a, b = SIGMA_MAX ** (1 / RHO), SIGMA_MIN ** (1 / RHO)
     return (a + (1 - u) * (b - a)) ** RHO
 
@@ -107,29 +107,29 @@ class DistillPhase(Phase):
         self.config = config
 
     def _fake_step(self, ctx: StepContext) -> tuple[float, float]:
-        b, gen = self.batch_size, ctx.generator
+        b, rng = self.batch_size, ctx.rng
         self.generator.eval()
         with torch.no_grad():
-            x_g = self.generator.sample(b, gen, ctx.bf16).float()
+            x_g = self.generator.sample(b, rng, ctx.bf16).float()
         shape = tuple(x_g.shape[1:])
-        state = self.operator.sample_state(b, shape, gen, ctx.device)
-        y_fake = self.operator.observe(x_g, state, gen)  # re-corrupted: fresh state, fresh noise
+        state = self.operator.sample_state(b, shape, rng, ctx.device)
+        y_fake = self.operator.observe(x_g, state, rng)  # re-corrupted: fresh state, fresh noise
         self.fake.train()
         with ctx.autocast():
-            loss = self.objective.loss(self.fake, y_fake, state, gen).mean()
+            loss = self.objective.loss(self.fake, y_fake, state, rng).mean()
         return float(loss.detach()), ctx.optimizer_step(loss, self.opt_fake, self.dcfg.grad_clip_fake)
 
     def _generator_step(self, ctx: StepContext) -> tuple[float, float]:
-        b, gen, d = self.batch_size, ctx.generator, self.dcfg
+        b, rng, d = self.batch_size, ctx.rng, self.dcfg
         self.generator.train()
         self.fake.eval().requires_grad_(False)
         try:
-            x_g = self.generator.sample(b, gen, ctx.bf16).float()
+            x_g = self.generator.sample(b, rng, ctx.bf16).float()
             shape = tuple(x_g.shape[1:])
-            input_state = self.objective.draw_input_state(b, shape, gen, ctx.device)
+            input_state = self.objective.draw_input_state(b, shape, rng, ctx.device)
             y_g = self.objective.measure(x_g, input_state)  # A(G(z)), no measurement noise
-            s = sid_noise_levels(b, d.t_max, gen, ctx.device)
-            n = torch.randn(y_g.shape, generator=gen, device=ctx.device)
+            s = sid_noise_levels(b, d.t_max, rng, ctx.device)
+            n = torch.randn(y_g.shape, generator=rng, device=ctx.device)
             y_s = y_g + s.reshape((-1,) + (1,) * (y_g.ndim - 1)) * n
             with ctx.autocast():
                 f_phi = self.objective.denoise(self.teacher, y_s, s, input_state).float()

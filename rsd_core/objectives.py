@@ -53,12 +53,12 @@ class Objective:
         """Extra network input channels (features, for vectors) for data of ``shape``."""
         return 0
 
-    def sample_sigma(self, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    def sample_sigma(self, batch: int, rng: torch.Generator | None, device) -> torch.Tensor:
         """ln sigma ~ N(P_mean, P_std^2)."""
-        rnd = torch.randn(batch, generator=generator, device=device)
+        rnd = torch.randn(batch, generator=rng, device=device)
         return torch.exp(self.P_mean + self.P_std * rnd)
 
-    def draw_input_state(self, batch: int, shape: tuple[int, ...], generator, device) -> State:
+    def draw_input_state(self, batch: int, shape: tuple[int, ...], rng, device) -> State:
         """State that fixes how the network sees its input (none for the standard objective)."""
         return {}
 
@@ -74,9 +74,9 @@ class Objective:
         """Where the generator-step loss is evaluated (None = everywhere)."""
         return None
 
-    def loss(self, net, y: torch.Tensor, state: State, generator: torch.Generator | None = None) -> torch.Tensor:
-        sigma = self.sample_sigma(y.shape[0], generator, y.device)
-        n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+    def loss(self, net, y: torch.Tensor, state: State, rng: torch.Generator | None = None) -> torch.Tensor:
+        sigma = self.sample_sigma(y.shape[0], rng, y.device)
+        n = torch.randn(y.shape, generator=rng, device=y.device, dtype=y.dtype)
         D = net(y + _bcast(sigma, y) * n, sigma)
         return edm_weight(sigma, self.sigma_data) * _per_sample_sum((D - y) ** 2)
 
@@ -91,11 +91,11 @@ class AmbientTweedieObjective(Objective):
 
     name = "ambient_tweedie"
 
-    def loss(self, net, y, state, generator=None):
+    def loss(self, net, y, state, rng=None):
         sigma_n = self.operator.sigma_n
-        sigma = self.sample_sigma(y.shape[0], generator, y.device).clamp_min(sigma_n)
+        sigma = self.sample_sigma(y.shape[0], rng, y.device).clamp_min(sigma_n)
         extra = torch.sqrt((sigma**2 - sigma_n**2).clamp_min(0.0))
-        n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        n = torch.randn(y.shape, generator=rng, device=y.device, dtype=y.dtype)
         y_t = y + _bcast(extra, y) * n
         h = net(y_t, sigma)
         ratio = _bcast(sigma_n**2 / sigma**2, y)
@@ -117,8 +117,8 @@ class AmbientDiffusionObjective(Objective):
     def cond_channels(self, shape):
         return 1 if len(shape) == 3 else shape[0]
 
-    def draw_input_state(self, batch, shape, generator, device):
-        return {"mask": self.operator.input_mask(batch, shape, generator, device)}
+    def draw_input_state(self, batch, shape, rng, device):
+        return {"mask": self.operator.input_mask(batch, shape, rng, device)}
 
     def denoise(self, net, x, sigma, input_state):
         mask = input_state["mask"].to(x.dtype)
@@ -130,11 +130,11 @@ class AmbientDiffusionObjective(Objective):
     def score_mask(self, input_state):
         return input_state["mask"]
 
-    def loss(self, net, y, state, generator=None):
+    def loss(self, net, y, state, rng=None):
         mask = state["mask"].to(y.dtype)
-        further = self.operator.further_mask(mask, generator)
-        sigma = self.sample_sigma(y.shape[0], generator, y.device)
-        n = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        further = self.operator.further_mask(mask, rng)
+        sigma = self.sample_sigma(y.shape[0], rng, y.device)
+        n = torch.randn(y.shape, generator=rng, device=y.device, dtype=y.dtype)
         h = self.denoise(net, y + _bcast(sigma, y) * n, sigma, {"mask": further})
         return edm_weight(sigma, self.sigma_data) * _per_sample_sum((mask * (h - y)) ** 2)
 
@@ -153,9 +153,9 @@ class FourierAmbientObjective(Objective):
     def cond_channels(self, shape):
         return 2
 
-    def draw_input_state(self, batch, shape, generator, device):
-        state = self.operator.sample_state(batch, shape, generator, device)
-        return {"mask": self.operator.further_mask(state["mask"], generator), "maps_index": state["maps_index"]}
+    def draw_input_state(self, batch, shape, rng, device):
+        state = self.operator.sample_state(batch, shape, rng, device)
+        return {"mask": self.operator.further_mask(state["mask"], rng), "maps_index": state["maps_index"]}
 
     def _cond(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.to(x.dtype).expand(x.shape[0], 1, x.shape[-2], x.shape[-1])
@@ -168,13 +168,13 @@ class FourierAmbientObjective(Objective):
     def measure(self, x, input_state):
         return x
 
-    def loss(self, net, y, state, generator=None):
+    def loss(self, net, y, state, rng=None):
         op = self.operator
-        further_state = {"mask": op.further_mask(state["mask"], generator), "maps_index": state["maps_index"]}
+        further_state = {"mask": op.further_mask(state["mask"], rng), "maps_index": state["maps_index"]}
         x0_acq = op.adjoint(y, state)  # P_M x0
         x0_further = op.adjoint(y, further_state)  # P_M~ x0 (mask re-applied inside the adjoint)
-        sigma = self.sample_sigma(y.shape[0], generator, y.device)
-        n = torch.randn(x0_acq.shape, generator=generator, device=y.device, dtype=x0_acq.dtype)
+        sigma = self.sample_sigma(y.shape[0], rng, y.device)
+        n = torch.randn(x0_acq.shape, generator=rng, device=y.device, dtype=x0_acq.dtype)
         u = x0_further + _bcast(sigma, n) * op.normal(n, further_state)
         h = net(u, sigma, self._cond(u, further_state["mask"]))
         err = op.normal(h, state) - x0_acq

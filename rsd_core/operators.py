@@ -61,7 +61,7 @@ class Operator:
         self,
         batch: int,
         image_shape: tuple[int, int, int],
-        generator: torch.Generator | None = None,
+        rng: torch.Generator | None = None,
         device: torch.device | str = "cpu",
     ) -> State:
         """Draw per-sample operator state; empty for operators that do not vary."""
@@ -82,17 +82,17 @@ class Operator:
     def _image_shape_for(self, y: torch.Tensor) -> tuple[int, ...]:
         return tuple(y.shape[1:])
 
-    def noise(self, y: torch.Tensor, generator: torch.Generator | None, state: State) -> torch.Tensor:
+    def noise(self, y: torch.Tensor, rng: torch.Generator | None, state: State) -> torch.Tensor:
         """Measurement noise sigma_n * eps in observation space."""
         if self.sigma_n == 0.0:
             return torch.zeros_like(y)
-        eps = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        eps = torch.randn(y.shape, generator=rng, device=y.device, dtype=y.dtype)
         return self.sigma_n * eps
 
-    def observe(self, x: torch.Tensor, state: State, generator: torch.Generator | None = None) -> torch.Tensor:
-        """y = A(x) + sigma_n * eps with fresh noise from ``generator``."""
+    def observe(self, x: torch.Tensor, state: State, rng: torch.Generator | None = None) -> torch.Tensor:
+        """y = A(x) + sigma_n * eps with fresh noise from ``rng``."""
         y = self.forward(x, state)
-        return y + self.noise(y, generator, state)
+        return y + self.noise(y, rng, state)
 
 
 class IdentitySpec(OperatorSpecBase):
@@ -113,13 +113,13 @@ def bernoulli_mask(
     batch: int,
     shape_hw: tuple[int, ...],
     keep_prob: float,
-    generator: torch.Generator | None,
+    rng: torch.Generator | None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """A 0/1 mask, 1 = observed: (B, 1, H, W) for images (shared across channels by
     broadcasting), (B, d) for vectors (``shape_hw`` = (d,))."""
     shape = (batch, 1, *shape_hw) if len(shape_hw) == 2 else (batch, *shape_hw)
-    u = torch.rand(shape, generator=generator, device=device)
+    u = torch.rand(shape, generator=rng, device=device)
     return (u < keep_prob).float()
 
 
@@ -164,20 +164,20 @@ class Inpaint(Operator):
         self.p = spec.p
         self.delta = spec.delta
 
-    def sample_state(self, batch, image_shape, generator=None, device="cpu") -> State:
-        return {"mask": bernoulli_mask(batch, _mask_shape(image_shape), 1.0 - self.p, generator, device)}
+    def sample_state(self, batch, image_shape, rng=None, device="cpu") -> State:
+        return {"mask": bernoulli_mask(batch, _mask_shape(image_shape), 1.0 - self.p, rng, device)}
 
-    def further_mask(self, mask: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def further_mask(self, mask: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
         """Ambient Diffusion's A~ = B A: erase each surviving pixel again with probability delta."""
-        keep = torch.rand(mask.shape, generator=generator, device=mask.device) >= self.delta
+        keep = torch.rand(mask.shape, generator=rng, device=mask.device) >= self.delta
         return mask * keep.to(mask.dtype)
 
     def input_mask(
-        self, batch: int, image_shape: tuple[int, int, int], generator: torch.Generator | None, device="cpu"
+        self, batch: int, image_shape: tuple[int, int, int], rng: torch.Generator | None, device="cpu"
     ) -> torch.Tensor:
         """A network input mask with survival (1-p)(1-delta), as the fixed-mask sampler uses."""
         keep = (1.0 - self.p) * (1.0 - self.delta)
-        return bernoulli_mask(batch, _mask_shape(image_shape), keep, generator, device)
+        return bernoulli_mask(batch, _mask_shape(image_shape), keep, rng, device)
 
     def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
         return x * state["mask"].to(x.dtype)
@@ -188,9 +188,9 @@ class Inpaint(Operator):
     def first_invalid(self, y, state, atol):
         return _mask_errors(y, state["mask"], atol, "the pixel is erased")
 
-    def noise(self, y, generator, state):
+    def noise(self, y, rng, state):
         # Erased pixels carry no measurement, hence no noise.
-        return super().noise(y, generator, state) * state["mask"].to(y.dtype)
+        return super().noise(y, rng, state) * state["mask"].to(y.dtype)
 
 
 def first_nonbinary(mask: torch.Tensor) -> int | None:
@@ -449,7 +449,7 @@ class MRI(Operator):
         return max(1, round(self.acs_fraction * width))
 
     def column_masks(
-        self, batch: int, width: int, accel: float, generator: torch.Generator | None, device="cpu"
+        self, batch: int, width: int, accel: float, rng: torch.Generator | None, device="cpu"
     ) -> torch.Tensor:
         """(B, 1, 1, W) masks with floor(W / accel) lines: the ACS block plus random others."""
         n_acs = self.n_acs(width)
@@ -462,17 +462,17 @@ class MRI(Operator):
         masks[:, acs] = 1.0
         n_random = n_lines - n_acs
         for b in range(batch):
-            pick = others[torch.randperm(len(others), generator=generator)[:n_random]]
+            pick = others[torch.randperm(len(others), generator=rng)[:n_random]]
             masks[b, pick] = 1.0
         return masks.view(batch, 1, 1, width).to(device)
 
-    def sample_state(self, batch, image_shape, generator=None, device="cpu") -> State:
+    def sample_state(self, batch, image_shape, rng=None, device="cpu") -> State:
         width = image_shape[-1]
-        mask = self.column_masks(batch, width, self.R, generator, device)
-        maps_index = torch.randint(self.n_map_variants, (batch,), generator=generator).to(device)
+        mask = self.column_masks(batch, width, self.R, rng, device)
+        maps_index = torch.randint(self.n_map_variants, (batch,), generator=rng).to(device)
         return {"mask": mask, "maps_index": maps_index}
 
-    def further_mask(self, mask: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def further_mask(self, mask: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
         """M~ within M: keep ACS, drop random non-ACS lines down to floor(W / (R + delta_R)) lines."""
         batch, width = mask.shape[0], mask.shape[-1]
         n_acs = self.n_acs(width)
@@ -483,7 +483,7 @@ class MRI(Operator):
             lines = torch.nonzero(out[b] > 0).flatten()
             lines = lines[(lines < start) | (lines >= start + n_acs)]
             n_drop = max(0, int((out[b] > 0).sum()) - target)
-            drop = lines[torch.randperm(len(lines), generator=generator)[:n_drop]]
+            drop = lines[torch.randperm(len(lines), generator=rng)[:n_drop]]
             out[b, drop] = 0.0
         return out.view_as(mask)
 
@@ -514,6 +514,6 @@ class MRI(Operator):
         """P_M x = A^H A x, the image-to-image map used by the Fourier-space Ambient objective."""
         return self.adjoint(self.forward(x, state), state)
 
-    def noise(self, y, generator, state):
+    def noise(self, y, rng, state):
         # Only sampled k-space lines are measured.
-        return super().noise(y, generator, state) * state["mask"].to(y.dtype)
+        return super().noise(y, rng, state) * state["mask"].to(y.dtype)

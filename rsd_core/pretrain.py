@@ -20,7 +20,7 @@ class BatchSource(Protocol):
     samples); ``seek(n)`` continues after ``n`` batches (a resumed run). In memory:
     :class:`TensorSource`; streamed from a dataset's shards: :class:`rsd_core.streaming.StreamSource`."""
 
-    def next_batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, State]: ...
+    def next_batch(self, batch_size: int, rng: torch.Generator) -> tuple[torch.Tensor, State]: ...
 
     def seek(self, batches_done: int) -> None: ...
 
@@ -41,8 +41,8 @@ class TensorSource:
                     f"TensorSource: state '{key}' has {len(value)} rows, observations {len(self.observations)}"
                 )
 
-    def next_batch(self, batch_size, generator):
-        idx = torch.randint(len(self.observations), (batch_size,), generator=generator, device=generator.device)
+    def next_batch(self, batch_size, rng):
+        idx = torch.randint(len(self.observations), (batch_size,), generator=rng, device=rng.device)
         idx = idx.cpu()
         return self.observations[idx], {k: v[idx] for k, v in self.state.items()}
 
@@ -72,11 +72,11 @@ class PretrainPhase(Phase):
         self.source.seek(step)
 
     def step(self, ctx: StepContext) -> dict[str, float]:
-        y, state = self.source.next_batch(self.batch_size, ctx.generator)
+        y, state = self.source.next_batch(self.batch_size, ctx.rng)
         y = ctx.to_device(y)
         state = {k: v.to(ctx.device) for k, v in state.items()}
         with ctx.autocast():
-            loss = self.objective.loss(self.net, y, state, ctx.generator).mean()
+            loss = self.objective.loss(self.net, y, state, ctx.rng).mean()
         grad_norm = ctx.optimizer_step(loss, self.opt, self.clip)
         return {"loss": float(loss.detach()), "grad_norm": grad_norm}
 

@@ -116,7 +116,7 @@ class Sampler:
             out.append(self._sample_batch(min(batch_size, n - start), gen).float().cpu())
         return torch.cat(out)
 
-    def _sample_batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def _sample_batch(self, n: int, rng: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -145,9 +145,9 @@ class TeacherSampler(Sampler):
         self.nfe = 2 * self.num_steps - 1 if stop_i is None else 2 * stop_i + 1
 
     @torch.no_grad()
-    def _sample_batch(self, n, generator):
-        latents = torch.randn((n, *self.shape), generator=generator, device=self.device)
-        input_state: State = self.objective.draw_input_state(n, self.shape, generator, self.device)
+    def _sample_batch(self, n, rng):
+        latents = torch.randn((n, *self.shape), generator=rng, device=self.device)
+        input_state: State = self.objective.draw_input_state(n, self.shape, rng, self.device)
 
         def denoise(x, t):
             with _autocast(self.device, self.bf16):
@@ -172,8 +172,8 @@ class OneStepSampler(Sampler):
         self.nfe = 1
 
     @torch.no_grad()
-    def _sample_batch(self, n, generator):
-        return generate(self.net, self.objective, n, self.shape, generator, self.sigma_init, bf16=self.bf16)
+    def _sample_batch(self, n, rng):
+        return generate(self.net, self.objective, n, self.shape, rng, self.sigma_init, bf16=self.bf16)
 
 
 def generate(
@@ -181,13 +181,13 @@ def generate(
     objective: Objective,
     n: int,
     shape: tuple[int, ...],
-    generator: torch.Generator | None,
+    rng: torch.Generator | None,
     sigma_init: float = 2.5,
     bf16: bool = False,
 ) -> torch.Tensor:
     """G(z) = D(z; sigma_init) with z = sigma_init * eps and a fresh input state (differentiable)."""
     device = next(net.parameters()).device
-    z = sigma_init * torch.randn((n, *shape), generator=generator, device=device)
-    input_state = objective.draw_input_state(n, shape, generator, device)
+    z = sigma_init * torch.randn((n, *shape), generator=rng, device=device)
+    input_state = objective.draw_input_state(n, shape, rng, device)
     with _autocast(device, bf16):
         return objective.denoise(net, z, torch.full((n,), sigma_init, device=device), input_state)

@@ -58,10 +58,10 @@ def feature_images(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def corrupted_view(x: torch.Tensor, operator: Operator, generator: torch.Generator) -> torch.Tensor:
+def corrupted_view(x: torch.Tensor, operator: Operator, rng: torch.Generator) -> torch.Tensor:
     """A(x) + sigma_n eps with fresh state, as an image: the generated side of Proximal FID."""
-    state = operator.sample_state(len(x), tuple(x.shape[1:]), generator, x.device)
-    y = operator.image_view(operator.observe(x, state, generator), state)  # as the reference side sees it
+    state = operator.sample_state(len(x), tuple(x.shape[1:]), rng, x.device)
+    y = operator.image_view(operator.observe(x, state, rng), state)  # as the reference side sees it
     return quantise(feature_images(y))
 
 

@@ -138,12 +138,12 @@ def _volume_slices(path: Path, size: int, min_brain: float = 0.2) -> torch.Tenso
     return torch.cat(out)
 
 
-def smooth_phase(n: int, size: int, generator: torch.Generator, grid: int = 4) -> torch.Tensor:
+def smooth_phase(n: int, size: int, rng: torch.Generator, grid: int = 4) -> torch.Tensor:
     """Random smooth phase maps (n, size, size): a bicubic-upsampled coarse Gaussian field plus a
     global offset, like the slowly varying phase of real MR images."""
-    coarse = torch.randn((n, 1, grid, grid), generator=generator)
+    coarse = torch.randn((n, 1, grid, grid), generator=rng)
     field_ = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)[:, 0]
-    offset = (torch.rand((n, 1, 1), generator=generator) * 2 - 1) * math.pi
+    offset = (torch.rand((n, 1, 1), generator=rng) * 2 - 1) * math.pi
     return field_ + offset
 
 
@@ -152,9 +152,9 @@ def _brain_images(split: str, size: int, seed: int) -> torch.Tensor:
     """Slices in a seeded random order: read in volume and axis order, any prefix (``limit``, a clean
     evaluation count, a reference of n images) would hold one axis of one volume only."""
     magnitude = torch.cat([_volume_slices(p, size) for p in brain_volumes(split)])
-    generator = torch.Generator().manual_seed(seed)
-    magnitude = magnitude[torch.randperm(len(magnitude), generator=generator)]
-    phase = smooth_phase(len(magnitude), size, generator)
+    rng = torch.Generator().manual_seed(seed)
+    magnitude = magnitude[torch.randperm(len(magnitude), generator=rng)]
+    phase = smooth_phase(len(magnitude), size, rng)
     z = torch.polar(magnitude, phase)
     return torch.stack([z.real, z.imag], dim=1).contiguous()
 
@@ -302,10 +302,10 @@ def corrupt(
         clean_ref = clean_eval_uri
 
     def observed() -> Iterator[WriteBatch]:
-        generator = torch.Generator().manual_seed(seed)
+        rng = torch.Generator().manual_seed(seed)
         for images, _, labels in _clean_batches(src, count):
-            state = op.sample_state(len(images), src.image_shape, generator)
-            yield op.observe(images, state, generator), state, labels
+            state = op.sample_state(len(images), src.image_shape, rng)
+            yield op.observe(images, state, rng), state, labels
 
     return write_dataset(
         out_uri,

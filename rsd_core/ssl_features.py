@@ -96,18 +96,18 @@ class Encoder(nn.Module):
         return self.head(self.body(x))
 
 
-def augment(x: torch.Tensor, recipe: SSLRecipe, generator: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, recipe: SSLRecipe, rng: torch.Generator) -> torch.Tensor:
     """One random view per image: shift, flip, then a fresh erasure (see the module docstring)."""
     b, _, h, w = x.shape
     s = recipe.shift
     padded = F.pad(x, (s, s, s, s), mode="reflect")
-    dy, dx = (torch.randint(0, 2 * s + 1, (b,), generator=generator) for _ in range(2))
+    dy, dx = (torch.randint(0, 2 * s + 1, (b,), generator=rng) for _ in range(2))
     rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
     cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
     out = padded.permute(0, 2, 3, 1)[torch.arange(b)[:, None, None], rows, cols].permute(0, 3, 1, 2)
-    flip = torch.rand(b, generator=generator) < 0.5
+    flip = torch.rand(b, generator=rng) < 0.5
     out = torch.where(flip[:, None, None, None], out.flip(-1), out)
-    keep = torch.rand((b, 1, h, w), generator=generator) >= recipe.erase
+    keep = torch.rand((b, 1, h, w), generator=rng) >= recipe.erase
     return out * keep.to(out.dtype)
 
 

@@ -207,9 +207,9 @@ class StreamSource:
         self._iter = iter(DataLoader(reader, batch_size=batch_size, **kwargs))
         self._batch_size = batch_size
 
-    def next_batch(self, batch_size: int, generator: torch.Generator | None = None
+    def next_batch(self, batch_size: int, rng: torch.Generator | None = None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The next batch (``generator`` is unused: the order is fixed by the seed and the position)."""
+        """The next batch (``rng`` is unused: the order is fixed by the seed and the position)."""
         if self._iter is None or batch_size != self._batch_size:
             self._start(batch_size)
         obs, state, _ = next(self._iter)

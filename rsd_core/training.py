@@ -114,7 +114,7 @@ def make_ema(net: nn.Module) -> nn.Module:
 class StepContext:
     """What a phase's step may use: the RNG stream, the device, precision and the guarded step."""
 
-    generator: torch.Generator
+    rng: torch.Generator
     device: torch.device
     bf16: bool
     channels_last: bool
@@ -353,7 +353,7 @@ class Trainer:
             result.checkpoints.append(str(path))
             return
         extra = {"metrics": metrics, "nonfinite_skipped": result.nonfinite_skipped, "lr_scale": self.lr_scale}
-        save_checkpoint(path, self.phase, step, self.gen, extra)
+        save_checkpoint(path, self.phase, step, self.rng, extra)
         result.checkpoints.append(str(path))
         if self.cfg.keep_checkpoints > 0:
             for old in list_checkpoints(self.checkpoint_dir)[: -self.cfg.keep_checkpoints]:
@@ -368,21 +368,21 @@ class Trainer:
         # Each rank draws its own data and noise; rank 0's stream is the single-process stream.
         seed = cfg.seed + 1_000_003 * self.rank
         torch.manual_seed(seed)
-        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.rng = torch.Generator(device=self.device).manual_seed(seed)
         start_step, result = 0, TrainResult(0, 0.0, {}, 0)
         self.lr_scale = 1.0  # becomes cfg.lr_drop_factor once; checkpoints keep it across resumes
         existing = list_checkpoints(self.checkpoint_dir) if self.checkpoint_dir else []
         if existing:
-            meta = load_checkpoint(existing[-1], self.phase, self.gen if self.rank == 0 else None)
+            meta = load_checkpoint(existing[-1], self.phase, self.rng if self.rank == 0 else None)
             start_step = int(meta["step"])
             if self.rank != 0:  # checkpoints hold rank 0's RNG; other ranks re-derive theirs
-                self.gen.manual_seed(seed + start_step)
+                self.rng.manual_seed(seed + start_step)
                 torch.manual_seed(seed + start_step)
             result.nonfinite_skipped = int(meta.get("nonfinite_skipped", 0))
             self.lr_scale = float(meta.get("lr_scale", 1.0))
             result.checkpoints = [str(p) for p in existing]
         self.phase.resume(start_step)
-        ctx = StepContext(self.gen, self.device, self.bf16, self.channels_last)
+        ctx = StepContext(self.rng, self.device, self.bf16, self.channels_last)
         in_row, metrics = 0, {}
         t0 = time.perf_counter()
         report = TrainingProgress(self.phase.name, start_step, cfg.steps, cfg.batch_size, cfg.time_budget_s,

@@ -33,8 +33,8 @@ class ScaleGenerator(nn.Module):
         self.theta = nn.Parameter(torch.tensor(theta, dtype=torch.float64))
         self.shape = shape
 
-    def sample(self, n, generator, bf16=False):
-        return self.theta * torch.randn((n, *self.shape), generator=generator, dtype=torch.float64)
+    def sample(self, n, rng, bf16=False):
+        return self.theta * torch.randn((n, *self.shape), generator=rng, dtype=torch.float64)
 
 
 def _generator_step_grad(theta, data_var, batch, swap=False, alpha=1.2):
@@ -112,9 +112,9 @@ class RecordingIdentity(Identity):
         self.calls.append("forward")
         return super().forward(x, state)
 
-    def noise(self, y, generator, state):
+    def noise(self, y, rng, state):
         self.calls.append("noise")
-        return super().noise(y, generator, state)
+        return super().noise(y, rng, state)
 
 
 TINY = NetworkConfig(img_resolution=8, img_channels=1, model_channels=8, channel_mult=(1, 2), attn_resolutions=())
@@ -126,9 +126,9 @@ def test_fake_step_sees_recorrupted_samples():
     seen = []
     original_loss = objective.loss
 
-    def recording_loss(net, y, state, generator=None):
+    def recording_loss(net, y, state, rng=None):
         seen.append(y.detach().clone())
-        return original_loss(net, y, state, generator)
+        return original_loss(net, y, state, rng)
 
     objective.loss = recording_loss
     torch.manual_seed(0)
@@ -138,12 +138,12 @@ def test_fake_step_sees_recorrupted_samples():
     phase = DistillPhase(teacher, objective, generator, build_teacher(TINY, objective), cfg, DistillConfig(), {})
 
     ctx = StepContext(torch.Generator().manual_seed(0), torch.device("cpu"), False, False)
-    gen_before = ctx.generator.get_state()
+    gen_before = ctx.rng.get_state()
     phase._fake_step(ctx)
     assert op.calls == ["sample_state", "forward", "noise"]  # fresh state, A, fresh measurement noise
-    ctx.generator.set_state(gen_before)
+    ctx.rng.set_state(gen_before)
     with torch.no_grad():
-        x_g = generator.eval().sample(8, ctx.generator)
+        x_g = generator.eval().sample(8, ctx.rng)
     assert len(seen) == 1 and not torch.allclose(seen[0], x_g)  # the fake saw A(x_g) + noise, not x_g
     residual = seen[0] - x_g
     assert abs(float(residual.std()) - 0.3) < 0.05
@@ -156,7 +156,7 @@ class OtherNoiseIdentity(Identity):
         super().__init__(spec)
         self.own = torch.Generator().manual_seed(123)
 
-    def noise(self, y, generator, state):
+    def noise(self, y, rng, state):
         return 10 * super().noise(y, self.own, state)
 
 

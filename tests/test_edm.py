@@ -253,10 +253,10 @@ def test_ambient_diffusion_minimiser_is_the_posterior_mean_given_the_further_mas
 
     # naive: an unmasked target (y, zero where A erased) shrinks the hidden coordinate toward 0
     class UnmaskedTarget(AmbientDiffusionObjective):
-        def loss(self, net, y, state, generator=None):
-            further = self.operator.further_mask(state["mask"], generator)
-            s = self.sample_sigma(y.shape[0], generator, y.device)
-            n_ = torch.randn(y.shape, generator=generator, dtype=y.dtype)
+        def loss(self, net, y, state, rng=None):
+            further = self.operator.further_mask(state["mask"], rng)
+            s = self.sample_sigma(y.shape[0], rng, y.device)
+            n_ = torch.randn(y.shape, generator=rng, dtype=y.dtype)
             h = self.denoise(net, y + s[:, None] * n_, s, {"mask": further})
             return ((h - y) ** 2).sum(1)
 

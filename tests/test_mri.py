@@ -112,12 +112,12 @@ def _relative_error(W, analytic, C_half) -> float:
 class UnprojectedLoss(FourierAmbientObjective):
     """Naive: the loss on all pixels against the zero-filled target A^H y = P_M x0 (no P_M on h)."""
 
-    def loss(self, net, y, state, generator=None):
+    def loss(self, net, y, state, rng=None):
         op = self.operator
-        further = {"mask": op.further_mask(state["mask"], generator), "maps_index": state["maps_index"]}
-        sigma = self.sample_sigma(y.shape[0], generator, y.device)
+        further = {"mask": op.further_mask(state["mask"], rng), "maps_index": state["maps_index"]}
+        sigma = self.sample_sigma(y.shape[0], rng, y.device)
         x0_acq, x0_further = op.adjoint(y, state), op.adjoint(y, further)
-        n = torch.randn(x0_acq.shape, generator=generator, dtype=x0_acq.dtype)
+        n = torch.randn(x0_acq.shape, generator=rng, dtype=x0_acq.dtype)
         h = net(x0_further + sigma.view(-1, 1, 1, 1) * op.normal(n, further), sigma, self._cond(n, further["mask"]))
         return edm_weight(sigma) * ((h - x0_acq) ** 2).flatten(1).sum(1)
 
@@ -125,12 +125,12 @@ class UnprojectedLoss(FourierAmbientObjective):
 class NoiseAfterProjection(FourierAmbientObjective):
     """Naive: white noise added after the projection, u = P_M~ x0 + sigma n."""
 
-    def loss(self, net, y, state, generator=None):
+    def loss(self, net, y, state, rng=None):
         op = self.operator
-        further = {"mask": op.further_mask(state["mask"], generator), "maps_index": state["maps_index"]}
-        sigma = self.sample_sigma(y.shape[0], generator, y.device)
+        further = {"mask": op.further_mask(state["mask"], rng), "maps_index": state["maps_index"]}
+        sigma = self.sample_sigma(y.shape[0], rng, y.device)
         x0_acq, x0_further = op.adjoint(y, state), op.adjoint(y, further)
-        n = torch.randn(x0_acq.shape, generator=generator, dtype=x0_acq.dtype)
+        n = torch.randn(x0_acq.shape, generator=rng, dtype=x0_acq.dtype)
         h = net(x0_further + sigma.view(-1, 1, 1, 1) * n, sigma, self._cond(n, further["mask"]))
         return edm_weight(sigma) * ((op.normal(h, state) - x0_acq) ** 2).flatten(1).sum(1)
 
@@ -213,7 +213,7 @@ class GradientProbe(StepContext):
 
 
 def _generator_gradient(phase: DistillPhase) -> torch.Tensor:
-    ctx = GradientProbe(generator=torch.Generator().manual_seed(3), device=torch.device("cpu"), bf16=False,
+    ctx = GradientProbe(rng=torch.Generator().manual_seed(3), device=torch.device("cpu"), bf16=False,
                         channels_last=False)
     phase._generator_step(ctx)
     return ctx.gradient
