@@ -117,9 +117,9 @@ def low_rank_basis(d: int = 64, scales: Sequence[float] = SCALES, seed: int = 0)
     return q * torch.tensor(scales, dtype=torch.float64)
 
 
-def sample_clean(u: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+def sample_clean(u: torch.Tensor, n: int, rng: torch.Generator) -> torch.Tensor:
     """n clean vectors x = U z, z ~ N(0, I_r), as float32 (B, d)."""
-    z = torch.randn(n, u.shape[1], generator=generator, dtype=torch.float64)
+    z = torch.randn(n, u.shape[1], generator=rng, dtype=torch.float64)
     return (z @ u.T).float()
 
 
@@ -175,9 +175,9 @@ class LinearGenerator(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         self.theta = nn.Parameter(scale * torch.randn(d, r, generator=gen))
 
-    def sample(self, n: int, generator: torch.Generator | None, bf16: bool = False) -> torch.Tensor:
-        """n samples z @ theta^T with z ~ N(0, I_r) from ``generator`` (bf16 is ignored: linear, tiny)."""
-        z = torch.randn(n, self.theta.shape[1], generator=generator, device=self.theta.device)
+    def sample(self, n: int, rng: torch.Generator | None, bf16: bool = False) -> torch.Tensor:
+        """n samples z @ theta^T with z ~ N(0, I_r) from ``rng`` (bf16 is ignored: linear, tiny)."""
+        z = torch.randn(n, self.theta.shape[1], generator=rng, device=self.theta.device)
         return z @ self.theta.T
 
 
@@ -234,10 +234,10 @@ class Corruption:
     def sigma_n(self) -> float:
         return self.operator.sigma_n
 
-    def observe(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, State]:
+    def observe(self, x: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, State]:
         """Corrupted observations of clean x with fresh per-sample state, as a dataset would hold them."""
-        state = self.operator.sample_state(len(x), tuple(x.shape[1:]), generator)
-        return self.operator.observe(x, state, generator), state
+        state = self.operator.sample_state(len(x), tuple(x.shape[1:]), rng)
+        return self.operator.observe(x, state, rng), state
 
     def backproject(self, y: torch.Tensor) -> torch.Tensor:
         if isinstance(self.operator, MatrixOperator):
