@@ -79,22 +79,22 @@ def train_models(spec: dict, out: Path, *, budget: float, distill_budget: float,
     data = out / "data"
     times = read_times(out)
     timed_phase(out, times, "corrupt_s", (data / "manifest.json").exists(),
-          lambda: corrupt(fashion_mnist("train"), spec, seed=0, out_uri=str(data), limit=limit,
-                          clean_eval_count=n_eval))
+                lambda: corrupt(fashion_mnist("train"), spec, seed=0, out_uri=str(data), limit=limit,
+                                clean_eval_count=n_eval))
 
     teacher_dir = out / "teacher"
     teacher_train = TrainConfig(steps=1_000_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, grad_clip=1.0,
                                 ema_halflife_nimg=10_000, checkpoint_every=500, keep_checkpoints=1,
                                 time_budget_s=budget * 60, seed=seed)
     timed_phase(out, times, "teacher_s", (teacher_dir / "model.json").exists(),
-          lambda: pretrain_stage(str(data), NetworkConfig(), teacher_train, out, progress=progress))
+                lambda: pretrain_stage(str(data), NetworkConfig(), teacher_train, out, progress=progress))
     distill_train = TrainConfig(steps=1_000_000, batch_size=32, ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
                                 ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0,
                                 checkpoint_every=checkpoint_every, time_budget_s=distill_budget * 60,
                                 lr_drop_at=lr_drop_at, lr_drop_factor=lr_drop_factor, seed=seed)
     timed_phase(out, times, "distill_s", (out / "generator" / "model.json").exists(),
-          lambda: distill_stage(teacher_dir, distill_train, DistillConfig(lr_fake=5e-5, lr_generator=5e-5), out,
-                                progress=progress))
+                lambda: distill_stage(teacher_dir, distill_train, DistillConfig(lr_fake=5e-5, lr_generator=5e-5),
+                                      out, progress=progress))
     return times
 
 

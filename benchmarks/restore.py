@@ -56,8 +56,9 @@ SECTION_END = "<!-- benchmarks/restore.py: generated section end -->"
 TASKS = ("inpaint-0.6", "inpaint-0.8", "blur-noise-0.2", "superres-x2", "mri-r4")
 METHODS = ("classical", "teacher-dps", "generator")
 OBSERVATION_SEED = 1234
-# DPS guidance constant zeta' per task, tuned on validation images (docs/algorithms.md).
-DPS_ZETA = {"inpaint-0.6": 1.0, "inpaint-0.8": 1.0, "blur-noise-0.2": 1.0, "superres-x2": 1.0, "mri-r4": 1.0}
+# DPS returns the teacher's x0 prediction at the first level >= this one: tuned on validation images with
+# zeta' = 1 (docs/algorithms.md §10.2); lower levels, down to the cards' own (0.05), scored lower.
+DPS_SIGMA_STOP = 1.0
 
 
 def clean_images(task: str, n: int, image_shape: tuple[int, ...]) -> torch.Tensor:
@@ -109,8 +110,9 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
     operator = build_operator(card.operator)
     clean = clean_images(task, args.n_images, card.image_shape)
     y, state = observe(operator, clean)
-    restore_config = RestoreConfig(batch_size=args.batch_size)
-    dps_config = DPSConfig(zeta=DPS_ZETA[task], batch_size=args.batch_size)
+    overrides = {k: v for k, v in (("steps", args.steps), ("restarts", args.restarts)) if v is not None}
+    restore_config = RestoreConfig(batch_size=args.batch_size, **overrides)
+    dps_config = DPSConfig(batch_size=args.batch_size)
 
     def generator():
         net, objective, _ = load_model(generator_dir)
@@ -119,14 +121,15 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
         return result.mean, result.spread
 
     def teacher_dps():
-        net, objective, teacher_card = load_model(teacher_dir)
-        return dps_restore(net, objective, card.image_shape, y, state, dps_config, teacher_card.sigma_stop,
+        net, objective, _ = load_model(teacher_dir)
+        return dps_restore(net, objective, card.image_shape, y, state, dps_config, DPS_SIGMA_STOP,
                            progress=not args.quiet), None
 
     work = {"classical": lambda: (classical_estimate(operator, y, state), None),
             "teacher-dps": teacher_dps, "generator": generator}
     settings = {"classical": {"operator": card.operator.model_dump()},
-                "teacher-dps": {"model": read_card(teacher_dir).model_dump(), "config": dps_config.model_dump()},
+                "teacher-dps": {"model": read_card(teacher_dir).model_dump(), "config": dps_config.model_dump(),
+                                "sigma_stop": DPS_SIGMA_STOP},
                 "generator": {"model": card.model_dump(), "config": restore_config.model_dump()}}
     rows, outputs = [], {}
     for method in args.methods:
@@ -134,11 +137,11 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
         p, s = scores(outputs[method]["restored"], clean)
         rows.append({"task": task, "method": method, "psnr": p, "ssim": s,
                      "seconds_per_image": outputs[method]["seconds_per_image"]})
-        print(f"   {method:12} PSNR {p:6.2f} dB  SSIM {s:.3f}  {rows[-1]['seconds_per_image']:.4f} s/image", flush=True)
+        print(f"   {method:12} PSNR {p:6.2f} dB  SSIM {s:.3f}  {rows[-1]['seconds_per_image']:.3g} s/image", flush=True)
     grid = save_task_grid(task, operator.image_view(y, state), outputs, clean, out, args.publish)
     return rows, {"task": task, "operator": card.operator.model_dump(), "grid": grid,
                   "restore_config": restore_config.model_dump(), "dps_config": dps_config.model_dump(),
-                  "teacher_sigma_stop": read_card(teacher_dir).sigma_stop, "n_images": len(y)}
+                  "dps_sigma_stop": DPS_SIGMA_STOP, "n_images": len(y)}
 
 
 def save_task_grid(task: str, observed: torch.Tensor, outputs: dict, clean: torch.Tensor, out: Path,
@@ -163,9 +166,11 @@ def write_doc(result: dict, command: str) -> None:
     by = {(r["task"], r["method"]): r for r in result["rows"]}
     lines = [SECTION_START, "", "# Restoring observations (CPU)", "",
              f"Command: `{command}`  ", f"Machine: {result['machine']}  ", f"Date: {result['date']}  ",
-             f"Images: the first {result['n_images']} Fashion-MNIST test images per task (held out from training), "
+             f"Images: the first {result['n_images']} Fashion-MNIST test images per task (mri-r4: brain-MRI test "
+             "slices of the held-out subject), never used in training, "
              f"corrupted with seed {OBSERVATION_SEED}; models from `{result['models']}`.", "",
-             "PSNR / SSIM on the [0, 1] scale against the clean images (higher is better); seconds per image on "
+             "PSNR / SSIM on the [0, 1] scale against the clean images (mri-r4: magnitudes, peak = the clean "
+             "image's maximum; higher is better); seconds per image on "
              f"{result['threads']} torch thread(s), batches of {result['batch_size']} observations.", "",
              "| task | classical PSNR / SSIM | teacher DPS PSNR / SSIM | generator PSNR / SSIM | "
              "s/image classical / DPS / generator | DPS time / generator time |",
@@ -175,9 +180,9 @@ def write_doc(result: dict, command: str) -> None:
         for method in METHODS:
             r = by.get((task, method))
             cells.append(f"{r['psnr']:.2f} / {r['ssim']:.3f}" if r else "n/a")
-            speeds.append(f"{r['seconds_per_image']:.4f}" if r else "n/a")
+            speeds.append(f"{r['seconds_per_image']:.3g}" if r else "n/a")
         dps, gen = by.get((task, "teacher-dps")), by.get((task, "generator"))
-        ratio = f"{dps['seconds_per_image'] / gen['seconds_per_image']:.1f}x" if dps and gen else "n/a"
+        ratio = f"{dps['seconds_per_image'] / gen['seconds_per_image']:.2f}x" if dps and gen else "n/a"
         lines.append(f"| {task} | " + " | ".join(cells) + f" | {' / '.join(speeds)} | {ratio} |")
     if result["skipped"]:
         lines += ["", "Not run: " + "; ".join(f"{t} ({why})" for t, why in result["skipped"].items()) + "."]
@@ -202,12 +207,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--n-images", type=int, default=64, help="held-out test images per task (default: 64)")
     parser.add_argument("--batch-size", type=int, default=64, help="observations per batch (default: 64)")
+    parser.add_argument("--steps", type=int, default=None, help="generator: Adam steps (default: RestoreConfig's)")
+    parser.add_argument("--restarts", type=int, default=None, help="generator: restarts (default: RestoreConfig's)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, also for timing (default: 1)")
     parser.add_argument("--train", action="store_true",
                         help="train missing Fashion-MNIST models into --models (benchmarks/restoration.py's stages)")
     parser.add_argument("--budget", type=float, default=3.0, help="with --train: teacher minutes (default: 3)")
     parser.add_argument("--distill-budget", type=float, default=6.0,
                         help="with --train: distillation minutes (default: 6)")
+    parser.add_argument("--limit", type=int, default=20_000, help="with --train: corrupted training images")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "restore"), help="work folder (resumable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--no-publish", dest="publish", action="store_false",
@@ -225,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     for task in names:
         if args.train and task in TRAINING_TASKS:
             train_models(TRAINING_TASKS[task], models / task, budget=args.budget, distill_budget=args.distill_budget,
-                         limit=20_000, n_eval=0, seed=0, progress=not args.quiet)
+                         limit=args.limit, n_eval=0, seed=0, progress=not args.quiet)
         if not all((models / task / m / "model.json").exists() for m in ("teacher", "generator")):
             skipped[task] = f"no trained teacher and generator under {models / task}"
             print(f"== {task}: skipped ({skipped[task]})", flush=True)

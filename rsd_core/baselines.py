@@ -21,7 +21,7 @@ from skimage.restoration import inpaint_biharmonic
 from rsd_core.operators import Blur, Operator, State, SuperRes
 
 # Wiener noise-to-signal ratio per unit noise variance, for the Laplacian regulariser below
-# (tuned on training observations of blur-noise-0.2; docs/algorithms.md).
+# (tuned on training observations of blur-noise-0.2; docs/algorithms.md §10.3).
 WIENER_NSR_PER_VARIANCE = 1.25
 # Tikhonov weight of least squares, and its floor for noiseless data.
 LSQ_LAMBDA_PER_VARIANCE = 1.0

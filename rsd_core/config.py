@@ -251,7 +251,7 @@ class SelectionSettings(Spec):
 
     n_samples: int = 1000
     # self-supervised: Proximal FD features learnt from this dataset's own corrupted observations (no labels, no
-    # clean images; about a CPU minute once per dataset, cached), the CPU default. inception: the GPU default.
+    # clean images; a few CPU minutes once per dataset, cached), the CPU default. inception: the GPU default.
     # classifier, classifier-corrupted: Fashion-MNIST CNNs trained with clean labels, for evaluation only
     # (rsd_core.selection.EXTRACTORS). The true FD, where a clean split exists, keeps the clean classifier.
     extractor: Literal["self-supervised", "inception", "classifier", "classifier-corrupted"] = "self-supervised"
@@ -333,7 +333,7 @@ class ExportSettings(Spec):
 class PipelineConfig(Spec):
     """Everything one pipeline execution needs, from the clean source to the registered model."""
 
-    data: DataSettings = DataSettings()
+    data: DataSettings = Field(default_factory=DataSettings)  # built lazily: its operator default is an InpaintSpec
     network: NetworkConfig = NetworkConfig()
     teacher_train: TrainConfig = TrainConfig()
     distill_train: TrainConfig = TrainConfig(batch_size=32, lr_rampup_steps=0,

@@ -8,9 +8,10 @@ t_i, with x0_hat = D(x_i; t_i) evaluated with gradients, the sampler's Heun upda
 per sample, the gradient going through the denoiser (one forward and one backward pass per level,
 plus the Heun correction's forward pass). DPS is stated for the variance-preserving process; our
 trajectory is EDM's variance-exploding one, x_VE = x_VP / sqrt(abar) with 1 / abar = 1 + t^2, and
-the paper's step zeta / ||r|| in VP coordinates is zeta (1 + t^2) / ||r|| in VE coordinates. The teacher is queried through its objective, so an
-Ambient teacher keeps one input mask (or MRI projection) per sample along the whole trajectory
-and the truncated sampler stops at the card's ``sigma_stop``, exactly as sampling does.
+the paper's step zeta / ||r|| in VP coordinates is zeta (1 + t^2) / ||r|| in VE coordinates. The
+teacher is queried through its objective, so an Ambient teacher keeps one input mask (or MRI
+projection) per sample along the whole trajectory; with ``sigma_stop`` the trajectory is truncated
+as the teacher's sampler truncates (the x0 prediction at the first level >= sigma_stop).
 
 Caveat: for blur and super-resolution the teacher was trained on the observations (the standard
 and Ambient-Tweedie objectives learn the distribution of A(x)), so it is a prior on A(x), not on

@@ -12,7 +12,7 @@ forward and one backward pass of G, against a forward and a backward pass per le
 diffusion posterior sampler. Several restarts (different eps and, for generators with an input
 state such as Ambient inpainting masks or MRI projections, a different input state) give the
 posterior-mean estimate and a per-pixel spread. The choice of defaults and the tuning evidence
-are in docs/algorithms.md ("Restoring observations with the one-step generator").
+are in docs/algorithms.md §10.1.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from rsd_core.stages import load_model
 
 
 class RestoreConfig(Spec):
-    """Settings of the latent optimisation; the defaults are the tuned ones (docs/algorithms.md)."""
+    """Settings of the latent optimisation; the defaults are the tuned ones (docs/algorithms.md §10.1)."""
 
     steps: int = Field(default=30, ge=1)
-    lr: float = Field(default=0.1, gt=0)
-    restarts: int = Field(default=2, ge=1)
-    prior_weight: float = Field(default=1.0, ge=0)
+    lr: float = Field(default=0.3, gt=0)
+    restarts: int = Field(default=4, ge=1)
+    prior_weight: float = Field(default=0.1, ge=0)
     # The misfit's noise scale for noiseless data: without a floor the prior would carry no weight.
     sigma_floor: float = Field(default=0.05, gt=0)
     data_consistency: bool = True

@@ -14,11 +14,12 @@ pixels a corruption removed, which is what differs between a generated sample re
 fresh operator state and a dataset observation of the same content; the features then describe
 content, the part of the distribution Proximal FD should compare.
 
-Training is deterministic given the recipe's seed (a forked RNG, fixed data order) and takes
-about a CPU minute; the weights are cached under ``<cache>/extractors/ssl-<key16>.safetensors``
-(plus a ``.json`` with the recipe, the data's fingerprint, the final loss and the training
-time), ``key`` being the sha256 of the recipe and the dataset fingerprint, so every later use in
-any process sharing the cache just loads them (as the reference statistics are cached).
+Training is deterministic given the recipe's seed (a forked RNG, fixed data order) and takes at
+most 300 steps (96-364 s on one thread of a loaded 2-core machine, docs/results.md); the weights
+are cached under ``<cache>/extractors/ssl-<key16>.safetensors`` (plus a ``.json`` with the
+recipe, the data's fingerprint, the final loss and the training time), ``key`` being the sha256
+of the recipe and the dataset fingerprint, so every later use in any process sharing the cache
+just loads them (as the reference statistics are cached).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class SSLRecipe:
     shift: int = 3
     erase: float = 0.25
     temperature: float = 0.2
-    # Training length: `epochs` passes over the observations, at most `max_steps` steps (about a CPU minute),
+    # Training length: `epochs` passes over the observations, at most `max_steps` steps (a few CPU minutes),
     # so that small datasets (tests, smoke runs) train in seconds.
     epochs: float = 4.0
     max_steps: int = 300

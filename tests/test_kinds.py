@@ -163,3 +163,13 @@ def test_a_kind_name_is_registered_once():
     clash = OperatorKind(PermuteSpec, Operator, Objective, None)
     with pytest.raises(ValueError, match="already registered"):
         register_kind(clash)
+
+
+@pytest.mark.parametrize("module", ["rsd_core.config", "rsd_core.operators", "rsd_core.objectives", "rsd_core.data"])
+def test_each_module_imports_first_in_a_fresh_interpreter(module):
+    """The spec registry and the config models refer to each other lazily: no import order may break."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -182,3 +182,20 @@ def test_restore_with_model_folder(tmp_path):
         restore_with_model(tmp_path / "teacher", y, state, RestoreConfig(steps=2))
     with pytest.raises(ValueError, match="need their state"):
         restore_with_model(tmp_path / "generator", y, {}, RestoreConfig(steps=2))
+
+
+def test_restore_benchmark_end_to_end_and_resumes(tmp_path):
+    """A toy run of benchmarks/restore.py: one row per method with the issue's keys, the missing task
+    listed, and a second run served from the work folder (same numbers, same timings)."""
+    from benchmarks import restore
+
+    argv = ["--train", "--budget", "0.02", "--distill-budget", "0.05", "--limit", "64", "--tasks",
+            "inpaint-0.8,mri-r4", "--n-images", "2", "--batch-size", "2", "--steps", "3", "--restarts", "2",
+            "--models", str(tmp_path / "models"),
+            "--out", str(tmp_path / "out"), "--quiet", "--no-publish"]
+    result = restore.main(argv)
+    assert [(r["task"], r["method"]) for r in result["rows"]] == [("inpaint-0.8", m) for m in restore.METHODS]
+    for row in result["rows"]:
+        assert row["psnr"] > 0 and 0 < row["ssim"] <= 1 and row["seconds_per_image"] > 0
+    assert list(result["skipped"]) == ["mri-r4"]
+    assert restore.main(argv)["rows"] == result["rows"]
