@@ -33,7 +33,9 @@ def test_restoration_benchmark_at_a_toy_budget(tmp_path):
     assert all(row[k] > 0 for k in ("corrupt_s", "teacher_s", "distill_s", "select_s"))
     checkpoints = sorted((tmp_path / "inpaint-0.6" / "distill" / "checkpoints").iterdir())
     scales = [json.loads((c / "meta.json").read_text())["lr_scale"] for c in checkpoints]
-    assert scales[0] == 1.0 and scales[-1] == 0.25, scales  # dropped once, half way through the budget
+    # dropped once, half way through the time budget: never raised again, 0.25 at the end (under load the
+    # first checkpoint can land after the drop, so 1.0 need not be seen)
+    assert scales == sorted(scales, reverse=True) and set(scales) <= {1.0, 0.25} and scales[-1] == 0.25, scales
     assert json.loads((tmp_path / "restoration.json").read_text()) == json.loads(json.dumps(result))
 
     again = restoration.main(argv)  # every phase is reused: same figures, same recorded wall times
