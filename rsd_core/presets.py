@@ -103,11 +103,14 @@ CPU_MRI_DISTILL = DistillConfig(lr_fake=5e-5, lr_generator=5e-5, betas_fake=(0.0
 
 
 def _cpu_mri() -> PipelineConfig:
-    """Multi-coil brain MRI at R = 4 through the whole DAG on 2 CPU cores in about 20 minutes.
+    """Multi-coil brain MRI at R = 4 through the whole DAG on 2 CPU cores, budgeted for about 20 minutes.
 
+    Measured once on a 2-core machine shared with four other jobs: 31.2 minutes (corrupt 35 s, teacher 6.1 min
+    for 82 steps, distillation 6.1 min for 46 steps, selection 17.7 min, export and registration 18 s); the
+    training phases are wall-time budgets, selection is not, and its Inception features took most of it.
     32x32 slices with 4 coils (:func:`cpu_mri_operator`): the 1,345 Colin27 training slices of ``brain-mri``;
-    the true FD (evaluation only) is against the 419 held-out MNI152 slices. 32 px because a 64 px step costs
-    about 4x as much, which would leave the teacher a quarter of the steps in the same minutes. Selection
+    the true FD (evaluation only) is against the 419 held-out MNI152 slices. 32 px because a 64 px slice has 4x
+    the pixels per network evaluation, and the teacher already gets only a few hundred steps at 32 px. Selection
     learns its Proximal FD features from the observations' zero-filled (A^H y) magnitudes alone
     (self-supervised: no clean images, no labels); Inception on magnitudes, the costliest part of selection on
     a CPU, scores only the true FD, on 128 samples per candidate. Export: .pt2 with the projection's FFTs
