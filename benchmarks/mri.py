@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.report import emit
-from benchmarks.restoration import read_times, timed_phase
+from benchmarks.restoration import add_run_args, parse_run_args, read_times, timed_phase
 from rsd_core.presets import (
     CPU_MRI_DISTILL,
     CPU_MRI_DISTILL_TRAIN,
@@ -185,19 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "the true FD uses Inception on magnitudes")
     parser.add_argument("--limit", type=int, default=None, help="corrupted training slices (default: all 1345)")
     parser.add_argument("--n-eval", type=int, default=128, help="samples per FD (default: 128)")
-    parser.add_argument("--checkpoint-every", type=int, default=40, help="distillation steps between checkpoints")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(ROOT / "outputs" / "mri"), help="work folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--no-publish", dest="publish", action="store_false",
-                        help="leave docs/results.md, docs/figures and benchmarks/results alone; the results go only "
-                        "to OUT/mri.json")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    if args.distill_budget is None:
-        args.distill_budget = args.budget
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    add_run_args(parser, "mri", checkpoint_every=40)
+    args = parse_run_args(parser, argv)
     try:
         accelerations = [int(a) for a in args.accelerations.split(",") if a.strip()]
     except ValueError:

@@ -205,6 +205,29 @@ def write_doc(result: dict, command: str) -> None:
     DOC.write_text("\n".join(lines) + "\n\n" + KEEP_BELOW + (kept or "\n"))
 
 
+def add_run_args(parser: argparse.ArgumentParser, name: str, checkpoint_every: int) -> None:
+    """The options every train-then-select benchmark shares (work folder, seed, publishing, threads)."""
+    parser.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
+                        help=f"distillation steps between checkpoints (default: {checkpoint_every})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "outputs" / name), help="work folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-publish", dest="publish", action="store_false",
+                        help="leave docs/results.md, docs/figures and benchmarks/results alone; the results go "
+                        f"only to OUT/{name}.json (for smoke runs, and for tasks run as parallel processes)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, default the distillation budget to the teacher's, and set the torch threads."""
+    args = parser.parse_args(argv)
+    if args.distill_budget is None:
+        args.distill_budget = args.budget
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=float, default=5.0, help="minutes per training phase (default: 5)")
@@ -221,19 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
     parser.add_argument("--limit", type=int, default=20_000, help="corrupted training images (default: 20000)")
     parser.add_argument("--n-eval", type=int, default=1000, help="samples per FD (default: 1000)")
-    parser.add_argument("--checkpoint-every", type=int, default=50, help="distillation steps between checkpoints")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(ROOT / "outputs" / "restoration"), help="work folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--no-publish", dest="publish", action="store_false",
-                        help="leave docs/results.md, docs/figures and benchmarks/results alone; the results go "
-                        "only to OUT/restoration.json (for smoke runs, and for tasks run as parallel processes)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    if args.distill_budget is None:
-        args.distill_budget = args.budget
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    add_run_args(parser, "restoration", checkpoint_every=50)
+    args = parse_run_args(parser, argv)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [n for n in names if n not in TASKS]
     if unknown:

@@ -19,6 +19,9 @@ from pathlib import Path
 
 from rsd_core.presets import PRESETS, build_config, for_existing_dataset
 
+# The file each export format writes (rsd_core.export), named in the run's summary.
+EXPORT_FILES = {"onnx": "generator.onnx", "pt2": "generator.pt2"}
+
 _HELP = argparse.ArgumentDefaultsHelpFormatter
 _DEFAULT_OUT = Path(__file__).resolve().parents[1] / "outputs"
 
@@ -169,7 +172,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(f"MLflow UI         {uri}")
     print(f"sample grid       {result.grid.path}")
-    print(f"exported model    {result.exported.path}  (generator.onnx, generator.pt2, card.json)")
+    files = ", ".join([*(EXPORT_FILES[f] for f in config.export.formats), "card.json"])
+    print(f"exported model    {result.exported.path}  ({files})")
     print(f"sample again      rsd sample --model models:/{result.name}@{result.alias} -n 64 --out grid.png")
     return 0
 

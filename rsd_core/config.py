@@ -253,7 +253,8 @@ class SelectionSettings(Spec):
     # self-supervised: Proximal FD features learnt from this dataset's own corrupted observations (no labels, no
     # clean images; a few CPU minutes once per dataset, cached), the CPU default. inception: the GPU default.
     # classifier, classifier-corrupted: Fashion-MNIST CNNs trained with clean labels, for evaluation only
-    # (rsd_core.selection.EXTRACTORS). The true FD, where a clean split exists, keeps the clean classifier.
+    # (rsd_core.selection.EXTRACTORS). The true FD, where a clean split exists, uses the clean classifier
+    # (Inception on magnitudes for complex MRI images): evaluation only.
     extractor: Literal["self-supervised", "inception", "classifier", "classifier-corrupted"] = "self-supervised"
     seed: int = 0
 

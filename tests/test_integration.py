@@ -17,6 +17,9 @@ from mlflow import MlflowClient
 
 from tests.cli import rsd
 
+# A re-run on an existing dataset registers under a name derived from the dataset (the preset's is cpu-smoke's).
+MODEL = "rsd-fashion-mnist-train-inpaint"
+
 
 @pytest.fixture(scope="module")
 def cluster_like(s3_server, mlflow_server, tmp_path_factory):
@@ -52,13 +55,13 @@ def s3_files(s3_server, uri: str) -> list[str]:
 def test_pipeline_on_s3_registers_a_champion_on_the_mlflow_server(pipeline_run, cluster_like, s3_server,
                                                                     mlflow_server):
     root, env, prefix = cluster_like
-    assert "registered model  rsd-smoke version 1 alias @champion" in pipeline_run
+    assert f"registered model  {MODEL} version 1 alias @champion" in pipeline_run
     assert f"MLflow UI         {mlflow_server.tracking_uri}" in pipeline_run
     assert "View run" not in pipeline_run  # MLflow's per-run URL lines are suppressed; the summary names the run
     assert not (root / "out" / "mlflow.db").exists() and not (root / "out" / "mlartifacts").exists()
 
     client = MlflowClient(mlflow_server.tracking_uri, registry_uri=mlflow_server.tracking_uri)
-    champion = client.get_model_version_by_alias("rsd-smoke", "champion")
+    champion = client.get_model_version_by_alias(MODEL, "champion")
     run = client.get_run(champion.run_id)
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.artifact_location.startswith("mlflow-artifacts:")  # proxied: clients hold no artifact store
@@ -83,7 +86,7 @@ def test_task_outputs_went_through_the_raw_output_prefix(pipeline_run, cluster_l
 def test_sampling_the_champion_downloads_it_through_the_server(pipeline_run, cluster_like):
     root, env, _ = cluster_like
     grid = root / "champion.png"
-    rsd(env, "sample", "--model", "models:/rsd-smoke@champion", "-n", "8", "--out", str(grid))
+    rsd(env, "sample", "--model", f"models:/{MODEL}@champion", "-n", "8", "--out", str(grid))
     assert grid.stat().st_size > 0
 
 

@@ -308,7 +308,7 @@ def test_cpu_mri_preset_follows_the_spec_rules():
     assert config.selection.extractor == "self-supervised"
 
 
-@pytest.mark.slow  # 6.3 minutes measured on a shared 2-core machine: Inception features on a CPU, and the SSL encoder
+@pytest.mark.slow  # 3.4-6.3 minutes measured on a shared 2-core machine: Inception features on a CPU, the SSL encoder
 def test_mri_benchmark_at_a_toy_budget(tmp_path, capsys):
     from benchmarks import mri
     from benchmarks.report import RESULTS_DIR
