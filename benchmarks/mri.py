@@ -24,17 +24,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from benchmarks.report import emit
-from benchmarks.restoration import add_run_args, parse_run_args, read_times, timed_phase
+from benchmarks.restoration import (
+    add_run_args,
+    parse_run_args,
+    read_times,
+    select_and_pick,
+    timed_phase,
+    write_result,
+)
 from rsd_core.presets import (
     CPU_MRI_DISTILL,
     CPU_MRI_DISTILL_TRAIN,
@@ -42,7 +46,7 @@ from rsd_core.presets import (
     CPU_MRI_TEACHER,
     cpu_mri_operator,
 )
-from rsd_core.selection import EXTRACTORS, SelectionResult, select_stage
+from rsd_core.selection import EXTRACTORS
 from rsd_core.sources import brain_mri, corrupt
 from rsd_core.stages import distill_stage, pretrain_stage, read_card
 
@@ -76,20 +80,8 @@ def run_acceleration(R: int, args, out: Path) -> dict:
     timed_phase(out, times, "distill_s", (out / "generator" / "model.json").exists(),
                 lambda: distill_stage(teacher_dir, distill_train, CPU_MRI_DISTILL, out, progress=not args.quiet))
     sel_dir = out / f"selection-{args.proximal_extractor}"
-    timed_phase(out, times, "select_s", (sel_dir / "selection.json").exists(),
-                lambda: select_stage(str(data), teacher_dir, out, sel_dir, n_samples=args.n_eval,
-                                     extractor=args.proximal_extractor, seed=args.seed, progress=not args.quiet))
-    sel = SelectionResult.model_validate_json((sel_dir / "selection.json").read_text())
-    grid = Path(sel.grid)
-    if args.publish:
-        FIGURES.mkdir(parents=True, exist_ok=True)
-        grid = FIGURES / f"mri_R{R}.png"
-        shutil.copyfile(sel.grid, grid)
-
-    full = next(r for r in sel.teacher_rows if r.sigma_stop is None)
-    truncated = min((r for r in sel.teacher_rows if r.sigma_stop is not None), key=lambda r: r.proximal_fd)
-    teacher_best = min((full, truncated), key=lambda r: r.true_fd)
-    chosen = next(r for r in sel.rows if r.step == sel.chosen_step)
+    sel, grid, full, truncated, teacher_best, chosen = select_and_pick(args, out, data, teacher_dir, times, sel_dir,
+                                                                       "select_s", f"mri_R{R}.png")
     paper_teacher, paper_rsd = PAPER_FID.get(R, (None, None))
     return {
         "R": R,
@@ -215,12 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.publish:
         write_doc(result, "python -m benchmarks.mri " + " ".join(argv if argv is not None else sys.argv[1:]))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "mri.json").write_text(json.dumps(result, indent=1))
-    if not args.publish:
-        print(json.dumps(result))
-        return result
-    return emit("mri", result)
+    return write_result(args, "mri", result)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ import torch
 from benchmarks.report import emit
 from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
 from rsd_core.presets import CPU_DISTILL_EMA_HALFLIFE_NIMG, CPU_DISTILL_EMA_RAMPUP_RATIO
-from rsd_core.selection import EXTRACTORS, SelectionResult, select_stage
+from rsd_core.selection import EXTRACTORS, CandidateScore, SelectionResult, select_stage
 from rsd_core.sources import corrupt, fashion_mnist
 from rsd_core.stages import distill_stage, pretrain_stage, read_card
 
@@ -107,22 +108,9 @@ def run_task(name: str, spec: dict, args, out: Path) -> dict:
     teacher_dir = out / "teacher"
     # One folder per Proximal FD extractor, so that both can be compared on the same checkpoints.
     sel_dir = out / ("selection" if args.proximal_extractor == "classifier" else f"selection-{args.proximal_extractor}")
-    selection_file = sel_dir / "selection.json"
     select_key = "select_s" if sel_dir.name == "selection" else f"{sel_dir.name}_s"
-    timed_phase(out, times, select_key, selection_file.exists(),
-                lambda: select_stage(str(data), teacher_dir, out, sel_dir, n_samples=args.n_eval,
-                                     extractor=args.proximal_extractor, seed=args.seed, progress=not args.quiet))
-    sel = SelectionResult.model_validate_json(selection_file.read_text())
-    grid = Path(sel.grid)
-    if args.publish:
-        FIGURES.mkdir(parents=True, exist_ok=True)
-        grid = FIGURES / f"restoration_{name}.png"
-        shutil.copyfile(sel.grid, grid)
-
-    full = next(r for r in sel.teacher_rows if r.sigma_stop is None)
-    truncated = min((r for r in sel.teacher_rows if r.sigma_stop is not None), key=lambda r: r.proximal_fd)
-    teacher_best = min((full, truncated), key=lambda r: r.true_fd)
-    chosen = next(r for r in sel.rows if r.step == sel.chosen_step)
+    picked = select_and_pick(args, out, data, teacher_dir, times, sel_dir, select_key, f"restoration_{name}.png")
+    sel, grid, full, truncated, teacher_best, chosen = picked
     return {
         "task": name,
         "operator": spec,
@@ -205,6 +193,53 @@ def write_doc(result: dict, command: str) -> None:
     DOC.write_text("\n".join(lines) + "\n\n" + KEEP_BELOW + (kept or "\n"))
 
 
+@dataclass(frozen=True)
+class Picked:
+    """A selection's outcome as the benchmarks report it."""
+
+    sel: SelectionResult
+    grid: Path
+    full: CandidateScore  # the teacher's full 35-NFE sampler
+    truncated: CandidateScore  # its truncation level chosen by Proximal FD
+    teacher_best: CandidateScore  # the better of those two by true FD (evaluation only)
+    chosen: CandidateScore  # the student checkpoint chosen by Proximal FD
+
+    def __iter__(self):
+        return iter((self.sel, self.grid, self.full, self.truncated, self.teacher_best, self.chosen))
+
+
+def select_and_pick(args, out: Path, data: Path, teacher_dir: Path, times: dict, sel_dir: Path, select_key: str,
+                    figure: str) -> Picked:
+    """Run (or reuse) the selection into ``sel_dir``, publish its grid as docs/figures/``figure``, and pick the
+    teacher samplers and the chosen checkpoint out of it."""
+    selection_file = sel_dir / "selection.json"
+    timed_phase(out, times, select_key, selection_file.exists(),
+                lambda: select_stage(str(data), teacher_dir, out, sel_dir, n_samples=args.n_eval,
+                                     extractor=args.proximal_extractor, seed=args.seed, progress=not args.quiet))
+    sel = SelectionResult.model_validate_json(selection_file.read_text())
+    grid = Path(sel.grid)
+    if args.publish:
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        grid = FIGURES / figure
+        shutil.copyfile(sel.grid, grid)
+    full = next(r for r in sel.teacher_rows if r.sigma_stop is None)
+    truncated = min((r for r in sel.teacher_rows if r.sigma_stop is not None), key=lambda r: r.proximal_fd)
+    teacher_best = min((full, truncated), key=lambda r: r.true_fd)
+    chosen = next(r for r in sel.rows if r.step == sel.chosen_step)
+    return Picked(sel, grid, full, truncated, teacher_best, chosen)
+
+
+def write_result(args, name: str, result: dict) -> dict:
+    """OUT/<name>.json always; benchmarks/results/<name>.json and the last stdout line unless --no-publish
+    (then the JSON is printed only)."""
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"{name}.json").write_text(json.dumps(result, indent=1))
+    if not args.publish:
+        print(json.dumps(result))
+        return result
+    return emit(name, result)
+
+
 def add_run_args(parser: argparse.ArgumentParser, name: str, checkpoint_every: int) -> None:
     """The options every train-then-select benchmark shares (work folder, seed, publishing, threads)."""
     parser.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
@@ -281,12 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"{r['task']:16} {r['teacher_fd']:>8.1f} {r['teacher_fd_full']:>8.1f} {r['teacher_fd_truncated']:>8.1f} "
               f"{r['student_fd']:>8.1f} {r['student_over_teacher']:>6.2f} {r['proximal_fid']:>7.2f}")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "restoration.json").write_text(json.dumps(result, indent=1))
-    if not args.publish:
-        print(json.dumps(result))
-        return result
-    return emit("restoration", result)
+    return write_result(args, "restoration", result)
 
 
 if __name__ == "__main__":
