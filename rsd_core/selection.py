@@ -253,16 +253,20 @@ def select_stage(
         prox, true = score_samples(samples, operator, extractors, prox_ref, clean_ref, seed)
         rows.append(CandidateScore(name=ckpt.name, step=int(ckpt.name.split("-")[1]), proximal_fd=prox, true_fd=true))
         if progress:
-            print(f"  {ckpt.name}: proximal FD {prox:.2f}" + (f", true FD {true:.2f}" if true is not None else ""))
+            _report(ckpt.name, prox, true)
 
     teacher, objective, card = load_model(teacher_dir)
     n_t = n_teacher or n_samples
     teacher_rows = []
+    if progress:
+        print(f"[select] sampling the teacher ({n_t} trajectories of 35 NFE) for its truncation levels", flush=True)
     by_level = teacher_truncation_samples(teacher, objective, card.image_shape, n_t, seed)
     for level, samples in by_level.items():
         prox, true = score_samples(samples, operator, extractors, prox_ref, clean_ref, seed)
         teacher_rows.append(CandidateScore(name=f"teacher@{level}", sigma_stop=level or None,
                                            nfe=truncation_nfe(level), proximal_fd=prox, true_fd=true))
+        if progress:
+            _report(f"teacher@{level}", prox, true)
     best_teacher = min(teacher_rows, key=lambda r: r.proximal_fd)
     full = next(r for r in teacher_rows if r.sigma_stop is None)
 
@@ -303,3 +307,9 @@ def select_stage(
     )
     (out_dir / "selection.json").write_text(result.model_dump_json(indent=1))
     return result
+
+
+def _report(candidate: str, proximal_fd: float, true_fd: float | None) -> None:
+    """One plain line per scored candidate (selection can take minutes on a CPU)."""
+    true = f", true FD {true_fd:.2f} (evaluation only)" if true_fd is not None else ""
+    print(f"[select] {candidate}: proximal FD {proximal_fd:.2f}{true}", flush=True)

@@ -250,7 +250,7 @@ def select_checkpoint(dataset: FlyteDirectory, teacher: FlyteDirectory, distille
     with tracking.child_run(run_id, "select_checkpoint", selection.model_dump(mode="json")) as (client, child):
         result = select_stage(dataset_dir, teacher.download(), distilled.download(), _workdir("selection"),
                               n_samples=selection.n_samples, extractor=selection.extractor, seed=selection.seed,
-                              progress=False)
+                              progress=True)
         for row in result.rows:
             client.log_metric(child, "proximal_fd", row.proximal_fd, step=row.step or 0)
             if row.true_fd is not None:

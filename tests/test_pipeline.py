@@ -137,6 +137,7 @@ def test_run_with_stdout_in_a_file_reports_each_stage_and_training_progress(firs
         assert any(line.startswith(f"[{stage}] done in ") for line in lines), stage
     assert any(line.startswith("[pretrain_teacher] done in ") and "loss " in line for line in lines)
     assert any(line.startswith("[select_checkpoint] done in ") and "chosen_proximal_fd" in line for line in lines)
+    assert any(line.startswith("[select] teacher@0.0: proximal FD ") for line in lines)  # selection's candidates
     for phase, total in (("pretrain", 30), ("distill", 12)):
         steps = [line.split()[2] for line in lines if line.startswith(f"[{phase}] step ")]
         assert steps[0] == f"1/{total}" and steps[-1] == f"{total}/{total}", steps
