@@ -105,8 +105,9 @@ CPU_MRI_DISTILL = DistillConfig(lr_fake=5e-5, lr_generator=5e-5, betas_fake=(0.0
 def _cpu_mri() -> PipelineConfig:
     """Multi-coil brain MRI at R = 4 through the whole DAG on 2 CPU cores, budgeted for about 20 minutes.
 
-    Measured once on a 2-core machine shared with four other jobs: 31.2 minutes (corrupt 35 s, teacher 6.1 min
-    for 82 steps, distillation 6.1 min for 46 steps, selection 17.7 min, export and registration 18 s); the
+    Measured on 2 otherwise idle cores: 22.4 minutes (corrupt 6 s, teacher 5.2 min for 414 steps, distillation
+    6.0 min for 268 steps, selection 10.7 min, export and registration 14 s); on a 2-core machine shared with
+    four other jobs 31.2 minutes (teacher 82 steps, distillation 46, selection 17.7 min). The
     training phases are wall-time budgets, selection is not, and its Inception features took most of it.
     32x32 slices with 4 coils (:func:`cpu_mri_operator`): the 1,345 Colin27 training slices of ``brain-mri``;
     the true FD (evaluation only) is against the 419 held-out MNI152 slices. 32 px because a 64 px slice has 4x
