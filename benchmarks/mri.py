@@ -36,6 +36,7 @@ from benchmarks.restoration import (
     parse_run_args,
     read_times,
     select_and_pick,
+    selection_summary,
     timed_phase,
     write_result,
 )
@@ -48,7 +49,7 @@ from rsd_core.presets import (
 )
 from rsd_core.selection import EXTRACTORS
 from rsd_core.sources import brain_mri, corrupt
-from rsd_core.stages import distill_stage, pretrain_stage, read_card
+from rsd_core.stages import distill_stage, pretrain_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "results.md"
@@ -98,13 +99,7 @@ def run_acceleration(R: int, args, out: Path) -> dict:
         "teacher_fd_truncated": truncated.true_fd,
         "student_over_teacher": chosen.true_fd / teacher_best.true_fd,
         "teacher_proximal_fd_truncated": truncated.proximal_fd,
-        "selection_spearman": sel.spearman,
-        "chosen_true_fd": sel.chosen_true_fd,
-        "best_true_fd": sel.best_true_fd,
-        "chosen_step": sel.chosen_step,
-        "checkpoints": len(sel.rows),
-        "teacher_steps": read_card(teacher_dir).steps,
-        "distill_steps": max(r.step for r in sel.rows),
+        **selection_summary(sel, teacher_dir),
         "paper_teacher_fid": paper_teacher,
         "paper_rsd_fid": paper_rsd,
         **times,

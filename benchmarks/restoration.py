@@ -124,13 +124,7 @@ def run_task(name: str, spec: dict, args, out: Path) -> dict:
         "student_over_teacher": chosen.true_fd / teacher_best.true_fd,
         "proximal_fid": sel.proximal_fd,
         "proximal_extractor": sel.proximal_extractor_label or sel.extractor_label,
-        "selection_spearman": sel.spearman,
-        "chosen_true_fd": sel.chosen_true_fd,
-        "best_true_fd": sel.best_true_fd,
-        "chosen_step": sel.chosen_step,
-        "checkpoints": len(sel.rows),
-        "teacher_steps": read_card(teacher_dir).steps,
-        "distill_steps": max(r.step for r in sel.rows),
+        **selection_summary(sel, teacher_dir),
         **{k: v for k, v in times.items() if not k.startswith("select")},
         "select_s": times[select_key],
         "grid": str(grid.relative_to(ROOT)) if args.publish else str(grid),
@@ -238,6 +232,19 @@ def write_result(args, name: str, result: dict) -> dict:
         print(json.dumps(result))
         return result
     return emit(name, result)
+
+
+def selection_summary(sel: SelectionResult, teacher_dir: Path) -> dict:
+    """The selection figures every benchmark row reports (agreement with the true FD, steps trained)."""
+    return {
+        "selection_spearman": sel.spearman,
+        "chosen_true_fd": sel.chosen_true_fd,
+        "best_true_fd": sel.best_true_fd,
+        "chosen_step": sel.chosen_step,
+        "checkpoints": len(sel.rows),
+        "teacher_steps": read_card(teacher_dir).steps,
+        "distill_steps": max(r.step for r in sel.rows),
+    }
 
 
 def add_run_args(parser: argparse.ArgumentParser, name: str, checkpoint_every: int) -> None:

@@ -177,7 +177,7 @@ def _generator_step_result(op):
 
 
 def test_generator_step_is_unchanged_by_the_measurement_noise():
-    """y_g = A(G(z)) carries no measurement noise (ALGORITHMS.md 1.3): the step's loss, gradient and updated
+    """y_g = A(G(z)) carries no measurement noise (docs/algorithms.md §7): the step's loss, gradient and updated
     generator are bit-identical whether the operator's noise is its own, ten times larger from another
     generator, or of twice the sigma_n; any use of the noise (through ``noise``, ``observe`` or sigma_n
     itself, or a draw from the step's generator) would change them."""

@@ -109,16 +109,24 @@ def _relative_error(W, analytic, C_half) -> float:
     return float(torch.linalg.norm((W - analytic) @ C_half) / torch.linalg.norm(analytic @ C_half))
 
 
+def _draws(objective: FourierAmbientObjective, y, state, rng):
+    """The objective's random draws, in its order: M~ inside M, sigma, then image-domain noise n; with
+    P_M x0 = A^H y and P_M~ x0."""
+    op = objective.operator
+    further = {"mask": op.further_mask(state["mask"], rng), "maps_index": state["maps_index"]}
+    sigma = objective.sample_sigma(y.shape[0], rng, y.device)
+    x0_acq, x0_further = op.adjoint(y, state), op.adjoint(y, further)
+    n = torch.randn(x0_acq.shape, generator=rng, dtype=x0_acq.dtype)
+    return further, sigma, x0_acq, x0_further, n
+
+
 class UnprojectedLoss(FourierAmbientObjective):
     """Naive: the loss on all pixels against the zero-filled target A^H y = P_M x0 (no P_M on h)."""
 
     def loss(self, net, y, state, rng=None):
-        op = self.operator
-        further = {"mask": op.further_mask(state["mask"], rng), "maps_index": state["maps_index"]}
-        sigma = self.sample_sigma(y.shape[0], rng, y.device)
-        x0_acq, x0_further = op.adjoint(y, state), op.adjoint(y, further)
-        n = torch.randn(x0_acq.shape, generator=rng, dtype=x0_acq.dtype)
-        h = net(x0_further + sigma.view(-1, 1, 1, 1) * op.normal(n, further), sigma, self._cond(n, further["mask"]))
+        further, sigma, x0_acq, x0_further, n = _draws(self, y, state, rng)
+        u = x0_further + sigma.view(-1, 1, 1, 1) * self.operator.normal(n, further)
+        h = net(u, sigma, self._cond(n, further["mask"]))
         return edm_weight(sigma) * ((h - x0_acq) ** 2).flatten(1).sum(1)
 
 
@@ -126,13 +134,9 @@ class NoiseAfterProjection(FourierAmbientObjective):
     """Naive: white noise added after the projection, u = P_M~ x0 + sigma n."""
 
     def loss(self, net, y, state, rng=None):
-        op = self.operator
-        further = {"mask": op.further_mask(state["mask"], rng), "maps_index": state["maps_index"]}
-        sigma = self.sample_sigma(y.shape[0], rng, y.device)
-        x0_acq, x0_further = op.adjoint(y, state), op.adjoint(y, further)
-        n = torch.randn(x0_acq.shape, generator=rng, dtype=x0_acq.dtype)
+        further, sigma, x0_acq, x0_further, n = _draws(self, y, state, rng)
         h = net(x0_further + sigma.view(-1, 1, 1, 1) * n, sigma, self._cond(n, further["mask"]))
-        return edm_weight(sigma) * ((op.normal(h, state) - x0_acq) ** 2).flatten(1).sum(1)
+        return edm_weight(sigma) * ((self.operator.normal(h, state) - x0_acq) ** 2).flatten(1).sum(1)
 
 
 def test_fourier_ambient_minimiser_is_the_posterior_mean_given_the_projected_input():
