@@ -9,6 +9,7 @@ sample sizes are biased differently, so compare numbers only at equal n.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import scipy.linalg
 import scipy.stats
 import torch
 
@@ -104,6 +104,13 @@ class FeatureStats:
     n: int
     extractor_id: str = ""
 
+    @functools.cached_property
+    def sigma_root(self) -> np.ndarray:
+        """The symmetric PSD square root of ``sigma`` (refused if ``sigma`` is not a covariance)."""
+        w, v = np.linalg.eigh(np.atleast_2d(self.sigma).astype(np.float64))
+        _refuse_negative(w, "stats2.sigma")
+        return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
     def save(self, path: str | Path) -> None:
         """Write a plain .npz (no pickles), atomically."""
 
@@ -146,13 +153,15 @@ def compute_stats(
     return FeatureStats(mu=mu, sigma=scatter / (n - 1), n=n, extractor_id=extractor.id)
 
 
-def frechet_distance(stats1: FeatureStats, stats2: FeatureStats, eps: float = 1e-6, max_imag: float = 1e-3) -> float:
-    """Frechet distance ||mu1-mu2||^2 + tr(S1 + S2 - 2 sqrt(S1 S2)) between two Gaussians.
+def frechet_distance(stats1: FeatureStats, stats2: FeatureStats) -> float:
+    """Frechet distance ||mu1-mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians.
 
-    sqrtm of a product of (often rank-deficient, when n < dim) covariances can return inf/nan; we then
-    retry with ``eps * I`` added to both, as pytorch-fid does. Round-off makes the root slightly complex:
-    the imaginary part is dropped only if its largest magnitude is below ``max_imag``, otherwise the
-    result would be meaningless and we raise.
+    tr (S1 S2)^(1/2) is the sum of the square roots of the eigenvalues of S2^(1/2) S1 S2^(1/2): S1 S2 is
+    similar to that symmetric PSD matrix, so the two share their eigenvalues (Dowson & Landau, 1982). Two
+    symmetric eigendecompositions replace the general ``scipy.linalg.sqrtm(S1 @ S2)`` of pytorch-fid: ~10x
+    faster at dim 2048 (``python -m benchmarks.frechet``), real by construction, and defined for the
+    rank-deficient covariances of n < dim samples, so no eps retry or imaginary-part check is needed.
+    S2^(1/2) is cached on ``stats2``: pass the fixed reference second and it is computed once.
     """
     if stats1.extractor_id and stats2.extractor_id and stats1.extractor_id != stats2.extractor_id:
         raise ValueError(f"statistics of different extractors: {stats1.extractor_id} vs {stats2.extractor_id}")
@@ -160,18 +169,28 @@ def frechet_distance(stats1: FeatureStats, stats2: FeatureStats, eps: float = 1e
     s1, s2 = np.atleast_2d(stats1.sigma).astype(np.float64), np.atleast_2d(stats2.sigma).astype(np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
-
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(s1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    if np.iscomplexobj(covmean):
-        imag = float(np.abs(covmean.imag).max())
-        if imag > max_imag:
-            raise ValueError(f"sqrtm(sigma1 @ sigma2) has an imaginary component of magnitude {imag:.3g}")
-        covmean = covmean.real
+    _psd_eigenvalues(s1, "stats1.sigma")
+    root2 = stats2.sigma_root
+    lam = _psd_eigenvalues(root2 @ s1 @ root2, "S2^(1/2) S1 S2^(1/2)")
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.sqrt(lam).sum())
+
+
+# Eigenvalues below -_PSD_TOL * (largest magnitude) mean the matrix is not a covariance; smaller negative ones are
+# round-off of a rank-deficient covariance and count as 0.
+_PSD_TOL = 1e-8
+
+
+def _psd_eigenvalues(m: np.ndarray, what: str) -> np.ndarray:
+    lam = np.linalg.eigvalsh(m)
+    _refuse_negative(lam, what)
+    return np.clip(lam, 0.0, None)
+
+
+def _refuse_negative(lam: np.ndarray, what: str) -> None:
+    scale = float(np.abs(lam).max()) if lam.size else 0.0
+    if lam.size and lam.min() < -_PSD_TOL * scale:
+        raise ValueError(f"{what} is not a covariance: eigenvalue {lam.min():.3g} < 0 (largest magnitude {scale:.3g})")
 
 
 def cached_reference_stats(

@@ -95,7 +95,7 @@ CPU_MRI_NETWORK = NetworkConfig(img_channels=2)  # 32/64/128 channels, attention
 CPU_MRI_TEACHER = TrainConfig(steps=100_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, checkpoint_every=250,
                               time_budget_s=300.0)
 CPU_MRI_DISTILL_TRAIN = TrainConfig(steps=100_000, batch_size=32, lr_rampup_steps=0,
-                                    checkpoint_every=30, time_budget_s=360.0, lr_drop_at=2 / 3,
+                                    checkpoint_every=60, time_budget_s=360.0, lr_drop_at=2 / 3,
                                     ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
                                     ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO)
 CPU_MRI_DISTILL = DistillConfig(lr_fake=5e-5, lr_generator=5e-5, betas_fake=(0.0, 0.999),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 
@@ -94,15 +95,36 @@ def test_frechet_symmetric_and_zero_on_itself() -> None:
     assert abs(frechet.frechet_distance(a, a)) < 1e-9
 
 
-def test_frechet_rejects_mismatches_and_large_imaginary_roots() -> None:
+def test_frechet_rejects_mismatches_and_non_covariances() -> None:
     a = frechet.FeatureStats(np.zeros(2), np.eye(2), 5, extractor_id="x")
     with pytest.raises(ValueError, match="different extractors"):
         frechet.frechet_distance(a, frechet.FeatureStats(np.zeros(2), np.eye(2), 5, extractor_id="y"))
     with pytest.raises(ValueError, match="shape mismatch"):
         frechet.frechet_distance(a, frechet.FeatureStats(np.zeros(3), np.eye(3), 5))
-    # Not a covariance: sqrt of a negative eigenvalue is purely imaginary, magnitude 1.
-    with pytest.raises(ValueError, match="imaginary component of magnitude 1"):
-        frechet.frechet_distance(a, frechet.FeatureStats(np.zeros(2), np.diag([1.0, -1.0]), 5))
+    # Not a covariance, on either side: a negative eigenvalue has no real square root.
+    bad = frechet.FeatureStats(np.zeros(2), np.diag([1.0, -1.0]), 5)
+    with pytest.raises(ValueError, match=r"stats2.sigma is not a covariance: eigenvalue -1"):
+        frechet.frechet_distance(a, bad)
+    with pytest.raises(ValueError, match=r"stats1.sigma is not a covariance: eigenvalue -1"):
+        frechet.frechet_distance(bad, frechet.FeatureStats(np.zeros(2), np.eye(2), 5))
+
+
+def test_frechet_matches_the_general_matrix_square_root_on_rank_deficient_covariances() -> None:
+    """The eigenvalue form equals pytorch-fid's tr sqrtm(S1 S2) where n < dim (the selection regime), with the
+    reference's cached root reused across calls."""
+    rng = np.random.default_rng(3)
+    d, mix = 64, rng.standard_normal((64, 64))
+
+    def stats(n: int) -> frechet.FeatureStats:
+        f = rng.standard_normal((n, d)) @ mix + rng.standard_normal(d)
+        return frechet.FeatureStats(f.mean(0), np.cov(f, rowvar=False), n)
+
+    ref = stats(40)
+    for n in (16, 48):
+        s = stats(n)
+        covmean = scipy.linalg.sqrtm(s.sigma @ ref.sigma).real
+        expected = np.sum((s.mu - ref.mu) ** 2) + np.trace(s.sigma) + np.trace(ref.sigma) - 2 * np.trace(covmean)
+        assert frechet.frechet_distance(s, ref) == pytest.approx(expected, rel=1e-6)
 
 
 def test_compute_stats_streams_batches_like_numpy(tmp_path: Path) -> None:
