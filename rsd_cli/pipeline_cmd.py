@@ -146,6 +146,7 @@ def _run(args: argparse.Namespace) -> int:
         os.environ.setdefault("FLYTE_SDK_LOGGING_LEVEL", str(logging.ERROR))
         # With a tracking server MLflow prints two URLs per finished run; the summary below names the run.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from tasks import tracking
     from workflows.pipeline import rsd_pipeline, rsd_rerun
 
