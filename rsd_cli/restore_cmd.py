@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from pydantic import ValidationError
 
 from rsd_cli.pipeline_cmd import _DEFAULT_OUT, _HELP, _prepare_outputs, _raw_outputs
@@ -28,6 +29,8 @@ _SETTING_HELP = {
     "data_consistency": "true/false: re-impose the measurements on the result (noiseless data)",
     "batch_size": "observations optimised together",
     "seed": "seed of the latents (a row group adds its first row index)",
+    "encoder": "fit an amortised encoder on the dataset first and start every restart at its latent: 'default' "
+    "or a YAML mapping of its settings, e.g. '{steps: 500, width: 32}' (with --steps 0, the encoder alone)",
 }
 
 
@@ -36,13 +39,30 @@ def _uri(value: str) -> str:
     return value if "://" in value else str(Path(value).resolve())
 
 
+def _encoder_setting(value: str) -> dict:
+    """--encoder: 'default' or a YAML mapping of EncoderConfig fields."""
+    if value.strip() == "default":
+        return {}
+    parsed = yaml.safe_load(value)
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected 'default' or a YAML mapping of encoder settings, got {value!r}")
+    return parsed
+
+
 def _config(args: argparse.Namespace) -> RestoreConfig:
     given = {name: getattr(args, name) for name in RestoreConfig.model_fields if hasattr(args, name)}
     try:
         return RestoreConfig(**given)
     except ValidationError as err:
-        raise ValueError("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
-                                   for e in err.errors())) from None
+        raise ValueError("; ".join(_flag_error(e) for e in err.errors())) from None
+
+
+def _flag_error(error: dict) -> str:
+    """A validation error in the flags' words: the field as its flag, or a whole-config rule with its flags named."""
+    message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:
+        return "--" + message.replace("set encoder", "pass --encoder").replace("steps >= 1", "--steps >= 1")
+    return f"--{'-'.join(map(str, error['loc'])).replace('_', '-')}: {message}"
 
 
 def _restore(args: argparse.Namespace) -> int:
@@ -103,6 +123,10 @@ def add_restore_parser(subparsers: argparse._SubParsersAction) -> None:
     for flag, text in required.items():
         p.add_argument(flag, required=True, default=argparse.SUPPRESS, help=text)
     for name, field in RestoreConfig.model_fields.items():
+        if name == "encoder":
+            p.add_argument("--encoder", dest=name, default=argparse.SUPPRESS, type=_encoder_setting,
+                           metavar="SETTINGS", help=f"{_SETTING_HELP[name]} (default: no encoder)")
+            continue
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
                        metavar=type(field.default).__name__,
                        help=f"{_SETTING_HELP.get(name, 'restoration setting')} (default: {field.default})")

@@ -46,9 +46,10 @@ from rsd_core.data import (
     resolve_relative,
     write_dataset,
 )
+from rsd_core.encoder import LatentEncoder, load_encoder, save_encoder
 from rsd_core.image_metrics import psnr, ssim
 from rsd_core.kinds import build_operator
-from rsd_core.restore import RestoreConfig, restore_observations
+from rsd_core.restore import RestoreConfig, fit_restore_encoder, restore_observations
 from rsd_core.stages import ModelCard, load_model
 from rsd_core.viz import observations_for_display, save_grid
 
@@ -109,22 +110,53 @@ class ShardSummary:
     spread_sum: float
 
 
+def fit_dataset_encoder(model_dir: str | Path, dataset_uri: str, config: RestoreConfig, out_file: str | Path,
+                        device: str = "cpu", progress: bool = False) -> dict[str, Any]:
+    """Fit ``config.encoder`` on the dataset's first observations (no clean data) into ``out_file``.
+
+    Returns what the fit measured (seconds, observations, first and last loss), also stored in the
+    file's header with the dataset's fingerprint, so a restored dataset can name the encoder it used.
+    """
+    if config.encoder is None:
+        raise ValueError("config.encoder is not set: nothing to fit")
+    ds = open_dataset(dataset_uri)
+    net, objective, card = load_model(model_dir, device)
+    y, state, _ = ds.read_all(limit=config.encoder.max_observations)
+    start = time.perf_counter()
+    encoder, losses = fit_restore_encoder(net, objective, card.image_shape, card.sigma_init, y, state, config,
+                                          progress=progress)
+    meta = {"seconds": time.perf_counter() - start, "observations": len(y), "loss_first": losses[0],
+            "loss_last": losses[-1], "dataset_fingerprint": ds.fingerprint,
+            "settings": config.encoder.model_dump()}
+    save_encoder(encoder, out_file, meta)
+    return meta
+
+
+def _encoder_for(config: RestoreConfig, encoder_file: str | Path | None, device: str) -> LatentEncoder | None:
+    if (encoder_file is None) != (config.encoder is None):
+        raise ValueError("restoration settings with an encoder need its fitted file (fit_dataset_encoder), and only "
+                         "then")
+    return None if encoder_file is None else load_encoder(encoder_file, device)[0]
+
+
 def restore_shard(model_dir: str | Path, dataset_uri: str, shard: int, config: RestoreConfig, out_file: str | Path,
-                  device: str = "cpu") -> ShardSummary:
+                  device: str = "cpu", encoder_file: str | Path | None = None) -> ShardSummary:
     """Restore shard ``shard`` of the dataset, one row group at a time, into ``out_file`` (safetensors).
 
     Per row: ``mean``, ``spread``, ``misfit`` (the mean squared residual A(mean) - y over the
     observation's entries, with the dataset's operator and state) and the source ``label``.
+    ``encoder_file`` (from :func:`fit_dataset_encoder`) is needed exactly when ``config.encoder`` is set.
     """
     ds = open_dataset(dataset_uri)
     net, objective, card = load_model(model_dir, device)
+    encoder = _encoder_for(config, encoder_file, device)
     units = [(shard, g) for g in range(ds.manifest.shards[shard].row_groups)]
     start = time.perf_counter()
     parts: dict[str, list[torch.Tensor]] = {"index": [], "mean": [], "spread": [], "misfit": [], "label": []}
     for batch in ds.iter_batches(batch_size=ds.manifest.shards[shard].rows, units=units):
         seeded = config.model_copy(update={"seed": config.seed + int(batch.index[0])})
         restored = restore_observations(net, objective, card.image_shape, card.sigma_init, batch.observation,
-                                        batch.state, seeded)
+                                        batch.state, seeded, encoder=encoder)
         residual = ds.operator.forward(restored.mean, batch.state) - batch.observation
         parts["index"].append(batch.index)
         parts["mean"].append(restored.mean)

@@ -23,7 +23,13 @@ from flytekit.types.file import FlyteFile
 
 from rsd_core.data import MANIFEST_NAME, CorruptedDataset, DatasetError, open_dataset, storage_options_from_env
 from rsd_core.restore import RestoreConfig
-from rsd_core.restore_dataset import check_restorable, restoration_grid, restore_shard, write_restored
+from rsd_core.restore_dataset import (
+    check_restorable,
+    fit_dataset_encoder,
+    restoration_grid,
+    restore_shard,
+    write_restored,
+)
 from rsd_core.stages import read_card
 from tasks import decks, tracking
 from tasks.deploy import DEPLOYMENT, image, requests
@@ -149,13 +155,34 @@ def plan_restoration(model_uri: str, dataset_uri: str, out_uri: str, config: Res
 
 
 @task(cache=False, retries=1, container_image=image(gpu=True), requests=requests(_RES.distill))
-def restore_one_shard(plan: RestorePlan, config: RestoreConfig, shard: int) -> FlyteFile:
+def fit_encoder(plan: RestorePlan, config: RestoreConfig) -> FlyteFile | None:
+    """Fit the amortised encoder on the dataset's observations when the settings ask for one (else None);
+    its loss curve ends, and its time, go to the run."""
+    if config.encoder is None:
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = _workdir("restore-encoder") / "encoder.safetensors"
+    with tracking.child_run(plan.run_id, "fit_encoder", {"device": device, **config.encoder.model_dump()}) as (
+            client, child):
+        meta = fit_dataset_encoder(plan.model.download(), plan.dataset_uri, config, out, device)
+        for key in ("seconds", "observations", "loss_first", "loss_last"):
+            client.log_metric(child, f"encoder/{key}", meta[key])
+        client.log_metric(plan.run_id, "encoder_seconds", meta["seconds"])
+        client.log_artifact(child, str(out))
+    print(f"encoder fitted on {meta['observations']} observations in {meta['seconds']:.1f} s on {device} "
+          f"(loss {meta['loss_first']:.4g} -> {meta['loss_last']:.4g})", flush=True)
+    return _out_file(out)
+
+
+@task(cache=False, retries=1, container_image=image(gpu=True), requests=requests(_RES.distill))
+def restore_one_shard(plan: RestorePlan, config: RestoreConfig, encoder: FlyteFile | None, shard: int) -> FlyteFile:
     """Restore one shard of the dataset (one map-task element) into a safetensors file of results."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = _workdir("restore") / f"shard-{shard:05d}.safetensors"
     with tracking.child_run(plan.run_id, f"restore_shard-{shard:05d}", {"shard": shard, "device": device}) as (
             client, child):
-        summary = restore_shard(plan.model.download(), plan.dataset_uri, shard, config, out, device)
+        summary = restore_shard(plan.model.download(), plan.dataset_uri, shard, config, out, device,
+                                encoder_file=None if encoder is None else encoder.download())
         client.log_metric(child, "images", summary.rows)
         client.log_metric(child, "seconds", summary.seconds)
         client.log_metric(child, "misfit", summary.misfit_sum / summary.rows)

@@ -47,10 +47,15 @@ EXTRA_FILES = "extra_files"
 _PARAM_TYPES = {bool: "boolean", int: "long", float: "double", str: "string"}
 
 
+# The amortised encoder is fitted on a whole dataset (the rsd_restore workflow), not inside one request.
+_NOT_PARAMS = ("encoder",)
+
+
 def params_schema() -> ParamSchema:
-    """Every :class:`RestoreConfig` field as an inference param with its default (``seed`` also seeds sampling)."""
+    """Every scalar :class:`RestoreConfig` field as an inference param with its default (``seed`` also seeds
+    sampling)."""
     return ParamSchema([ParamSpec(name, _PARAM_TYPES[type(field.default)], field.default)
-                        for name, field in RestoreConfig.model_fields.items()])
+                        for name, field in RestoreConfig.model_fields.items() if name not in _NOT_PARAMS])
 
 
 def save_model(path: str, mlflow_model: Model, export_dir: str | Path) -> None:

@@ -191,6 +191,7 @@ def test_restore_benchmark_end_to_end_and_resumes(tmp_path):
 
     argv = ["--train", "--budget", "0.02", "--distill-budget", "0.05", "--limit", "64", "--tasks",
             "inpaint-0.8,mri-r4", "--n-images", "2", "--batch-size", "2", "--steps", "3", "--restarts", "2",
+            "--encoder-fit-steps", "3",
             "--models", str(tmp_path / "models"),
             "--out", str(tmp_path / "out"), "--quiet", "--no-publish"]
     result = restore.main(argv)

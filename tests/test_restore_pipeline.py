@@ -108,10 +108,11 @@ def test_rsd_restore_writes_the_restored_dataset_with_provenance_metrics_and_gri
     restored = root / "restored"
     started = time.perf_counter()
     stdout = _rsd(env, "restore", "--model", CHAMPION, "--dataset", dataset, "--out", str(restored),
-                  "--out-dir", str(out), "--steps", "4", "--restarts", "2").stdout
+                  "--out-dir", str(out), "--steps", "4", "--restarts", "2", "--encoder", "{steps: 3, width: 8}").stdout
     print(f"rsd restore: {time.perf_counter() - started:.1f} s")
     assert f"model    {CHAMPION} (version 1): 'inpaint' generator" in stdout
     assert "80 'inpaint' observations in 3 shard(s)" in stdout
+    assert "encoder fitted on 80 observations" in stdout
     assert "shard 3/3: 16 observations restored" in stdout
     assert f"restored dataset  {restored}" in stdout
     assert f"on the {CLEAN_ROWS} rows of the dataset's clean split" in stdout
@@ -121,6 +122,7 @@ def test_rsd_restore_writes_the_restored_dataset_with_provenance_metrics_and_gri
     prov = result.manifest.provenance
     assert (prov["model"]["name"], prov["model"]["version"]) == (MODEL, 1)
     assert prov["source"]["fingerprint"] == source.fingerprint and prov["settings"]["steps"] == 4
+    assert prov["settings"]["encoder"]["steps"] == 3 and prov["settings"]["encoder"]["width"] == 8
     y, state, labels = source.read_all()
     mean, _, restored_labels = result.read_all()
     assert torch.equal(labels, restored_labels)
@@ -137,12 +139,15 @@ def test_rsd_restore_writes_the_restored_dataset_with_provenance_metrics_and_gri
     assert run.info.status == "FINISHED" and run.data.tags["rsd.model_version"] == "1"
     metrics = run.data.metrics
     assert metrics["images"] == ROWS and metrics["seconds"] > 0 and metrics["eval/images"] == CLEAN_ROWS
-    assert {"misfit", "spread", "seconds_per_image", "eval/psnr", "eval/ssim"} <= set(metrics)
+    assert {"misfit", "spread", "seconds_per_image", "eval/psnr", "eval/ssim", "encoder_seconds"} <= set(metrics)
     assert metrics["misfit"] < 0.05 and 0 < metrics["eval/ssim"] <= 1
     assert "restoration.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
     shards = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
     assert sorted(r.info.run_name for r in shards if r.info.run_name.startswith("restore_shard")) == [
         "restore_shard-00000", "restore_shard-00001", "restore_shard-00002"]
+    (fit,) = [r for r in shards if r.info.run_name == "fit_encoder"]
+    assert fit.data.metrics["encoder/observations"] == ROWS
+    assert "encoder.safetensors" in [a.path for a in client.list_artifacts(fit.info.run_id)]
 
 
 def _blur_dataset(path: Path, trained_on: str) -> str:
@@ -211,9 +216,16 @@ def test_a_model_that_does_not_fit_the_data_is_refused_in_one_line_before_any_wo
 
 
 def test_a_bad_setting_names_its_flag(monkeypatch, capsys, tmp_path):
-    code, stderr = _rsd_in_process(monkeypatch, capsys, "restore", "--model", CHAMPION, "--dataset", str(tmp_path),
-                                   "--out", str(tmp_path / "o"), "--steps", "0", "--out-dir", str(tmp_path))
-    assert code == 2 and stderr == "error: --steps: Input should be greater than or equal to 1\n"
+    def refusal(*flags: str) -> str:
+        code, stderr = _rsd_in_process(monkeypatch, capsys, "restore", "--model", CHAMPION, "--dataset",
+                                       str(tmp_path), "--out", str(tmp_path / "o"), "--out-dir", str(tmp_path), *flags)
+        assert code == 2
+        return stderr
+
+    assert refusal("--steps", "-1") == "error: --steps: Input should be greater than or equal to 0\n"
+    assert refusal("--steps", "0") == ("error: --steps 0 restores nothing without an encoder: pass --encoder "
+                                       "(or --steps >= 1)\n")
+    assert refusal("--encoder", "{stepz: 3}") == "error: --encoder-stepz: Extra inputs are not permitted\n"
 
 
 def test_a_forward_model_other_than_the_datasets_is_refused():

@@ -1,6 +1,7 @@
 """``rsd_restore``: clean versions of a corrupted dataset from a registered generator (wiring only).
 
-check model and data, open the run -> restore each shard (map task) -> write the restored dataset,
+check model and data, open the run -> fit the amortised encoder (when the settings have one) -> restore each
+shard (map task) -> write the restored dataset,
 its spread, metrics and grid. ``rsd restore`` runs it locally; on a cluster,
 ``pyflyte run --remote workflows/restore.py rsd_restore --model_uri models:/<name>@champion ...``.
 """
@@ -12,7 +13,14 @@ import functools
 from flytekit import map_task, workflow
 
 from rsd_core.restore import RestoreConfig
-from tasks.restore import DEFAULT_EXPERIMENT, RestoreResult, plan_restoration, restore_one_shard, write_restoration
+from tasks.restore import (
+    DEFAULT_EXPERIMENT,
+    RestoreResult,
+    fit_encoder,
+    plan_restoration,
+    restore_one_shard,
+    write_restoration,
+)
 
 DEFAULT_CONFIG = RestoreConfig()  # the tuned settings (rsd_core.restore)
 
@@ -23,5 +31,7 @@ def rsd_restore(model_uri: str, dataset_uri: str, out_uri: str, config: RestoreC
     """Restore every observation of ``dataset_uri`` with ``model_uri`` into a new dataset at ``out_uri``."""
     plan = plan_restoration(model_uri=model_uri, dataset_uri=dataset_uri, out_uri=out_uri, config=config,
                             experiment=experiment)
-    parts = map_task(functools.partial(restore_one_shard, plan=plan, config=config))(shard=plan.shards)
+    encoder = fit_encoder(plan=plan, config=config)
+    parts = map_task(functools.partial(restore_one_shard, plan=plan, config=config, encoder=encoder))(
+        shard=plan.shards)
     return write_restoration(plan=plan, parts=parts)

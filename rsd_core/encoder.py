@@ -1,0 +1,163 @@
+"""An amortised latent encoder: restoration in one network evaluation instead of an optimisation per image.
+
+Latent optimisation (:mod:`rsd_core.restore`) spends ``steps`` forward and backward passes of the
+generator G per observation. An encoder E(y, state) -> eps trained, with G frozen, on the same
+objective averaged over a set of observations,
+
+    min_E  mean_y  ||A(G(E(y))) - y||^2 / (2 s^2) + prior_weight * ||E(y)||^2 / 2,   s = max(sigma_n, sigma_floor),
+
+returns a latent in one pass (amortised inference: Kingma & Welling 2014; for inverting a fixed
+generator, the encoder-initialised GAN inversion of Zhu et al. 2016). The objective needs only the
+observations and their state: no clean image and no label, so a data team fits it on its own data.
+E sees what every operator kind can give as images: A^T y and A^T A 1 (where, and how strongly, the
+operator measured: the mask for inpainting, the coil-combined sampling pattern for MRI). Its latent
+is the start of latent optimisation, which may add refinement steps (``RestoreConfig.steps``; 0 for
+the encoder alone).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from rsd_core.config import Spec
+from rsd_core.operators import Operator, State
+
+_FORMAT = "rsd-latent-encoder"
+
+
+class EncoderConfig(Spec):
+    """How the encoder is fitted; the misfit's prior weight and noise floor are the restoration's."""
+
+    steps: int = Field(default=300, ge=1, description="Adam steps of the encoder fit")
+    batch_size: int = Field(default=32, ge=1, description="observations per fit step")
+    lr: float = Field(default=1e-3, gt=0, description="Adam learning rate of the encoder (cosine decay to 0)")
+    width: int = Field(default=64, ge=8, description="channels of the encoder's first level (twice that below)")
+    max_observations: int = Field(default=20_000, ge=1, description="the first observations of the dataset used")
+    jitter: float = Field(default=0.3, ge=0, description="std of the noise added to E(y) for restarts after the first")
+    seed: int = 0
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, channels // 4), channels)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(_group_norm(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                  _group_norm(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class LatentEncoder(nn.Module):
+    """A two-level convolutional network from (A^T y, A^T A 1) to a latent of the image's shape.
+
+    Two levels and four residual blocks see about half of a 32 px image from every pixel; the
+    output layer starts at zero, so an unfitted encoder proposes the prior's mode (eps = 0).
+    """
+
+    def __init__(self, channels: int, width: int = 64):
+        super().__init__()
+        self.channels, self.width = channels, width
+        self.inp = nn.Conv2d(2 * channels, width, 3, padding=1)
+        self.top = _ResBlock(width)
+        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.mid = nn.Sequential(_ResBlock(2 * width), _ResBlock(2 * width))
+        self.up = nn.Conv2d(2 * width, width, 3, padding=1)
+        self.out = nn.Sequential(_ResBlock(2 * width), _group_norm(2 * width), nn.SiLU(),
+                                 nn.Conv2d(2 * width, channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        h = self.top(self.inp(inputs))
+        low = self.mid(self.down(h))
+        up = self.up(F.interpolate(low, size=h.shape[-2:], mode="nearest"))
+        return self.out(torch.cat([h, up], dim=1))
+
+
+def encoder_inputs(operator: Operator, y: torch.Tensor, state: State, image_shape: tuple[int, ...]) -> torch.Tensor:
+    """(A^T y, A^T A 1) stacked on channels: the observation and its sampling pattern, as images."""
+    ones = torch.ones((len(y), *image_shape), device=y.device, dtype=y.dtype)
+    return torch.cat([operator.adjoint(y, state), operator.adjoint(operator.forward(ones, state), state)], dim=1)
+
+
+def fit_encoder(
+    generate,
+    operator: Operator,
+    image_shape: tuple[int, ...],
+    y: torch.Tensor,
+    state: State,
+    config: EncoderConfig,
+    *,
+    prior_weight: float,
+    sigma_floor: float,
+    progress: bool = False,
+) -> tuple[LatentEncoder, list[float]]:
+    """Fit an encoder on observations ``y`` (N, *observation shape) with their ``state``.
+
+    ``generate(eps, n)`` is the frozen generator G on ``n`` latents (it draws its own input state);
+    its parameters get no gradient. Minibatches are drawn with replacement from the first
+    ``config.max_observations`` rows. Returns the encoder (in eval mode) and the loss per step,
+    per observation, so a caller can show that the fit converged.
+    """
+    device = y.device
+    n = min(len(y), config.max_observations)
+    y, state = y[:n], {k: v[:n] for k, v in state.items()}
+    torch.manual_seed(config.seed)  # the encoder's initial weights
+    encoder = LatentEncoder(image_shape[0], config.width).to(device)
+    opt = torch.optim.Adam(encoder.parameters(), lr=config.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / config.steps)))
+    rng = torch.Generator(device=device).manual_seed(config.seed)
+    inv_two_s2 = 1.0 / (2.0 * max(operator.sigma_n, sigma_floor) ** 2)
+    losses = []
+    for _ in tqdm(range(config.steps), desc="fit encoder", disable=not progress):
+        idx = torch.randint(0, n, (min(config.batch_size, n),), generator=rng, device=device)
+        y_b, state_b = y[idx], {k: v[idx] for k, v in state.items()}
+        eps = encoder(encoder_inputs(operator, y_b, state_b, image_shape))
+        loss = restoration_loss(operator, generate(eps, len(idx)), eps, y_b, state_b, inv_two_s2, prior_weight).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    return encoder.eval(), losses
+
+
+def restoration_loss(operator: Operator, x: torch.Tensor, eps: torch.Tensor, y: torch.Tensor, state: State,
+                     inv_two_s2: float, prior_weight: float) -> torch.Tensor:
+    """Per-observation ||A(x) - y||^2 / (2 s^2) + prior_weight * ||eps||^2 / 2, x = G(eps)."""
+    misfit = (operator.forward(x, state) - y).square().flatten(1).sum(1)
+    return misfit * inv_two_s2 + 0.5 * prior_weight * eps.square().flatten(1).sum(1)
+
+
+def save_encoder(encoder: LatentEncoder, path: str | Path, meta: dict) -> Path:
+    """safetensors with the architecture and ``meta`` (what it was fitted on) in its header."""
+    header = {"format": _FORMAT, "channels": str(encoder.channels), "width": str(encoder.width),
+              "meta": json.dumps(meta, sort_keys=True)}
+    save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, str(path), header)
+    return Path(path)
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[LatentEncoder, dict]:
+    """An encoder written by :func:`save_encoder` (no pickle) and its ``meta``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata() or {}
+    if header.get("format") != _FORMAT:
+        raise ValueError(f"{path}: not a latent encoder written by rsd (header format {header.get('format')!r})")
+    encoder = LatentEncoder(int(header["channels"]), int(header["width"]))
+    encoder.load_state_dict(load_file(str(path)))
+    return encoder.to(device).eval(), json.loads(header["meta"])
