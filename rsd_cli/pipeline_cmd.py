@@ -22,7 +22,14 @@ from rsd_core.presets import PRESETS, build_config, for_existing_dataset
 # The file each export format writes (rsd_core.export), named in the run's summary.
 EXPORT_FILES = {"onnx": "generator.onnx", "pt2": "generator.pt2"}
 
-_HELP = argparse.ArgumentDefaultsHelpFormatter
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except where the help already says its default or there is none to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "(default:" in (action.help or "") or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
 _DEFAULT_OUT = Path(__file__).resolve().parents[1] / "outputs"
 
 
@@ -253,7 +260,7 @@ def _models(args: argparse.Namespace) -> int:
 def add_pipeline_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register `rsd run`, `rsd sample` and `rsd models`."""
     p = subparsers.add_parser(
-        "run", help="run the whole pipeline locally (Flyte, in this process)", formatter_class=_HELP,
+        "run", help="run the whole pipeline locally (Flyte, in this process)", formatter_class=_HelpFormatter,
         description="Corrupt, pretrain, distil, select by Proximal FID, export and register, as the Flyte "
         "workflow rsd_pipeline (or rsd_rerun with --dataset). Config: --preset, then --config, then --set.",
     )
@@ -269,7 +276,7 @@ def add_pipeline_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--verbose", action="store_true", help="show flytekit's warnings")
     p.set_defaults(func=_run)
 
-    p = subparsers.add_parser("sample", help="write a grid of samples of a generator", formatter_class=_HELP)
+    p = subparsers.add_parser("sample", help="write a grid of samples of a generator", formatter_class=_HelpFormatter)
     p.add_argument("--model", required=True,
                    help="models:/<name>@<alias> or models:/<name>/<version> (registry), or a model/export folder")
     p.add_argument("-n", type=int, default=64, help="number of samples")
@@ -279,7 +286,7 @@ def add_pipeline_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", type=Path, default=_DEFAULT_OUT, help="outputs folder holding the MLflow store")
     p.set_defaults(func=_sample)
 
-    p = subparsers.add_parser("models", help="list registered generator versions", formatter_class=_HELP)
+    p = subparsers.add_parser("models", help="list registered generator versions", formatter_class=_HelpFormatter)
     p.add_argument("--name", default=None, help="one registered model (default: all)")
     p.add_argument("--out-dir", type=Path, default=_DEFAULT_OUT, help="outputs folder holding the MLflow store")
     p.set_defaults(func=_models)

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from rsd_cli.pipeline_cmd import _DEFAULT_OUT, _HELP, _prepare_outputs, _raw_outputs
+from rsd_cli.pipeline_cmd import _DEFAULT_OUT, _HelpFormatter, _prepare_outputs, _raw_outputs
 from rsd_core.restore import RestoreConfig
 
 _SETTING_HELP = {
@@ -109,7 +109,7 @@ def _restore(args: argparse.Namespace) -> int:
 def add_restore_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `rsd restore`; each RestoreConfig field becomes a flag (default: the tuned value)."""
     p = subparsers.add_parser(
-        "restore", help="restore a corrupted dataset with a registered generator", formatter_class=_HELP,
+        "restore", help="restore a corrupted dataset with a registered generator", formatter_class=_HelpFormatter,
         description="Clean versions of your own observations: optimise the generator's latent so that the "
         "dataset's operator applied to G(z) matches each observation (several restarts), shard by shard, as the "
         "Flyte workflow rsd_restore. Writes a dataset of restored images (identity operator) at --out, their "
