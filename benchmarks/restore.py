@@ -112,18 +112,21 @@ def run_method(folder: Path, method: str, settings: dict, work: Callable[[], tup
     return {**load_file(str(path)), "seconds_per_image": meta["seconds"] / meta["n"], **fit}
 
 
-def fitted_encoder(folder: Path, models: Path, task: str, config: RestoreConfig) -> tuple[Path, dict]:
+def fitted_encoder(folder: Path, models: Path, task: str, config: RestoreConfig,
+                   progress: bool = True) -> tuple[Path, dict]:
     """The task's encoder fitted on its training observations, cached in ``folder`` by settings digest."""
     generator_dir, data = models / task / "generator", open_dataset(str(models / task / "data"))
+    fit = {"encoder": config.encoder.model_dump(), "prior_weight": config.prior_weight,
+           "sigma_floor": config.sigma_floor}  # what the fit depends on: restoration settings may vary
     digest = hashlib.sha256(json.dumps({"model": read_card(generator_dir).model_dump(), "data": data.fingerprint,
-                                        "config": config.model_dump()}, sort_keys=True, default=str).encode())
+                                        "config": fit}, sort_keys=True, default=str).encode())
     path = folder / f"encoder-{digest.hexdigest()[:12]}.safetensors"
     if not path.exists():
         net, objective, card = load_model(generator_dir)
         y, state, _ = data.read_all(limit=config.encoder.max_observations)
         start = time.perf_counter()
         encoder, losses = fit_restore_encoder(net, objective, card.image_shape, card.sigma_init, y, state, config,
-                                              progress=True)
+                                              progress=progress)
         folder.mkdir(parents=True, exist_ok=True)
         save_encoder(encoder, path, {"seconds": time.perf_counter() - start, "observations": len(y),
                                      "loss_first": losses[0], "loss_last": losses[-1]})
@@ -139,7 +142,7 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
     overrides = {k: v for k, v in (("steps", args.steps), ("restarts", args.restarts)) if v is not None}
     restore_config = RestoreConfig(batch_size=args.batch_size, **overrides)
     encoder_config = RestoreConfig(batch_size=args.batch_size, steps=args.encoder_steps,
-                                   restarts=args.restarts or RestoreConfig().restarts,
+                                   restarts=args.encoder_restarts or args.restarts or RestoreConfig().restarts,
                                    encoder=EncoderConfig(steps=args.encoder_fit_steps))
     dps_config = DPSConfig(batch_size=args.batch_size)
 
@@ -150,7 +153,7 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
         return result.mean, result.spread
 
     def generator_encoder():
-        path, fit = fitted_encoder(out / task, models, task, encoder_config)
+        path, fit = fitted_encoder(out / task, models, task, encoder_config, progress=not args.quiet)
         net, objective, _ = load_model(generator_dir)
         start = time.perf_counter()  # the fit is cached apart: time only what each image costs
         result = restore_observations(net, objective, card.image_shape, card.sigma_init, y, state, encoder_config,
@@ -179,7 +182,8 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
         print(f"   {method:12} PSNR {p:6.2f} dB  SSIM {s:.3f}  {rows[-1]['seconds_per_image']:.3g} s/image", flush=True)
     grid = save_task_grid(task, operator.image_view(y, state), outputs, clean, out, args.publish)
     return rows, {"task": task, "operator": card.operator.model_dump(), "grid": grid,
-                  "restore_config": restore_config.model_dump(), "dps_config": dps_config.model_dump(),
+                  "restore_config": restore_config.model_dump(), "encoder_config": encoder_config.model_dump(),
+                  "dps_config": dps_config.model_dump(),
                   "dps_sigma_stop": DPS_SIGMA_STOP, "n_images": len(y)}
 
 
@@ -222,7 +226,7 @@ def write_doc(result: dict, command: str) -> None:
             cells.append(f"{r['psnr']:.2f} / {r['ssim']:.3f}" if r else "n/a")
             speeds.append(f"{r['seconds_per_image']:.3g}" if r else "n/a")
         dps = by.get((task, "teacher-dps"))
-        ratios = [f"{dps['seconds_per_image'] / r['seconds_per_image']:.1f}x" if dps and r else "n/a"
+        ratios = [f"{dps['seconds_per_image'] / r['seconds_per_image']:.2g}x" if dps and r else "n/a"
                   for r in (by.get((task, "generator")), by.get((task, "generator-encoder")))]
         fit = by.get((task, "generator-encoder"), {}).get("fit_seconds")
         fit_cell = f"{fit:.0f}" if fit is not None else "n/a"
@@ -255,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--restarts", type=int, default=None, help="generator: restarts (default: RestoreConfig's)")
     parser.add_argument("--encoder-steps", type=int, default=0,
                         help="generator-encoder: refinement steps after the encoder (default: 0)")
+    parser.add_argument("--encoder-restarts", type=int, default=None,
+                        help="generator-encoder: restarts (default: --restarts, else RestoreConfig's)")
     parser.add_argument("--encoder-fit-steps", type=int, default=EncoderConfig().steps,
                         help=f"generator-encoder: encoder fit steps (default: {EncoderConfig().steps})")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, also for timing (default: 1)")
