@@ -19,6 +19,8 @@ written to benchmarks/results/eigenspace.json).
 
     python -m benchmarks.eigenspace            # ~9 minutes on one core (--cross-fakes: ~12)
     python -m benchmarks.eigenspace --quick    # smoke run, numbers meaningless
+    python -m benchmarks.eigenspace --sweep    # analytic teacher, 36 subspaces x 2 corruptions: ~37 min on one core
+                                               # (benchmarks/results/eigenspace_sweep.json; --sweep --quick: smoke)
 """
 
 from __future__ import annotations
@@ -30,11 +32,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from benchmarks.report import emit
 from benchmarks.synthetic import (
     ANALYTIC_SCHEDULE,
+    BLUR_TAPS,
     ILL_CONDITIONED_TAPS,
+    SCALES,
     Corruption,
     GaussianDenoiser,
     LinearGenerator,
@@ -68,6 +74,96 @@ def _row(method: str, corruption: Corruption, theta: torch.Tensor, u: torch.Tens
 def _distill(teacher, fake, corruption: Corruption, schedule, batch: int, seed: int) -> torch.Tensor:
     generator = LinearGenerator(D, R, seed=seed)
     return distill_linear(teacher, fake, generator, corruption.objective, schedule, batch, seed)
+
+
+PROFILES = ("decreasing", "flat", "steep")
+SWEEP_DS, SWEEP_RS = (16, 32, 64, 128), (2, 4, 8)
+FAILURE_DEG = 5.0
+
+
+def profile_scales(profile: str, r: int) -> tuple[float, ...]:
+    """The r scales of a profile: ``decreasing`` interpolates (3, 2, 1.5, 1) (exactly it at r = 4),
+    ``flat`` is all ones, ``steep`` is geometric from 3 down to 0.5."""
+    t = [i / (r - 1) for i in range(r)] if r > 1 else [0.0]
+    if profile == "decreasing":
+        knots = [0.0, 1 / 3, 2 / 3, 1.0]
+        return tuple(float(np.interp(ti, knots, SCALES)) for ti in t)
+    if profile == "flat":
+        return (1.0,) * r
+    if profile == "steep":
+        return tuple(3.0 * (0.5 / 3.0) ** ti for ti in t)
+    raise ValueError(f"unknown profile {profile!r}")
+
+
+def coherence(u: torch.Tensor) -> float:
+    """max_i ||Q_i||^2 * d / r for an orthonormal basis Q of col(U): 1 when spread evenly, d / r when one
+    coordinate carries a whole direction (what a random mask then almost never observes)."""
+    q, _ = torch.linalg.qr(u.double())
+    d, r = q.shape
+    return float((q**2).sum(1).max() * d / r)
+
+
+def analytic_run(d: int, r: int, scales, corruption_name: str, seed: int, schedule, batch: int = 256,
+                 generator_seed: int | None = None, delta: float = 0.1, generator_scale: float = 0.25) -> dict:
+    """One analytic-teacher distillation at (d, r, scales) on the subspace ``low_rank_basis(d, scales, seed)``."""
+    torch.manual_seed(seed)
+    u = low_rank_basis(d, scales, seed=seed)
+    corruption = mask_corruption(u, p=0.8, delta=delta) if corruption_name == "mask" else blur_corruption(u, 0.3)
+    t0 = time.perf_counter()
+    teacher = GaussianDenoiser.from_covariance(corruption.teacher_covariance)
+    fake = copy.deepcopy(teacher).requires_grad_(True)
+    generator = LinearGenerator(d, r, seed=seed if generator_seed is None else generator_seed, scale=generator_scale)
+    theta = distill_linear(teacher, fake, generator, corruption.objective, schedule, batch, seed)
+    report = subspace_report(theta, u)
+    return {"d": d, "r": r, "scales": [round(s, 4) for s in scales], "corruption": corruption.name,
+            "sigma_n": corruption.sigma_n, "seed": seed, **asdict(report), "coherence": coherence(u),
+            "theta_norm": float(theta.norm()), "seconds": time.perf_counter() - t0}
+
+
+def sweep_grid(quick: bool) -> list[tuple[int, int, str, int]]:
+    """(d, r, profile, seed) per subspace: the full grid, one fresh seed each (quick: 2 small configs)."""
+    if quick:
+        return [(16, 2, "decreasing", 100), (32, 4, "flat", 101)]
+    grid = [(d, r, prof) for d in SWEEP_DS for r in SWEEP_RS for prof in PROFILES]
+    return [(d, r, prof, 100 + i) for i, (d, r, prof) in enumerate(grid)]
+
+
+def sweep(args: argparse.Namespace) -> dict:
+    """Analytic-teacher runs over random subspaces (d, r, scale profile), both corruptions."""
+    step_scale = 0.01 if args.quick else args.sweep_steps
+    schedule = _scaled(ANALYTIC_SCHEDULE, step_scale)
+    partial = RESULTS.with_name("eigenspace_sweep.partial.jsonl")
+    if not args.quick:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text("")
+    rows = []
+    for d, r, prof, seed in sweep_grid(args.quick):
+        for name in ("mask", "blur"):
+            row = analytic_run(d, r, profile_scales(prof, r), name, seed, schedule, args.batch, delta=args.delta,
+                               generator_scale=args.generator_scale)
+            row["profile"] = prof
+            row["failed"] = row["max_angle_deg"] > FAILURE_DEG
+            rows.append(row)
+            if not args.quick:  # a killed sweep keeps what it measured
+                with partial.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            print(f"d={d:4d} r={r} {prof:10s} {name:5s} seed={seed} angle={row['max_angle_deg']:7.2f} "
+                  f"cov={row['covariance_error']:.3f} coh={row['coherence']:.2f} {row['seconds']:.0f}s", flush=True)
+    worst = max(rows, key=lambda row: row["max_angle_deg"])
+    return {
+        "runs": len(rows),
+        "subspaces": len(rows) // 2,
+        "failures": sum(row["failed"] for row in rows),
+        "failure_deg": FAILURE_DEG,
+        "worst_deg": worst["max_angle_deg"],
+        "worst": {k: worst[k] for k in ("d", "r", "profile", "corruption", "seed", "max_angle_deg",
+                                         "covariance_error")},
+        "settings": {"teacher": "analytic", "p": 0.8, "delta": args.delta, "blur_sigma_n": 0.3,
+                     "blur_taps": list(BLUR_TAPS), "batch": args.batch, "alpha": 1.2,
+                     "step_scale": step_scale, "generator_init_scale": args.generator_scale,
+                     "schedule": [asdict(s) for s in schedule], "quick": args.quick},
+        "rows": rows,
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -189,8 +285,24 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4_000, help="teacher samples for the teacher-samples baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--sweep", action="store_true",
+                        help="analytic teacher only, over random subspaces of a (d, r, scale profile) grid")
+    parser.add_argument("--sweep-steps", type=float, default=0.5,
+                        help="--sweep: step multiplier of the analytic schedule")
+    parser.add_argument("--generator-scale", type=float, default=0.05,
+                        help="--sweep: std of the generator's initial entries (the main run uses 0.25)")
     args = parser.parse_args()
     t0 = time.perf_counter()
+    if args.sweep:
+        result = sweep(args)
+        result["total_seconds"] = time.perf_counter() - t0
+        print(f"{result['runs']} runs, {result['failures']} failures (> {FAILURE_DEG} deg), worst "
+              f"{result['worst_deg']:.2f} deg, total {result['total_seconds']:.0f} s")
+        if args.quick:
+            print(json.dumps({"sweep": result}))
+        else:
+            emit("eigenspace_sweep", {"sweep": result})
+        return
     result = run(args)
     result["settings"]["total_seconds"] = time.perf_counter() - t0
     print(_table(result))

@@ -131,3 +131,28 @@ def test_covariance_error() -> None:
     assert covariance_error(torch.tensor(u @ q), u) == pytest.approx(0.0, abs=1e-12)
     assert covariance_error(np.zeros_like(u), u) == pytest.approx(1.0)
     assert covariance_error(2 * u, u) == pytest.approx(3.0)
+
+
+def test_eigenspace_sweep_plumbing_at_general_d_and_r(monkeypatch):
+    """The --sweep helpers work away from d = 64, r = 4 (numbers meaningless: 1 % of the schedule)."""
+    import argparse
+
+    import benchmarks.eigenspace as eigenspace
+    from benchmarks.eigenspace import coherence, profile_scales, sweep
+
+    assert len(eigenspace.sweep_grid(quick=False)) == 36
+    monkeypatch.setattr(eigenspace, "sweep_grid", lambda quick: [(16, 2, "steep", 100), (32, 8, "flat", 101)])
+    assert profile_scales("decreasing", 4) == pytest.approx((3.0, 2.0, 1.5, 1.0))
+    assert profile_scales("steep", 8)[0] == pytest.approx(3.0) and profile_scales("steep", 8)[-1] == pytest.approx(0.5)
+    assert profile_scales("flat", 2) == (1.0, 1.0)
+    assert 1.0 <= coherence(low_rank_basis(32, (1.0, 1.0), seed=3)) <= 16.0
+    e = torch.zeros(8, 2, dtype=torch.float64)
+    e[0, 0] = e[1, 1] = 1.0
+    assert coherence(e) == pytest.approx(4.0)  # d / r: whole directions on single coordinates
+    args = argparse.Namespace(quick=True, sweep_steps=0.5, generator_scale=0.05, batch=16, delta=0.1)
+    result = sweep(args)
+    assert result["runs"] == 4 and len(result["rows"]) == 4
+    assert {(row["d"], row["r"], row["corruption"]) for row in result["rows"]} == {
+        (16, 2, "mask"), (16, 2, "blur"), (32, 8, "mask"), (32, 8, "blur")}
+    assert all(0.0 <= row["max_angle_deg"] <= 90.0 and math.isfinite(row["covariance_error"]) for row in result["rows"])
+    assert result["worst_deg"] == max(row["max_angle_deg"] for row in result["rows"])
