@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 SCRATCH := $(CURDIR)/.flyte-tmp
 
-.PHONY: help setup demo test test-slow lint bench-throughput bench-sampling bench-eigenspace bench-restoration \
+.PHONY: help setup demo test test-slow lint bench-throughput bench-sampling bench-frechet bench-eigenspace bench-restoration \
 	bench-faults bench-streaming teacher-smoke
 
 help:  ## list the commands
@@ -34,6 +34,9 @@ teacher-smoke: setup  ## train a teacher for a few minutes on corrupted Fashion-
 
 bench-sampling: setup  ## one-step generation vs the 35-NFE and truncated teacher samplers
 	$(PY) -m benchmarks.sampling_speed
+
+bench-frechet: setup  ## the Frechet distance's eigenvalue form vs scipy sqrtm at dim 2048
+	$(PY) -m benchmarks.frechet
 
 bench-eigenspace: setup  ## the linear eigenspace-recovery experiment (a few minutes)
 	$(PY) -m benchmarks.eigenspace
