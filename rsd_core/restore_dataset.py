@@ -46,7 +46,7 @@ from rsd_core.data import (
     resolve_relative,
     write_dataset,
 )
-from rsd_core.encoder import LatentEncoder, load_encoder, save_encoder
+from rsd_core.encoder import load_encoder, save_encoder
 from rsd_core.image_metrics import psnr, ssim
 from rsd_core.kinds import build_operator
 from rsd_core.restore import RestoreConfig, fit_restore_encoder, restore_observations
@@ -132,13 +132,6 @@ def fit_dataset_encoder(model_dir: str | Path, dataset_uri: str, config: Restore
     return meta
 
 
-def _encoder_for(config: RestoreConfig, encoder_file: str | Path | None, device: str) -> LatentEncoder | None:
-    if (encoder_file is None) != (config.encoder is None):
-        raise ValueError("restoration settings with an encoder need its fitted file (fit_dataset_encoder), and only "
-                         "then")
-    return None if encoder_file is None else load_encoder(encoder_file, device)[0]
-
-
 def restore_shard(model_dir: str | Path, dataset_uri: str, shard: int, config: RestoreConfig, out_file: str | Path,
                   device: str = "cpu", encoder_file: str | Path | None = None) -> ShardSummary:
     """Restore shard ``shard`` of the dataset, one row group at a time, into ``out_file`` (safetensors).
@@ -149,7 +142,7 @@ def restore_shard(model_dir: str | Path, dataset_uri: str, shard: int, config: R
     """
     ds = open_dataset(dataset_uri)
     net, objective, card = load_model(model_dir, device)
-    encoder = _encoder_for(config, encoder_file, device)
+    encoder = None if encoder_file is None else load_encoder(encoder_file, device)[0]  # checked against config
     units = [(shard, g) for g in range(ds.manifest.shards[shard].row_groups)]
     start = time.perf_counter()
     parts: dict[str, list[torch.Tensor]] = {"index": [], "mean": [], "spread": [], "misfit": [], "label": []}

@@ -105,7 +105,7 @@ def test_frechet_rejects_mismatches_and_non_covariances() -> None:
     bad = frechet.FeatureStats(np.zeros(2), np.diag([1.0, -1.0]), 5)
     with pytest.raises(ValueError, match=r"stats2.sigma is not a covariance: eigenvalue -1"):
         frechet.frechet_distance(a, bad)
-    with pytest.raises(ValueError, match=r"stats1.sigma is not a covariance: eigenvalue -1"):
+    with pytest.raises(ValueError, match=r"S2\^\(1/2\) stats1.sigma S2\^\(1/2\) is not a covariance: eigenvalue -1"):
         frechet.frechet_distance(bad, frechet.FeatureStats(np.zeros(2), np.eye(2), 5))
 
 
