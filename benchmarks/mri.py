@@ -63,23 +63,34 @@ END = "<!-- mri: generated part ends; the text below is kept when it reruns -->"
 PAPER_FID = {2: (30.34, 12.95), 4: (32.31, 10.71), 6: (31.50, 14.64), 8: (48.15, 22.51)}
 
 
-def run_acceleration(R: int, args, out: Path) -> dict:
-    """Corrupt, pretrain, distil and select for one acceleration in ``out``; the result row."""
+def train_mri_models(R: float, out: Path, *, budget: float, distill_budget: float, seed: int = 0,
+                     limit: int | None = None, checkpoint_every: int = 40, progress: bool = True) -> dict:
+    """Corrupt the brain slices at acceleration ``R``, pretrain the teacher and distil the student into ``out``
+    with the cpu-mri preset's settings and these budgets (minutes); phases whose outputs exist are skipped.
+    Returns the wall times recorded in ``out/times.json`` (shared by the MRI and restore benchmarks)."""
     data, teacher_dir = out / "data", out / "teacher"
     times = read_times(out)
     clean_eval = brain_mri("test", IMAGE_SIZE).count  # the held-out subject, all of it
     timed_phase(out, times, "corrupt_s", (data / "manifest.json").exists(),
-                lambda: corrupt("brain-mri", cpu_mri_operator(float(R)), seed=args.seed, out_uri=str(data),
-                                limit=args.limit, clean_eval_count=clean_eval, image_size=IMAGE_SIZE,
+                lambda: corrupt("brain-mri", cpu_mri_operator(float(R)), seed=seed, out_uri=str(data),
+                                limit=limit, clean_eval_count=clean_eval, image_size=IMAGE_SIZE,
                                 clean_eval_split="test"))
-    teacher_train = CPU_MRI_TEACHER.model_copy(update={"time_budget_s": args.budget * 60, "seed": args.seed,
+    teacher_train = CPU_MRI_TEACHER.model_copy(update={"time_budget_s": budget * 60, "seed": seed,
                                                        "keep_checkpoints": 1})
     timed_phase(out, times, "teacher_s", (teacher_dir / "model.json").exists(),
-                lambda: pretrain_stage(str(data), CPU_MRI_NETWORK, teacher_train, out, progress=not args.quiet))
+                lambda: pretrain_stage(str(data), CPU_MRI_NETWORK, teacher_train, out, progress=progress))
     distill_train = CPU_MRI_DISTILL_TRAIN.model_copy(update={
-        "time_budget_s": args.distill_budget * 60, "checkpoint_every": args.checkpoint_every, "seed": args.seed})
+        "time_budget_s": distill_budget * 60, "checkpoint_every": checkpoint_every, "seed": seed})
     timed_phase(out, times, "distill_s", (out / "generator" / "model.json").exists(),
-                lambda: distill_stage(teacher_dir, distill_train, CPU_MRI_DISTILL, out, progress=not args.quiet))
+                lambda: distill_stage(teacher_dir, distill_train, CPU_MRI_DISTILL, out, progress=progress))
+    return times
+
+
+def run_acceleration(R: int, args, out: Path) -> dict:
+    """Corrupt, pretrain, distil and select for one acceleration in ``out``; the result row."""
+    data, teacher_dir = out / "data", out / "teacher"
+    times = train_mri_models(R, out, budget=args.budget, distill_budget=args.distill_budget, seed=args.seed,
+                             limit=args.limit, checkpoint_every=args.checkpoint_every, progress=not args.quiet)
     sel_dir = out / f"selection-{args.proximal_extractor}"
     sel, grid, full, truncated, teacher_best, chosen = select_and_pick(args, out, data, teacher_dir, times, sel_dir,
                                                                        "select_s", f"mri_R{R}.png")

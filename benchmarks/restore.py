@@ -5,22 +5,26 @@
 For every task, the first ``--n-images`` Fashion-MNIST *test* images (never seen in training;
 brain-MRI test slices for ``mri-r4``) are corrupted by the task's operator with a fixed seed,
 then restored by
-- ``generator``: latent optimisation through the one-step generator (rsd_core.restore, tuned defaults);
-- ``generator-encoder``: the amortised encoder (rsd_core.encoder), fitted once on the task's *training*
-  observations (``DIR/<task>/data``: corrupted, no clean image), then ``--encoder-steps`` refinement steps
-  (default 0: one encoder and one generator pass per restart); its fit time is reported apart
-  (``fit_seconds``), as it is paid once per model and operator, not per image;
+- ``generator``: what ``rsd restore`` does by default (``RestoreConfig()``): the amortised
+  encoder (rsd_core.encoder), fitted once on the task's *training* observations (``DIR/<task>/data``:
+  corrupted, no clean image), then one generator pass per restart (4 restarts: mean and spread), plus
+  ``--encoder-steps`` refinement steps (default 0); its fit time is reported apart (``fit_seconds``), as it is
+  paid once per model and dataset, not per image;
+- ``generator-single-pass``: the same encoder with one restart (one encoder and one generator pass per image);
+- ``generator-latent-opt``: latent optimisation from noise through the one-step generator (``LATENT_OPTIMISATION``:
+  30 Adam steps x 4 restarts, the serving path);
 - ``teacher-dps``: diffusion posterior sampling with the teacher (rsd_core.posterior);
 - ``classical``: the operator's classical estimate (rsd_core.baselines);
 and scored with PSNR and SSIM against the clean images ([0, 1] scale; MRI: magnitudes, range per
 image) and seconds per image (wall time of the method on the same images, same run, batched,
 ``--threads`` torch threads). Models are read from ``DIR/<task>/{teacher,generator}`` (the layout
 of benchmarks/restoration.py's work folder); with ``--train``, missing ones are trained there with
-``--budget`` / ``--distill-budget`` minutes (a task without models is skipped and listed).
+``--budget`` / ``--distill-budget`` minutes (``mri-r4``: benchmarks/mri.py's R = 4 training with
+``--mri-budget`` / ``--mri-distill-budget``; a task without models is skipped and listed).
 Each method's restorations are kept in ``OUT/<task>/<method>.safetensors`` with its timing, so an
 interrupted run resumes. Writes benchmarks/results/restore.json (also the last stdout line),
-docs/figures/restore_<task>.png (rows: observation, classical, teacher-dps, generator, generator-encoder,
-generator spread (scaled to its maximum), clean) and a section of docs/results.md; ``--no-publish`` writes
+docs/figures/restore_<task>.png (rows: observation, then each method, the generator's spread (scaled to its
+maximum), clean) and a section of docs/results.md; ``--no-publish`` writes
 only OUT/restore.json.
 """
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -40,6 +45,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks.mri import train_mri_models
 from benchmarks.report import emit
 from benchmarks.restoration import TASKS as TRAINING_TASKS
 from benchmarks.restoration import train_models
@@ -49,7 +55,13 @@ from rsd_core.encoder import EncoderConfig, load_encoder, save_encoder
 from rsd_core.image_metrics import psnr, ssim
 from rsd_core.kinds import build_operator
 from rsd_core.posterior import DPSConfig, dps_restore
-from rsd_core.restore import RestoreConfig, fit_restore_encoder, restore_observations
+from rsd_core.restore import (
+    LATENT_OPTIMISATION,
+    RestoreConfig,
+    fit_restore_encoder,
+    load_generator,
+    restore_observations,
+)
 from rsd_core.sources import brain_mri, fashion_mnist
 from rsd_core.stages import load_model, read_card
 from rsd_core.viz import save_grid, to_display
@@ -60,7 +72,10 @@ FIGURES = ROOT / "docs" / "figures"
 SECTION_START = "<!-- benchmarks/restore.py: generated section start -->"
 SECTION_END = "<!-- benchmarks/restore.py: generated section end -->"
 TASKS = ("inpaint-0.6", "inpaint-0.8", "blur-noise-0.2", "superres-x2", "mri-r4")
-METHODS = ("classical", "teacher-dps", "generator", "generator-encoder")
+METHODS = ("classical", "teacher-dps", "generator", "generator-single-pass", "generator-latent-opt")
+GENERATOR_METHODS = METHODS[2:]
+LABELS = {"classical": "classical", "teacher-dps": "teacher DPS", "generator": "generator (rsd restore default)",
+          "generator-single-pass": "single pass", "generator-latent-opt": "latent opt."}
 OBSERVATION_SEED = 1234
 # DPS returns the teacher's x0 prediction at the first level >= this one: tuned on validation images with
 # zeta' = 1 (docs/algorithms.md §10.2); lower levels, down to the cards' own (0.05), scored lower.
@@ -122,11 +137,9 @@ def fitted_encoder(folder: Path, models: Path, task: str, config: RestoreConfig,
                                         "config": fit}, sort_keys=True, default=str).encode())
     path = folder / f"encoder-{digest.hexdigest()[:12]}.safetensors"
     if not path.exists():
-        net, objective, card = load_model(generator_dir)
         y, state, _ = data.read_all(limit=config.encoder.max_observations)
         start = time.perf_counter()
-        encoder, losses = fit_restore_encoder(net, objective, card.image_shape, card.sigma_init, y, state, config,
-                                              progress=progress)
+        encoder, losses = fit_restore_encoder(load_generator(generator_dir), y, state, config, progress=progress)
         folder.mkdir(parents=True, exist_ok=True)
         save_encoder(encoder, path, {"seconds": time.perf_counter() - start, "observations": len(y),
                                      "loss_first": losses[0], "loss_last": losses[-1]})
@@ -139,25 +152,25 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
     operator = build_operator(card.operator)
     clean = clean_images(task, args.n_images, card.image_shape)
     y, state = observe(operator, clean)
-    overrides = {k: v for k, v in (("steps", args.steps), ("restarts", args.restarts)) if v is not None}
-    restore_config = RestoreConfig(batch_size=args.batch_size, **overrides)
-    encoder_config = RestoreConfig(batch_size=args.batch_size, steps=args.encoder_steps,
-                                   restarts=args.encoder_restarts or args.restarts or RestoreConfig().restarts,
-                                   encoder=EncoderConfig(steps=args.encoder_fit_steps))
+    restarts = {"restarts": args.restarts} if args.restarts is not None else {}
+    encoder_config = RestoreConfig().model_copy(update={"batch_size": args.batch_size, "steps": args.encoder_steps,
+                                                        "encoder": EncoderConfig(steps=args.encoder_fit_steps),
+                                                        **restarts})
+    configs = {"generator": encoder_config,
+               "generator-single-pass": encoder_config.model_copy(update={"restarts": 1}),
+               "generator-latent-opt": LATENT_OPTIMISATION.model_copy(update={
+                   "batch_size": args.batch_size, **restarts, **({"steps": args.steps} if args.steps else {})})}
     dps_config = DPSConfig(batch_size=args.batch_size)
 
-    def generator():
-        net, objective, _ = load_model(generator_dir)
-        result = restore_observations(net, objective, card.image_shape, card.sigma_init, y, state, restore_config,
-                                      progress=not args.quiet)
-        return result.mean, result.spread
-
-    def generator_encoder():
-        path, fit = fitted_encoder(out / task, models, task, encoder_config, progress=not args.quiet)
-        net, objective, _ = load_model(generator_dir)
-        start = time.perf_counter()  # the fit is cached apart: time only what each image costs
-        result = restore_observations(net, objective, card.image_shape, card.sigma_init, y, state, encoder_config,
-                                      progress=not args.quiet, encoder=load_encoder(path)[0])
+    def through_generator(method: str):
+        config = configs[method]
+        encoder, fit = None, None
+        if config.encoder is not None:  # the fit is cached apart: time only what each image costs
+            path, fit = fitted_encoder(out / task, models, task, config, progress=not args.quiet)
+            encoder = load_encoder(path)[0]
+        generator = load_generator(generator_dir)
+        start = time.perf_counter()
+        result = restore_observations(generator, y, state, config, progress=not args.quiet, encoder=encoder)
         return result.mean, result.spread, {"seconds": time.perf_counter() - start, "fit": fit}
 
     def teacher_dps():
@@ -165,13 +178,12 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
         return dps_restore(net, objective, card.image_shape, y, state, dps_config, DPS_SIGMA_STOP,
                            progress=not args.quiet), None
 
-    work = {"classical": lambda: (classical_estimate(operator, y, state), None),
-            "teacher-dps": teacher_dps, "generator": generator, "generator-encoder": generator_encoder}
+    work = {"classical": lambda: (classical_estimate(operator, y, state), None), "teacher-dps": teacher_dps,
+            **{m: functools.partial(through_generator, m) for m in configs}}
     settings = {"classical": {"operator": card.operator.model_dump()},
                 "teacher-dps": {"model": read_card(teacher_dir).model_dump(), "config": dps_config.model_dump(),
                                 "sigma_stop": DPS_SIGMA_STOP},
-                "generator": {"model": card.model_dump(), "config": restore_config.model_dump()},
-                "generator-encoder": {"model": card.model_dump(), "config": encoder_config.model_dump()}}
+                **{m: {"model": card.model_dump(), "config": c.model_dump()} for m, c in configs.items()}}
     rows, outputs = [], {}
     for method in args.methods:
         outputs[method] = run_method(out / task, method, settings[method], work[method], len(y))
@@ -182,8 +194,7 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
         print(f"   {method:12} PSNR {p:6.2f} dB  SSIM {s:.3f}  {rows[-1]['seconds_per_image']:.3g} s/image", flush=True)
     grid = save_task_grid(task, operator.image_view(y, state), outputs, clean, out, args.publish)
     return rows, {"task": task, "operator": card.operator.model_dump(), "grid": grid,
-                  "restore_config": restore_config.model_dump(), "encoder_config": encoder_config.model_dump(),
-                  "dps_config": dps_config.model_dump(),
+                  **{f"{m}_config": c.model_dump() for m, c in configs.items()}, "dps_config": dps_config.model_dump(),
                   "dps_sigma_stop": DPS_SIGMA_STOP, "n_images": len(y)}
 
 
@@ -215,10 +226,11 @@ def write_doc(result: dict, command: str) -> None:
              "PSNR / SSIM on the [0, 1] scale against the clean images (mri-r4: magnitudes, peak = the clean "
              "image's maximum; higher is better); seconds per image on "
              f"{result['threads']} torch thread(s), batches of {result['batch_size']} observations.", "",
-             "| task | classical PSNR / SSIM | teacher DPS PSNR / SSIM | generator PSNR / SSIM | "
-             "generator + encoder PSNR / SSIM | s/image classical / DPS / generator / encoder | "
-             "DPS time / generator time | DPS time / encoder time | encoder fit s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| task | " + " | ".join(f"{LABELS[m]} PSNR / SSIM" for m in METHODS) + " | s/image "
+             + " / ".join(LABELS[m] for m in METHODS) + " | " + " | ".join(f"DPS time / {LABELS[m]} time"
+                                                                  for m in GENERATOR_METHODS)
+             + " | encoder fit s |",
+             "|---" * (len(METHODS) + len(GENERATOR_METHODS) + 3) + "|"]
     for task in result["tasks"]:
         cells, speeds = [], []
         for method in METHODS:
@@ -226,16 +238,16 @@ def write_doc(result: dict, command: str) -> None:
             cells.append(f"{r['psnr']:.2f} / {r['ssim']:.3f}" if r else "n/a")
             speeds.append(f"{r['seconds_per_image']:.3g}" if r else "n/a")
         dps = by.get((task, "teacher-dps"))
-        ratios = [f"{dps['seconds_per_image'] / r['seconds_per_image']:.2g}x" if dps and r else "n/a"
-                  for r in (by.get((task, "generator")), by.get((task, "generator-encoder")))]
-        fit = by.get((task, "generator-encoder"), {}).get("fit_seconds")
+        ratios = [f"{dps['seconds_per_image'] / r['seconds_per_image']:.3g}x" if dps and r else "n/a"
+                  for r in (by.get((task, m)) for m in GENERATOR_METHODS)]
+        fit = by.get((task, "generator"), {}).get("fit_seconds")
         fit_cell = f"{fit:.0f}" if fit is not None else "n/a"
         lines.append(f"| {task} | " + " | ".join(cells) + f" | {' / '.join(speeds)} | " + " | ".join(ratios)
                      + f" | {fit_cell} |")
     if result["skipped"]:
         lines += ["", "Not run: " + "; ".join(f"{t} ({why})" for t, why in result["skipped"].items()) + "."]
-    lines += ["", "Grids (rows: observation, classical, teacher DPS, generator, generator + encoder, generator "
-              "spread scaled to its maximum, clean):", ""]
+    lines += ["", "Grids (rows: observation, " + ", ".join(LABELS[m] for m in METHODS) + ", the generator's "
+              "spread over its restarts scaled to its maximum, clean):", ""]
     lines += [f"- {t['task']}: ![{t['task']}](../{t['grid']})" for t in result["task_settings"]]
     lines += ["", SECTION_END]
     text = DOC.read_text() if DOC.exists() else ""
@@ -255,20 +267,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--n-images", type=int, default=64, help="held-out test images per task (default: 64)")
     parser.add_argument("--batch-size", type=int, default=64, help="observations per batch (default: 64)")
-    parser.add_argument("--steps", type=int, default=None, help="generator: Adam steps (default: RestoreConfig's)")
-    parser.add_argument("--restarts", type=int, default=None, help="generator: restarts (default: RestoreConfig's)")
-    parser.add_argument("--encoder-steps", type=int, default=0,
-                        help="generator-encoder: refinement steps after the encoder (default: 0)")
-    parser.add_argument("--encoder-restarts", type=int, default=None,
-                        help="generator-encoder: restarts (default: --restarts, else RestoreConfig's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"generator-latent-opt: Adam steps (default: {LATENT_OPTIMISATION.steps})")
+    parser.add_argument("--restarts", type=int, default=None,
+                        help=f"generator, generator-latent-opt: restarts (default: {RestoreConfig().restarts})")
+    parser.add_argument("--encoder-steps", type=int, default=RestoreConfig().steps,
+                        help=f"generator(-single-pass): refinement steps after the encoder "
+                        f"(default: {RestoreConfig().steps})")
     parser.add_argument("--encoder-fit-steps", type=int, default=EncoderConfig().steps,
-                        help=f"generator-encoder: encoder fit steps (default: {EncoderConfig().steps})")
+                        help=f"generator(-single-pass): encoder fit steps (default: {EncoderConfig().steps})")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, also for timing (default: 1)")
     parser.add_argument("--train", action="store_true",
                         help="train missing Fashion-MNIST models into --models (benchmarks/restoration.py's stages)")
     parser.add_argument("--budget", type=float, default=3.0, help="with --train: teacher minutes (default: 3)")
     parser.add_argument("--distill-budget", type=float, default=6.0,
                         help="with --train: distillation minutes (default: 6)")
+    parser.add_argument("--mri-budget", type=float, default=8.0,
+                        help="with --train: mri-r4 teacher minutes (cpu-mri preset settings; default: 8)")
+    parser.add_argument("--mri-distill-budget", type=float, default=12.0,
+                        help="with --train: mri-r4 distillation minutes (default: 12)")
     parser.add_argument("--limit", type=int, default=20_000, help="with --train: corrupted training images")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "restore"), help="work folder (resumable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -288,6 +305,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.train and task in TRAINING_TASKS:
             train_models(TRAINING_TASKS[task], models / task, budget=args.budget, distill_budget=args.distill_budget,
                          limit=args.limit, n_eval=0, seed=0, progress=not args.quiet)
+        elif args.train and task == "mri-r4":
+            train_mri_models(4.0, models / task, budget=args.mri_budget, distill_budget=args.mri_distill_budget,
+                             limit=args.limit, progress=not args.quiet)
         if not all((models / task / m / "model.json").exists() for m in ("teacher", "generator")):
             skipped[task] = f"no trained teacher and generator under {models / task}"
             print(f"== {task}: skipped ({skipped[task]})", flush=True)

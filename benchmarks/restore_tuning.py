@@ -24,7 +24,8 @@ from benchmarks.report import RESULTS_DIR
 from benchmarks.restore import observe, scores
 from rsd_core.kinds import build_operator
 from rsd_core.posterior import DPSConfig, dps_restore
-from rsd_core.restore import RestoreConfig, restore_observations
+from rsd_core.restore import LATENT_OPTIMISATION, RestoreConfig, restore_observations
+from rsd_core.sampling import OneStepSampler
 from rsd_core.sources import fashion_mnist
 from rsd_core.stages import load_model
 
@@ -53,8 +54,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         settings = {**base, **dict(zip(grid, values, strict=True)), "batch_size": args.n_images}
         start = time.perf_counter()
         if args.method == "generator":
-            config = RestoreConfig(**settings)
-            restored = restore_observations(net, objective, card.image_shape, card.sigma_init, y, state, config).mean
+            config = RestoreConfig(**{**LATENT_OPTIMISATION.model_dump(), **settings})
+            generator = OneStepSampler(net, objective, tuple(card.image_shape), card.sigma_init)
+            restored = restore_observations(generator, y, state, config).mean
         else:
             sigma_stop = settings.pop("sigma_stop", card.sigma_stop)
             config = DPSConfig(**settings)

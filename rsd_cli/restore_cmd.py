@@ -21,7 +21,7 @@ from rsd_cli.pipeline_cmd import _DEFAULT_OUT, _HelpFormatter, _prepare_outputs,
 from rsd_core.restore import RestoreConfig
 
 _SETTING_HELP = {
-    "steps": "Adam steps on the latents",
+    "steps": "Adam steps on the latents (after the encoder's start, or from noise with --encoder none)",
     "lr": "Adam learning rate on the latents",
     "restarts": "latents per observation: their mean is the restoration, their std the spread",
     "prior_weight": "weight of the Gaussian prior |z|^2 / 2 on the latents",
@@ -29,8 +29,9 @@ _SETTING_HELP = {
     "data_consistency": "true/false: re-impose the measurements on the result (noiseless data)",
     "batch_size": "observations optimised together",
     "seed": "seed of the latents (a row group adds its first row index)",
-    "encoder": "fit an amortised encoder on the dataset first and start every restart at its latent: 'default' "
-    "or a YAML mapping of its settings, e.g. '{steps: 500, width: 32}' (with --steps 0, the encoder alone)",
+    "encoder": "the amortised encoder fitted on the dataset first, whose latent starts every restart: 'default', "
+    "a YAML mapping of its settings, e.g. '{steps: 500, width: 32}', or 'none' (latent optimisation from noise, "
+    "with --steps >= 1; slower per image)",
 }
 
 
@@ -39,13 +40,14 @@ def _uri(value: str) -> str:
     return value if "://" in value else str(Path(value).resolve())
 
 
-def _encoder_setting(value: str) -> dict:
-    """--encoder: 'default' or a YAML mapping of EncoderConfig fields."""
-    if value.strip() == "default":
-        return {}
+def _encoder_setting(value: str) -> dict | None:
+    """--encoder: 'default', 'none' or a YAML mapping of EncoderConfig fields."""
+    if value.strip() in ("default", "none"):
+        return None if value.strip() == "none" else {}
     parsed = yaml.safe_load(value)
     if not isinstance(parsed, dict):
-        raise argparse.ArgumentTypeError(f"expected 'default' or a YAML mapping of encoder settings, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected 'default', 'none' or a YAML mapping of encoder settings, "
+                                         f"got {value!r}")
     return parsed
 
 
@@ -61,7 +63,7 @@ def _flag_error(error: dict) -> str:
     """A validation error in the flags' words: the field as its flag, or a whole-config rule with its flags named."""
     message = error["msg"].removeprefix("Value error, ")
     if not error["loc"]:
-        return "--" + message.replace("set encoder", "pass --encoder").replace("steps >= 1", "--steps >= 1")
+        return "--" + message.replace("set encoder", "drop '--encoder none'").replace("steps >= 1", "--steps >= 1")
     return f"--{'-'.join(map(str, error['loc'])).replace('_', '-')}: {message}"
 
 
@@ -107,13 +109,14 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def add_restore_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `rsd restore`; each RestoreConfig field becomes a flag (default: the tuned value)."""
+    """Register `rsd restore`; each RestoreConfig field becomes a flag (default: RestoreConfig's)."""
     p = subparsers.add_parser(
         "restore", help="restore a corrupted dataset with a registered generator", formatter_class=_HelpFormatter,
-        description="Clean versions of your own observations: optimise the generator's latent so that the "
-        "dataset's operator applied to G(z) matches each observation (several restarts), shard by shard, as the "
-        "Flyte workflow rsd_restore. Writes a dataset of restored images (identity operator) at --out, their "
-        "per-pixel spread at --out/spread, and an MLflow run with time, misfit, spread (PSNR/SSIM when the "
+        description="Clean versions of your own observations: fit an encoder, on the dataset alone, that "
+        "maps each observation y to a latent z whose image G(z) the dataset's operator takes back to y; then "
+        "restore shard by shard with one generator pass per restart, as the Flyte workflow rsd_restore. Writes "
+        "a dataset of restored images (identity operator) at --out, their per-pixel spread at --out/spread, "
+        "and an MLflow run with time, misfit, spread (PSNR/SSIM when the "
         "dataset has a clean split) and a grid. The model must be trained on the dataset's operator and "
         "image shape.",
     )
@@ -122,14 +125,16 @@ def add_restore_parser(subparsers: argparse._SubParsersAction) -> None:
                 "--out": "where the restored dataset goes (path or s3://; must not exist)"}
     for flag, text in required.items():
         p.add_argument(flag, required=True, default=argparse.SUPPRESS, help=text)
-    for name, field in RestoreConfig.model_fields.items():
+    defaults = RestoreConfig()
+    for name in RestoreConfig.model_fields:
+        default = getattr(defaults, name)
         if name == "encoder":
             p.add_argument("--encoder", dest=name, default=argparse.SUPPRESS, type=_encoder_setting,
-                           metavar="SETTINGS", help=f"{_SETTING_HELP[name]} (default: no encoder)")
+                           metavar="SETTINGS", help=f"{_SETTING_HELP[name]} (default: 'default')")
             continue
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
-                       metavar=type(field.default).__name__,
-                       help=f"{_SETTING_HELP.get(name, 'restoration setting')} (default: {field.default})")
+                       metavar=type(default).__name__,
+                       help=f"{_SETTING_HELP.get(name, 'restoration setting')} (default: {default})")
     p.add_argument("--experiment", default=argparse.SUPPRESS,
                    help="MLflow experiment of the run (default: rsd-restore)")
     p.add_argument("--out-dir", type=Path, default=_DEFAULT_OUT, help="outputs folder: MLflow store, Flyte sandbox")

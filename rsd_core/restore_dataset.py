@@ -49,8 +49,8 @@ from rsd_core.data import (
 from rsd_core.encoder import load_encoder, save_encoder
 from rsd_core.image_metrics import psnr, ssim
 from rsd_core.kinds import build_operator
-from rsd_core.restore import RestoreConfig, fit_restore_encoder, restore_observations
-from rsd_core.stages import ModelCard, load_model
+from rsd_core.restore import RestoreConfig, fit_restore_encoder, load_generator, restore_observations
+from rsd_core.stages import ModelCard
 from rsd_core.viz import observations_for_display, save_grid
 
 SPREAD_DIR = "spread"
@@ -120,11 +120,10 @@ def fit_dataset_encoder(model_dir: str | Path, dataset_uri: str, config: Restore
     if config.encoder is None:
         raise ValueError("config.encoder is not set: nothing to fit")
     ds = open_dataset(dataset_uri)
-    net, objective, card = load_model(model_dir, device)
+    generator = load_generator(model_dir, device)
     y, state, _ = ds.read_all(limit=config.encoder.max_observations)
     start = time.perf_counter()
-    encoder, losses = fit_restore_encoder(net, objective, card.image_shape, card.sigma_init, y, state, config,
-                                          progress=progress)
+    encoder, losses = fit_restore_encoder(generator, y, state, config, progress=progress)
     meta = {"seconds": time.perf_counter() - start, "observations": len(y), "loss_first": losses[0],
             "loss_last": losses[-1], "dataset_fingerprint": ds.fingerprint,
             "settings": config.encoder.model_dump()}
@@ -141,15 +140,14 @@ def restore_shard(model_dir: str | Path, dataset_uri: str, shard: int, config: R
     ``encoder_file`` (from :func:`fit_dataset_encoder`) is needed exactly when ``config.encoder`` is set.
     """
     ds = open_dataset(dataset_uri)
-    net, objective, card = load_model(model_dir, device)
+    generator = load_generator(model_dir, device)
     encoder = None if encoder_file is None else load_encoder(encoder_file, device)[0]  # checked against config
     units = [(shard, g) for g in range(ds.manifest.shards[shard].row_groups)]
     start = time.perf_counter()
     parts: dict[str, list[torch.Tensor]] = {"index": [], "mean": [], "spread": [], "misfit": [], "label": []}
     for batch in ds.iter_batches(batch_size=ds.manifest.shards[shard].rows, units=units):
         seeded = config.model_copy(update={"seed": config.seed + int(batch.index[0])})
-        restored = restore_observations(net, objective, card.image_shape, card.sigma_init, batch.observation,
-                                        batch.state, seeded, encoder=encoder)
+        restored = restore_observations(generator, batch.observation, batch.state, seeded, encoder=encoder)
         residual = ds.operator.forward(restored.mean, batch.state) - batch.observation
         parts["index"].append(batch.index)
         parts["mean"].append(restored.mean)

@@ -175,6 +175,12 @@ class OneStepSampler(Sampler):
     def _sample_batch(self, n, rng):
         return generate(self.net, self.objective, n, self.shape, rng, self.sigma_init, bf16=self.bf16)
 
+    def decode(self, eps: torch.Tensor, input_state: State) -> torch.Tensor:
+        """G at given standard-normal latents ``eps`` (N, *shape) and input state, differentiable in eps
+        (restoration inverts it); fp32 out."""
+        sigma = torch.full((len(eps),), self.sigma_init, device=eps.device)
+        return self.objective.denoise(self.net, self.sigma_init * eps, sigma, input_state).float()
+
 
 def generate(
     net: torch.nn.Module,

@@ -13,7 +13,9 @@ generator.onnx). :class:`GeneratorModel.predict` takes a dict of arrays (the JSO
   shapes and laws in card.json);
 * ``{"observations": ..., <state>: ...}``: restorations of observations with their per-sample
   operator state (e.g. ``mask``), by :func:`rsd_core.restore.restore_with_model`; returns
-  ``mean`` and ``spread``. The params are :class:`~rsd_core.restore.RestoreConfig`'s fields.
+  ``mean`` and ``spread``. The params are :class:`~rsd_core.restore.RestoreConfig`'s scalar fields, with
+  the defaults of latent optimisation (:data:`~rsd_core.restore.LATENT_OPTIMISATION`): one request has no
+  dataset to fit the amortised encoder on.
 
 The model's signature therefore describes these params, not tensor inputs (a tensor signature
 would make MLflow drop every input but ``eps``/``u``); the pt2 program's tensor inputs are in
@@ -40,7 +42,7 @@ from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 from rsd_core.data import expected_state
 from rsd_core.export import CARD_FILE, ONNX_FILE, draw_card_inputs, draw_inputs, load_exportable
 from rsd_core.kinds import build_operator
-from rsd_core.restore import RestoreConfig, restore_with_model
+from rsd_core.restore import LATENT_OPTIMISATION, RestoreConfig, restore_with_model
 from rsd_core.stages import read_card
 
 EXTRA_FILES = "extra_files"
@@ -52,10 +54,11 @@ _NOT_PARAMS = ("encoder",)
 
 
 def params_schema() -> ParamSchema:
-    """Every scalar :class:`RestoreConfig` field as an inference param with its default (``seed`` also seeds
-    sampling)."""
-    return ParamSchema([ParamSpec(name, _PARAM_TYPES[type(field.default)], field.default)
-                        for name, field in RestoreConfig.model_fields.items() if name not in _NOT_PARAMS])
+    """Every scalar :class:`RestoreConfig` field as an inference param with its latent-optimisation default
+    (``seed`` also seeds sampling)."""
+    return ParamSchema([ParamSpec(name, _PARAM_TYPES[type(value)], value)
+                        for name in RestoreConfig.model_fields if name not in _NOT_PARAMS
+                        for value in [getattr(LATENT_OPTIMISATION, name)]])
 
 
 def save_model(path: str, mlflow_model: Model, export_dir: str | Path) -> None:
@@ -100,7 +103,7 @@ class GeneratorModel:
             raise _invalid("inputs must be named arrays: {'count': n}, {'eps': ..., 'u': ...} or "
                            "{'observations': ..., <state>: ...}")
         try:
-            config = RestoreConfig(**(params or {}))
+            config = RestoreConfig.model_validate({**LATENT_OPTIMISATION.model_dump(), **(params or {})})
         except ValueError as err:
             raise _invalid(" ".join(str(err).split())) from None
         if "observations" in data:

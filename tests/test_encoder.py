@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from rsd_core.encoder import EncoderConfig, encoder_inputs, load_encoder, restoration_loss, save_encoder
-from rsd_core.objectives import Objective
 from rsd_core.restore import RestoreConfig, fit_restore_encoder, restore_observations
-from tests.test_restore import SHAPE, SIGMA_INIT, D, LinearGenerator, matrix_of, observe
+from tests.test_restore import SHAPE, SIGMA_INIT, D, LinearGenerator, matrix_of, observe, one_step
 
 BLUR = {"kind": "blur", "kernel_size": 3, "std": 1.0, "sigma_n": 0.1}
 
@@ -36,7 +35,7 @@ def fitted():
     config = RestoreConfig(steps=0, restarts=1, prior_weight=0.5, data_consistency=False,
                            encoder=EncoderConfig(steps=400, batch_size=64, lr=3e-3, width=16))
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    encoder, losses = fit_restore_encoder(net, Objective(operator), SHAPE, SIGMA_INIT, y, state, config)
+    encoder, losses = fit_restore_encoder(one_step(net, operator), y, state, config)
     return operator, net, config, encoder, losses, before
 
 
@@ -65,15 +64,15 @@ def test_fit_leaves_the_generator_untouched_and_trainable_flags_restored(fitted)
 def test_restore_with_the_encoder_alone_is_its_latent_through_g(fitted):
     operator, net, config, encoder, _, _ = fitted
     _, _, state, y = observe(BLUR, n=5, seed=12)
-    got = restore_observations(net, Objective(operator), SHAPE, SIGMA_INIT, y, state, config, encoder=encoder)
+    got = restore_observations(one_step(net, operator), y, state, config, encoder=encoder)
     with torch.no_grad():
         eps = encoder(encoder_inputs(operator, y, {}, SHAPE))
         want = net(SIGMA_INIT * eps, torch.full((5,), SIGMA_INIT)).clamp(-1, 1)
     assert torch.allclose(got.mean, want, atol=1e-6)
     with pytest.raises(ValueError, match="no fitted encoder was given"):
-        restore_observations(net, Objective(operator), SHAPE, SIGMA_INIT, y, state, config)
+        restore_observations(one_step(net, operator), y, state, config)
     with pytest.raises(ValueError, match="steps 0 restores nothing without an encoder"):
-        RestoreConfig(steps=0)
+        RestoreConfig(steps=0, encoder=None)
 
 
 def test_encoder_round_trips_through_safetensors(fitted, tmp_path):

@@ -11,13 +11,19 @@ from rsd_core.kinds import build_operator
 from rsd_core.objectives import Objective
 from rsd_core.posterior import DPSConfig, dps_restore
 from rsd_core.pretrain import build_teacher
-from rsd_core.restore import RestoreConfig, restore_observations, restore_with_model
+from rsd_core.restore import LATENT_OPTIMISATION, RestoreConfig, restore_observations, restore_with_model
+from rsd_core.sampling import OneStepSampler
 from rsd_core.stages import ModelCard, save_model
 from tests.gaussian import gaussian_denoiser, random_covariance
 
 SHAPE = (1, 4, 4)
 D = 16
 SIGMA_INIT = 2.5
+
+
+def one_step(net: torch.nn.Module, operator) -> OneStepSampler:
+    """The generator G(eps) = net(SIGMA_INIT * eps; SIGMA_INIT) under the standard objective of ``operator``."""
+    return OneStepSampler(net, Objective(operator), SHAPE, SIGMA_INIT)
 
 
 class LinearGenerator(torch.nn.Module):
@@ -55,9 +61,9 @@ def test_latent_optimisation_reaches_the_closed_form_map(spec):
     """argmin ||A(W e + b) - y||^2 / (2 s^2) + lam ||e||^2 / 2 is linear algebra; every restart gets there."""
     operator, _, state, y = observe(spec)
     net = LinearGenerator()
-    config = RestoreConfig(steps=400, lr=0.2, restarts=3, prior_weight=0.5, sigma_floor=0.05,
+    config = RestoreConfig(steps=400, lr=0.2, restarts=3, prior_weight=0.5, sigma_floor=0.05, encoder=None,
                            data_consistency=False)
-    got = restore_observations(net, Objective(operator), SHAPE, SIGMA_INIT, y, state, config)
+    got = restore_observations(one_step(net, operator), y, state, config)
     s2 = max(operator.sigma_n, config.sigma_floor) ** 2
     W, b = net.W.double(), net.b.double()
     for i in range(len(y)):
@@ -72,13 +78,13 @@ def test_latent_optimisation_reaches_the_closed_form_map(spec):
 
 def test_data_consistency_keeps_measured_pixels_and_block_means():
     net = LinearGenerator(scale=0.1)  # restarts stay inside [-1, 1], where the final clamp is a no-op
-    config = RestoreConfig(steps=5, restarts=2, data_consistency=True)
+    config = LATENT_OPTIMISATION.model_copy(update={"steps": 5, "restarts": 2})
     operator, _, state, y = observe({"kind": "inpaint", "p": 0.5})
-    got = restore_observations(net, Objective(operator), SHAPE, SIGMA_INIT, y, state, config).mean
+    got = restore_observations(one_step(net, operator), y, state, config).mean
     measured = state["mask"].expand_as(y) > 0
     assert torch.allclose(got[measured], y[measured].clamp(-1, 1), atol=1e-6)
     operator, _, state, y = observe({"kind": "superres", "factor": 2})
-    got = restore_observations(net, Objective(operator), SHAPE, SIGMA_INIT, y, state, config).mean
+    got = restore_observations(one_step(net, operator), y, state, config).mean
     assert torch.allclose(operator.forward(got, state), y.clamp(-1, 1), atol=1e-5)
 
 
@@ -86,11 +92,11 @@ def test_spread_is_zero_for_identical_restarts_and_positive_otherwise():
     """A generator that ignores its latent gives identical restarts (the observations still differ,
     so a spread taken over the wrong axis would show); an under-determined one does not."""
     operator, _, state, y = observe({"kind": "inpaint", "p": 0.5})
-    config = RestoreConfig(steps=20, restarts=4, prior_weight=0.0)
+    config = LATENT_OPTIMISATION.model_copy(update={"steps": 20, "prior_weight": 0.0})
     constant = LinearGenerator(scale=0.0)
-    assert torch.equal(restore_observations(constant, Objective(operator), SHAPE, SIGMA_INIT, y, state,
+    assert torch.equal(restore_observations(one_step(constant, operator), y, state,
                                             config).spread, torch.zeros_like(y))
-    free = restore_observations(LinearGenerator(), Objective(operator), SHAPE, SIGMA_INIT, y, state, config)
+    free = restore_observations(one_step(LinearGenerator(), operator), y, state, config)
     missing = state["mask"].expand_as(y) == 0
     assert free.spread[missing].min() > 1e-3
     assert free.spread[~missing].max() < 1e-6  # measured pixels are kept in every restart
@@ -175,13 +181,13 @@ def test_restore_with_model_folder(tmp_path):
     save_model(tmp_path / "teacher", net, card.model_copy(update={"kind": "teacher"}))
     state = operator.sample_state(3, (1, 8, 8), torch.Generator().manual_seed(0))
     y = operator.forward(torch.rand(3, 1, 8, 8) * 2 - 1, state)
-    got = restore_with_model(tmp_path / "generator", y, state, RestoreConfig(steps=2, restarts=2))
+    got = restore_with_model(tmp_path / "generator", y, state, RestoreConfig(steps=2, restarts=2, encoder=None))
     assert got.mean.shape == got.spread.shape == (3, 1, 8, 8)
     assert got.mean.abs().max() <= 1.0
     with pytest.raises(ValueError, match="one-step generator"):
-        restore_with_model(tmp_path / "teacher", y, state, RestoreConfig(steps=2))
+        restore_with_model(tmp_path / "teacher", y, state, RestoreConfig(steps=2, encoder=None))
     with pytest.raises(ValueError, match="need their state"):
-        restore_with_model(tmp_path / "generator", y, {}, RestoreConfig(steps=2))
+        restore_with_model(tmp_path / "generator", y, {}, RestoreConfig(steps=2, encoder=None))
 
 
 def test_restore_benchmark_end_to_end_and_resumes(tmp_path):
@@ -189,14 +195,14 @@ def test_restore_benchmark_end_to_end_and_resumes(tmp_path):
     listed, and a second run served from the work folder (same numbers, same timings)."""
     from benchmarks import restore
 
-    argv = ["--train", "--budget", "0.02", "--distill-budget", "0.05", "--limit", "64", "--tasks",
-            "inpaint-0.8,mri-r4", "--n-images", "2", "--batch-size", "2", "--steps", "3", "--restarts", "2",
-            "--encoder-fit-steps", "3",
-            "--models", str(tmp_path / "models"),
+    argv = ["--budget", "0.02", "--distill-budget", "0.05", "--limit", "64", "--n-images", "2", "--batch-size", "2",
+            "--steps", "3", "--restarts", "2", "--encoder-fit-steps", "3", "--models", str(tmp_path / "models"),
             "--out", str(tmp_path / "out"), "--quiet", "--no-publish"]
-    result = restore.main(argv)
+    result = restore.main([*argv, "--train", "--tasks", "inpaint-0.8"])
     assert [(r["task"], r["method"]) for r in result["rows"]] == [("inpaint-0.8", m) for m in restore.METHODS]
     for row in result["rows"]:
         assert row["psnr"] > 0 and 0 < row["ssim"] <= 1 and row["seconds_per_image"] > 0
-    assert list(result["skipped"]) == ["mri-r4"]
-    assert restore.main(argv)["rows"] == result["rows"]
+    assert [r["fit_seconds"] > 0 for r in result["rows"] if "fit_seconds" in r] == [True, True]  # both encoder rows
+    rerun = restore.main([*argv, "--tasks", "inpaint-0.8,mri-r4"])  # no --train: the MRI models are missing
+    assert list(rerun["skipped"]) == ["mri-r4"]
+    assert rerun["rows"] == result["rows"]

@@ -223,9 +223,25 @@ def test_a_bad_setting_names_its_flag(monkeypatch, capsys, tmp_path):
         return stderr
 
     assert refusal("--steps", "-1") == "error: --steps: Input should be greater than or equal to 0\n"
-    assert refusal("--steps", "0") == ("error: --steps 0 restores nothing without an encoder: pass --encoder "
-                                       "(or --steps >= 1)\n")
+    assert refusal("--encoder", "none") == ("error: --steps 0 restores nothing without an encoder: drop "
+                                            "'--encoder none' (or --steps >= 1)\n")
     assert refusal("--encoder", "{stepz: 3}") == "error: --encoder-stepz: Extra inputs are not permitted\n"
+
+
+def test_the_dataset_default_is_the_encoder_and_latent_optimisation_is_one_flag_away(tmp_path):
+    from rsd_cli.main import build_parser
+    from rsd_cli.restore_cmd import _config
+    from rsd_core.encoder import EncoderConfig
+    from rsd_core.restore import LATENT_OPTIMISATION, RestoreConfig
+
+    def config(*flags: str) -> RestoreConfig:
+        return _config(build_parser().parse_args(["restore", "--model", CHAMPION, "--dataset", str(tmp_path),
+                                                  "--out", str(tmp_path / "o"), *flags]))
+
+    assert config() == RestoreConfig() and RestoreConfig().encoder == EncoderConfig() and RestoreConfig().steps == 0
+    assert config("--encoder", "none", "--steps", "30") == LATENT_OPTIMISATION
+    tuned = config("--encoder", "{steps: 500}", "--restarts", "1")
+    assert tuned.encoder == EncoderConfig(steps=500) and (tuned.steps, tuned.restarts) == (0, 1)
 
 
 def test_a_forward_model_other_than_the_datasets_is_refused():

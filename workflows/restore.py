@@ -22,7 +22,7 @@ from tasks.restore import (
     write_restoration,
 )
 
-DEFAULT_CONFIG = RestoreConfig()  # the tuned settings (rsd_core.restore)
+DEFAULT_CONFIG = RestoreConfig()  # the encoder fitted on the dataset, then one generator pass per restart
 
 
 @workflow
