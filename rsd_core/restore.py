@@ -1,4 +1,4 @@
-"""Restoring a data team's own observations with the one-step generator (latent optimisation).
+"""Restoring a data team's own observations with the one-step generator.
 
 For observations y = A(x) + sigma_n * eps with their per-sample operator state, the generator
 G(eps) = D_theta(sigma_init * eps; sigma_init) is inverted by minimising, over its standard-normal
@@ -7,12 +7,14 @@ latent eps,
     L(eps) = ||A(G(eps)) - y||^2 / (2 s^2) + prior_weight * ||eps||^2 / 2,   s = max(sigma_n, sigma_floor),
 
 through the operator's own differentiable forward model and the observations' state, so any
-operator kind (MRI included) is restored without kind-specific code. Every Adam step costs one
-forward and one backward pass of G, against a forward and a backward pass per level for a
-diffusion posterior sampler. Several restarts (different eps and, for generators with an input
-state such as Ambient inpainting masks or MRI projections, a different input state) give the
-posterior-mean estimate and a per-pixel spread. The choice of defaults and the tuning evidence
-are in docs/algorithms.md §10.1.
+operator kind (MRI included) is restored without kind-specific code. Two ways, one objective:
+an amortised encoder (rsd_core.encoder) fitted on the whole dataset proposes eps in one pass (the
+default: one encoder and one generator pass per restart), or Adam steps on eps per observation
+(latent optimisation, each step a forward and a backward pass of G, against a forward and a
+backward pass per level for a diffusion posterior sampler); steps may also refine the encoder's
+start. Several restarts (different eps and, for generators with an input state such as Ambient
+inpainting masks or MRI projections, a different input state) give the posterior-mean estimate
+and a per-pixel spread. The choice of defaults and the evidence are in docs/algorithms.md §10.1.
 """
 
 from __future__ import annotations

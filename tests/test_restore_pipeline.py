@@ -268,6 +268,7 @@ def test_registered_model_has_a_pyfunc_flavour_that_samples_and_restores(trained
     from mlflow.exceptions import MlflowException
 
     from rsd_cli.pipeline_cmd import _sample_registered
+    from rsd_core.restore import LATENT_OPTIMISATION
 
     out, dataset = trained
     model = _pyfunc(out)
@@ -281,6 +282,9 @@ def test_registered_model_has_a_pyfunc_flavour_that_samples_and_restores(trained
     given = model.predict({"eps": eps, "u": u.astype(np.float32)})["images"]
     assert given.shape == (2, 1, 32, 32)
 
+    # A request has no dataset to fit the amortised encoder on: its restorations are latent optimisation.
+    defaults = {p.name: p.default for p in model.metadata.get_params_schema().params}
+    assert defaults["steps"] == LATENT_OPTIMISATION.steps and "encoder" not in defaults
     y, state, _ = open_dataset(dataset).read_all()
     restored = model.predict({"observations": y[:4].numpy(), "mask": state["mask"][:4].numpy()},
                              params={"steps": 3, "restarts": 2})
