@@ -38,8 +38,8 @@ class RestoreConfig(Spec):
     """How observations are restored; the defaults restore a whole dataset (docs/algorithms.md §10.1).
 
     By default an amortised encoder (:mod:`rsd_core.encoder`) is fitted on the observations first and
-    each restart costs one generator pass at its latent (``steps`` 0): on the restore benchmark it matched
-    or beat latent optimisation on four of five tasks at 40-50x its speed per image (docs/results.md).
+    each restart costs one generator pass at its latent (``steps`` 0): on the restore benchmark it beat
+    latent optimisation on all five tasks at 34-49x its speed per image (docs/results.md).
     ``steps`` adds Adam steps on the latents; with ``encoder`` None they start from noise
     (:data:`LATENT_OPTIMISATION`, for a handful of observations without a dataset to fit on, e.g. one
     serving request).
