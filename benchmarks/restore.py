@@ -261,7 +261,7 @@ def write_doc(result: dict, command: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="/work/bench/restore-models",
+    parser.add_argument("--models", default=str(ROOT / "outputs" / "restore-models"),
                         help="folder with <task>/teacher and <task>/generator model folders")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.report import RESULTS_DIR
-from benchmarks.restore import observe, scores
+from benchmarks.restore import ROOT, observe, scores
 from rsd_core.kinds import build_operator
 from rsd_core.posterior import DPSConfig, dps_restore
 from rsd_core.restore import LATENT_OPTIMISATION, RestoreConfig, restore_observations
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--method", choices=("generator", "teacher-dps"), required=True)
     parser.add_argument("--grid", default="{}", help="JSON {setting: [values]} swept as a product")
     parser.add_argument("--base", default="{}", help="JSON settings applied to every run")
-    parser.add_argument("--models", default="/work/bench/restore-models")
+    parser.add_argument("--models", default=str(ROOT / "outputs" / "restore-models"))
     parser.add_argument("--n-images", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
