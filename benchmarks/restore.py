@@ -153,13 +153,12 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
     clean = clean_images(task, args.n_images, card.image_shape)
     y, state = observe(operator, clean)
     restarts = {"restarts": args.restarts} if args.restarts is not None else {}
-    encoder_config = RestoreConfig().model_copy(update={"batch_size": args.batch_size, "steps": args.encoder_steps,
-                                                        "encoder": EncoderConfig(steps=args.encoder_fit_steps),
-                                                        **restarts})
+    encoder_config = RestoreConfig().updated(batch_size=args.batch_size, steps=args.encoder_steps,
+                                              encoder=EncoderConfig(steps=args.encoder_fit_steps), **restarts)
+    steps = {"steps": args.steps} if args.steps is not None else {}
     configs = {"generator": encoder_config,
-               "generator-single-pass": encoder_config.model_copy(update={"restarts": 1}),
-               "generator-latent-opt": LATENT_OPTIMISATION.model_copy(update={
-                   "batch_size": args.batch_size, **restarts, **({"steps": args.steps} if args.steps else {})})}
+               "generator-single-pass": encoder_config.updated(restarts=1),
+               "generator-latent-opt": LATENT_OPTIMISATION.updated(batch_size=args.batch_size, **restarts, **steps)}
     dps_config = DPSConfig(batch_size=args.batch_size)
 
     def through_generator(method: str):

@@ -24,7 +24,7 @@ from benchmarks.report import RESULTS_DIR
 from benchmarks.restore import ROOT, observe, scores
 from rsd_core.kinds import build_operator
 from rsd_core.posterior import DPSConfig, dps_restore
-from rsd_core.restore import LATENT_OPTIMISATION, RestoreConfig, restore_observations
+from rsd_core.restore import LATENT_OPTIMISATION, restore_observations
 from rsd_core.sampling import OneStepSampler
 from rsd_core.sources import fashion_mnist
 from rsd_core.stages import load_model
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         settings = {**base, **dict(zip(grid, values, strict=True)), "batch_size": args.n_images}
         start = time.perf_counter()
         if args.method == "generator":
-            config = RestoreConfig(**{**LATENT_OPTIMISATION.model_dump(), **settings})
+            config = LATENT_OPTIMISATION.updated(**settings)
             generator = OneStepSampler(net, objective, tuple(card.image_shape), card.sigma_init)
             restored = restore_observations(generator, y, state, config).mean
         else:

@@ -9,7 +9,7 @@ beside their operators (:mod:`rsd_core.operators`) and are found through the ope
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -27,6 +27,10 @@ class Spec(BaseModel):
     """Base of every config model: unknown keys are errors, values are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def updated(self, **changes: Any) -> Self:
+        """A copy with ``changes``, validated like a new instance (``model_copy(update=...)`` is not)."""
+        return type(self).model_validate({**self.model_dump(), **changes})
 
 
 class OperatorSpecBase(Spec):

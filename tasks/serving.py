@@ -103,7 +103,7 @@ class GeneratorModel:
             raise _invalid("inputs must be named arrays: {'count': n}, {'eps': ..., 'u': ...} or "
                            "{'observations': ..., <state>: ...}")
         try:
-            config = RestoreConfig.model_validate({**LATENT_OPTIMISATION.model_dump(), **(params or {})})
+            config = LATENT_OPTIMISATION.updated(**(params or {}))
         except ValueError as err:
             raise _invalid(" ".join(str(err).split())) from None
         if "observations" in data:

@@ -206,3 +206,12 @@ def test_restore_benchmark_end_to_end_and_resumes(tmp_path):
     rerun = restore.main([*argv, "--tasks", "inpaint-0.8,mri-r4"])  # no --train: the MRI models are missing
     assert list(rerun["skipped"]) == ["mri-r4"]
     assert rerun["rows"] == result["rows"]
+
+
+def test_an_updated_config_is_validated_like_a_new_one():
+    """Spec.updated builds the benchmark's and serving's configs: a bad value must not slip through."""
+    assert LATENT_OPTIMISATION.updated(restarts=2) == RestoreConfig(steps=30, restarts=2, encoder=None)
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        LATENT_OPTIMISATION.updated(restarts=0)
+    with pytest.raises(ValueError, match="steps 0 restores nothing without an encoder"):
+        RestoreConfig().updated(encoder=None)
