@@ -199,6 +199,15 @@ class DistillConfig(Spec):
     betas_generator: tuple[float, float] = (0.0, 0.999)
     grad_clip_fake: float | None = 1.0
     grad_clip_generator: float | None = None
+    # Two choices where the RSD reference loops differ from this project (docs/algorithms.md §7, measured
+    # in docs/results.md "Distillation A/B"). Which pixels the fake score's Ambient inpainting loss is taken
+    # on: "observed" = the re-corruption's mask A (Ambient Diffusion's objective, the teacher's); "further"
+    # = the further mask A~ the network also sees (the reference's train_loss: no pixel it did not see).
+    fake_loss_mask: Literal["observed", "further"] = "observed"
+    # What the generator loss's normaliser w = 1 / mean|y_g - f_phi| averages over: the "visible" pixels of
+    # the input mask (this project) or "all" pixels (the reference sid_loss.py), which scales the loss by
+    # 1 / (visible fraction) and so changes what Adam's eps and grad_clip_generator see.
+    generator_loss_mean: Literal["visible", "all"] = "visible"
 
     @field_validator("t_max")
     @classmethod

@@ -22,7 +22,7 @@ from torch import nn
 
 from rsd_core.config import DistillConfig, TrainConfig, check_distill_train
 from rsd_core.networks import EDMPrecond
-from rsd_core.objectives import Objective
+from rsd_core.objectives import AmbientDiffusionObjective, Objective
 from rsd_core.sampling import RHO, SIGMA_MAX, SIGMA_MIN, generate
 from rsd_core.training import CheckpointCallback, MetricsCallback, Phase, StepContext, Trainer, TrainResult, make_ema
 
@@ -56,16 +56,19 @@ def sid_generator_loss(
     y_g: torch.Tensor,
     alpha: float,
     mask: torch.Tensor | None = None,
+    mean_over: str = "visible",
 ) -> torch.Tensor:
     """Per-sample SiD loss w (f_phi - f_psi) . [(f_phi - y_g) - alpha (f_phi - f_psi)].
 
-    f_phi is the teacher ("real") score, f_psi the fake. ``mask`` restricts the loss and the
-    normaliser w to visible pixels (inpainting). w is computed without gradient.
+    f_phi is the teacher ("real") score, f_psi the fake. ``mask`` restricts the loss to visible
+    pixels (inpainting); w = 1 / mean|y_g - f_phi| over the masked pixels, averaged over the
+    ``"visible"`` ones or over ``"all"`` pixels (the reference code's choice; DistillConfig.generator_loss_mean).
+    w is computed without gradient.
     """
     mask = torch.ones_like(y_g) if mask is None else mask.to(y_g.dtype).expand_as(y_g)
     with torch.no_grad():
-        visible = mask.flatten(1).sum(1).clamp_min(1.0)
-        w = 1.0 / ((y_g - f_phi).abs() * mask).flatten(1).sum(1).div(visible).clamp_min(1e-5)
+        count = mask.flatten(1).sum(1).clamp_min(1.0) if mean_over == "visible" else float(mask[0].numel())
+        w = 1.0 / ((y_g - f_phi).abs() * mask).flatten(1).sum(1).div(count).clamp_min(1e-5)
     diff = f_phi - f_psi
     per_pixel = mask * diff * ((f_phi - y_g) - alpha * diff)
     return w * per_pixel.flatten(1).sum(1)
@@ -95,6 +98,12 @@ class DistillPhase(Phase):
         self.fake = fake.requires_grad_(True)
         self.generator_ema = make_ema(generator)
         self.dcfg = dcfg
+        self.fake_loss_options = {}
+        if dcfg.fake_loss_mask == "further":
+            if not isinstance(objective, AmbientDiffusionObjective):
+                raise ValueError(f"fake_loss_mask 'further' needs the ambient_diffusion objective (random "
+                                 f"inpainting); this teacher's is '{objective.name}'")
+            self.fake_loss_options = {"loss_mask": "further"}
         self.batch_size = train_cfg.batch_size
         eps = train_cfg.adam_eps
         self.opt_fake = torch.optim.Adam(fake.parameters(), lr=dcfg.lr_fake, betas=dcfg.betas_fake, eps=eps)
@@ -116,7 +125,7 @@ class DistillPhase(Phase):
         y_fake = self.operator.observe(x_g, state, rng)  # re-corrupted: fresh state, fresh noise
         self.fake.train()
         with ctx.autocast():
-            loss = self.objective.loss(self.fake, y_fake, state, rng).mean()
+            loss = self.objective.loss(self.fake, y_fake, state, rng, **self.fake_loss_options).mean()
         return float(loss.detach()), ctx.optimizer_step(loss, self.opt_fake, self.dcfg.grad_clip_fake)
 
     def _generator_step(self, ctx: StepContext) -> tuple[float, float]:
@@ -135,7 +144,7 @@ class DistillPhase(Phase):
                 f_phi = self.objective.denoise(self.teacher, y_s, s, input_state).float()
                 f_psi = self.objective.denoise(self.fake, y_s, s, input_state).float()
             per_sample = sid_generator_loss(
-                f_phi, f_psi, y_g, d.alpha, self.objective.score_mask(input_state)
+                f_phi, f_psi, y_g, d.alpha, self.objective.score_mask(input_state), d.generator_loss_mean
             )
             finite = torch.isfinite(per_sample)  # drop NaN samples, as the reference code does
             loss = per_sample[finite].sum() / b * d.loss_scaling_g if finite.any() else per_sample.sum()

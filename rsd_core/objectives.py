@@ -130,13 +130,16 @@ class AmbientDiffusionObjective(Objective):
     def score_mask(self, input_state):
         return input_state["mask"]
 
-    def loss(self, net, y, state, rng=None):
+    def loss(self, net, y, state, rng=None, loss_mask: str = "observed"):
+        """``loss_mask`` "further" takes the loss on A~'s pixels only (the RSD reference's fake-score
+        train_loss, DistillConfig.fake_loss_mask): the network is then never asked for a pixel it did not see."""
         mask = state["mask"].to(y.dtype)
         further = self.operator.further_mask(mask, rng)
         sigma = self.sample_sigma(y.shape[0], rng, y.device)
         n = torch.randn(y.shape, generator=rng, device=y.device, dtype=y.dtype)
         h = self.denoise(net, y + _bcast(sigma, y) * n, sigma, {"mask": further})
-        return edm_weight(sigma, self.sigma_data) * _per_sample_sum((mask * (h - y)) ** 2)
+        on = further.to(y.dtype) if loss_mask == "further" else mask
+        return edm_weight(sigma, self.sigma_data) * _per_sample_sum((on * (h - y)) ** 2)
 
 
 class FourierAmbientObjective(Objective):

@@ -221,12 +221,42 @@ def gaussian_kernel2d(kernel_size: int, std: float) -> torch.Tensor:
     return (k / k.sum()).float()
 
 
+def reflected_gaussian_kernel2d(kernel_size: int, std: float, truncate: float = 4.0) -> torch.Tensor:
+    """The RSD / DPS reference blur kernel: a centred delta filtered by ``scipy.ndimage.gaussian_filter``.
+
+    That filter samples a normalised Gaussian out to radius int(truncate * std + 0.5), which for the
+    default 9 x 9 kernel of std 2 is wider than the kernel; in its "reflect" boundary mode the taps that
+    fall outside fold back onto the kernel's edge (d c b a | a b c d | d c b a), so the outer taps are
+    heavier than a sampled Gaussian's. Computed here in closed form (scipy is not needed); separable, sum 1.
+    """
+    radius = int(truncate * std + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    taps = torch.exp(-0.5 * (offsets / std) ** 2)
+    taps = taps / taps.sum()
+    centre, period = kernel_size // 2, 2 * kernel_size
+    g = torch.zeros(kernel_size, dtype=torch.float64)
+    for j, w in zip(range(-radius, radius + 1), taps.tolist(), strict=True):
+        # the delta sits at `centre`; output i reads input i + j, which reflects onto `centre` for one i
+        for i in range(kernel_size):
+            m = (i + j) % period
+            if (m if m < kernel_size else period - 1 - m) == centre:
+                g[i] += w
+    return torch.outer(g, g).float()
+
+
+BLUR_KERNELS = {"sampled": gaussian_kernel2d, "scipy-reflect": reflected_gaussian_kernel2d}
+
+
 class BlurSpec(OperatorSpecBase):
     """Gaussian blur with reflection padding (shape preserving)."""
 
     kind: Literal["blur"] = "blur"
     kernel_size: int = Field(9, description="odd kernel size")
     std: float = Field(2.0, description="Gaussian width in pixels")
+    kernel: Literal["sampled", "scipy-reflect"] = Field(
+        "sampled", description="'sampled': a Gaussian sampled on the kernel's support, normalised; 'scipy-reflect': "
+        "the RSD reference's (a delta through scipy.ndimage.gaussian_filter, tails folded onto the edge). Datasets "
+        "written before this setting existed were made with 'sampled', which is why it stays the default")
 
     @field_validator("kernel_size")
     @classmethod
@@ -248,7 +278,7 @@ class Blur(Operator):
 
     def __init__(self, spec: BlurSpec):
         super().__init__(spec)
-        self.kernel = gaussian_kernel2d(spec.kernel_size, spec.std)
+        self.kernel = BLUR_KERNELS[spec.kernel](spec.kernel_size, spec.std)
         self.pad = spec.kernel_size // 2
 
     def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
-from rsd_core.distill import DistillPhase, OneStepGenerator, distill, sid_noise_levels
+from rsd_core.distill import DistillPhase, OneStepGenerator, distill, sid_generator_loss, sid_noise_levels
 from rsd_core.kinds import build_operator, objective_for
 from rsd_core.operators import Identity
 from rsd_core.pretrain import TensorSource, build_teacher, pretrain_teacher
@@ -91,6 +91,63 @@ def test_sid_generator_gradient_moves_toward_the_data_and_flips_when_swapped():
         grad, closed, se, _ = _generator_step_grad(theta, 1.0, batch=20_000, swap=swap)
         assert grad == pytest.approx(closed, rel=1e-4)
         assert sign * grad > 30 * se, (theta, swap, grad, se)
+
+
+def test_generator_loss_mean_over_all_pixels_scales_the_loss_by_the_visible_fraction():
+    """w = 1 / mean|y_g - f_phi| over the visible pixels (default) or over all of them (the reference's
+    sid_loss.py): per sample the second is the first over the visible fraction."""
+    gen = torch.Generator().manual_seed(0)
+    f_phi, f_psi, y_g = (torch.randn(6, 2, 8, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    mask = (torch.rand(6, 1, 8, 8, generator=gen) < torch.linspace(0.1, 0.9, 6).view(6, 1, 1, 1)).double()
+    visible = sid_generator_loss(f_phi, f_psi, y_g, 1.2, mask)
+    over_all = sid_generator_loss(f_phi, f_psi, y_g, 1.2, mask, mean_over="all")
+    fraction = mask.flatten(1).mean(1)
+    assert torch.allclose(over_all, visible / fraction, rtol=1e-10)
+    assert not torch.allclose(visible, over_all)
+    # without a mask every pixel is visible: the two agree
+    assert torch.allclose(sid_generator_loss(f_phi, f_psi, y_g, 1.2, None, mean_over="all"),
+                          sid_generator_loss(f_phi, f_psi, y_g, 1.2, None))
+
+
+class MaskRecordingNet(nn.Module):
+    """h = a learnable image per sample, whatever the input; records the input mask (conditioning) it was given."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.image = nn.Parameter(torch.zeros(shape))
+        self.seen_mask = None
+
+    def forward(self, x, sigma, cond=None):
+        self.seen_mask = cond.detach()
+        return self.image
+
+
+@pytest.mark.parametrize("loss_mask", ["observed", "further"])
+def test_fake_loss_mask_observed_supervises_unseen_pixels_and_further_only_seen_ones(loss_mask):
+    """Ambient inpainting: with the mask A the loss reaches pixels of A that A~ hid from the network (what
+    makes the network inpaint); with A~ (the reference's train_loss) only pixels the network saw."""
+    op = build_operator({"kind": "inpaint", "p": 0.5, "delta": 0.3})
+    objective = objective_for(op)
+    gen = torch.Generator().manual_seed(0)
+    state = op.sample_state(16, (1, 8, 8), gen)
+    y = op.forward(torch.rand(16, 1, 8, 8, generator=gen) + 0.5, state)
+    net = MaskRecordingNet((16, 1, 8, 8))
+    objective.loss(net, y, state, gen, loss_mask=loss_mask).sum().backward()
+    seen = net.seen_mask.bool()
+    hidden = state["mask"].bool() & ~seen  # in A, not in A~
+    assert hidden.any() and (net.image.grad[seen] != 0).any()
+    if loss_mask == "further":
+        assert torch.all(net.image.grad[~seen] == 0)
+    else:
+        assert torch.all(net.image.grad[hidden] != 0)
+
+
+def test_fake_loss_mask_further_is_refused_for_objectives_without_a_further_mask():
+    objective = objective_for(build_operator({"kind": "blur"}))
+    teacher = GaussianDenoiser(1.0)
+    with pytest.raises(ValueError, match="fake_loss_mask 'further' needs the ambient_diffusion objective"):
+        DistillPhase(teacher, objective, ScaleGenerator(1.0), GaussianDenoiser(1.0),
+                     TrainConfig(batch_size=4), DistillConfig(fake_loss_mask="further"), {})
 
 
 def test_noise_levels_follow_the_truncated_rho7_schedule():

@@ -67,6 +67,24 @@ def test_blur_preserves_constants_and_shape():
     assert torch.allclose(op.forward(x, {}), x, atol=1e-6)
 
 
+@pytest.mark.parametrize(("kernel_size", "std"), [(9, 2.0), (5, 1.0), (3, 3.0), (15, 2.5)])
+def test_reference_blur_kernel_is_a_delta_through_scipy_gaussian_filter(kernel_size, std):
+    ndimage = pytest.importorskip("scipy.ndimage")  # scikit-image's dependency: installed with the project
+    delta = torch.zeros(kernel_size, kernel_size, dtype=torch.float64)
+    delta[kernel_size // 2, kernel_size // 2] = 1.0
+    expected = torch.from_numpy(ndimage.gaussian_filter(delta.numpy(), std, mode="reflect")).float()
+    op = build_operator({"kind": "blur", "kernel_size": kernel_size, "std": std, "kernel": "scipy-reflect"})
+    assert torch.allclose(op.kernel, expected, atol=1e-7)
+    # the operator blurs with it: a delta image comes out as the kernel (away from the border)
+    image = torch.zeros(1, 1, 3 * kernel_size, 3 * kernel_size)
+    image[..., 3 * kernel_size // 2, 3 * kernel_size // 2] = 1.0
+    lo, hi = kernel_size, 2 * kernel_size
+    assert torch.allclose(op.forward(image, {})[0, 0, lo:hi, lo:hi], expected, atol=1e-7)
+    # and it is not the sampled Gaussian, the default, whose taps differ once the filter's tails fold back
+    sampled = build_operator({"kind": "blur", "kernel_size": kernel_size, "std": std}).kernel
+    assert (sampled - expected).abs().max() > 1e-4
+
+
 def test_superres_is_a_projection_onto_block_constants():
     op = build_operator({"kind": "superres", "factor": 2})
     x = torch.randn(2, 1, 8, 8)
