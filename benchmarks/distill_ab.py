@@ -13,7 +13,8 @@ Each EMA generator is scored by its FD to the first ``--n-eval`` clean Fashion-M
 clean-trained classifier's features: an evaluation of a design choice, which needs clean images (model
 selection never does). The ``project`` generator is scored with two sample seeds, so the table shows how much
 FD moves with the samples alone. Runs resume (Trainer checkpoints; finished variants are kept in
-``OUT/<task>/<variant>``). Writes benchmarks/results/distill_ab.json, also the last stdout line.
+``OUT/<task>/<variant>``). Writes OUT/distill_ab.json and, unless ``--no-publish``,
+benchmarks/results/distill_ab.json; the result is also the last stdout line.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import emit
+from benchmarks.restoration import write_result
 from rsd_core.classifier import ClassifierExtractor
 from rsd_core.config import DistillConfig, TrainConfig
 from rsd_core.frechet import compute_stats, frechet_distance
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("outputs/distill-ab"))
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--no-publish", dest="publish", action="store_false",
+                        help="write OUT/distill_ab.json only, not benchmarks/results/")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"rows": rows, "extractor": EXTRACTOR, "n_eval": args.n_eval, "steps": args.steps,
               "models": str(args.models), "machine": f"{platform.machine()}, Python {platform.python_version()}",
               "date": datetime.date.today().isoformat()}
-    return emit("distill_ab", result)
+    return write_result(args, "distill_ab", result)
 
 
 if __name__ == "__main__":

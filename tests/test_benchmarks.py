@@ -3,7 +3,7 @@ phase reuse on a second run, and that ``--no-publish`` leaves the committed resu
 
 import json
 
-from benchmarks import extractors, restoration
+from benchmarks import distill_ab, extractors, restoration
 from benchmarks.report import RESULTS_DIR
 
 ISSUE_KEYS = {"task", "teacher_fd", "teacher_sampler", "teacher_fd_full", "teacher_fd_truncated", "student_fd",
@@ -11,7 +11,8 @@ ISSUE_KEYS = {"task", "teacher_fd", "teacher_sampler", "teacher_fd_full", "teach
 
 
 def _published() -> dict:
-    files = [restoration.DOC, RESULTS_DIR / "restoration.json", *restoration.FIGURES.glob("restoration_*.png")]
+    files = [restoration.DOC, RESULTS_DIR / "restoration.json", RESULTS_DIR / "distill_ab.json",
+             *restoration.FIGURES.glob("restoration_*.png")]
     return {f: f.read_bytes() for f in files if f.exists()}
 
 
@@ -53,6 +54,15 @@ def test_restoration_benchmark_at_a_toy_budget(tmp_path):
     assert ssl["checkpoint"]["best_true_fd"] <= ssl["checkpoint"]["chosen_true_fd"]
     assert -1 <= ssl["spearman_all"] <= 1 and task["features"]["self-supervised"]["id"].startswith("ssl-")
     assert scored["summary"]["classifier"]["checkpoint"]["tasks"] == 1
+    assert _published() == before
+
+    # the distillation A/B distils that teacher once per variant at equal steps, and scores each
+    ab = distill_ab.main(["--models", str(tmp_path), "--tasks", "inpaint-0.6", "--variants", "project,fake-further",
+                          "--steps", "2", "--n-eval", "64", "--out", str(tmp_path / "ab"), "--quiet", "--no-publish"])
+    assert [(r["variant"], r["fake_loss_mask"], r["steps"]) for r in ab["rows"]] == [
+        ("project", "observed", 2), ("fake-further", "further", 2)]
+    assert all(r["true_fd"] > 0 for r in ab["rows"]) and len(ab["rows"][0]["true_fd_other_samples"]) == 1
+    assert "evaluation only" in ab["extractor"] and (tmp_path / "ab" / "distill_ab.json").exists()
     assert _published() == before
 
 
