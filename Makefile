@@ -17,7 +17,7 @@ demo: setup  ## run the whole pipeline (cpu-demo preset) on bundled Fashion-MNIS
 
 test: setup  ## run the test suite (no GPU, no network needed)
 	@mkdir -p $(SCRATCH)
-	TMPDIR=$(SCRATCH) FLYTE_LOCAL_CACHE_ENABLED=false $(PY) -m pytest -q -m "not slow" --timeout 900
+	TMPDIR=$(SCRATCH) FLYTE_LOCAL_CACHE_ENABLED=false $(PY) -m pytest -q -m "not slow" --timeout 900 --durations=15
 
 test-slow: setup  ## the slow tests (fault injection, servers)
 	@mkdir -p $(SCRATCH)

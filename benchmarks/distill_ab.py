@@ -1,20 +1,21 @@
 """Distillation A/B: this project's two deviations from the RSD reference loops, at equal budget.
 
-    python -m benchmarks.distill_ab [--models DIR] [--tasks inpaint-0.6,inpaint-0.8] [--steps 40]
+    python -m benchmarks.distill_ab [--models DIR] [--tasks inpaint-0.6,inpaint-0.8] [--steps 40] [--seeds 0,1]
 
 For every task (random inpainting: the only operator where the two settings act), the task's teacher
 (``DIR/<task>/teacher``, the layout of benchmarks/restoration.py and benchmarks/restore.py) is distilled
-``--steps`` steps from scratch once per variant, with the same seed, batch and learning rates:
+``--steps`` steps from scratch once per variant and seed, with the same batch and learning rates:
 - ``project``: the defaults (fake-score loss masked by A; generator loss normaliser over visible pixels);
 - ``fake-further``: ``DistillConfig.fake_loss_mask="further"`` (the reference's A~-masked train_loss);
 - ``weight-all``: ``DistillConfig.generator_loss_mean="all"`` (the reference sid_loss.py's mean);
 - ``reference``: both.
 Each EMA generator is scored by its FD to the first ``--n-eval`` clean Fashion-MNIST *test* images with the
 clean-trained classifier's features: an evaluation of a design choice, which needs clean images (model
-selection never does). The ``project`` generator is scored with two sample seeds, so the table shows how much
-FD moves with the samples alone. Runs resume (Trainer checkpoints; finished variants are kept in
-``OUT/<task>/<variant>``). Writes OUT/distill_ab.json and, unless ``--no-publish``,
-benchmarks/results/distill_ab.json; the result is also the last stdout line.
+selection never does). The ``project`` generator is also scored with a second sample seed, so the table shows
+how much FD moves with the samples alone; ``summary`` has each variant's mean FD over the seeds and its ratio to
+``project``'s. Runs resume (Trainer checkpoints; finished runs are kept in ``OUT/<task>/<variant>/seed-<s>``).
+Writes OUT/distill_ab.json and, unless ``--no-publish``, benchmarks/results/distill_ab.json; the result is also
+the last stdout line.
 """
 
 from __future__ import annotations
@@ -70,6 +71,20 @@ def true_fd(generator_dir: Path, clean_stats, n: int, seed: int) -> float:
     return frechet_distance(compute_stats(ClassifierExtractor(), quantise(feature_images(samples))), clean_stats)
 
 
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per task and variant: the mean FD over seeds and its ratio to the ``project`` variant's mean."""
+    means: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        means.setdefault((r["task"], r["variant"]), []).append(r["true_fd"])
+    out = []
+    for (task, variant), fds in means.items():
+        base = means.get((task, "project"))
+        mean = sum(fds) / len(fds)
+        out.append({"task": task, "variant": variant, "seeds": len(fds), "mean_true_fd": mean,
+                    "over_project": mean / (sum(base) / len(base)) if base else None})
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {','.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, default=40, help="distillation steps per variant (equal budget)")
     parser.add_argument("--n-eval", type=int, default=2000, help="generated and clean images per FD")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="distillation seeds, comma-separated (default: 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("outputs/distill-ab"))
     parser.add_argument("--quiet", action="store_true")
@@ -88,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = args.variants.split(",")
+    variants, seeds = args.variants.split(","), [int(s) for s in args.seeds.split(",")]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
@@ -99,17 +114,19 @@ def main(argv: list[str] | None = None) -> dict:
         teacher_dir = args.models / task / "teacher"
         if not (teacher_dir / "model.json").exists():
             sys.exit(f"{teacher_dir}: no teacher (train it with `python -m benchmarks.restore --train`)")
-        for variant in variants:
-            out = args.out / task / variant
-            info = distil_variant(teacher_dir, out, variant, args.steps, args.seed, not args.quiet)
-            fds = [true_fd(out / "generator", clean_stats, args.n_eval, s)
-                   for s in ((args.seed, args.seed + 1) if variant == "project" else (args.seed,))]
-            rows.append({"task": task, "variant": variant, "true_fd": fds[0], "true_fd_other_samples": fds[1:],
-                         "steps": info["steps"], "seconds": info["seconds"],
-                         **{k: info["distill"][k] for k in ("fake_loss_mask", "generator_loss_mean")}})
-            print(f"{task:12} {variant:13} FD {fds[0]:7.2f}  ({info['steps']} steps, {info['seconds']:.0f} s)",
-                  flush=True)
-    result = {"rows": rows, "extractor": EXTRACTOR, "n_eval": args.n_eval, "steps": args.steps,
+        for seed in seeds:
+            for variant in variants:
+                out = args.out / task / variant / f"seed-{seed}"
+                info = distil_variant(teacher_dir, out, variant, args.steps, seed, not args.quiet)
+                fds = [true_fd(out / "generator", clean_stats, args.n_eval, s)
+                       for s in ((seed, seed + 1000) if variant == "project" else (seed,))]
+                rows.append({"task": task, "variant": variant, "seed": seed, "true_fd": fds[0],
+                             "true_fd_other_samples": fds[1:], "steps": info["steps"], "seconds": info["seconds"],
+                             **{k: info["distill"][k] for k in ("fake_loss_mask", "generator_loss_mean")}})
+                print(f"{task:12} {variant:13} seed {seed}  FD {fds[0]:7.2f}  ({info['steps']} steps, "
+                      f"{info['seconds']:.0f} s)", flush=True)
+    result = {"rows": rows, "summary": summarise(rows), "extractor": EXTRACTOR, "n_eval": args.n_eval,
+              "steps": args.steps, "seeds": seeds,
               "models": str(args.models), "machine": f"{platform.machine()}, Python {platform.python_version()}",
               "date": datetime.date.today().isoformat()}
     return write_result(args, "distill_ab", result)

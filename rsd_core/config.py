@@ -199,11 +199,14 @@ class DistillConfig(Spec):
     betas_generator: tuple[float, float] = (0.0, 0.999)
     grad_clip_fake: float | None = 1.0
     grad_clip_generator: float | None = None
-    # Two choices where the RSD reference loops differ from this project (docs/algorithms.md §7, measured
-    # in docs/results.md "Distillation A/B"). Which pixels the fake score's Ambient inpainting loss is taken
-    # on: "observed" = the re-corruption's mask A (Ambient Diffusion's objective, the teacher's); "further"
-    # = the further mask A~ the network also sees (the reference's train_loss: no pixel it did not see).
-    fake_loss_mask: Literal["observed", "further"] = "observed"
+    # Two choices where the RSD reference loops differ from Ambient Diffusion's objective (docs/algorithms.md §7,
+    # measured in docs/results.md "Distillation A/B"). Which pixels the fake score's random-inpainting loss is
+    # taken on: "observed" = the re-corruption's mask A (the teacher's objective: the network also learns to
+    # fill pixels it did not see); "further" = the further mask A~ the network sees (the reference's
+    # train_loss), the only pixels the generator step scores; for MRI, P_M~ in place of P_M (the reference MRI
+    # loop's). None: "further" for random inpainting (FD 9-12% lower at equal steps), the objective's own loss
+    # elsewhere (MRI: not measured; its GPU preset follows the reference).
+    fake_loss_mask: Literal["observed", "further"] | None = None
     # What the generator loss's normaliser w = 1 / mean|y_g - f_phi| averages over: the "visible" pixels of
     # the input mask (this project) or "all" pixels (the reference sid_loss.py), which scales the loss by
     # 1 / (visible fraction) and so changes what Adam's eps and grad_clip_generator see.

@@ -22,7 +22,7 @@ from torch import nn
 
 from rsd_core.config import DistillConfig, TrainConfig, check_distill_train
 from rsd_core.networks import EDMPrecond
-from rsd_core.objectives import AmbientDiffusionObjective, Objective
+from rsd_core.objectives import AmbientDiffusionObjective, FourierAmbientObjective, Objective
 from rsd_core.sampling import RHO, SIGMA_MAX, SIGMA_MIN, generate
 from rsd_core.training import CheckpointCallback, MetricsCallback, Phase, StepContext, Trainer, TrainResult, make_ema
 
@@ -74,6 +74,17 @@ def sid_generator_loss(
     return w * per_pixel.flatten(1).sum(1)
 
 
+def fake_loss_mask(dcfg: DistillConfig, objective: Objective) -> str:
+    """The pixels the fake score's loss is taken on (DistillConfig.fake_loss_mask, None resolved per objective)."""
+    has_further = isinstance(objective, AmbientDiffusionObjective | FourierAmbientObjective)
+    if dcfg.fake_loss_mask == "further" and not has_further:
+        raise ValueError(f"fake_loss_mask 'further' needs an objective with a further corruption (ambient_diffusion, "
+                         f"fourier_ambient); this teacher's is '{objective.name}'")
+    if dcfg.fake_loss_mask is None:  # measured for random inpainting only (docs/results.md, Distillation A/B)
+        return "further" if isinstance(objective, AmbientDiffusionObjective) else "observed"
+    return dcfg.fake_loss_mask
+
+
 class DistillPhase(Phase):
     """Fake-score step, then generator step, each on fresh z (one RSD iteration per ``step``)."""
 
@@ -98,12 +109,7 @@ class DistillPhase(Phase):
         self.fake = fake.requires_grad_(True)
         self.generator_ema = make_ema(generator)
         self.dcfg = dcfg
-        self.fake_loss_options = {}
-        if dcfg.fake_loss_mask == "further":
-            if not isinstance(objective, AmbientDiffusionObjective):
-                raise ValueError(f"fake_loss_mask 'further' needs the ambient_diffusion objective (random "
-                                 f"inpainting); this teacher's is '{objective.name}'")
-            self.fake_loss_options = {"loss_mask": "further"}
+        self.fake_loss_options = {"loss_mask": "further"} if fake_loss_mask(dcfg, objective) == "further" else {}
         self.batch_size = train_cfg.batch_size
         eps = train_cfg.adam_eps
         self.opt_fake = torch.optim.Adam(fake.parameters(), lr=dcfg.lr_fake, betas=dcfg.betas_fake, eps=eps)
@@ -177,6 +183,7 @@ def distill(
     on_checkpoint: CheckpointCallback | None = None,
 ) -> tuple[DistillPhase, TrainResult]:
     """Distil ``teacher`` (its EMA weights) into a one-step generator; G and the fake start as its copies."""
+    dcfg = dcfg.updated(fake_loss_mask=fake_loss_mask(dcfg, objective))  # checkpoints record what was used
     generator = OneStepGenerator(copy.deepcopy(teacher), objective, shape, dcfg.sigma_init)
     fake = copy.deepcopy(teacher)
     # Checkpoints record the distillation settings they were made with (selection samples them at sigma_init).

@@ -171,7 +171,9 @@ class FourierAmbientObjective(Objective):
     def measure(self, x, input_state):
         return x
 
-    def loss(self, net, y, state, rng=None):
+    def loss(self, net, y, state, rng=None, loss_mask: str = "observed"):
+        """``loss_mask`` "further" compares P_M~ h with P_M~ x0 instead (the RSD MRI reference's fake-score
+        train_loss, DistillConfig.fake_loss_mask)."""
         op = self.operator
         further_state = {"mask": op.further_mask(state["mask"], rng), "maps_index": state["maps_index"]}
         x0_acq = op.adjoint(y, state)  # P_M x0
@@ -180,5 +182,6 @@ class FourierAmbientObjective(Objective):
         n = torch.randn(x0_acq.shape, generator=rng, device=y.device, dtype=x0_acq.dtype)
         u = x0_further + _bcast(sigma, n) * op.normal(n, further_state)
         h = net(u, sigma, self._cond(u, further_state["mask"]))
-        err = op.normal(h, state) - x0_acq
+        on, target = (further_state, x0_further) if loss_mask == "further" else (state, x0_acq)
+        err = op.normal(h, on) - target
         return edm_weight(sigma, self.sigma_data) * _per_sample_sum(err**2)

@@ -142,7 +142,8 @@ def _celeba64_inpaint_gpu() -> PipelineConfig:
     """CelebA-HQ 64 inpainting, p = 0.6 (the reference scripts' settings): ddpmpp-sized U-Net, fp16-era
     settings in bf16."""
     return PipelineConfig(
-        description="celeba64-inpaint-gpu: paper settings, CelebA-HQ 64 inpainting p=0.6",
+        description="celeba64-inpaint-gpu: the RSD reference's settings for CelebA-HQ 64 inpainting p=0.6, except: "
+        "no EDM augmentation pipe (the reference trains the teacher with p=0.15), bf16 instead of fp16",
         data=DataSettings(source="/data/celeba-hq-64", operator=InpaintSpec(p=0.6, delta=0.1), image_size=64,
                           channels=3, clean_eval=10_000),
         network=NetworkConfig(img_resolution=64, img_channels=3, model_channels=128, channel_mult=(1, 2, 2, 2),
@@ -155,7 +156,9 @@ def _celeba64_inpaint_gpu() -> PipelineConfig:
                                   lr_rampup_steps=0, ema_halflife_nimg=500_000.0, checkpoint_every=500),
         distill=DistillConfig(alpha=1.2, sigma_init=2.5, t_max=800.0, loss_scaling_g=100.0, lr_fake=1e-5,
                               lr_generator=1e-5, betas_fake=(0.0, 0.999), betas_generator=(0.9, 0.999),
-                              grad_clip_fake=1.0, grad_clip_generator=None),
+                              grad_clip_fake=1.0, grad_clip_generator=None,
+                              # the reference loop's choices (docs/algorithms.md §7): fake loss on A~, w over all pixels
+                              fake_loss_mask="further", generator_loss_mean="all"),
         selection=SelectionSettings(n_samples=10_000, extractor="inception"),
         tracking=TrackingSettings(experiment="rsd-celeba64", model_name="rsd-celeba64-inpaint", log_every=100),
         resources=_GPU,
@@ -166,7 +169,8 @@ def _mri_multicoil_gpu() -> PipelineConfig:
     """Multi-coil MRI, R = 4 (the reference MRI scripts' settings; docs/algorithms.md §5): Fourier-space
     Ambient teacher, then RSD."""
     return PipelineConfig(
-        description="mri-multicoil-gpu: paper settings, multi-coil brain MRI R=4",
+        description="mri-multicoil-gpu: the RSD reference MRI scripts' optimisation settings, multi-coil brain "
+        "MRI R=4 at 64x64",
         data=DataSettings(source="brain-mri", operator=MRISpec(R=4.0, delta_R=1.0), image_size=64, clean_eval=1000),
         network=NetworkConfig(img_resolution=64, img_channels=2, model_channels=128, channel_mult=(1, 1, 1, 1),
                               num_blocks=4, attn_resolutions=(16,), dropout=0.1),
@@ -180,7 +184,8 @@ def _mri_multicoil_gpu() -> PipelineConfig:
                                   checkpoint_every=4167, seed=42),
         distill=DistillConfig(alpha=1.2, sigma_init=2.5, t_max=800.0, loss_scaling_g=100.0, lr_fake=5e-6,
                               lr_generator=1e-6, betas_fake=(0.0, 0.999), betas_generator=(0.0, 0.999),
-                              grad_clip_fake=1.0, grad_clip_generator=None),
+                              grad_clip_fake=1.0, grad_clip_generator=None,
+                              fake_loss_mask="further"),  # the reference MRI loop's P_M~ train_loss (not measured)
         selection=SelectionSettings(n_samples=5000, extractor="inception"),
         export=ExportSettings(formats=("pt2",)),  # ONNX cannot hold the projection's complex FFTs (rsd_core.export)
         tracking=TrackingSettings(experiment="rsd-mri", model_name="rsd-mri-r4", log_every=100),

@@ -5,12 +5,20 @@ import torch
 from torch import nn
 
 from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
-from rsd_core.distill import DistillPhase, OneStepGenerator, distill, sid_generator_loss, sid_noise_levels
+from rsd_core.distill import (
+    DistillPhase,
+    OneStepGenerator,
+    distill,
+    fake_loss_mask,
+    sid_generator_loss,
+    sid_noise_levels,
+)
 from rsd_core.kinds import build_operator, objective_for
+from rsd_core.objectives import edm_weight
 from rsd_core.operators import Identity
 from rsd_core.pretrain import TensorSource, build_teacher, pretrain_teacher
 from rsd_core.sampling import OneStepSampler, TeacherSampler
-from rsd_core.stages import ModelCard, generator_from_checkpoint, save_model
+from rsd_core.stages import ModelCard, checkpoint_distill_config, generator_from_checkpoint, save_model
 from rsd_core.training import StepContext, Trainer, list_checkpoints
 
 
@@ -142,10 +150,47 @@ def test_fake_loss_mask_observed_supervises_unseen_pixels_and_further_only_seen_
         assert torch.all(net.image.grad[hidden] != 0)
 
 
+@pytest.mark.parametrize(("kind", "setting", "used"), [
+    ("inpaint", None, "further"), ("inpaint", "observed", "observed"), ("blur", None, "observed"),
+    ("mri", None, "observed")])
+def test_fake_loss_mask_default_is_the_further_mask_for_random_inpainting_only(kind, setting, used):
+    """The measured default (docs/results.md, Distillation A/B): A~ for random inpainting, the objective's own
+    loss elsewhere; an explicit setting wins."""
+    objective = objective_for(build_operator({"kind": kind}))
+    assert fake_loss_mask(DistillConfig(fake_loss_mask=setting), objective) == used
+
+
+class SigmaCondRecordingNet(MaskRecordingNet):
+    def forward(self, x, sigma, cond=None):
+        self.sigma = sigma.detach()
+        return super().forward(x, sigma, cond)
+
+
+@pytest.mark.parametrize("loss_mask", ["observed", "further"])
+def test_mri_fake_loss_compares_projections_onto_the_acquired_or_the_further_lines(loss_mask):
+    """Fourier Ambient: ||P_M (h - x0)||^2 (the teacher's loss) or ||P_M~ (h - x0)||^2 (the reference MRI loop's
+    fake-score train_loss), both from the measured k-space only, checked against the recorded M~ and sigma."""
+    op = build_operator({"kind": "mri", "R": 4, "n_coils": 4})
+    objective = objective_for(op)
+    gen = torch.Generator().manual_seed(0)
+    state = op.sample_state(3, (2, 16, 16), gen)
+    y = op.observe(torch.randn(3, 2, 16, 16, generator=gen), state, gen)
+    net = SigmaCondRecordingNet((3, 2, 16, 16))
+    with torch.no_grad():
+        net.image.normal_(generator=gen)
+    loss = objective.loss(net, y, state, gen, loss_mask=loss_mask)
+    further = {"mask": net.seen_mask[:, :1, :1, :], "maps_index": state["maps_index"]}
+    used = further if loss_mask == "further" else state
+    err = op.normal(net.image, used) - op.adjoint(y, used)
+    expected = edm_weight(net.sigma, objective.sigma_data) * err.square().flatten(1).sum(1)
+    assert torch.allclose(loss, expected, rtol=1e-4)
+    assert not torch.equal(further["mask"].expand_as(state["mask"]), state["mask"])  # M~ is a strict subset
+
+
 def test_fake_loss_mask_further_is_refused_for_objectives_without_a_further_mask():
     objective = objective_for(build_operator({"kind": "blur"}))
     teacher = GaussianDenoiser(1.0)
-    with pytest.raises(ValueError, match="fake_loss_mask 'further' needs the ambient_diffusion objective"):
+    with pytest.raises(ValueError, match="fake_loss_mask 'further' needs an objective with a further corruption"):
         DistillPhase(teacher, objective, ScaleGenerator(1.0), GaussianDenoiser(1.0),
                      TrainConfig(batch_size=4), DistillConfig(fake_loss_mask="further"), {})
 
@@ -274,6 +319,8 @@ def test_short_distillation_runs_checkpoints_resumes_and_samples(digits8, tmp_pa
     resumed, result = distill(teacher, objective, (1, 8, 8), cfg, dcfg, tmp_path / "b", progress=False)
     assert result.steps == 12
     assert len(list_checkpoints(tmp_path / "b" / "checkpoints")) == 3
+    # the checkpoints record the fake-score mask that was used (None resolved: A~ for random inpainting)
+    assert checkpoint_distill_config(list_checkpoints(tmp_path / "b" / "checkpoints")[-1]).fake_loss_mask == "further"
     for a, b in zip(straight.generator_ema.parameters(), resumed.generator_ema.parameters(), strict=True):
         assert torch.equal(a, b)
 
