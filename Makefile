@@ -4,7 +4,7 @@ PY := .venv/bin/python
 SCRATCH := $(CURDIR)/.flyte-tmp
 
 .PHONY: help setup demo test test-slow lint bench-throughput bench-sampling bench-frechet bench-eigenspace bench-restoration \
-	bench-faults bench-streaming bench-restore teacher-smoke
+	bench-faults bench-streaming bench-restore bench-distill-ab teacher-smoke
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -43,6 +43,9 @@ bench-eigenspace: setup  ## the linear eigenspace-recovery experiment (a few min
 
 bench-restore: setup  ## restore held-out observations: generator (encoder), teacher DPS, classical; trains missing models
 	$(PY) -m benchmarks.restore --train --n-images 32 --batch-size 32 --threads 1
+
+bench-distill-ab: setup  ## the reference loops' distillation choices at equal steps (needs bench-restore's teachers)
+	$(PY) -m benchmarks.distill_ab --seeds 0,1 --variants observed,further,observed-all --threads 1
 
 bench-restoration: setup  ## five corruptions of Fashion-MNIST, teacher vs student: docs/results.md (~3.8 h)
 	$(PY) -m benchmarks.restoration --budget 10 --distill-budget 30 --distill-lr-drop-at 0.667 --threads 1

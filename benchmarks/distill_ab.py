@@ -5,15 +5,17 @@
 For every task (random inpainting: the only operator where the two settings act), the task's teacher
 (``DIR/<task>/teacher``, the layout of benchmarks/restoration.py and benchmarks/restore.py) is distilled
 ``--steps`` steps from scratch once per variant and seed, with the same batch and learning rates:
-- ``project``: the defaults (fake-score loss masked by A; generator loss normaliser over visible pixels);
-- ``fake-further``: ``DistillConfig.fake_loss_mask="further"`` (the reference's A~-masked train_loss);
-- ``weight-all``: ``DistillConfig.generator_loss_mean="all"`` (the reference sid_loss.py's mean);
-- ``reference``: both.
+- ``observed``: the fake-score loss masked by A (the teacher's objective), the generator loss normaliser over
+  visible pixels (this project's choices before the A/B);
+- ``further``: ``DistillConfig.fake_loss_mask="further"`` (the reference's A~-masked train_loss; the default
+  for random inpainting since this A/B);
+- ``observed-all``: ``DistillConfig.generator_loss_mean="all"`` (the reference sid_loss.py's mean);
+- ``reference``: both of the reference's choices.
 Each EMA generator is scored by its FD to the first ``--n-eval`` clean Fashion-MNIST *test* images with the
 clean-trained classifier's features: an evaluation of a design choice, which needs clean images (model
-selection never does). The ``project`` generator is also scored with a second sample seed, so the table shows
+selection never does). The ``observed`` generator is also scored with a second sample seed, so the table shows
 how much FD moves with the samples alone; ``summary`` has each variant's mean FD over the seeds and its ratio to
-``project``'s. Runs resume (Trainer checkpoints; finished runs are kept in ``OUT/<task>/<variant>/seed-<s>``).
+``observed``'s. Runs resume (Trainer checkpoints; finished runs are kept in ``OUT/<task>/<variant>/seed-<s>``).
 Writes OUT/distill_ab.json and, unless ``--no-publish``, benchmarks/results/distill_ab.json; the result is also
 the last stdout line.
 """
@@ -40,12 +42,13 @@ from rsd_core.selection import feature_images, quantise
 from rsd_core.sources import fashion_mnist
 from rsd_core.stages import distill_stage
 
-VARIANTS = {
-    "project": {},
-    "fake-further": {"fake_loss_mask": "further"},
-    "weight-all": {"generator_loss_mean": "all"},
+VARIANTS = {  # explicit settings: the comparison must not move when a default does
+    "observed": {"fake_loss_mask": "observed", "generator_loss_mean": "visible"},
+    "further": {"fake_loss_mask": "further", "generator_loss_mean": "visible"},
+    "observed-all": {"fake_loss_mask": "observed", "generator_loss_mean": "all"},
     "reference": {"fake_loss_mask": "further", "generator_loss_mean": "all"},
 }
+BASELINE = "observed"
 EXTRACTOR = "classifier (clean Fashion-MNIST, evaluation only)"
 
 
@@ -72,16 +75,16 @@ def true_fd(generator_dir: Path, clean_stats, n: int, seed: int) -> float:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per task and variant: the mean FD over seeds and its ratio to the ``project`` variant's mean."""
+    """Per task and variant: the mean FD over seeds and its ratio to the ``observed`` variant's mean."""
     means: dict[tuple[str, str], list[float]] = {}
     for r in rows:
         means.setdefault((r["task"], r["variant"]), []).append(r["true_fd"])
     out = []
     for (task, variant), fds in means.items():
-        base = means.get((task, "project"))
+        base = means.get((task, BASELINE))
         mean = sum(fds) / len(fds)
         out.append({"task": task, "variant": variant, "seeds": len(fds), "mean_true_fd": mean,
-                    "over_project": mean / (sum(base) / len(base)) if base else None})
+                    "over_observed": mean / (sum(base) / len(base)) if base else None})
     return out
 
 
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
                 out = args.out / task / variant / f"seed-{seed}"
                 info = distil_variant(teacher_dir, out, variant, args.steps, seed, not args.quiet)
                 fds = [true_fd(out / "generator", clean_stats, args.n_eval, s)
-                       for s in ((seed, seed + 1000) if variant == "project" else (seed,))]
+                       for s in ((seed, seed + 1000) if variant == BASELINE else (seed,))]
                 rows.append({"task": task, "variant": variant, "seed": seed, "true_fd": fds[0],
                              "true_fd_other_samples": fds[1:], "steps": info["steps"], "seconds": info["seconds"],
                              **{k: info["distill"][k] for k in ("fake_loss_mask", "generator_loss_mean")}})

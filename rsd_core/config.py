@@ -204,8 +204,8 @@ class DistillConfig(Spec):
     # taken on: "observed" = the re-corruption's mask A (the teacher's objective: the network also learns to
     # fill pixels it did not see); "further" = the further mask A~ the network sees (the reference's
     # train_loss), the only pixels the generator step scores; for MRI, P_M~ in place of P_M (the reference MRI
-    # loop's). None: "further" for random inpainting (FD 9-12% lower at equal steps), the objective's own loss
-    # elsewhere (MRI: not measured; its GPU preset follows the reference).
+    # loop's). None: "further" for random inpainting (mean FD over two seeds 9% and 4% lower at equal steps,
+    # docs/results.md), the objective's own loss elsewhere (MRI: not measured; its GPU preset follows the reference).
     fake_loss_mask: Literal["observed", "further"] | None = None
     # What the generator loss's normaliser w = 1 / mean|y_g - f_phi| averages over: the "visible" pixels of
     # the input mask (this project) or "all" pixels (the reference sid_loss.py), which scales the loss by
