@@ -108,8 +108,8 @@ class DistillPhase(Phase):
         self.generator = generator.requires_grad_(True)
         self.fake = fake.requires_grad_(True)
         self.generator_ema = make_ema(generator)
-        self.dcfg = dcfg
-        self.fake_loss_options = {"loss_mask": "further"} if fake_loss_mask(dcfg, objective) == "further" else {}
+        self.dcfg = dcfg = dcfg.updated(fake_loss_mask=fake_loss_mask(dcfg, objective))  # None resolved
+        self.fake_loss_options = {"loss_mask": "further"} if dcfg.fake_loss_mask == "further" else {}
         self.batch_size = train_cfg.batch_size
         eps = train_cfg.adam_eps
         self.opt_fake = torch.optim.Adam(fake.parameters(), lr=dcfg.lr_fake, betas=dcfg.betas_fake, eps=eps)
@@ -119,7 +119,8 @@ class DistillPhase(Phase):
         self.modules = {"generator": generator, "fake": fake, "generator_ema": self.generator_ema}
         self.optimizers = {"fake": self.opt_fake, "generator": self.opt_g}
         self.ema_pairs = [(generator, self.generator_ema)]
-        self.config = config
+        # Checkpoints record the settings used (selection samples them at sigma_init; the resolved fake_loss_mask).
+        self.config = {**config, "distill": dcfg.model_dump()}
 
     def _fake_step(self, ctx: StepContext) -> tuple[float, float]:
         b, rng = self.batch_size, ctx.rng
@@ -183,12 +184,9 @@ def distill(
     on_checkpoint: CheckpointCallback | None = None,
 ) -> tuple[DistillPhase, TrainResult]:
     """Distil ``teacher`` (its EMA weights) into a one-step generator; G and the fake start as its copies."""
-    dcfg = dcfg.updated(fake_loss_mask=fake_loss_mask(dcfg, objective))  # checkpoints record what was used
     generator = OneStepGenerator(copy.deepcopy(teacher), objective, shape, dcfg.sigma_init)
     fake = copy.deepcopy(teacher)
-    # Checkpoints record the distillation settings they were made with (selection samples them at sigma_init).
-    config = {**(config or {}), "distill": dcfg.model_dump()}
-    phase = DistillPhase(teacher, objective, generator, fake, train_cfg, dcfg, config)
+    phase = DistillPhase(teacher, objective, generator, fake, train_cfg, dcfg, config or {})
     result = Trainer(phase, train_cfg, out_dir, callback=callback, progress=progress,
                      on_checkpoint=on_checkpoint).run()
     return phase, result
