@@ -51,6 +51,8 @@ TASKS = {
     "superres-x2": {"kind": "superres", "factor": 2},
     "denoise-0.2": {"kind": "identity", "sigma_n": 0.2},
 }
+# A/B variants: run only when named in --tasks; each changes one setting of the task it is named after.
+VARIANT_TASKS = {"blur-noise-0.2-reflect": {**TASKS["blur-noise-0.2"], "kernel": "scipy-reflect"}}
 
 
 def read_times(out: Path) -> dict:
@@ -283,20 +285,23 @@ def main(argv: list[str] | None = None) -> dict:
                         help="features of Proximal FD (default: learnt from each task's corrupted observations; "
                         "classifier and classifier-corrupted are clean-label tools, for comparison); true FD always "
                         "uses the clean in-domain classifier")
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help=f"comma-separated subset of {', '.join(TASKS)}; A/B variants (not run by default): "
+                        f"{', '.join(VARIANT_TASKS)}")
     parser.add_argument("--limit", type=int, default=20_000, help="corrupted training images (default: 20000)")
     parser.add_argument("--n-eval", type=int, default=1000, help="samples per FD (default: 1000)")
     add_run_args(parser, "restoration", checkpoint_every=50)
     args = parse_run_args(parser, argv)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [n for n in names if n not in TASKS]
+    known = TASKS | VARIANT_TASKS
+    unknown = [n for n in names if n not in known]
     if unknown:
-        parser.error(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+        parser.error(f"unknown task(s) {unknown}; choose from {list(known)}")
 
     rows = []
     for name in names:
-        print(f"== {name}: {TASKS[name]}", flush=True)
-        rows.append(run_task(name, TASKS[name], args, Path(args.out) / name))
+        print(f"== {name}: {known[name]}", flush=True)
+        rows.append(run_task(name, known[name], args, Path(args.out) / name))
         r = rows[-1]
         print(f"   teacher FD {r['teacher_fd']:.1f} ({r['teacher_sampler']}), full {r['teacher_fd_full']:.1f}; "
               f"student FD {r['student_fd']:.1f} ({r['student_over_teacher']:.2f}x); proximal {r['proximal_fid']:.2f}",
