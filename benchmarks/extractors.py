@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,9 +46,11 @@ from rsd_core.selection import (
     proximal_reference,
     quantise,
     score_samples,
+    self_supervised_extractor,
     teacher_truncation_samples,
 )
 from rsd_core.sources import get_source
+from rsd_core.ssl_features import SSLRecipe
 from rsd_core.stages import DISTILL_DIR, generator_from_checkpoint, load_model
 from rsd_core.training import list_checkpoints
 
@@ -66,6 +69,25 @@ def true_fd_reference(ds: CorruptedDataset, n: int) -> tuple[ClassifierExtractor
     return true, ref
 
 
+def recipe_variant(name: str) -> SSLRecipe | None:
+    """The SSL recipe of an extractor name ``self-supervised@field=value[;field=value]`` (the default recipe
+    with those fields changed), None for a plain extractor name. Lets recipe A/Bs score the same samples as
+    the shipped extractors."""
+    base, _, overrides = name.partition("@")
+    if not overrides:
+        return None
+    if base != "self-supervised":
+        raise ValueError(f"only 'self-supervised' takes recipe settings after '@', got '{name}'")
+    recipe = SSLRecipe()
+    changes = {}
+    for item in overrides.split(";"):
+        field, _, value = item.partition("=")
+        if not hasattr(recipe, field):
+            raise ValueError(f"'{name}': SSLRecipe has no field '{field}'")
+        changes[field] = type(getattr(recipe, field))(value)
+    return replace(recipe, **changes)
+
+
 def prepare(task_dir: Path, names: list[str], n: int) -> tuple:
     """(operator, {name: (extractors, proximal reference, clean reference)}): trains or loads each extractor."""
     data = str(task_dir / "data")
@@ -74,7 +96,8 @@ def prepare(task_dir: Path, names: list[str], n: int) -> tuple:
     scorers = {}
     for name in names:
         t = time.perf_counter()
-        prox, _ = make_extractors(name, ds.operator, ds)
+        recipe = recipe_variant(name)
+        prox = self_supervised_extractor(ds, recipe) if recipe else make_extractors(name, ds.operator, ds)[0]
         scorers[name] = ((prox, true), proximal_reference(data, prox, min(len(ds), n)), clean_ref)
         print(f"   {name}: {prox.id} ready in {time.perf_counter() - t:.0f} s", flush=True)
     return ds.operator, scorers
@@ -153,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", required=True, help="folder of task folders (benchmarks/restoration.py layout)")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task folder names")
     parser.add_argument("--extractors", default=",".join(DEFAULT_EXTRACTORS),
-                        help=f"comma-separated Proximal FD extractors, of {', '.join(EXTRACTORS)}")
+                        help=f"comma-separated Proximal FD extractors, of {', '.join(EXTRACTORS)}; "
+                        "'self-supervised@erase=0.5;seed=1' scores a variant of the SSL recipe")
     parser.add_argument("--n-eval", type=int, default=1000, help="samples per FD, as the restoration benchmark")
     parser.add_argument("--n-teacher", type=int, default=None,
                         help="samples per teacher truncation level (default: --n-eval; 0: checkpoints only)")
@@ -166,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "extractors and checkpoints; score only the others")
     args = parser.parse_args(argv)
     names = [e.strip() for e in args.extractors.split(",") if e.strip()]
-    if unknown := [e for e in names if e not in EXTRACTORS]:
+    if unknown := [e for e in names if e.partition("@")[0] not in EXTRACTORS]:
         parser.error(f"unknown extractor(s) {unknown}; choose from {list(EXTRACTORS)}")
     torch.set_num_threads(args.threads)
     n_teacher = args.n_eval if args.n_teacher is None else args.n_teacher

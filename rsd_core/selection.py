@@ -85,8 +85,7 @@ def make_extractors(
     if name == "self-supervised":
         if dataset is None:
             raise ValueError("extractor 'self-supervised' learns from the dataset's observations: pass the dataset")
-        ext = SelfSupervisedExtractor(lambda: observation_images(dataset, SSLRecipe().max_images),
-                                      dataset.fingerprint, dataset.manifest.name)
+        ext = self_supervised_extractor(dataset, SSLRecipe())
         if dataset.manifest.clean_eval_uri is None:
             return ext, None
         # Complex (MRI) images are scored as magnitudes with Inception, as the paper's MRI FIDs are: the
@@ -110,6 +109,12 @@ def make_extractors(
         ext = InceptionExtractor()
         return ext, ext
     raise ValueError(f"extractor must be one of {EXTRACTORS}, got '{name}'")
+
+
+def self_supervised_extractor(dataset: CorruptedDataset, recipe: SSLRecipe) -> SelfSupervisedExtractor:
+    """The encoder ``recipe`` learns from ``dataset``'s observations (trained once, then loaded from the cache)."""
+    return SelfSupervisedExtractor(lambda: observation_images(dataset, recipe.max_images),
+                                   dataset.fingerprint, dataset.manifest.name, recipe)
 
 
 def observation_images(ds: CorruptedDataset, n: int) -> torch.Tensor:

@@ -3,6 +3,8 @@ phase reuse on a second run, and that ``--no-publish`` leaves the committed resu
 
 import json
 
+import pytest
+
 from benchmarks import distill_ab, extractors, restoration
 from benchmarks.report import RESULTS_DIR
 
@@ -79,3 +81,14 @@ def test_rewriting_results_md_keeps_the_analysis_below_the_marker(tmp_path, monk
     second = doc.read_text()
     assert "cmd two" in second and "cmd one" not in second
     assert second.endswith(restoration.KEEP_BELOW + "\n\n## Notes by hand\n\nkept.\n")
+
+
+def test_extractor_benchmark_names_ssl_recipe_variants():
+    recipe_variant = extractors.recipe_variant
+    assert recipe_variant("self-supervised") is None
+    variant = recipe_variant("self-supervised@erase=0.5;seed=1")
+    assert (variant.erase, variant.seed, variant.shift) == (0.5, 1, 3)  # the other fields: the default's
+    with pytest.raises(ValueError, match="no field 'noise'"):
+        recipe_variant("self-supervised@noise=0.4")
+    with pytest.raises(ValueError, match="only 'self-supervised'"):
+        recipe_variant("classifier@seed=1")
