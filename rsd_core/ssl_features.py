@@ -58,7 +58,8 @@ class SSLRecipe:
     erase: float = 0.25
     # Per-view intensity jitter, x -> a x + b with a ~ U[1 - j, 1 + j], b ~ U[-j, j], applied after the flip
     # (0: off, the default). SimCLR found colour distortion essential: views of one image share their intensity
-    # histogram, a shortcut the contrastive task can solve without describing content.
+    # histogram, a shortcut the contrastive task can solve without describing content. On the blur + noise
+    # task 0.4 chose worse checkpoints than no jitter (docs/results.md), hence off.
     intensity_jitter: float = 0.0
     temperature: float = 0.2
     # Training length: `epochs` passes over the observations, at most `max_steps` steps (a few CPU minutes),
