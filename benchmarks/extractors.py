@@ -82,9 +82,12 @@ def recipe_variant(name: str) -> SSLRecipe | None:
     changes = {}
     for item in overrides.split(";"):
         field, _, value = item.partition("=")
-        if not hasattr(recipe, field):
-            raise ValueError(f"'{name}': SSLRecipe has no field '{field}'")
-        changes[field] = type(getattr(recipe, field))(value)
+        if not isinstance(getattr(recipe, field, None), int | float):
+            raise ValueError(f"'{name}': SSLRecipe has no numeric field '{field}'")
+        try:
+            changes[field] = type(getattr(recipe, field))(value)
+        except ValueError:
+            raise ValueError(f"'{name}': '{value}' is not a value for SSLRecipe.{field}") from None
     return replace(recipe, **changes)
 
 

@@ -56,11 +56,6 @@ class SSLRecipe:
     augment: str = "shift +-shift px (reflect pad), horizontal flip p=0.5, fresh erasure (to 0) of a fraction erase"
     shift: int = 3
     erase: float = 0.25
-    # Per-view intensity jitter, x -> a x + b with a ~ U[1 - j, 1 + j], b ~ U[-j, j], applied after the flip
-    # (0: off, the default). SimCLR found colour distortion essential: views of one image share their intensity
-    # histogram, a shortcut the contrastive task can solve without describing content. On the blur + noise
-    # task 0.4 chose worse checkpoints than no jitter (docs/results.md), hence off.
-    intensity_jitter: float = 0.0
     temperature: float = 0.2
     # Training length: `epochs` passes over the observations, at most `max_steps` steps (a few CPU minutes),
     # so that small datasets (tests, smoke runs) train in seconds.
@@ -78,10 +73,7 @@ class SSLRecipe:
         return max(1, min(self.max_steps, math.ceil(self.epochs * n_images / self.batch_size)))
 
     def key(self, data_fingerprint: str) -> str:
-        recipe = asdict(self)
-        if recipe["intensity_jitter"] == 0.0:  # added after version 1: encoders cached before keep their key
-            del recipe["intensity_jitter"]
-        blob = json.dumps({"recipe": recipe, "data": data_fingerprint}, sort_keys=True)
+        blob = json.dumps({"recipe": asdict(self), "data": data_fingerprint}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -116,9 +108,6 @@ def augment(x: torch.Tensor, recipe: SSLRecipe, rng: torch.Generator) -> torch.T
     out = padded.permute(0, 2, 3, 1)[torch.arange(b)[:, None, None], rows, cols].permute(0, 3, 1, 2)
     flip = torch.rand(b, generator=rng) < 0.5
     out = torch.where(flip[:, None, None, None], out.flip(-1), out)
-    if j := recipe.intensity_jitter:
-        a, offset = ((torch.rand(b, 1, 1, 1, generator=rng) * 2 - 1) * j for _ in range(2))
-        out = (1 + a) * out + offset
     keep = torch.rand((b, 1, h, w), generator=rng) >= recipe.erase
     return out * keep.to(out.dtype)
 

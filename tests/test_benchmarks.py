@@ -88,7 +88,11 @@ def test_extractor_benchmark_names_ssl_recipe_variants():
     assert recipe_variant("self-supervised") is None
     variant = recipe_variant("self-supervised@erase=0.5;seed=1")
     assert (variant.erase, variant.seed, variant.shift) == (0.5, 1, 3)  # the other fields: the default's
-    with pytest.raises(ValueError, match="no field 'noise'"):
+    with pytest.raises(ValueError, match="no numeric field 'noise'"):
         recipe_variant("self-supervised@noise=0.4")
+    with pytest.raises(ValueError, match="no numeric field 'channels'"):
+        recipe_variant("self-supervised@channels=8")
+    with pytest.raises(ValueError, match="'' is not a value for SSLRecipe.erase"):
+        recipe_variant("self-supervised@erase")
     with pytest.raises(ValueError, match="only 'self-supervised'"):
         recipe_variant("classifier@seed=1")
