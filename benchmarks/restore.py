@@ -5,19 +5,24 @@
 For every task, the first ``--n-images`` Fashion-MNIST *test* images (never seen in training;
 brain-MRI test slices for ``mri-r4``) are corrupted by the task's operator with a fixed seed,
 then restored by
-- ``generator``: what ``rsd restore`` does by default (``RestoreConfig()``): the amortised
-  encoder (rsd_core.encoder), fitted once on the task's *training* observations (``DIR/<task>/data``:
-  corrupted, no clean image), then one generator pass per restart (4 restarts: mean and spread), plus
-  ``--encoder-steps`` refinement steps (default 0); its fit time is reported apart (``fit_seconds``), as it is
-  paid once per model and dataset, not per image;
-- ``generator-single-pass``: the same encoder with one restart (one encoder and one generator pass per image);
+- ``generator-posterior-net``: the amortised posterior-mean network (rsd_core.encoder, target "image"),
+  fitted once on the generator's samples seen through the operator with the states of the task's
+  *training* observations (``DIR/<task>/data``: corrupted, no clean image), then one pass per image
+  (mean and spread); its fit time is reported apart (``fit_seconds``), as it is paid once per model and
+  dataset, not per image;
+- ``generator-encoder``: the amortised latent encoder (target "latent"), fitted on the same training
+  observations' misfit, then one generator pass per restart (4 restarts: mean and spread), plus
+  ``--encoder-steps`` refinement steps (default 0); fit time apart as above;
+- ``generator-single-pass``: the latent encoder with one restart (one encoder and one generator pass per image);
 - ``generator-latent-opt``: latent optimisation from noise through the one-step generator (``LATENT_OPTIMISATION``:
   30 Adam steps x 4 restarts, the serving path);
 - ``teacher-dps``: diffusion posterior sampling with the teacher (rsd_core.posterior);
 - ``classical``: the operator's classical estimate (rsd_core.baselines);
 and scored with PSNR and SSIM against the clean images ([0, 1] scale; MRI: magnitudes, range per
 image) and seconds per image (wall time of the method on the same images, same run, batched,
-``--threads`` torch threads). Models are read from ``DIR/<task>/{teacher,generator}`` (the layout
+``--threads`` torch threads). The ``generator`` row repeats the row of the method that
+``rsd restore`` runs by default (``RestoreConfig()``; its ``alias_of`` names it). Models are read
+from ``DIR/<task>/{teacher,generator}`` (the layout
 of benchmarks/restoration.py's work folder); with ``--train``, missing ones are trained there with
 ``--budget`` / ``--distill-budget`` minutes (``mri-r4``: benchmarks/mri.py's R = 4 training with
 ``--mri-budget`` / ``--mri-distill-budget``; a task without models is skipped and listed).
@@ -57,6 +62,7 @@ from rsd_core.kinds import build_operator
 from rsd_core.posterior import DPSConfig, dps_restore
 from rsd_core.restore import (
     LATENT_OPTIMISATION,
+    LATENT_RESTARTS,
     RestoreConfig,
     fit_restore_encoder,
     load_generator,
@@ -72,10 +78,15 @@ FIGURES = ROOT / "docs" / "figures"
 SECTION_START = "<!-- benchmarks/restore.py: generated section start -->"
 SECTION_END = "<!-- benchmarks/restore.py: generated section end -->"
 TASKS = ("inpaint-0.6", "inpaint-0.8", "blur-noise-0.2", "superres-x2", "mri-r4")
-METHODS = ("classical", "teacher-dps", "generator", "generator-single-pass", "generator-latent-opt")
+METHODS = ("classical", "teacher-dps", "generator-posterior-net", "generator-encoder", "generator-single-pass",
+           "generator-latent-opt")
 GENERATOR_METHODS = METHODS[2:]
-LABELS = {"classical": "classical", "teacher-dps": "teacher DPS", "generator": "generator (default)",
-          "generator-single-pass": "single pass", "generator-latent-opt": "latent opt."}
+# The method that RestoreConfig() is: its rows are repeated as method "generator", what rsd restore runs.
+DEFAULT_METHOD = {"image": "generator-posterior-net", "latent": "generator-encoder"}[RestoreConfig().encoder.target]
+LABELS = {"classical": "classical", "teacher-dps": "teacher DPS", "generator-posterior-net": "posterior net",
+          "generator-encoder": "latent encoder", "generator-single-pass": "single pass",
+          "generator-latent-opt": "latent opt."}
+LABELS[DEFAULT_METHOD] += " (default)"
 OBSERVATION_SEED = 1234
 # DPS returns the teacher's x0 prediction at the first level >= this one: tuned on validation images with
 # zeta' = 1 (docs/algorithms.md §10.2); lower levels, down to the cards' own (0.05), scored lower.
@@ -153,10 +164,13 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
     clean = clean_images(task, args.n_images, card.image_shape)
     y, state = observe(operator, clean)
     restarts = {"restarts": args.restarts} if args.restarts is not None else {}
+    fit = {k: v for k, v in (("steps", args.encoder_fit_steps), ("width", args.encoder_width)) if v is not None}
     encoder_config = RestoreConfig().updated(batch_size=args.batch_size, steps=args.encoder_steps,
-                                              encoder=EncoderConfig(steps=args.encoder_fit_steps), **restarts)
+                                              encoder=EncoderConfig(**fit, target="latent"), **restarts)
     steps = {"steps": args.steps} if args.steps is not None else {}
-    configs = {"generator": encoder_config,
+    configs = {"generator-posterior-net": RestoreConfig().updated(batch_size=args.batch_size, steps=0,
+                                                                  encoder=EncoderConfig(**fit, target="image")),
+               "generator-encoder": encoder_config,
                "generator-single-pass": encoder_config.updated(restarts=1),
                "generator-latent-opt": LATENT_OPTIMISATION.updated(batch_size=args.batch_size, **restarts, **steps)}
     dps_config = DPSConfig(batch_size=args.batch_size)
@@ -191,6 +205,8 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
                      "seconds_per_image": outputs[method]["seconds_per_image"],
                      **({"fit_seconds": outputs[method]["fit_seconds"]} if "fit_seconds" in outputs[method] else {})})
         print(f"   {method:12} PSNR {p:6.2f} dB  SSIM {s:.3f}  {rows[-1]['seconds_per_image']:.3g} s/image", flush=True)
+        if method == DEFAULT_METHOD:
+            rows.append({**rows[-1], "method": "generator", "alias_of": method})
     grid = save_task_grid(task, operator.image_view(y, state), outputs, clean, out, args.publish)
     return rows, {"task": task, "operator": card.operator.model_dump(), "grid": grid,
                   **{f"{m}_config": c.model_dump() for m, c in configs.items()}, "dps_config": dps_config.model_dump(),
@@ -199,11 +215,11 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
 
 def save_task_grid(task: str, observed: torch.Tensor, outputs: dict, clean: torch.Tensor, out: Path,
                    publish: bool) -> str:
-    """Eight columns; rows: observation, each method's restoration, the generator's spread, clean."""
+    """Eight columns; rows: observation, each method's restoration, the default's spread, clean."""
     k = min(8, len(clean))
     rows = [observed[:k]] + [outputs[m]["restored"][:k] for m in METHODS if m in outputs]
-    if "generator" in outputs:
-        spread = outputs["generator"]["spread"][:k].norm(dim=1, keepdim=True)
+    if DEFAULT_METHOD in outputs:
+        spread = outputs[DEFAULT_METHOD]["spread"][:k].norm(dim=1, keepdim=True)
         spread = spread / spread.amax().clamp_min(1e-12)
         rows.append((2 * spread - 1).expand(-1, clean.shape[1], -1, -1) if clean.shape[1] != 2
                     else torch.cat([spread, torch.zeros_like(spread)], dim=1))
@@ -228,7 +244,7 @@ def write_doc(result: dict, command: str) -> None:
              "PSNR / SSIM per method, then seconds per image in the same order, then the DPS's time over each "
              "generator method's (>= 10 is the issue's goal).", "",
              "| task | " + " | ".join(LABELS[m] for m in METHODS) + " | s/image | DPS time / "
-             + " / ".join(LABELS[m] for m in GENERATOR_METHODS) + " time | encoder fit s |",
+             + " / ".join(LABELS[m] for m in GENERATOR_METHODS) + " time | default's fit s |",
              "|---" * (len(METHODS) + 4) + "|"]
     for task in result["tasks"]:
         cells, speeds = [], []
@@ -239,14 +255,14 @@ def write_doc(result: dict, command: str) -> None:
         dps = by.get((task, "teacher-dps"))
         ratios = [f"{dps['seconds_per_image'] / r['seconds_per_image']:.3g}x" if dps and r else "n/a"
                   for r in (by.get((task, m)) for m in GENERATOR_METHODS)]
-        fit = by.get((task, "generator"), {}).get("fit_seconds")
+        fit = by.get((task, DEFAULT_METHOD), {}).get("fit_seconds")
         fit_cell = f"{fit:.0f}" if fit is not None else "n/a"
         lines.append(f"| {task} | " + " | ".join(cells) + f" | {' / '.join(speeds)} | " + " / ".join(ratios)
                      + f" | {fit_cell} |")
     if result["skipped"]:
         lines += ["", "Not run: " + "; ".join(f"{t} ({why})" for t, why in result["skipped"].items()) + "."]
-    lines += ["", "Grids (rows: observation, " + ", ".join(LABELS[m] for m in METHODS) + ", the generator's "
-              "spread over its restarts scaled to its maximum, clean):", ""]
+    lines += ["", "Grids (rows: observation, " + ", ".join(LABELS[m] for m in METHODS) + ", the default's "
+              "per-pixel spread scaled to its maximum, clean):", ""]
     lines += [f"- {t['task']}: ![{t['task']}](../{t['grid']})" for t in result["task_settings"]]
     lines += ["", SECTION_END]
     text = DOC.read_text() if DOC.exists() else ""
@@ -269,12 +285,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None,
                         help=f"generator-latent-opt: Adam steps (default: {LATENT_OPTIMISATION.steps})")
     parser.add_argument("--restarts", type=int, default=None,
-                        help=f"generator, generator-latent-opt: restarts (default: {RestoreConfig().restarts})")
+                        help=f"generator-encoder, generator-latent-opt: restarts (default: {LATENT_RESTARTS})")
     parser.add_argument("--encoder-steps", type=int, default=RestoreConfig().steps,
-                        help=f"generator(-single-pass): refinement steps after the encoder "
+                        help=f"generator-encoder, generator-single-pass: refinement steps after the encoder "
                         f"(default: {RestoreConfig().steps})")
-    parser.add_argument("--encoder-fit-steps", type=int, default=EncoderConfig().steps,
-                        help=f"generator(-single-pass): encoder fit steps (default: {EncoderConfig().steps})")
+    parser.add_argument("--encoder-fit-steps", type=int, default=None,
+                        help="generator-posterior-net, generator-encoder, generator-single-pass: encoder fit steps "
+                        f"(default: EncoderConfig's, {EncoderConfig().steps})")
+    parser.add_argument("--encoder-width", type=int, default=None,
+                        help="generator-posterior-net, generator-encoder, generator-single-pass: channels of the "
+                        f"encoder's first level (default: EncoderConfig's, {EncoderConfig().width})")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, also for timing (default: 1)")
     parser.add_argument("--train", action="store_true",
                         help="train missing Fashion-MNIST models into --models (benchmarks/restoration.py's stages)")

@@ -18,20 +18,22 @@ import yaml
 from pydantic import ValidationError
 
 from rsd_cli.pipeline_cmd import _DEFAULT_OUT, _HelpFormatter, _prepare_outputs, _raw_outputs
-from rsd_core.restore import RestoreConfig
+from rsd_core.restore import LATENT_RESTARTS, RestoreConfig
 
 _SETTING_HELP = {
-    "steps": "Adam steps on the latents (after the encoder's start, or from noise with --encoder none)",
+    "steps": "Adam steps on the latents (after a latent encoder's start, or from noise with --encoder none)",
     "lr": "Adam learning rate on the latents",
-    "restarts": "latents per observation: their mean is the restoration, their std the spread",
+    "restarts": "latents per observation (latent encoder or --encoder none): their mean is the restoration, "
+    "their std the spread",
     "prior_weight": "weight of the Gaussian prior |z|^2 / 2 on the latents",
     "sigma_floor": "noise scale of the misfit when the data are noiseless",
     "data_consistency": "true/false: re-impose the measurements on the result (noiseless data)",
     "batch_size": "observations optimised together",
     "seed": "seed of the latents (a row group adds its first row index)",
-    "encoder": "the amortised encoder fitted on the dataset first, whose latent starts every restart: 'default', "
-    "a YAML mapping of its settings, e.g. '{steps: 500, width: 32}', or 'none' (latent optimisation from noise, "
-    "with --steps >= 1; slower per image)",
+    "encoder": "the network fitted for the dataset first: 'default' (the posterior-mean network, trained on the "
+    "generator's samples seen through the dataset's operator), a YAML mapping of its settings, e.g. "
+    "'{steps: 500, width: 32}' or '{target: latent}' (a latent encoder whose G(z) starts every restart), or "
+    "'none' (latent optimisation from noise, with --steps >= 1; slower per image)",
 }
 
 
@@ -112,9 +114,10 @@ def add_restore_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `rsd restore`; each RestoreConfig field becomes a flag (default: RestoreConfig's)."""
     p = subparsers.add_parser(
         "restore", help="restore a corrupted dataset with a registered generator", formatter_class=_HelpFormatter,
-        description="Clean versions of your own observations: fit an encoder, on the dataset alone, that "
-        "maps each observation y to a latent z whose image G(z) the dataset's operator takes back to y; then "
-        "restore shard by shard with one generator pass per restart, as the Flyte workflow rsd_restore. Writes "
+        description="Clean versions of your own observations: fit a network that maps an observation y to the "
+        "posterior mean and per-pixel std of its clean image, on pairs the registered generator simulates "
+        "through the dataset's operator and sampling patterns (no clean data); then restore shard by shard "
+        "with one pass per observation, as the Flyte workflow rsd_restore. Writes "
         "a dataset of restored images (identity operator) at --out, their per-pixel spread at --out/spread, "
         "and an MLflow run with time, misfit, spread (PSNR/SSIM when the "
         "dataset has a clean split) and a grid. The model must be trained on the dataset's operator and "
@@ -132,9 +135,10 @@ def add_restore_parser(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--encoder", dest=name, default=argparse.SUPPRESS, type=_encoder_setting,
                            metavar="SETTINGS", help=f"{_SETTING_HELP[name]} (default: 'default')")
             continue
+        shown = f"{LATENT_RESTARTS} on the latent paths" if name == "restarts" else default
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
-                       metavar=type(default).__name__,
-                       help=f"{_SETTING_HELP.get(name, 'restoration setting')} (default: {default})")
+                       metavar="int" if name == "restarts" else type(default).__name__,
+                       help=f"{_SETTING_HELP.get(name, 'restoration setting')} (default: {shown})")
     p.add_argument("--experiment", default=argparse.SUPPRESS,
                    help="MLflow experiment of the run (default: rsd-restore)")
     p.add_argument("--out-dir", type=Path, default=_DEFAULT_OUT, help="outputs folder: MLflow store, Flyte sandbox")

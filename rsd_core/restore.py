@@ -1,20 +1,23 @@
 """Restoring a data team's own observations with the one-step generator.
 
-For observations y = A(x) + sigma_n * eps with their per-sample operator state, the generator
-G(eps) = D_theta(sigma_init * eps; sigma_init) is inverted by minimising, over its standard-normal
-latent eps,
+For observations y = A(x) + sigma_n * eps with their per-sample operator state, three estimators,
+all through the operator's own forward model and the observations' state, so any operator kind
+(MRI included) is restored without kind-specific code:
 
-    L(eps) = ||A(G(eps)) - y||^2 / (2 s^2) + prior_weight * ||eps||^2 / 2,   s = max(sigma_n, sigma_floor),
+- the default: a posterior-mean network (rsd_core.encoder, target "image") trained on pairs the
+  generator simulates, (G(eps), A(G(eps)) + sigma_n * noise) with the dataset's states, gives
+  E[x | y] under the generator's distribution and a per-pixel posterior std in one pass;
+- G inverted by minimising, over its standard-normal latent eps,
 
-through the operator's own differentiable forward model and the observations' state, so any
-operator kind (MRI included) is restored without kind-specific code. Two ways, one objective:
-an amortised encoder (rsd_core.encoder) fitted on the whole dataset proposes eps in one pass (the
-default: one encoder and one generator pass per restart), or Adam steps on eps per observation
-(latent optimisation, each step a forward and a backward pass of G, against a forward and a
-backward pass per level for a diffusion posterior sampler); steps may also refine the encoder's
-start. Several restarts (different eps and, for generators with an input state such as Ambient
-inpainting masks or MRI projections, a different input state) give the posterior-mean estimate
-and a per-pixel spread. The choice of defaults and the evidence are in docs/algorithms.md §10.1.
+      L(eps) = ||A(G(eps)) - y||^2 / (2 s^2) + prior_weight * ||eps||^2 / 2,   s = max(sigma_n, sigma_floor),
+
+  either by an amortised latent encoder (target "latent") that proposes eps in one pass, one
+  generator pass per restart, or by Adam steps on eps per observation (latent optimisation, each
+  step a forward and a backward pass of G); steps may also refine the encoder's start. Several
+  restarts (different eps and, for generators with an input state such as Ambient inpainting masks
+  or MRI projections, a different input state) give the posterior-mean estimate and a spread.
+
+The choice of defaults and the evidence are in docs/algorithms.md §10.1.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from rsd_core.config import Spec
-from rsd_core.encoder import EncoderConfig, LatentEncoder, encoder_inputs, fit_encoder, restoration_loss
+from rsd_core.encoder import (
+    AmortisedEncoder,
+    EncoderConfig,
+    encoder_inputs,
+    fit_encoder,
+    posterior_moments,
+    restoration_loss,
+)
 from rsd_core.operators import Operator, State
 from rsd_core.sampling import OneStepSampler
 from rsd_core.stages import load_model
@@ -37,17 +47,19 @@ from rsd_core.stages import load_model
 class RestoreConfig(Spec):
     """How observations are restored; the defaults restore a whole dataset (docs/algorithms.md §10.1).
 
-    By default an amortised encoder (:mod:`rsd_core.encoder`) is fitted on the observations first and
-    each restart costs one generator pass at its latent (``steps`` 0): on the restore benchmark it beat
-    latent optimisation on all five tasks at 34-49x its speed per image (docs/results.md).
-    ``steps`` adds Adam steps on the latents; with ``encoder`` None they start from noise
-    (:data:`LATENT_OPTIMISATION`, for a handful of observations without a dataset to fit on, e.g. one
-    serving request).
+    By default a posterior-mean network (:mod:`rsd_core.encoder`, target "image") is fitted first, on
+    the generator's samples seen through the operator with the observations' states, and each
+    observation then costs one pass of it (mean and spread; no generator pass): on the restore benchmark
+    it beat inverting the generator (docs/results.md). With ``encoder.target`` "latent" a latent
+    encoder starts ``restarts`` latents per observation, one generator pass each; ``steps`` adds Adam
+    steps on them, and with ``encoder`` None they start from noise (:data:`LATENT_OPTIMISATION`, for
+    a handful of observations without a dataset to fit on, e.g. one serving request).
     """
 
     steps: int = Field(default=0, ge=0)
     lr: float = Field(default=0.3, gt=0)
-    restarts: int = Field(default=4, ge=1)
+    # Latents per observation of the latent paths (None: LATENT_RESTARTS); the posterior-mean network has none.
+    restarts: int | None = Field(default=None, ge=1)
     prior_weight: float = Field(default=0.1, ge=0)
     # The misfit's noise scale for noiseless data: without a floor the prior would carry no weight.
     sigma_floor: float = Field(default=0.05, gt=0)
@@ -60,11 +72,27 @@ class RestoreConfig(Spec):
     def _something_to_do(self) -> RestoreConfig:
         if self.steps == 0 and self.encoder is None:
             raise ValueError("steps 0 restores nothing without an encoder: set encoder (or steps >= 1)")
+        if self.steps and self.encoder is not None and self.encoder.target == "image":
+            raise ValueError("steps refine G's latent, which an encoder with target 'image' does not give: "
+                             "set steps 0 or encoder.target 'latent'")
+        if self.restarts is not None and self.encoder is not None and self.encoder.target == "image":
+            raise ValueError("restarts are latents of G, which an encoder with target 'image' does not use "
+                             "(it gives the mean and spread in one pass): drop restarts or set encoder.target "
+                             "'latent'")
         return self
+
+    @property
+    def latent_restarts(self) -> int:
+        """Restarts of the latent paths: ``restarts``, or :data:`LATENT_RESTARTS` when unset."""
+        return self.restarts or LATENT_RESTARTS
+
+
+# Averaging restarts is worth about +1 dB over one on inpainting (docs/algorithms.md §10.1).
+LATENT_RESTARTS = 4
 
 
 # Latent optimisation from noise, with the settings tuned in docs/algorithms.md §10.1.
-LATENT_OPTIMISATION = RestoreConfig(steps=30, encoder=None)
+LATENT_OPTIMISATION = RestoreConfig(steps=30, restarts=LATENT_RESTARTS, encoder=None)
 
 
 @dataclass
@@ -122,15 +150,22 @@ def _restore_batch(
     state: State,
     config: RestoreConfig,
     rng: torch.Generator,
-    encoder: LatentEncoder | None,
-) -> torch.Tensor:
-    """(B, R, C, H, W) restorations of one batch: R restarts optimised together as B * R latents.
+    encoder: AmortisedEncoder | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, spread) of one batch, each (B, C, H, W).
 
-    Without an encoder every restart starts at eps ~ N(0, I); with one, restart 0 starts at E(y)
-    and the others at E(y) + jitter * N(0, I).
+    An image-target encoder gives both in one pass (its posterior mean and std). Otherwise R
+    restarts are optimised together as B * R latents and averaged: without an encoder every restart
+    starts at eps ~ N(0, I); with one, restart 0 starts at E(y) and the others at E(y) + jitter * N(0, I).
     """
     operator, image_shape = generator.objective.operator, generator.shape
-    b, r = len(y), config.restarts
+    if encoder is not None and encoder.target == "image":
+        with torch.no_grad():
+            mean, log_var = posterior_moments(encoder(encoder_inputs(operator, y, state, image_shape)))
+            if config.data_consistency:
+                mean = data_consistency(operator, mean, y, state)
+        return mean.clamp(-1.0, 1.0), torch.exp(0.5 * log_var)
+    b, r = len(y), config.latent_restarts
     device = y.device
     y_r, state_r = y.repeat_interleave(r, dim=0), _repeat(state, r)
     noise = torch.randn((b * r, *image_shape), generator=rng, device=device)
@@ -165,7 +200,8 @@ def _restore_batch(
         x = generate(eps)
         if config.data_consistency:
             x = data_consistency(operator, x, y_r, state_r)
-        return x.clamp(-1.0, 1.0).view(b, r, *x.shape[1:])
+        x = x.clamp(-1.0, 1.0).view(b, r, *x.shape[1:])
+        return x.mean(dim=1), x.std(dim=1, unbiased=False)
 
 
 def restore_observations(
@@ -174,13 +210,14 @@ def restore_observations(
     state: State,
     config: RestoreConfig,
     progress: bool = False,
-    encoder: LatentEncoder | None = None,
+    encoder: AmortisedEncoder | None = None,
 ) -> Restoration:
     """Restore observations ``y`` (N, *observation shape) with their per-sample ``state``.
 
     ``generator`` (G(eps) = D(sigma_init * eps; sigma_init), e.g. from :func:`load_generator`)
     is evaluated on the device of its network, where y and state are moved.
-    ``config.batch_size`` observations are optimised together (times ``config.restarts`` latents).
+    ``config.batch_size`` observations are processed together (times ``config.latent_restarts`` latents on the
+    latent paths).
     Results are deterministic for a given seed and batch size and come back on the CPU.
     ``encoder`` (fitted by :func:`fit_restore_encoder`) is required exactly when ``config.encoder`` is set.
     """
@@ -188,6 +225,9 @@ def restore_observations(
     if (encoder is None) != (config.encoder is None):
         raise ValueError("config.encoder is set but no fitted encoder was given" if encoder is None
                          else "a fitted encoder was given but config.encoder is not set")
+    if encoder is not None and encoder.target != config.encoder.target:
+        raise ValueError(f"the fitted encoder has target {encoder.target!r} but config.encoder.target is "
+                         f"{config.encoder.target!r}")
     device = generator.device
     rng = torch.Generator(device=device).manual_seed(config.seed)
     means, spreads = [], []
@@ -196,9 +236,9 @@ def restore_observations(
         stop = start + config.batch_size
         y_b = y[start:stop].to(device=device, dtype=torch.float32)
         state_b = {k: v[start:stop].to(device) for k, v in state.items()}
-        x = _restore_batch(generator, y_b, state_b, config, rng, encoder)
-        means.append(x.mean(dim=1).cpu())
-        spreads.append(x.std(dim=1, unbiased=False).cpu())
+        mean, spread = _restore_batch(generator, y_b, state_b, config, rng, encoder)
+        means.append(mean.cpu())
+        spreads.append(spread.cpu())
     return Restoration(mean=torch.cat(means), spread=torch.cat(spreads))
 
 
@@ -208,7 +248,7 @@ def fit_restore_encoder(
     state: State,
     config: RestoreConfig,
     progress: bool = False,
-) -> tuple[LatentEncoder, list[float]]:
+) -> tuple[AmortisedEncoder, list[float]]:
     """Fit ``config.encoder`` on observations ``y`` with the restoration's own objective (G frozen)."""
     if config.encoder is None:
         raise ValueError("config.encoder is not set: nothing to fit")

@@ -22,6 +22,7 @@ pytest.importorskip("flytekit")
 
 from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig  # noqa: E402
 from rsd_core.data import MANIFEST_NAME, open_dataset, write_dataset  # noqa: E402
+from rsd_core.encoder import EncoderConfig  # noqa: E402
 from tests.cli import BIN  # noqa: E402
 
 MODEL = "restore-smoke"
@@ -108,7 +109,7 @@ def test_rsd_restore_writes_the_restored_dataset_with_provenance_metrics_and_gri
     restored = root / "restored"
     started = time.perf_counter()
     stdout = _rsd(env, "restore", "--model", CHAMPION, "--dataset", dataset, "--out", str(restored),
-                  "--out-dir", str(out), "--steps", "4", "--restarts", "2", "--encoder", "{steps: 3, width: 8}").stdout
+                  "--out-dir", str(out), "--encoder", "{steps: 3, width: 8}").stdout  # the posterior-mean network
     print(f"rsd restore: {time.perf_counter() - started:.1f} s")
     assert f"model    {CHAMPION} (version 1): 'inpaint' generator" in stdout
     assert "80 'inpaint' observations in 3 shard(s)" in stdout
@@ -121,8 +122,8 @@ def test_rsd_restore_writes_the_restored_dataset_with_provenance_metrics_and_gri
     assert result.manifest.operator.kind == "identity" and len(result) == len(source) == ROWS
     prov = result.manifest.provenance
     assert (prov["model"]["name"], prov["model"]["version"]) == (MODEL, 1)
-    assert prov["source"]["fingerprint"] == source.fingerprint and prov["settings"]["steps"] == 4
-    assert prov["settings"]["encoder"]["steps"] == 3 and prov["settings"]["encoder"]["width"] == 8
+    assert prov["source"]["fingerprint"] == source.fingerprint and prov["settings"]["steps"] == 0
+    assert prov["settings"]["encoder"] == {**EncoderConfig().model_dump(), "steps": 3, "width": 8, "target": "image"}
     y, state, labels = source.read_all()
     mean, _, restored_labels = result.read_all()
     assert torch.equal(labels, restored_labels)
@@ -239,9 +240,11 @@ def test_the_dataset_default_is_the_encoder_and_latent_optimisation_is_one_flag_
                                                   "--out", str(tmp_path / "o"), *flags]))
 
     assert config() == RestoreConfig() and RestoreConfig().encoder == EncoderConfig() and RestoreConfig().steps == 0
-    assert config("--encoder", "none", "--steps", "30") == LATENT_OPTIMISATION
-    tuned = config("--encoder", "{steps: 500}", "--restarts", "1")
-    assert tuned.encoder == EncoderConfig(steps=500) and (tuned.steps, tuned.restarts) == (0, 1)
+    assert RestoreConfig().encoder.target == "image"  # the posterior-mean network
+    from_noise = config("--encoder", "none", "--steps", "30")  # restarts unset: LATENT_RESTARTS
+    assert from_noise.updated(restarts=from_noise.latent_restarts) == LATENT_OPTIMISATION
+    tuned = config("--encoder", "{steps: 500, target: latent}", "--restarts", "1")
+    assert tuned.encoder == EncoderConfig(steps=500, target="latent") and (tuned.steps, tuned.restarts) == (0, 1)
 
 
 def test_a_forward_model_other_than_the_datasets_is_refused():
@@ -372,7 +375,8 @@ def test_rsd_restore_reads_and_writes_s3(trained, scratch, s3_server, monkeypatc
                   rows_per_group=16)
     restored = f"s3://{s3_server.bucket}/restore/restored"
     stdout = _rsd({**env, **s3_server.env()}, "restore", "--model", CHAMPION, "--dataset", obs, "--out", restored,
-                  "--out-dir", str(out), "--steps", "2", "--experiment", "rsd-restore-s3").stdout
+                  "--out-dir", str(out), "--encoder", "{steps: 3, width: 8, target: latent}", "--steps", "2",
+                  "--experiment", "rsd-restore-s3").stdout  # the latent encoder, refined: the other path
     assert f"restored dataset  {restored}" in stdout and f"the {CLEAN_ROWS} rows" in stdout
     result = open_dataset(restored, verify=True)
     assert len(result) == ROWS and len(open_dataset(f"{restored}/spread")) == ROWS

@@ -22,7 +22,7 @@ from tasks.restore import (
     write_restoration,
 )
 
-DEFAULT_CONFIG = RestoreConfig()  # the encoder fitted on the dataset, then one generator pass per restart
+DEFAULT_CONFIG = RestoreConfig()  # the posterior-mean network fitted for the dataset, then one pass per row
 
 
 @workflow
