@@ -52,7 +52,7 @@ _FORMAT = "rsd-latent-encoder"
 
 # Fit settings that differ by target where a field is not given: the posterior-mean network learns a whole
 # image-to-image map and needs more, cheaper steps (1,200 steps of a 32-channel network scored +1.0 dB
-# over 300 of a 64-channel one on inpainting p = 0.8, docs/results.md); the latent encoder's are the
+# over 300 of a 64-channel one on inpainting p = 0.8, docs/algorithms.md §10.1); the latent encoder's are the
 # settings it was tuned at.
 TARGET_DEFAULTS = {"image": {"steps": 1200, "width": 32}, "latent": {"steps": 300, "width": 64}}
 
