@@ -233,6 +233,8 @@ def save_task_grid(task: str, observed: torch.Tensor, outputs: dict, clean: torc
 def write_doc(result: dict, command: str) -> None:
     """Replace this benchmark's section of docs/results.md (appended at the end the first time)."""
     by = {(r["task"], r["method"]): r for r in result["rows"]}
+    shown = [m for m in METHODS if any(method == m for _, method in by)]  # the grids hold only these rows
+    timed = [m for m in GENERATOR_METHODS if m in shown]
     lines = [SECTION_START, "", "# Restoring observations (CPU)", "",
              f"Command: `{command}`  ", f"Machine: {result['machine']}  ", f"Date: {result['date']}  ",
              f"Images: the first {result['n_images']} Fashion-MNIST test images per task (mri-r4: brain-MRI test "
@@ -243,25 +245,25 @@ def write_doc(result: dict, command: str) -> None:
              f"{result['threads']} torch thread(s), batches of {result['batch_size']} observations.", "",
              "PSNR / SSIM per method, then seconds per image in the same order, then the DPS's time over each "
              "generator method's (>= 10 is the issue's goal).", "",
-             "| task | " + " | ".join(LABELS[m] for m in METHODS) + " | s/image | DPS time / "
-             + " / ".join(LABELS[m] for m in GENERATOR_METHODS) + " time | default's fit s |",
-             "|---" * (len(METHODS) + 4) + "|"]
+             "| task | " + " | ".join(LABELS[m] for m in shown) + " | s/image | DPS time / "
+             + " / ".join(LABELS[m] for m in timed) + " time | default's fit s |",
+             "|---" * (len(shown) + 4) + "|"]
     for task in result["tasks"]:
         cells, speeds = [], []
-        for method in METHODS:
+        for method in shown:
             r = by.get((task, method))
             cells.append(f"{r['psnr']:.2f} / {r['ssim']:.3f}" if r else "n/a")
             speeds.append(f"{r['seconds_per_image']:.3g}" if r else "n/a")
         dps = by.get((task, "teacher-dps"))
         ratios = [f"{dps['seconds_per_image'] / r['seconds_per_image']:.3g}x" if dps and r else "n/a"
-                  for r in (by.get((task, m)) for m in GENERATOR_METHODS)]
+                  for r in (by.get((task, m)) for m in timed)]
         fit = by.get((task, DEFAULT_METHOD), {}).get("fit_seconds")
         fit_cell = f"{fit:.0f}" if fit is not None else "n/a"
         lines.append(f"| {task} | " + " | ".join(cells) + f" | {' / '.join(speeds)} | " + " / ".join(ratios)
                      + f" | {fit_cell} |")
     if result["skipped"]:
         lines += ["", "Not run: " + "; ".join(f"{t} ({why})" for t, why in result["skipped"].items()) + "."]
-    lines += ["", "Grids (rows: observation, " + ", ".join(LABELS[m] for m in METHODS) + ", the default's "
+    lines += ["", "Grids (rows: observation, " + ", ".join(LABELS[m] for m in shown) + ", the default's "
               "per-pixel spread scaled to its maximum, clean):", ""]
     lines += [f"- {t['task']}: ![{t['task']}](../{t['grid']})" for t in result["task_settings"]]
     lines += ["", SECTION_END]
