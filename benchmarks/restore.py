@@ -54,7 +54,13 @@ from benchmarks.mri import train_mri_models
 from benchmarks.report import emit
 from benchmarks.restoration import TASKS as TRAINING_TASKS
 from benchmarks.restoration import train_models
-from rsd_core.baselines import classical_estimate
+from rsd_core.baselines import (
+    LSQ_ITERS,
+    LSQ_LAMBDA_FLOOR,
+    LSQ_LAMBDA_PER_VARIANCE,
+    WIENER_NSR_PER_VARIANCE,
+    classical_estimate,
+)
 from rsd_core.data import open_dataset
 from rsd_core.encoder import EncoderConfig, load_encoder, save_encoder
 from rsd_core.image_metrics import psnr, ssim
@@ -182,6 +188,8 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
             path, fit = fitted_encoder(out / task, models, task, config, progress=not args.quiet)
             encoder = load_encoder(path)[0]
         generator = load_generator(generator_dir)
+        head = {k: v[:2] for k, v in state.items()}  # an untimed warm-up: first calls allocate and dispatch
+        restore_observations(generator, y[:2], head, config, progress=False, encoder=encoder)
         start = time.perf_counter()
         result = restore_observations(generator, y, state, config, progress=not args.quiet, encoder=encoder)
         return result.mean, result.spread, {"seconds": time.perf_counter() - start, "fit": fit}
@@ -193,7 +201,9 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
 
     work = {"classical": lambda: (classical_estimate(operator, y, state), None), "teacher-dps": teacher_dps,
             **{m: functools.partial(through_generator, m) for m in configs}}
-    settings = {"classical": {"operator": card.operator.model_dump()},
+    settings = {"classical": {"operator": card.operator.model_dump(),  # and the estimates' own constants
+                              "constants": [WIENER_NSR_PER_VARIANCE, LSQ_LAMBDA_PER_VARIANCE, LSQ_LAMBDA_FLOOR,
+                                            LSQ_ITERS]},
                 "teacher-dps": {"model": read_card(teacher_dir).model_dump(), "config": dps_config.model_dump(),
                                 "sigma_stop": DPS_SIGMA_STOP},
                 **{m: {"model": card.model_dump(), "config": c.model_dump()} for m, c in configs.items()}}

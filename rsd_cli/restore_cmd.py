@@ -27,7 +27,9 @@ _SETTING_HELP = {
     "their std the spread",
     "prior_weight": "weight of the Gaussian prior |z|^2 / 2 on the latents",
     "sigma_floor": "noise scale of the misfit when the data are noiseless",
-    "data_consistency": "true/false: re-impose the measurements on the result (noiseless data)",
+    "data_consistency": "true/false: move the result to the nearest image that reproduces the measurements "
+    "(noiseless data)",
+    "consistency_iters": "conjugate-gradient iterations (at most) of that projection",
     "batch_size": "observations optimised together",
     "seed": "seed of the latents (a row group adds its first row index)",
     "encoder": "the network fitted for the dataset first: 'default' (the posterior-mean network, trained on the "

@@ -18,14 +18,17 @@ import torch
 import torch.nn.functional as F
 from skimage.restoration import inpaint_biharmonic
 
+from rsd_core.least_squares import solve_normal
 from rsd_core.operators import Blur, Operator, State, SuperRes
 
 # Wiener noise-to-signal ratio per unit noise variance, for the Laplacian regulariser below
 # (tuned on training observations of blur-noise-0.2; docs/algorithms.md §10.3).
 WIENER_NSR_PER_VARIANCE = 1.25
-# Tikhonov weight of least squares, and its floor for noiseless data.
+# Tikhonov weight of least squares, its floor for noiseless data and the CG iterations: on 32 training
+# slices of mri-r4, lam 1e-3 stalled at 21.8 dB, 1e-5 reached 25.6 dB by 400 iterations (docs/algorithms.md §10.3).
 LSQ_LAMBDA_PER_VARIANCE = 1.0
-LSQ_LAMBDA_FLOOR = 1e-3
+LSQ_LAMBDA_FLOOR = 1e-5
+LSQ_ITERS = 400
 
 
 def biharmonic_inpaint(y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -75,31 +78,11 @@ def bicubic_upsample(y: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(low, scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
 
 
-def least_squares_cg(operator: Operator, y: torch.Tensor, state: State, lam: float, iters: int = 50) -> torch.Tensor:
-    """argmin_x ||A(x) - y||^2 + lam ||x||^2 per sample, by conjugate gradient on (A^T A + lam I) x = A^T y."""
-    y = y.detach().cpu().float()
+def least_squares_cg(operator: Operator, y: torch.Tensor, state: State, lam: float,
+                     iters: int = LSQ_ITERS) -> torch.Tensor:
+    """argmin_x ||A(x) - y||^2 + lam ||x||^2 per sample on the CPU, clamped to the image range."""
     state = {k: v.cpu() for k, v in state.items()}
-
-    def normal(v: torch.Tensor) -> torch.Tensor:
-        return operator.adjoint(operator.forward(v, state), state) + lam * v
-
-    def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (a * b).flatten(1).sum(1).view(-1, *([1] * (a.ndim - 1)))
-
-    rhs = operator.adjoint(y, state)
-    x = torch.zeros_like(rhs)
-    r = rhs.clone()
-    p = r.clone()
-    rr = dot(r, r)
-    for _ in range(iters):
-        ap = normal(p)
-        alpha = rr / dot(p, ap).clamp_min(1e-30)
-        x = x + alpha * p
-        r = r - alpha * ap
-        rr_new = dot(r, r)
-        p = r + rr_new / rr.clamp_min(1e-30) * p
-        rr = rr_new
-    return x.clamp(-1.0, 1.0)
+    return solve_normal(operator, y.detach().cpu().float(), state, lam, iters).clamp(-1.0, 1.0)
 
 
 def _inpaint(operator: Operator, y: torch.Tensor, state: State) -> torch.Tensor:

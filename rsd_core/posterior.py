@@ -30,7 +30,7 @@ from tqdm import tqdm
 from rsd_core.config import Spec
 from rsd_core.objectives import Objective
 from rsd_core.operators import State
-from rsd_core.restore import check_observations, data_consistency
+from rsd_core.restore import CONSISTENCY_ITERS, check_observations, data_consistency
 from rsd_core.sampling import heun_sample
 from rsd_core.stages import load_model
 
@@ -41,6 +41,7 @@ class DPSConfig(Spec):
     zeta: float = Field(default=1.0, gt=0)
     num_steps: int = Field(default=18, ge=2)
     data_consistency: bool = True
+    consistency_iters: int = Field(default=CONSISTENCY_ITERS, ge=1)
     batch_size: int = Field(default=64, ge=1)
     seed: int = 0
 
@@ -76,7 +77,7 @@ def dps_batch(
     x, _ = heun_sample(denoise, latents, config.num_steps, sigma_stop=sigma_stop, guide=guide)
     x = x.float()
     if config.data_consistency:
-        x = data_consistency(operator, x, y, state)
+        x = data_consistency(operator, x, y, state, config.consistency_iters)
     return x.clamp(-1.0, 1.0)
 
 

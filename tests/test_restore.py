@@ -11,7 +11,13 @@ from rsd_core.kinds import build_operator
 from rsd_core.objectives import Objective
 from rsd_core.posterior import DPSConfig, dps_restore
 from rsd_core.pretrain import build_teacher
-from rsd_core.restore import LATENT_OPTIMISATION, RestoreConfig, restore_observations, restore_with_model
+from rsd_core.restore import (
+    LATENT_OPTIMISATION,
+    RestoreConfig,
+    data_consistency,
+    restore_observations,
+    restore_with_model,
+)
 from rsd_core.sampling import OneStepSampler
 from rsd_core.stages import ModelCard, save_model
 from tests.gaussian import gaussian_denoiser, random_covariance
@@ -86,6 +92,27 @@ def test_data_consistency_keeps_measured_pixels_and_block_means():
     operator, _, state, y = observe({"kind": "superres", "factor": 2})
     got = restore_observations(one_step(net, operator), y, state, config).mean
     assert torch.allclose(operator.forward(got, state), y.clamp(-1, 1), atol=1e-5)
+
+
+def test_data_consistency_is_the_minimum_norm_correction_for_multicoil_mri():
+    """Coils mix pixels, so one adjoint step x + A^T(y - A(x)) leaves a misfit; the projection must be
+    x + A^+(y - A(x)): the measurements where they determine the image, x in the null space of A.
+    Two coils at R = 4 leave half the dimensions unmeasured, and A^+ is taken from A's dense matrix."""
+    operator = build_operator({"kind": "mri", "R": 4.0, "n_coils": 2})
+    shape = (2, 16, 16)
+    rng = torch.Generator().manual_seed(0)
+    state = operator.sample_state(1, shape, rng)
+    x_true, x = torch.randn(2, 1, *shape, generator=rng)
+    y = operator.forward(x_true, state)
+    d = x.numel()
+    A = operator.forward(torch.eye(d).view(d, *shape), {k: v.expand(d, *v.shape[1:]) for k, v in state.items()})
+    A = A.flatten(1).T.double()
+    assert torch.linalg.matrix_rank(A) < d  # a null space the measurements say nothing about
+    residual = (y - operator.forward(x, state)).flatten(1).double()
+    want = x.flatten(1).double() + residual @ torch.linalg.pinv(A).T
+    got = data_consistency(operator, x, y, state)
+    assert torch.allclose(got.flatten(1).double(), want, atol=1e-3), (got.flatten(1).double() - want).abs().max()
+    assert (operator.forward(got, state) - y).norm() < 1e-4 * y.norm()
 
 
 def test_spread_is_zero_for_identical_restarts_and_positive_otherwise():

@@ -1,0 +1,47 @@
+"""Regularised least squares over an operator's own normal map, by conjugate gradient.
+
+Two users: the classical estimate of a linear kind without a closed form (SENSE for MRI,
+:mod:`rsd_core.baselines`), and data consistency (:func:`rsd_core.restore.data_consistency`), which
+corrects a learnt estimate by the smallest change that reproduces noiseless measurements. Both go
+through ``operator.forward`` / ``operator.adjoint``, so the model solved is exactly the one that
+made y (coil maps, masks and borders included) and a new linear operator needs nothing here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rsd_core.operators import Operator, State
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample inner products, shaped to broadcast against a batch."""
+    return (a * b).flatten(1).sum(1).view(-1, *([1] * (a.ndim - 1)))
+
+
+def solve_normal(operator: Operator, y: torch.Tensor, state: State, lam: float, iters: int,
+                 rtol: float = 1e-6) -> torch.Tensor:
+    """argmin_x ||A(x) - y||^2 + lam ||x||^2 per sample: CG on (A^T A + lam I) x = A^T y from x = 0.
+
+    With lam = 0 the iterates stay in the range of A^T, so CG converges to the minimum-norm
+    least-squares solution A^+ y (the pseudo-inverse), not just any x with A(x) = y. At most
+    ``iters`` iterations; it stops early once every sample's normal-equation residual is below
+    ``rtol`` of its start (a mask or block average converges after one).
+    """
+    rhs = operator.adjoint(y, state)
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    p = r.clone()
+    rr = _dot(r, r)
+    stop = rtol**2 * rr
+    for _ in range(iters):
+        if bool((rr <= stop).all()):
+            break
+        ap = operator.adjoint(operator.forward(p, state), state) + lam * p
+        alpha = rr / _dot(p, ap).clamp_min(1e-30)
+        x = x + alpha * p
+        r = r - alpha * ap
+        rr_new = _dot(r, r)
+        p = r + rr_new / rr.clamp_min(1e-30) * p
+        rr = rr_new
+    return x
