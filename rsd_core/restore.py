@@ -45,8 +45,8 @@ from rsd_core.sampling import OneStepSampler
 from rsd_core.stages import load_model
 
 # Conjugate-gradient iterations (at most) of the data-consistency projection: one suffices for masks
-# and block means; for MRI R = 4 the misfit keeps falling slowly, and 100 (about 13 ms per 64 x 64
-# image on one CPU thread) keeps the restoration >= 10x faster than DPS (docs/algorithms.md §10.1).
+# and block means; for MRI R = 4 the misfit keeps falling slowly, and 100 (about 13 ms per 32 x 32
+# four-coil image on one CPU thread) keeps the restoration >= 10x faster than DPS (docs/algorithms.md §10.1).
 CONSISTENCY_ITERS = 100
 
 
