@@ -5,11 +5,13 @@
 For every task, the first ``--n-images`` Fashion-MNIST *test* images (never seen in training;
 brain-MRI test slices for ``mri-r4``) are corrupted by the task's operator with a fixed seed,
 then restored by
-- ``generator-posterior-net``: the amortised posterior-mean network (rsd_core.encoder, target "image"),
-  fitted once on the generator's samples seen through the operator with the states of the task's
-  *training* observations (``DIR/<task>/data``: corrupted, no clean image), then one pass per image
-  (mean and spread); its fit time is reported apart (``fit_seconds``), as it is paid once per model and
-  dataset, not per image;
+- ``ambient-posterior-net``: the amortised posterior-mean network (rsd_core.encoder, target "image") fitted
+  once on the task's *training* observations (``DIR/<task>/data``: corrupted, no clean image), each split
+  into an input and held-out measurements by the operator's further mask (fit_on "observations"; only
+  operators that have one: inpainting, MRI), then one pass per image (mean and spread); its fit time is
+  reported apart (``fit_seconds``), as it is paid once per dataset, not per image;
+- ``generator-posterior-net``: the same network fitted instead on the generator's samples seen through the
+  operator with the states of the training observations (fit_on "generator");
 - ``generator-encoder``: the amortised latent encoder (target "latent"), fitted on the same training
   observations' misfit, then one generator pass per restart (4 restarts: mean and spread), plus
   ``--encoder-steps`` refinement steps (default 0); fit time apart as above;
@@ -21,7 +23,8 @@ then restored by
 and scored with PSNR and SSIM against the clean images ([0, 1] scale; MRI: magnitudes, range per
 image) and seconds per image (wall time of the method on the same images, same run, batched,
 ``--threads`` torch threads). The ``generator`` row repeats the row of the method that
-``rsd restore`` runs by default (``RestoreConfig()``; its ``alias_of`` names it). Models are read
+``rsd restore`` runs by default for the task's operator (``RestoreConfig()``; its ``alias_of`` names it).
+Models are read
 from ``DIR/<task>/{teacher,generator}`` (the layout
 of benchmarks/restoration.py's work folder); with ``--train``, missing ones are trained there with
 ``--budget`` / ``--distill-budget`` minutes (``mri-r4``: benchmarks/mri.py's R = 4 training with
@@ -84,19 +87,37 @@ FIGURES = ROOT / "docs" / "figures"
 SECTION_START = "<!-- benchmarks/restore.py: generated section start -->"
 SECTION_END = "<!-- benchmarks/restore.py: generated section end -->"
 TASKS = ("inpaint-0.6", "inpaint-0.8", "blur-noise-0.2", "superres-x2", "mri-r4")
-METHODS = ("classical", "teacher-dps", "generator-posterior-net", "generator-encoder", "generator-single-pass",
-           "generator-latent-opt")
-GENERATOR_METHODS = METHODS[2:]
-# The method that RestoreConfig() is: its rows are repeated as method "generator", what rsd restore runs.
-DEFAULT_METHOD = {"image": "generator-posterior-net", "latent": "generator-encoder"}[RestoreConfig().encoder.target]
-LABELS = {"classical": "classical", "teacher-dps": "teacher DPS", "generator-posterior-net": "posterior net",
-          "generator-encoder": "latent encoder", "generator-single-pass": "single pass",
-          "generator-latent-opt": "latent opt."}
-LABELS[DEFAULT_METHOD] += " (default)"
+METHODS = ("classical", "teacher-dps", "ambient-posterior-net", "generator-posterior-net", "generator-encoder",
+           "generator-single-pass", "generator-latent-opt")
+FAST_METHODS = METHODS[2:]  # timed against DPS
+LABELS = {"classical": "classical", "teacher-dps": "teacher DPS", "ambient-posterior-net": "net on observations",
+          "generator-posterior-net": "net on generator", "generator-encoder": "latent encoder",
+          "generator-single-pass": "single pass", "generator-latent-opt": "latent opt."}
 OBSERVATION_SEED = 1234
 # DPS returns the teacher's x0 prediction at the first level >= this one: tuned on validation images with
 # zeta' = 1 (docs/algorithms.md §10.2); lower levels, down to the cards' own (0.05), scored lower.
 DPS_SIGMA_STOP = 1.0
+
+
+def default_method(operator) -> str:
+    """The method that RestoreConfig() is for ``operator``: its rows are repeated as method "generator", what
+    rsd restore runs."""
+    encoder = RestoreConfig().encoder
+    if encoder.target == "latent":
+        return "generator-encoder"
+    return {"observations": "ambient-posterior-net", "generator": "generator-posterior-net"}[
+        encoder.image_pairs(operator)]
+
+
+def cache_settings(config: RestoreConfig) -> dict:
+    """``config`` as the caches digest it: fit_on is left out where it means what every fit did before the
+    field existed (image target on the generator's samples; the latent target, which ignores it), so
+    those caches stay valid."""
+    dump = config.model_dump()
+    encoder = dump.get("encoder")
+    if encoder and (encoder["target"] == "latent" or encoder["fit_on"] == "generator"):
+        del encoder["fit_on"]
+    return dump
 
 
 def clean_images(task: str, n: int, image_shape: tuple[int, ...]) -> torch.Tensor:
@@ -148,7 +169,7 @@ def fitted_encoder(folder: Path, models: Path, task: str, config: RestoreConfig,
                    progress: bool = True) -> tuple[Path, dict]:
     """The task's encoder fitted on its training observations, cached in ``folder`` by settings digest."""
     generator_dir, data = models / task / "generator", open_dataset(str(models / task / "data"))
-    fit = {"encoder": config.encoder.model_dump(), "prior_weight": config.prior_weight,
+    fit = {"encoder": cache_settings(config)["encoder"], "prior_weight": config.prior_weight,
            "sigma_floor": config.sigma_floor}  # what the fit depends on: restoration settings may vary
     digest = hashlib.sha256(json.dumps({"model": read_card(generator_dir).model_dump(), "data": data.fingerprint,
                                         "config": fit}, sort_keys=True, default=str).encode())
@@ -174,8 +195,12 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
     encoder_config = RestoreConfig().updated(batch_size=args.batch_size, steps=args.encoder_steps,
                                               encoder=EncoderConfig(**fit, target="latent"), **restarts)
     steps = {"steps": args.steps} if args.steps is not None else {}
-    configs = {"generator-posterior-net": RestoreConfig().updated(batch_size=args.batch_size, steps=0,
-                                                                  encoder=EncoderConfig(**fit, target="image")),
+    image_net = RestoreConfig().updated(batch_size=args.batch_size, steps=0)
+    configs = {**({"ambient-posterior-net": image_net.updated(
+                      encoder=EncoderConfig(**fit, target="image", fit_on="observations"))}
+                  if operator.splits_observations else {}),
+               "generator-posterior-net": image_net.updated(
+                   encoder=EncoderConfig(**fit, target="image", fit_on="generator")),
                "generator-encoder": encoder_config,
                "generator-single-pass": encoder_config.updated(restarts=1),
                "generator-latent-opt": LATENT_OPTIMISATION.updated(batch_size=args.batch_size, **restarts, **steps)}
@@ -206,30 +231,30 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
                                             LSQ_ITERS]},
                 "teacher-dps": {"model": read_card(teacher_dir).model_dump(), "config": dps_config.model_dump(),
                                 "sigma_stop": DPS_SIGMA_STOP},
-                **{m: {"model": card.model_dump(), "config": c.model_dump()} for m, c in configs.items()}}
-    rows, outputs = [], {}
-    for method in args.methods:
+                **{m: {"model": card.model_dump(), "config": cache_settings(c)} for m, c in configs.items()}}
+    rows, outputs, default = [], {}, default_method(operator)
+    for method in [m for m in args.methods if m in work]:  # the ambient net only where the operator splits
         outputs[method] = run_method(out / task, method, settings[method], work[method], len(y))
         p, s = scores(outputs[method]["restored"], clean)
         rows.append({"task": task, "method": method, "psnr": p, "ssim": s,
                      "seconds_per_image": outputs[method]["seconds_per_image"],
                      **({"fit_seconds": outputs[method]["fit_seconds"]} if "fit_seconds" in outputs[method] else {})})
         print(f"   {method:12} PSNR {p:6.2f} dB  SSIM {s:.3f}  {rows[-1]['seconds_per_image']:.3g} s/image", flush=True)
-        if method == DEFAULT_METHOD:
+        if method == default:
             rows.append({**rows[-1], "method": "generator", "alias_of": method})
-    grid = save_task_grid(task, operator.image_view(y, state), outputs, clean, out, args.publish)
+    grid = save_task_grid(task, operator.image_view(y, state), outputs, default, clean, out, args.publish)
     return rows, {"task": task, "operator": card.operator.model_dump(), "grid": grid,
                   **{f"{m}_config": c.model_dump() for m, c in configs.items()}, "dps_config": dps_config.model_dump(),
                   "dps_sigma_stop": DPS_SIGMA_STOP, "n_images": len(y)}
 
 
-def save_task_grid(task: str, observed: torch.Tensor, outputs: dict, clean: torch.Tensor, out: Path,
-                   publish: bool) -> str:
+def save_task_grid(task: str, observed: torch.Tensor, outputs: dict, default: str, clean: torch.Tensor,
+                   out: Path, publish: bool) -> str:
     """Eight columns; rows: observation, each method's restoration, the default's spread, clean."""
     k = min(8, len(clean))
     rows = [observed[:k]] + [outputs[m]["restored"][:k] for m in METHODS if m in outputs]
-    if DEFAULT_METHOD in outputs:
-        spread = outputs[DEFAULT_METHOD]["spread"][:k].norm(dim=1, keepdim=True)
+    if default in outputs:
+        spread = outputs[default]["spread"][:k].norm(dim=1, keepdim=True)
         spread = spread / spread.amax().clamp_min(1e-12)
         rows.append((2 * spread - 1).expand(-1, clean.shape[1], -1, -1) if clean.shape[1] != 2
                     else torch.cat([spread, torch.zeros_like(spread)], dim=1))
@@ -244,7 +269,8 @@ def write_doc(result: dict, command: str) -> None:
     """Replace this benchmark's section of docs/results.md (appended at the end the first time)."""
     by = {(r["task"], r["method"]): r for r in result["rows"]}
     shown = [m for m in METHODS if any(method == m for _, method in by)]  # the grids hold only these rows
-    timed = [m for m in GENERATOR_METHODS if m in shown]
+    timed = [m for m in FAST_METHODS if m in shown]
+    defaults = {r["task"]: r["alias_of"] for r in result["rows"] if r["method"] == "generator"}
     lines = [SECTION_START, "", "# Restoring observations (CPU)", "",
              f"Command: `{command}`  ", f"Machine: {result['machine']}  ", f"Date: {result['date']}  ",
              f"Images: the first {result['n_images']} Fashion-MNIST test images per task (mri-r4: brain-MRI test "
@@ -253,8 +279,11 @@ def write_doc(result: dict, command: str) -> None:
              "PSNR / SSIM on the [0, 1] scale against the clean images (mri-r4: magnitudes, peak = the clean "
              "image's maximum; higher is better); seconds per image on "
              f"{result['threads']} torch thread(s), batches of {result['batch_size']} observations.", "",
-             "PSNR / SSIM per method, then seconds per image in the same order, then the DPS's time over each "
-             "generator method's (>= 10 is the issue's goal).", "",
+             "PSNR / SSIM per method (* marks what `rsd restore` runs by default for the task's operator, the "
+             "`generator` rows of the JSON; n/a: the method does not apply), then seconds per image in the same "
+             "order, then the DPS's time over each fast method's (>= 10 is the issue's goal). The net on "
+             "observations is fitted on the training observations' own held-out measurements (operators with a "
+             "further mask: inpainting, MRI), the net on generator on the generator's samples.", "",
              "| task | " + " | ".join(LABELS[m] for m in shown) + " | s/image | DPS time / "
              + " / ".join(LABELS[m] for m in timed) + " time | default's fit s |",
              "|---" * (len(shown) + 4) + "|"]
@@ -262,19 +291,20 @@ def write_doc(result: dict, command: str) -> None:
         cells, speeds = [], []
         for method in shown:
             r = by.get((task, method))
-            cells.append(f"{r['psnr']:.2f} / {r['ssim']:.3f}" if r else "n/a")
+            mark = "*" if defaults.get(task) == method else ""
+            cells.append(f"{r['psnr']:.2f} / {r['ssim']:.3f}{mark}" if r else "n/a")
             speeds.append(f"{r['seconds_per_image']:.3g}" if r else "n/a")
         dps = by.get((task, "teacher-dps"))
         ratios = [f"{dps['seconds_per_image'] / r['seconds_per_image']:.3g}x" if dps and r else "n/a"
                   for r in (by.get((task, m)) for m in timed)]
-        fit = by.get((task, DEFAULT_METHOD), {}).get("fit_seconds")
+        fit = by.get((task, "generator"), {}).get("fit_seconds")
         fit_cell = f"{fit:.0f}" if fit is not None else "n/a"
         lines.append(f"| {task} | " + " | ".join(cells) + f" | {' / '.join(speeds)} | " + " / ".join(ratios)
                      + f" | {fit_cell} |")
     if result["skipped"]:
         lines += ["", "Not run: " + "; ".join(f"{t} ({why})" for t, why in result["skipped"].items()) + "."]
-    lines += ["", "Grids (rows: observation, " + ", ".join(LABELS[m] for m in shown) + ", the default's "
-              "per-pixel spread scaled to its maximum, clean):", ""]
+    lines += ["", "Grids (rows: observation, " + ", ".join(LABELS[m] for m in shown) + " (those that apply), "
+              "the default's per-pixel spread scaled to its maximum, clean):", ""]
     lines += [f"- {t['task']}: ![{t['task']}](../{t['grid']})" for t in result["task_settings"]]
     lines += ["", SECTION_END]
     text = DOC.read_text() if DOC.exists() else ""

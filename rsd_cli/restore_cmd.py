@@ -33,8 +33,10 @@ _SETTING_HELP = {
     "batch_size": "observations optimised together",
     "seed": "seed of the latents (a row group adds its first row index)",
     "encoder": "the network fitted for the dataset first: 'default' (the posterior-mean network, trained on the "
-    "generator's samples seen through the dataset's operator), a YAML mapping of its settings, e.g. "
-    "'{steps: 500, width: 32}' or '{target: latent}' (a latent encoder whose G(z) starts every restart), or "
+    "dataset's own observations corrupted further where the operator has a further mask (inpaint, mri), "
+    "else on the generator's samples seen through the dataset's operator), a YAML mapping of its settings, "
+    "e.g. '{steps: 500, width: 32}', '{fit_on: generator}' or '{target: latent}' (a latent encoder whose "
+    "G(z) starts every restart), or "
     "'none' (latent optimisation from noise, with --steps >= 1; slower per image)",
 }
 

@@ -33,6 +33,9 @@ class Operator:
 
     linear: bool = True
     state_keys: tuple[str, ...] = ()
+    # Measurements selected by a 0/1 state "mask" with a further_mask (Ambient Diffusion's A~ = B A): such
+    # observations can be split into a network input and held-out measurements (split_observation).
+    splits_observations: bool = False
 
     def __init__(self, spec: OperatorSpecBase):
         self.spec = spec
@@ -56,6 +59,24 @@ class Operator:
         """A provable range of noiseless observations of images in ``value_range``: masking,
         blurring and block averaging are convex combinations, so A(x) stays in the image range."""
         return value_range
+
+    def split_observation(
+        self, y: torch.Tensor, state: State, rng: torch.Generator | None
+    ) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """Ambient Diffusion's further corruption applied to the data: (y~, state~, held).
+
+        y~ = A~(x) + noise keeps the measurements of A~ = B A (``further_mask`` of the state's mask), and
+        ``held`` (broadcastable to y) is 1 on the measurements of A that y~ lacks. A network fed y~ and
+        scored on the held measurements, ||held * (A(R(y~)) - y)||^2, learns E[x | y~] wherever held
+        measurements can fall (B is random, so it cannot tell them from the ones A never took), with no
+        clean image: the self-supervision of Ambient Diffusion (Daras et al. 2023) at the data's own
+        noise level.
+        """
+        if not self.splits_observations:
+            raise NotImplementedError(f"{type(self).__name__} observations have no further mask to split by")
+        further = self.further_mask(state["mask"], rng)
+        held = (state["mask"] - further).to(y.dtype)
+        return y * further.to(y.dtype), {**state, "mask": further}, held
 
     def sample_state(
         self,
@@ -158,6 +179,7 @@ class Inpaint(Operator):
     """Each pixel erased with probability p (mask broadcast over channels; 1 = observed)."""
 
     state_keys = ("mask",)
+    splits_observations = True
 
     def __init__(self, spec: InpaintSpec):
         super().__init__(spec)
@@ -437,6 +459,7 @@ class MRI(Operator):
     """
 
     state_keys = ("mask", "maps_index")
+    splits_observations = True
 
     def __init__(self, spec: MRISpec):
         super().__init__(spec)

@@ -53,13 +53,16 @@ CONSISTENCY_ITERS = 100
 class RestoreConfig(Spec):
     """How observations are restored; the defaults restore a whole dataset (docs/algorithms.md §10.1).
 
-    By default a posterior-mean network (:mod:`rsd_core.encoder`, target "image") is fitted first, on
-    the generator's samples seen through the operator with the observations' states, and each
-    observation then costs one pass of it (mean and spread; no generator pass): on the restore benchmark
-    it beat inverting the generator (docs/results.md). With ``encoder.target`` "latent" a latent
-    encoder starts ``restarts`` latents per observation, one generator pass each; ``steps`` adds Adam
-    steps on them, and with ``encoder`` None they start from noise (:data:`LATENT_OPTIMISATION`, for
-    a handful of observations without a dataset to fit on, e.g. one serving request).
+    By default a posterior-mean network (:mod:`rsd_core.encoder`, target "image") is fitted first: on
+    the observations themselves, corrupted further (Ambient self-supervision), where the operator has a
+    further mask (inpainting, MRI), else on the generator's samples seen through the operator with the
+    observations' states (``encoder.fit_on``); each observation then costs one pass of it (mean and
+    spread; no generator pass): on the restore benchmark both beat inverting the generator, and the
+    observation fit beat the generator-sample fit where both apply (docs/results.md). With
+    ``encoder.target`` "latent" a latent encoder starts ``restarts`` latents per observation, one
+    generator pass each; ``steps`` adds Adam steps on them, and with ``encoder`` None they start from
+    noise (:data:`LATENT_OPTIMISATION`, for a handful of observations without a dataset to fit on,
+    e.g. one serving request).
     """
 
     steps: int = Field(default=0, ge=0)
@@ -69,6 +72,7 @@ class RestoreConfig(Spec):
     prior_weight: float = Field(default=0.1, ge=0)
     # The misfit's noise scale for noiseless data: without a floor the prior would carry no weight.
     sigma_floor: float = Field(default=0.05, gt=0)
+    # Project onto the measurements (noiseless data); a network fitted on observations always is (encoder.py).
     data_consistency: bool = True
     consistency_iters: int = Field(default=CONSISTENCY_ITERS, ge=1)
     batch_size: int = Field(default=64, ge=1)
@@ -125,17 +129,20 @@ def check_observations(operator: Operator, image_shape: tuple[int, ...], y: torc
 
 
 def data_consistency(operator: Operator, x: torch.Tensor, y: torch.Tensor, state: State,
-                     iters: int = CONSISTENCY_ITERS) -> torch.Tensor:
-    """x + A^+(y - A(x)) for noiseless data: the nearest image to x that reproduces y; x for noisy data.
+                     iters: int = CONSISTENCY_ITERS, keep_noise: bool = False) -> torch.Tensor:
+    """x + A^+(y - A(x)) for noiseless data: the nearest image to x that reproduces y; x for noisy data
+    unless ``keep_noise``.
 
     The correction is the minimum-norm solution of A(d) = y - A(x) (conjugate gradient on the normal
     map, :func:`rsd_core.least_squares.solve_normal`), so x is kept wherever the measurements say
     nothing (the null space of A) and replaced by the measurements where they do. For inpainting
     (measured pixels kept) and super-resolution (block means kept) one iteration is exact; for
     multi-coil MRI, where the coils jointly determine most of the image, it is a SENSE solve for the
-    residual. With sigma_n > 0 a projection would put the measurement noise back, so nothing is done.
+    residual. With sigma_n > 0 a projection would put the measurement noise back, so nothing is done,
+    unless ``keep_noise`` asks for the measurements as they are (a network fitted on held-out
+    measurements has no better estimate of the ones it was given).
     """
-    if operator.sigma_n > 0:
+    if operator.sigma_n > 0 and not keep_noise:
         return x
     return x + solve_normal(operator, y - operator.forward(x, state), state, 0.0, iters)
 
@@ -171,8 +178,11 @@ def _restore_batch(
     if encoder is not None and encoder.target == "image":
         with torch.no_grad():
             mean, log_var = posterior_moments(encoder(encoder_inputs(operator, y, state, image_shape)))
-            if config.data_consistency:
-                mean = data_consistency(operator, mean, y, state, config.consistency_iters)
+            # Fitted on observations, the network was scored only on measurements its input lacked: the
+            # measurements it is given are its estimate there, so they are always put back.
+            on_observations = config.encoder.image_pairs(operator) == "observations"
+            if config.data_consistency or on_observations:
+                mean = data_consistency(operator, mean, y, state, config.consistency_iters, keep_noise=on_observations)
         return mean.clamp(-1.0, 1.0), torch.exp(0.5 * log_var)
     b, r = len(y), config.latent_restarts
     device = y.device

@@ -126,7 +126,9 @@ def fit_dataset_encoder(model_dir: str | Path, dataset_uri: str, config: Restore
     encoder, losses = fit_restore_encoder(generator, y, state, config, progress=progress)
     meta = {"seconds": time.perf_counter() - start, "observations": len(y), "loss_first": losses[0],
             "loss_last": losses[-1], "dataset_fingerprint": ds.fingerprint,
-            "settings": config.encoder.model_dump()}
+            "settings": config.encoder.model_dump(),
+            "fitted_on": ("observations' misfit through G" if config.encoder.target == "latent"
+                          else config.encoder.image_pairs(generator.objective.operator))}
     save_encoder(encoder, out_file, meta)
     return meta
 

@@ -168,8 +168,10 @@ def fit_encoder(plan: RestorePlan, config: RestoreConfig) -> FlyteFile | None:
         for key in ("seconds", "observations", "loss_first", "loss_last"):
             client.log_metric(child, f"encoder/{key}", meta[key])
         client.log_metric(plan.run_id, "encoder_seconds", meta["seconds"])
+        client.set_tag(child, "rsd.encoder_fitted_on", meta["fitted_on"])
         client.log_artifact(child, str(out))
-    print(f"encoder fitted on {meta['observations']} observations in {meta['seconds']:.1f} s on {device} "
+    print(f"encoder fitted on {meta['observations']} observations (pairs: {meta['fitted_on']}) in "
+          f"{meta['seconds']:.1f} s on {device} "
           f"(loss {meta['loss_first']:.4g} -> {meta['loss_last']:.4g})", flush=True)
     return _out_file(out)
 

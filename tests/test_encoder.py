@@ -4,7 +4,16 @@ linear Gaussian generator in one pass, leaves the generator untouched, and round
 import pytest
 import torch
 
-from rsd_core.encoder import EncoderConfig, encoder_inputs, load_encoder, restoration_loss, save_encoder
+from rsd_core.encoder import (
+    EncoderConfig,
+    encoder_inputs,
+    fit_encoder,
+    load_encoder,
+    posterior_moments,
+    restoration_loss,
+    save_encoder,
+)
+from rsd_core.kinds import build_operator
 from rsd_core.restore import RestoreConfig, fit_restore_encoder, restore_observations
 from tests.test_restore import SHAPE, SIGMA_INIT, D, LinearGenerator, matrix_of, observe, one_step
 
@@ -145,3 +154,122 @@ def test_image_target_round_trips_and_refuses_a_latent_config(image_target, tmp_
         restore_observations(one_step(net, operator), y, state, latent, encoder=loaded)
     with pytest.raises(ValueError, match="steps refine G's latent"):
         config.updated(steps=3)
+
+
+INPAINT = {"kind": "inpaint", "p": 0.5, "delta": 0.3, "sigma_n": 0.05}
+
+
+def _masked_posterior(net, y, mask, sigma_n):
+    """E[x | y] and diag Cov[x | y] for x = W eps + b and y = M x + sigma_n n on M's pixels, per sample."""
+    W, b = net.W.double(), net.b.double()
+    C = W @ W.T
+    means, variances = [], []
+    for y_i, m_i in zip(y.flatten(1).double(), mask.flatten(1).double(), strict=True):
+        M = torch.diag(m_i)
+        gain = C @ M @ torch.linalg.inv(M @ C @ M + sigma_n**2 * torch.eye(D, dtype=torch.float64))
+        means.append(b + gain @ (y_i - M @ b))
+        variances.append(torch.diagonal(C - gain @ M @ C))
+    return torch.stack(means).float().view(-1, *SHAPE), torch.stack(variances).float().view(-1, *SHAPE)
+
+
+def _generator_draws(net, operator, n, seed):
+    rng = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        x = net(SIGMA_INIT * torch.randn((n, *SHAPE), generator=rng), torch.full((n,), SIGMA_INIT))
+    state = operator.sample_state(n, SHAPE, rng)
+    return x, state, operator.observe(x, state, rng)
+
+
+@pytest.fixture(scope="module")
+def ambient_fit():
+    """A posterior-mean network fitted on masked observations of Gaussian images alone (fit_on
+    'observations'): the generator is never evaluated, so it is a stub that fails if called."""
+    operator = build_operator(INPAINT)
+    net = LinearGenerator()
+    # A shared offset plus pixel noise: E[x | y~] pools the pixels y~ has, a map a small network learns
+    # in 1,000 steps (a dense random covariance takes many times more).
+    net.W.data = 0.5 * torch.ones(D, D) / D**0.5 + 0.2 * torch.eye(D)
+    _, state, y = _generator_draws(net, operator, 4096, seed=3)
+    config = EncoderConfig(steps=1000, batch_size=64, lr=3e-3, width=16, target="image", fit_on="observations")
+
+    def no_generator(eps, n):
+        raise AssertionError("the observation fit evaluated the generator")
+
+    encoder, losses = fit_encoder(no_generator, operator, SHAPE, y, state, config, prior_weight=0.1,
+                                  sigma_floor=0.05)
+    return operator, net, encoder, losses
+
+
+def test_the_observation_fit_reaches_the_gaussian_posterior_mean_given_the_further_corrupted_input(ambient_fit):
+    """Scored only on held-out measurements of the observations, the network fed y~ = A~(x) + noise closes
+    at least 90% of the squared-error gap between the prior mean and E[x | y~] (the Gaussian closed form,
+    per sample's mask) on the pixels y~ lacks, and its spread there is within 20% of
+    sqrt(Var[x | y~] + sigma_n^2). Fed y itself instead of y~ (the held measurements leaking into its
+    input), it learns to copy them and never the missing pixels: it fails."""
+    operator, net, encoder, losses = ambient_fit
+    x, state, y = _generator_draws(net, operator, 512, seed=11)
+    y_in, state_in, _ = operator.split_observation(y, state, torch.Generator().manual_seed(12))
+    want_mean, want_var = _masked_posterior(net, y_in, state_in["mask"], operator.sigma_n)
+    with torch.no_grad():
+        mean, log_var = posterior_moments(encoder(encoder_inputs(operator, y_in, state_in, SHAPE)))
+    lacks = state_in["mask"].expand_as(mean) == 0
+    gap = (mean - want_mean)[lacks].square().mean()
+    prior_gap = (net.b.view(SHAPE) - want_mean).expand_as(mean)[lacks].square().mean()
+    assert gap < 0.1 * prior_gap, (float(gap), float(prior_gap))
+    assert (mean - x)[lacks].square().mean() < 1.3 * (want_mean - x)[lacks].square().mean()
+    ratio = (0.5 * log_var).exp()[lacks] / (want_var + operator.sigma_n**2).sqrt()[lacks]
+    assert 0.8 < float(ratio.mean()) < 1.2, float(ratio.mean())
+    assert losses[-1] < losses[0]
+
+
+def test_a_network_fitted_on_observations_restores_with_the_measurements_it_was_given(ambient_fit):
+    """Never scored on the measurements its input has, the network's own output there is arbitrary; the
+    restoration puts the (noisy) measurements back even with data_consistency off, and keeps the
+    network's estimate elsewhere."""
+    operator, net, encoder, _ = ambient_fit
+    _, state, y = _generator_draws(net, operator, 64, seed=13)
+    config = RestoreConfig(steps=0, data_consistency=False,
+                           encoder=EncoderConfig(target="image", fit_on="observations", width=16))
+    got = restore_observations(one_step(net, operator), y, state, config, encoder=encoder)
+    with torch.no_grad():
+        mean, _ = posterior_moments(encoder(encoder_inputs(operator, y, state, SHAPE)))
+    measured = state["mask"].expand_as(y) > 0
+    torch.testing.assert_close(got.mean[measured], y[measured].clamp(-1, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.mean[~measured], mean.clamp(-1, 1)[~measured], atol=1e-5, rtol=0)
+
+
+def test_fit_on_resolves_by_operator_and_refuses_what_cannot_be_done():
+    """'auto' fits on the observations where the operator can corrupt them further, on the generator
+    elsewhere; asking for observations of a blur, or fit_on on the latent encoder, is one clear error."""
+    inpaint, blur = build_operator(INPAINT), build_operator(BLUR)
+    assert EncoderConfig().image_pairs(inpaint) == "observations"
+    assert EncoderConfig().image_pairs(blur) == "generator"
+    assert EncoderConfig(fit_on="generator").image_pairs(inpaint) == "generator"
+    with pytest.raises(ValueError, match="fit_on 'observations' needs an operator with a further mask"):
+        EncoderConfig(fit_on="observations").image_pairs(blur)
+    with pytest.raises(ValueError, match="fit_on 'generator' chooses the training pairs of target 'image'"):
+        EncoderConfig(target="latent", fit_on="generator")
+
+
+def test_the_observation_fit_learns_multicoil_kspace_lines_it_was_not_given():
+    """The same fit on 4-coil k-space (held-out lines of the further mask): the held lines' misfit falls
+    well below that of the unfitted network (which proposes the image 0), on observations it never saw."""
+    operator = build_operator({"kind": "mri", "R": 2, "n_coils": 4, "acs_fraction": 0.25})
+    shape = (2, 8, 8)
+    rng = torch.Generator().manual_seed(0)
+
+    def draw(n):  # smooth complex images: a 2 x 2 grid of random values, upsampled
+        x = torch.nn.functional.interpolate(torch.randn((n, 2, 2, 2), generator=rng), size=shape[1:],
+                                            mode="bilinear", align_corners=True)
+        state = operator.sample_state(n, shape, rng)
+        return state, operator.observe(x, state, rng)
+
+    state, y = draw(1024)
+    config = EncoderConfig(steps=300, batch_size=32, lr=3e-3, width=8, target="image", fit_on="observations")
+    encoder, losses = fit_encoder(None, operator, shape, y, state, config, prior_weight=0.1, sigma_floor=0.05)
+    state, y = draw(256)
+    y_in, state_in, held = operator.split_observation(y, state, rng)
+    with torch.no_grad():
+        mean, _ = posterior_moments(encoder(encoder_inputs(operator, y_in, state_in, shape)))
+    misfit = ((operator.forward(mean, state) - y) * held).square().sum()
+    assert misfit < 0.3 * (y * held).square().sum(), float(misfit / (y * held).square().sum())

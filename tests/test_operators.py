@@ -109,6 +109,28 @@ def test_mri_masks_acs_and_further_mask_subset():
     assert torch.allclose(op.normal(x, full), x, atol=1e-4)
 
 
+@pytest.mark.parametrize(("spec", "shape"), IMAGE_SPECS, ids=[s["kind"] for s, _ in IMAGE_SPECS])
+def test_split_observation_is_the_further_masks_observation_and_the_rest(spec, shape):
+    """y~ = A~(x) exactly (what the operator would have measured through the further mask, nothing it
+    drops), and held marks exactly A's measurements that y~ lacks, so a network fed y~ cannot see what it
+    is scored on; operators without a further mask refuse by name."""
+    op = build_operator(spec)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((4, *shape), generator=gen) * 2 - 1
+    state = op.sample_state(4, shape, gen)
+    y = op.forward(x, state)
+    if not op.splits_observations:
+        with pytest.raises(NotImplementedError, match=type(op).__name__):
+            op.split_observation(y, state, gen)
+        return
+    y_in, state_in, held = op.split_observation(y, state, gen)
+    assert torch.all(state_in["mask"] <= state["mask"]) and held.sum() > 0
+    torch.testing.assert_close(held + state_in["mask"], state["mask"])
+    torch.testing.assert_close(y_in, op.forward(x, state_in), atol=1e-5, rtol=0)
+    assert torch.all(y_in * held == 0)
+    assert state_in.keys() == state.keys()
+
+
 @pytest.mark.parametrize(
     ("spec", "field"),
     [

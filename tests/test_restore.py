@@ -226,15 +226,17 @@ def test_restore_benchmark_end_to_end_and_resumes(tmp_path):
             "--steps", "3", "--restarts", "2", "--encoder-fit-steps", "3", "--models", str(tmp_path / "models"),
             "--out", str(tmp_path / "out"), "--quiet", "--no-publish"]
     result = restore.main([*argv, "--train", "--tasks", "inpaint-0.8"])
-    methods = [m for m in restore.METHODS for m in ([m, "generator"] if m == restore.DEFAULT_METHOD else [m])]
+    default_name = restore.default_method(build_operator({"kind": "inpaint", "p": 0.8}))
+    assert default_name == "ambient-posterior-net"  # inpainting splits its observations
+    methods = [m for m in restore.METHODS for m in ([m, "generator"] if m == default_name else [m])]
     assert [(r["task"], r["method"]) for r in result["rows"]] == [("inpaint-0.8", m) for m in methods]
     for row in result["rows"]:
         assert row["psnr"] > 0 and 0 < row["ssim"] <= 1 and row["seconds_per_image"] > 0
     default = next(r for r in result["rows"] if r["method"] == "generator")
     repeated = {k: v for k, v in default.items() if k != "alias_of"} | {"method": default["alias_of"]}
-    assert default["alias_of"] == restore.DEFAULT_METHOD and repeated in result["rows"]  # rsd restore's method
-    # the three encoder rows (posterior net, latent encoder, its single pass) and the default's repeat
-    assert [r["fit_seconds"] > 0 for r in result["rows"] if "fit_seconds" in r] == [True] * 4
+    assert default["alias_of"] == default_name and repeated in result["rows"]  # rsd restore's method
+    # the four encoder rows (two posterior nets, latent encoder, its single pass) and the default's repeat
+    assert [r["fit_seconds"] > 0 for r in result["rows"] if "fit_seconds" in r] == [True] * 5
     rerun = restore.main([*argv, "--tasks", "inpaint-0.8,mri-r4"])  # no --train: the MRI models are missing
     assert list(rerun["skipped"]) == ["mri-r4"]
     assert rerun["rows"] == result["rows"]

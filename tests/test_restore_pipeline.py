@@ -113,7 +113,7 @@ def test_rsd_restore_writes_the_restored_dataset_with_provenance_metrics_and_gri
     print(f"rsd restore: {time.perf_counter() - started:.1f} s")
     assert f"model    {CHAMPION} (version 1): 'inpaint' generator" in stdout
     assert "80 'inpaint' observations in 3 shard(s)" in stdout
-    assert "encoder fitted on 80 observations" in stdout
+    assert "encoder fitted on 80 observations (pairs: observations)" in stdout  # inpainting: Ambient self-supervision
     assert "shard 3/3: 16 observations restored" in stdout
     assert f"restored dataset  {restored}" in stdout
     assert f"on the {CLEAN_ROWS} rows of the dataset's clean split" in stdout
