@@ -46,7 +46,8 @@ too, and R learns to copy them), so restoration puts them back by the projection
 them cost 0.8 dB on inpainting p = 0.8 at 500 steps). The variance head is fitted by the Gaussian NLL of
 the held residual seen as an image, A^T(held * (A(mean) - y)), where held measurements reach: for
 inpainting the per-pixel posterior variance plus sigma_n^2; for k-space a back-projected residual, a
-spread that ranks uncertainty but is not a calibrated std. On inpainting p = 0.8 this fit beat the
+spread that ranks uncertainty but is not a calibrated std. Where the input has a measurement the spread
+is untrained (the measurement is put back). On inpainting p = 0.8 this fit beat the
 generator-sample fit by about 2 dB (docs/algorithms.md §10.1): the pairs teach the generator's
 distribution, which is further from the data's than the data's own held-out pixels are.
 """
@@ -98,7 +99,7 @@ class EncoderConfig(Spec):
         "samples seen through the operator, or 'auto': observations where the operator allows it, else generator")
     target: Literal["latent", "image"] = Field(
         default="image", description="what the encoder outputs: G's latent (fitted on the observations' misfit), "
-        "or the posterior mean and std of the image (fitted on the generator's samples seen through the operator)")
+        "or the posterior mean and std of the image (fitted as fit_on says)")
     seed: int = 0
 
     @model_validator(mode="before")
