@@ -123,8 +123,9 @@ class EncoderConfig(Spec):
         if self.fit_on == "auto":
             return "observations" if operator.splits_observations else "generator"
         if self.fit_on == "observations" and not operator.splits_observations:
-            raise ValueError(f"fit_on 'observations' needs an operator with a further mask (inpaint, mri); "
-                             f"{type(operator).__name__} has none: use fit_on 'generator' or 'auto'")
+            raise ValueError(f"fit_on 'observations' needs an operator whose further mask holds measurements out "
+                             f"(inpaint with delta > 0, mri); {type(operator).__name__} {operator.spec.model_dump()} "
+                             "has none: use fit_on 'generator' or 'auto'")
         return self.fit_on
 
 
@@ -263,6 +264,9 @@ def fit_encoder(
         elif pairs == "observations":
             y_b = y[idx]
             y_in, state_in, held = operator.split_observation(y_b, state_b, rng)
+            if not losses and not held.any():  # e.g. MRI whose ACS block leaves no line for the further mask to drop
+                raise ValueError(f"the further mask of {operator.spec.model_dump()} held out no measurement of "
+                                 f"{len(idx)} observations: nothing to fit on; use fit_on 'generator'")
             output = encoder(encoder_inputs(operator, y_in, state_in, image_shape), detach_variance=True)
             loss = held_out_loss(operator, output, y_b, state_b, held)
         else:

@@ -179,12 +179,12 @@ class Inpaint(Operator):
     """Each pixel erased with probability p (mask broadcast over channels; 1 = observed)."""
 
     state_keys = ("mask",)
-    splits_observations = True
 
     def __init__(self, spec: InpaintSpec):
         super().__init__(spec)
         self.p = spec.p
         self.delta = spec.delta
+        self.splits_observations = self.delta > 0  # delta 0: the further mask is the mask, nothing is held out
 
     def sample_state(self, batch, image_shape, rng=None, device="cpu") -> State:
         return {"mask": bernoulli_mask(batch, _mask_shape(image_shape), 1.0 - self.p, rng, device)}

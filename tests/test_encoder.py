@@ -239,14 +239,26 @@ def test_a_network_fitted_on_observations_restores_with_the_measurements_it_was_
 
 
 def test_fit_on_resolves_by_operator_and_refuses_what_cannot_be_done():
-    """'auto' fits on the observations where the operator can corrupt them further, on the generator
-    elsewhere; asking for observations of a blur, or fit_on on the latent encoder, is one clear error."""
+    """'auto' fits on the observations where the operator can hold measurements out, on the generator
+    elsewhere; asking for observations of a blur or of inpainting without further corruption, fit_on on
+    the latent encoder, or a further mask that drops nothing at run time, is one clear error."""
     inpaint, blur = build_operator(INPAINT), build_operator(BLUR)
     assert EncoderConfig().image_pairs(inpaint) == "observations"
     assert EncoderConfig().image_pairs(blur) == "generator"
     assert EncoderConfig(fit_on="generator").image_pairs(inpaint) == "generator"
-    with pytest.raises(ValueError, match="fit_on 'observations' needs an operator with a further mask"):
+    with pytest.raises(ValueError, match="fit_on 'observations' needs an operator whose further mask holds"):
         EncoderConfig(fit_on="observations").image_pairs(blur)
+    no_further = build_operator({**INPAINT, "delta": 0.0})  # its further mask is its mask: nothing held out
+    assert EncoderConfig().image_pairs(no_further) == "generator"
+    with pytest.raises(ValueError, match="'delta': 0.0"):
+        EncoderConfig(fit_on="observations").image_pairs(no_further)
+    # An MRI whose ACS block is every line it samples: the further mask can drop nothing.
+    mri = build_operator({"kind": "mri", "R": 4, "n_coils": 2, "acs_fraction": 0.25})
+    state = mri.sample_state(4, (2, 8, 8), torch.Generator().manual_seed(0))
+    y = mri.forward(torch.randn(4, 2, 8, 8), state)
+    with pytest.raises(ValueError, match="held out no measurement of 4 observations"):
+        fit_encoder(None, mri, (2, 8, 8), y, state, EncoderConfig(steps=2, width=8), prior_weight=0.1,
+                    sigma_floor=0.05)
     with pytest.raises(ValueError, match="fit_on 'generator' chooses the training pairs of target 'image'"):
         EncoderConfig(target="latent", fit_on="generator")
 
