@@ -119,8 +119,9 @@ def add_restore_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "restore", help="restore a corrupted dataset with a registered generator", formatter_class=_HelpFormatter,
         description="Clean versions of your own observations: fit a network that maps an observation y to the "
-        "posterior mean and per-pixel std of its clean image, on pairs the registered generator simulates "
-        "through the dataset's operator and sampling patterns (no clean data); then restore shard by shard "
+        "posterior mean and per-pixel std of its clean image (no clean data): on the dataset's own observations "
+        "with measurements held out (inpaint, mri), else on pairs the registered generator simulates through "
+        "the dataset's operator and sampling patterns; then restore shard by shard "
         "with one pass per observation, as the Flyte workflow rsd_restore. Writes "
         "a dataset of restored images (identity operator) at --out, their per-pixel spread at --out/spread, "
         "and an MLflow run with time, misfit, spread (PSNR/SSIM when the "
