@@ -24,9 +24,8 @@ and scored with PSNR and SSIM against the clean images ([0, 1] scale; MRI: magni
 image) and seconds per image (wall time of the method on the same images, same run, batched,
 ``--threads`` torch threads). The ``generator`` row repeats the row of the method that
 ``rsd restore`` runs by default for the task's operator (``RestoreConfig()``; its ``alias_of`` names it).
-Models are read
-from ``DIR/<task>/{teacher,generator}`` (the layout
-of benchmarks/restoration.py's work folder); with ``--train``, missing ones are trained there with
+Models are read from ``DIR/<task>/{teacher,generator}`` (the layout of benchmarks/restoration.py's work
+folder); with ``--train``, missing ones are trained there with
 ``--budget`` / ``--distill-budget`` minutes (``mri-r4``: benchmarks/mri.py's R = 4 training with
 ``--mri-budget`` / ``--mri-distill-budget``; a task without models is skipped and listed).
 Each method's restorations are kept in ``OUT/<task>/<method>.safetensors`` with its timing, so an

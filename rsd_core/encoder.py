@@ -43,7 +43,7 @@ input. No generator pass is needed. On the measurements its input has, R is not 
 only self-supervised target is the measurement itself (Ambient Diffusion's full objective scores them
 too, and R learns to copy them), so restoration puts them back by the projection of
 :func:`rsd_core.restore.data_consistency`, noisy or not, instead of spending the fit on copying (scoring
-them cost 0.8 dB on inpainting p = 0.8 at 500 steps). The variance head is fitted by the Gaussian NLL of
+them cost 0.9 dB on inpainting p = 0.8 at 300 steps). The variance head is fitted by the Gaussian NLL of
 the held residual seen as an image, A^T(held * (A(mean) - y)), where held measurements reach: for
 inpainting the per-pixel posterior variance plus sigma_n^2; for k-space a back-projected residual, a
 spread that ranks uncertainty but is not a calibrated std. Where the input has a measurement the spread
