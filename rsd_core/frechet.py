@@ -111,6 +111,15 @@ class FeatureStats:
         _refuse_negative(w, "stats2.sigma")
         return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
+    @classmethod
+    def from_features(cls, features: np.ndarray, extractor_id: str = "") -> FeatureStats:
+        """Mean and unbiased covariance of an (n, dim) feature array held in memory (n >= 2)."""
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2 or len(f) < 2:
+            raise ValueError(f"need an (n >= 2, dim) feature array, got shape {f.shape}")
+        return cls(mu=f.mean(axis=0), sigma=np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1]), n=len(f),
+                   extractor_id=extractor_id)
+
     def save(self, path: str | Path) -> None:
         """Write a plain .npz (no pickles), atomically."""
 

@@ -86,11 +86,7 @@ def make_extractors(
         if dataset is None:
             raise ValueError("extractor 'self-supervised' learns from the dataset's observations: pass the dataset")
         ext = self_supervised_extractor(dataset, SSLRecipe())
-        if dataset.manifest.clean_eval_uri is None:
-            return ext, None
-        # Complex (MRI) images are scored as magnitudes with Inception, as the paper's MRI FIDs are: the
-        # Fashion-MNIST classifier describes no such domain.
-        return ext, InceptionExtractor() if get_kind(operator.spec.kind).image_channels == 2 else ClassifierExtractor()
+        return ext, None if dataset.manifest.clean_eval_uri is None else evaluation_extractor(operator)
     if name == "classifier":
         ext = ClassifierExtractor()
         return ext, ext
@@ -109,6 +105,13 @@ def make_extractors(
         ext = InceptionExtractor()
         return ext, ext
     raise ValueError(f"extractor must be one of {EXTRACTORS}, got '{name}'")
+
+
+def evaluation_extractor(operator: Operator) -> FeatureExtractor:
+    """The true FD's features beside self-supervised selection (evaluation only): complex (MRI) images are
+    scored as magnitudes with Inception, as the paper's MRI FIDs are, since the Fashion-MNIST classifier
+    describes no such domain; everything else with the clean Fashion-MNIST classifier."""
+    return InceptionExtractor() if get_kind(operator.spec.kind).image_channels == 2 else ClassifierExtractor()
 
 
 def self_supervised_extractor(dataset: CorruptedDataset, recipe: SSLRecipe) -> SelfSupervisedExtractor:
