@@ -38,17 +38,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from rsd_core.config import (
-    DistillConfig,
-    NetworkConfig,
-    OperatorSpec,
-    TrainConfig,
-)
-from rsd_core.frechet import FeatureExtractor, FeatureStats, frechet_distance
-from rsd_core.kid import kernel_distance
+from benchmarks.scoring import Scorer, floor_distances, score_student, score_teacher
+from rsd_core.config import DistillConfig, NetworkConfig, OperatorSpec, TrainConfig
 from rsd_core.operators import IdentitySpec, InpaintSpec
 from rsd_core.presets import (
     CPU_DISTILL_EMA_HALFLIFE_NIMG,
@@ -59,28 +52,15 @@ from rsd_core.presets import (
     CPU_MRI_TEACHER,
     cpu_mri_operator,
 )
-from rsd_core.sampling import truncation_nfe
-from rsd_core.selection import (
-    corrupted_view,
-    evaluation_extractor,
-    feature_images,
-    make_extractors,
-    proximal_reference,
-    quantise,
-    teacher_truncation_samples,
-)
-from rsd_core.sources import corrupt, get_source
+from rsd_core.sources import corrupt
 from rsd_core.stages import (
     DISTILL_DIR,
     PRETRAIN_DIR,
     distill_stage,
-    load_model,
     pretrain_stage,
     read_card,
-    sampler_for,
 )
 from rsd_core.training import list_checkpoints
-from rsd_core.viz import save_grid
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "docs" / "figures"
@@ -170,79 +150,6 @@ def train_to(minutes: float, phase_dir: Path, model_dir: Path, run) -> float:
     return WallClock(phase_dir).seconds()
 
 
-@dataclass
-class Scorer:
-    """Scores samples of one variant against the clean evaluation images: FD and KID on the evaluation
-    features, Proximal FD (for the teacher's truncation choice) on the variant's own learnt features."""
-
-    dataset: str
-    n_eval: int
-    seed: int
-    cache: Path
-
-    def __post_init__(self):
-        from rsd_core.data import open_dataset
-
-        ds = open_dataset(self.dataset)
-        self.operator = ds.operator
-        self.proximal, self.true = make_extractors("self-supervised", ds.operator, ds)
-        self.prox_ref = proximal_reference(self.dataset, self.proximal, min(len(ds), self.n_eval))
-        clean = ds.clean_eval().read_all(limit=self.n_eval)[0]
-        self.ref_features = cached_features(self.cache / f"ref-{self.true.id}-n{len(clean)}.npy", self.true, clean)
-        self.ref_stats = FeatureStats.from_features(self.ref_features, self.true.id)
-
-    def proximal_fd(self, samples: torch.Tensor) -> float:
-        view = corrupted_view(samples, self.operator, torch.Generator().manual_seed(self.seed + 1))
-        return frechet_distance(FeatureStats.from_features(self.proximal.features(view), self.proximal.id),
-                                self.prox_ref)
-
-    def true_scores(self, samples: torch.Tensor) -> dict:
-        feats = self.true.features(quantise(feature_images(samples)))
-        return distances(feats, self.ref_features, self.true.id, self.seed)
-
-
-def distances(features: np.ndarray, reference: np.ndarray, extractor_id: str, seed: int) -> dict:
-    """FD and KID (its subsets: half of the smaller set, 100 of them) of two feature sets."""
-    fd = frechet_distance(FeatureStats.from_features(features, extractor_id),
-                          FeatureStats.from_features(reference, extractor_id))
-    kid = kernel_distance(features, reference, subset_size=min(len(features), len(reference)) // 2, seed=seed)
-    return {"fd": fd, "kid": kid.mean, "kid_std": kid.std}
-
-
-def cached_features(path: Path, extractor: FeatureExtractor, images: torch.Tensor) -> np.ndarray:
-    """Features of fixed reference images, kept as .npy in the run folder (no pickles)."""
-    if path.exists():
-        return np.load(path, allow_pickle=False)
-    feats = extractor.features(quantise(feature_images(images)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, feats)
-    return feats
-
-
-def score_teacher(folder: Path, scorer: Scorer, grid: Path) -> dict:
-    """The teacher's full sampler and the truncation level Proximal FD picks (no clean data), both scored."""
-    net, objective, card = load_model(folder)
-    by_level = teacher_truncation_samples(net, objective, card.image_shape, scorer.n_eval, scorer.seed)
-    proximal = {level: scorer.proximal_fd(s) for level, s in by_level.items() if level}
-    level = min(proximal, key=proximal.get)
-    full, truncated = scorer.true_scores(by_level[0.0]), scorer.true_scores(by_level[level])
-    best_is_truncated = truncated["fd"] < full["fd"]
-    best = truncated if best_is_truncated else full
-    save_grid(feature_images(by_level[level if best_is_truncated else 0.0][:32]), str(grid), nrow=8)
-    return {"fd": best["fd"], "kid": best["kid"], "kid_std": best["kid_std"],
-            "sampler": f"truncated at sigma {level} ({truncation_nfe(level)} NFE)" if best_is_truncated
-            else "full Heun (35 NFE)",
-            "fd_full": full["fd"], "kid_full": full["kid"], "fd_truncated": truncated["fd"],
-            "kid_truncated": truncated["kid"], "truncation_level": level, "proximal_fd_truncated": proximal[level],
-            "steps": card.steps}
-
-
-def score_student(folder: Path, scorer: Scorer, grid: Path) -> dict:
-    samples = sampler_for(folder).sample(scorer.n_eval, seed=scorer.seed)
-    save_grid(feature_images(samples[:32]), str(grid), nrow=8)
-    return {**scorer.true_scores(samples), "proximal_fd": scorer.proximal_fd(samples), "steps": read_card(folder).steps}
-
-
 def run_variant(name: str, task: Task, variant: str, args, root: Path) -> None:
     """Corrupt (or copy clean), then train, keep and score every point of the variant's schedule in ``root``."""
     data = root / "data"
@@ -295,25 +202,14 @@ def run_variant(name: str, task: Task, variant: str, args, root: Path) -> None:
 
 
 def floor(name: str, task: Task, args, root: Path) -> dict:
-    """FD / KID between the clean evaluation images and as many other clean images (cached in ``root``)."""
+    """The task's floor (cached in ``root``): Fashion-MNIST's test split against the evaluation images, the
+    first training images; for MRI the training subject's slices against the held-out subject's."""
     file = root / "floor.json"
     if file.exists():
         return json.loads(file.read_text())
-    from rsd_core.data import open_dataset
-
     data = next(root / v / "data" for v in VARIANTS if (root / v / "data" / "manifest.json").exists())
-    ds = open_dataset(str(data))
-    true = evaluation_extractor(ds.operator)
-    clean = ds.clean_eval().read_all()[0]  # the dataset's evaluation images (--n-eval of them at corruption)
-    ref = cached_features(data.parent / f"ref-{true.id}-n{len(clean)}.npy", true, clean)
-    size = task.corrupt_kwargs.get("image_size")
-    src = get_source(task.source, task.floor_split, size)
-    # Fashion-MNIST: its test split (the evaluation images are the first training images); MRI: the training
-    # subject's slices (the evaluation images are the held-out subject's).
-    other = src.load(0, min(src.count, len(clean)))[0]
-    result = distances(true.features(quantise(feature_images(other))), ref, true.id, args.seed)
-    result = {"fd": result["fd"], "kid": result["kid"], "kid_std": result["kid_std"], "extractor": true.label,
-              "against": f"{task.source} {task.floor_split} split, first {len(other)} images", "n": len(clean)}
+    result = floor_distances(str(data), task.source, task.floor_split, args.seed, data.parent,
+                             task.corrupt_kwargs.get("image_size"))
     file.write_text(json.dumps(result, indent=1))
     return result
 

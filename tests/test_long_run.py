@@ -1,0 +1,65 @@
+"""The long run at a toy budget: points scored with FD and KID, a second call resuming from the checkpoints
+of the first instead of starting over, and the wall clock that survives a kill."""
+
+import json
+
+from benchmarks import long_run
+from benchmarks.report import RESULTS_DIR
+from rsd_core.stages import PRETRAIN_DIR
+
+
+def _run(tmp_path, teacher: str, distill: str, variant: str = "corrupted") -> dict:
+    return long_run.main(["--task", "inpaint-0.8", "--variant", variant, "--teacher-minutes", teacher,
+                          "--distill-minutes", distill, "--limit", "256", "--n-eval", "48", "--quiet",
+                          "--no-publish", "--out", str(tmp_path)])
+
+
+def test_long_run_scores_points_and_resumes(tmp_path):
+    published = (RESULTS_DIR / "long_run.json").read_bytes() if (RESULTS_DIR / "long_run.json").exists() else None
+    first = _run(tmp_path, "0.05", "")
+    root = tmp_path / "inpaint-0.8" / "corrupted"
+    steps_first = json.loads((root / "points.json").read_text())["teacher@0.05"]["steps"]
+
+    # a second call with more points continues the same teacher (its steps grow past the first point's) and
+    # distils from the last teacher point
+    result = _run(tmp_path, "0.05,0.15", "0.05")
+    task = result["tasks"]["inpaint-0.8"]
+    rows = {r["minutes"]: r for r in task["rows"]}
+    assert rows[0.05]["teacher_steps"] == steps_first == first["tasks"]["inpaint-0.8"]["rows"][0]["teacher_steps"]
+    assert rows[0.15]["teacher_steps"] > steps_first
+    assert rows[0.05]["student_fd"] > 0 and rows[0.05]["student_over_teacher"] > 0
+    for prefix in ("teacher", "student"):
+        assert rows[0.05][f"{prefix}_kid_std"] > 0
+    clock = json.loads((root / PRETRAIN_DIR / "clock.json").read_text())
+    seconds = [clock[k] for k in sorted(clock, key=int)]
+    assert seconds == sorted(seconds) and seconds[-1] >= 0.15 * 60
+    assert task["floor_fd"] > 0 and task["n_eval"] == 48 and "evaluation only" in task["extractor"]
+    assert (root / "grids" / "student@0.05.png").exists()
+
+    # the clean reference scores into the same rows
+    clean = _run(tmp_path, "0.05", "", variant="clean")["tasks"]["inpaint-0.8"]["rows"]
+    assert clean[0]["clean_fd"] > 0 and "student_over_clean" in clean[0]
+    assert json.loads((tmp_path / "long_run.json").read_text())["tasks"]["inpaint-0.8"]["rows"] == clean
+    after = (RESULTS_DIR / "long_run.json").read_bytes() if (RESULTS_DIR / "long_run.json").exists() else None
+    assert after == published
+
+
+def _checkpoint(phase, step: int) -> None:
+    folder = phase / "checkpoints" / f"step-{step:07d}"
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text("{}")
+
+
+def test_wall_clock_resumes_from_the_last_checkpoints_seconds(tmp_path):
+    phase = tmp_path / "pretrain"
+    _checkpoint(phase, 100)
+    (phase / "clock.json").write_text(json.dumps({"100": 50.0}))
+    clock = long_run.WallClock(phase)
+    assert clock.seconds() == 50.0
+    clock.start()
+    _checkpoint(phase, 200)
+    clock(phase / "checkpoints")
+    assert json.loads((phase / "clock.json").read_text())["200"] >= 50.0
+    # a kill after checkpoint 200 but before its clock entry: the latest recorded time stands in
+    _checkpoint(phase, 300)
+    assert long_run.WallClock(phase).seconds() >= 50.0
