@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import emit
+from benchmarks.report import RESULTS_DIR, emit
+from benchmarks.scoring import Scorer, floor_distances, score_teacher
 from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
 from rsd_core.presets import CPU_DISTILL_EMA_HALFLIFE_NIMG, CPU_DISTILL_EMA_RAMPUP_RATIO
 from rsd_core.selection import EXTRACTORS, CandidateScore, SelectionResult, select_stage
@@ -73,12 +74,12 @@ def timed_phase(out: Path, times: dict, key: str, done: bool, work) -> None:
     times.setdefault(key, None)  # reused from a work folder that predates times.json: unknown
 
 
-def train_models(spec: dict, out: Path, *, budget: float, distill_budget: float, limit: int, n_eval: int,
+def train_models(spec: dict, out: Path, *, budget: float, distill_budget: float | None, limit: int, n_eval: int,
                  seed: int, checkpoint_every: int = 50, lr_drop_at: float | None = None,
                  lr_drop_factor: float = 0.25, progress: bool = True) -> dict:
     """Corrupt Fashion-MNIST, pretrain the teacher and distil the student into ``out`` (budgets in
-    minutes); phases whose outputs exist are skipped. Returns the wall times recorded in
-    ``out/times.json`` (shared by the restoration and restore benchmarks)."""
+    minutes; no distillation when ``distill_budget`` is None); phases whose outputs exist are skipped.
+    Returns the wall times recorded in ``out/times.json`` (shared by the restoration and restore benchmarks)."""
     data = out / "data"
     times = read_times(out)
     timed_phase(out, times, "corrupt_s", (data / "manifest.json").exists(),
@@ -91,6 +92,8 @@ def train_models(spec: dict, out: Path, *, budget: float, distill_budget: float,
                                 time_budget_s=budget * 60, seed=seed)
     timed_phase(out, times, "teacher_s", (teacher_dir / "model.json").exists(),
                 lambda: pretrain_stage(str(data), NetworkConfig(), teacher_train, out, progress=progress))
+    if distill_budget is None:
+        return times
     distill_train = TrainConfig(steps=1_000_000, batch_size=32, ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
                                 ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0,
                                 checkpoint_every=checkpoint_every, time_budget_s=distill_budget * 60,
@@ -133,6 +136,37 @@ def run_task(name: str, spec: dict, args, out: Path) -> dict:
     }
 
 
+# The compute-matched clean model: the same network, budget and teacher schedule trained on the clean images
+# (A = I, no noise), what a corrupted-data method aims at. Its teacher is scored like the tasks' teachers.
+CLEAN_REFERENCE = {"kind": "identity", "sigma_n": 0.0}
+
+
+def references(args) -> dict:
+    """The clean model's and the floor's FD and KID on the rows' evaluation images and features (cached in
+    OUT/clean-reference/references.json). The floor is Fashion-MNIST's test split against the evaluation images,
+    which are the first training images."""
+    out = Path(args.out) / "clean-reference"
+    file = out / "references.json"
+    if file.exists():
+        return json.loads(file.read_text())
+    times = train_models(CLEAN_REFERENCE, out, budget=args.budget, distill_budget=None, limit=args.limit,
+                         n_eval=args.n_eval, seed=args.seed, progress=not args.quiet)
+    scorer = Scorer(str(out / "data"), args.n_eval, args.seed, out)
+    clean = score_teacher(out / "teacher", scorer, out / "clean_teacher.png")
+    floor = floor_distances(str(out / "data"), "fashion-mnist", "test", args.seed, out)
+    result = {"clean": {**clean, "teacher_s": times["teacher_s"]}, "floor": floor}
+    file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def with_references(rows: list[dict], refs: dict) -> list[dict]:
+    """Each row with the clean model's and the floor's figures beside its own."""
+    clean, floor = refs["clean"], refs["floor"]
+    return [{**r, "clean_fd": clean["fd"], "clean_kid": clean["kid"], "clean_kid_std": clean["kid_std"],
+             "student_over_clean": r["student_fd"] / clean["fd"], "teacher_over_clean": r["teacher_fd"] / clean["fd"],
+             "floor_fd": floor["fd"], "floor_kid": floor["kid"], "floor_kid_std": floor["kid_std"]} for r in rows]
+
+
 PROXIMAL_FEATURES = {
     "self-supervised": "a small encoder trained contrastively on each task's own corrupted observations (no labels, "
     "no clean images; one per dataset, cached), the CPU presets' default, on another scale than the true FD's.",
@@ -165,17 +199,26 @@ def write_doc(result: dict, command: str) -> None:
         + PROXIMAL_FEATURES[result.get("proximal_extractor", "classifier")],
         "",
         "| task | teacher FD (sampler) | full 35-NFE | truncated | student FD (1 NFE) | student / teacher | "
-        "Proximal FD | Spearman | chosen vs best true FD | teacher / distill steps |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "student / clean | Proximal FD | Spearman | chosen vs best true FD | teacher / distill steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         sp = "n/a" if r["selection_spearman"] is None else f"{r['selection_spearman']:.2f}"
+        over_clean = f"{r['student_over_clean']:.2f}" if "student_over_clean" in r else "n/a"
         lines.append(
             f"| {r['task']} | {r['teacher_fd']:.1f} ({r['teacher_sampler']}) | {r['teacher_fd_full']:.1f} | "
             f"{r['teacher_fd_truncated']:.1f} | {r['student_fd']:.1f} | {r['student_over_teacher']:.2f} | "
-            f"{r['proximal_fid']:.2f} | {sp} | {r['chosen_true_fd']:.1f} vs {r['best_true_fd']:.1f} | "
+            f"{over_clean} | {r['proximal_fid']:.2f} | {sp} | {r['chosen_true_fd']:.1f} vs {r['best_true_fd']:.1f} | "
             f"{r['teacher_steps']} / {r['distill_steps']} |"
         )
+    refs = result.get("references")
+    if refs:
+        clean, floor = refs["clean"], refs["floor"]
+        lines += ["", f"References, same evaluation images, features and sample count: the **clean model** (the same "
+                  f"network, teacher budget and schedule trained on the clean images, {clean['steps']} steps, "
+                  f"{clean['sampler']}) FD **{clean['fd']:.1f}** (KID {clean['kid']:.2f} +- {clean['kid_std']:.2f}); "
+                  f"the **floor** ({floor['against']} against the evaluation images) FD **{floor['fd']:.1f}** "
+                  f"(KID {floor['kid']:.2f} +- {floor['kid_std']:.2f}). Measured {refs.get('date', result['date'])}."]
     lines += ["", "Wall time per phase (s):", "", "| task | corrupt | teacher | distill | select |",
               "|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -290,8 +333,13 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{', '.join(VARIANT_TASKS)}")
     parser.add_argument("--limit", type=int, default=20_000, help="corrupted training images (default: 20000)")
     parser.add_argument("--n-eval", type=int, default=1000, help="samples per FD (default: 1000)")
+    parser.add_argument("--references-only", action="store_true",
+                        help="train and score only the clean model and the floor (in OUT/clean-reference), then add "
+                        "them to the published rows of benchmarks/results/restoration.json and docs/results.md")
     add_run_args(parser, "restoration", checkpoint_every=50)
     args = parse_run_args(parser, argv)
+    if args.references_only:
+        return add_references(args)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     known = TASKS | VARIANT_TASKS
     unknown = [n for n in names if n not in known]
@@ -308,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
     from rsd_core.classifier import ClassifierExtractor
 
+    refs = {**references(args), "date": datetime.date.today().isoformat()}
+    rows = with_references(rows, refs)
     result = {
         "budget_minutes": args.budget,
         "distill_budget_minutes": args.distill_budget,
@@ -320,15 +370,37 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
         f"{torch.get_num_threads()}, Python {platform.python_version()}",
         "date": datetime.date.today().isoformat(),
+        "command": "python -m benchmarks.restoration " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "references": refs,
         "rows": rows,
     }
     if args.publish:
-        write_doc(result, "python -m benchmarks.restoration " + " ".join(argv if argv is not None else sys.argv[1:]))
+        write_doc(result, result["command"])
     print(f"{'task':16} {'teacher':>8} {'full':>8} {'trunc':>8} {'student':>8} {'ratio':>6} {'prox':>7}")
     for r in rows:
         print(f"{r['task']:16} {r['teacher_fd']:>8.1f} {r['teacher_fd_full']:>8.1f} {r['teacher_fd_truncated']:>8.1f} "
               f"{r['student_fd']:>8.1f} {r['student_over_teacher']:>6.2f} {r['proximal_fid']:>7.2f}")
     return write_result(args, "restoration", result)
+
+
+def add_references(args) -> dict:
+    """The clean model and the floor, trained and scored with ``args``' budget, added to the published rows.
+
+    The published rows' settings (budget, training images, samples) must be the ones of ``args``: the clean
+    model is compute-matched only then."""
+    published = json.loads((RESULTS_DIR / "restoration.json").read_text())
+    for key, value in (("budget_minutes", args.budget), ("limit", args.limit), ("n_eval", args.n_eval)):
+        if published[key] != value:
+            raise SystemExit(f"benchmarks/results/restoration.json has {key} {published[key]}, this call {value}: "
+                             f"pass --{key.replace('_minutes', '').replace('_', '-')} {published[key]}")
+    refs = {**references(args), "date": datetime.date.today().isoformat()}
+    published = {**published, "references": refs, "rows": with_references(published["rows"], refs)}
+    if not args.publish:
+        print(json.dumps(published))
+        return published
+    command = published.get("command") or DOC.read_text().split("Command: `", 1)[1].split("`", 1)[0]
+    write_doc(published, command)
+    return emit("restoration", published)
 
 
 if __name__ == "__main__":

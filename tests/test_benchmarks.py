@@ -34,6 +34,13 @@ def test_restoration_benchmark_at_a_toy_budget(tmp_path):
     assert row["best_true_fd"] <= row["chosen_true_fd"] == row["student_fd"]
     assert "no labels, no clean images" in row["proximal_extractor"]
     assert all(row[k] > 0 for k in ("corrupt_s", "teacher_s", "distill_s", "select_s"))
+    # references beside the row: the clean model (same budget, identity operator) and the clean-vs-clean floor
+    refs = json.loads((tmp_path / "clean-reference" / "references.json").read_text())
+    assert row["clean_fd"] == refs["clean"]["fd"] > 0 and row["floor_fd"] == refs["floor"]["fd"] > 0
+    assert row["student_over_clean"] == row["student_fd"] / row["clean_fd"] and row["clean_kid_std"] > 0
+    clean_data = json.loads((tmp_path / "clean-reference" / "data" / "manifest.json").read_text())
+    assert clean_data["operator"] == {"kind": "identity", "sigma_n": 0.0}
+    assert not (tmp_path / "clean-reference" / "generator").exists()  # a teacher only
     checkpoints = sorted((tmp_path / "inpaint-0.6" / "distill" / "checkpoints").iterdir())
     scales = [json.loads((c / "meta.json").read_text())["lr_scale"] for c in checkpoints]
     # dropped once, half way through the time budget: never raised again, 0.25 at the end (under load the
