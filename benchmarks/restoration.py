@@ -56,6 +56,11 @@ TASKS = {
 VARIANT_TASKS = {"blur-noise-0.2-reflect": {**TASKS["blur-noise-0.2"], "kernel": "scipy-reflect"}}
 
 
+# The teacher's training settings of every Fashion-MNIST task (the time budget is set per run).
+TEACHER_TRAIN = TrainConfig(steps=1_000_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, grad_clip=1.0,
+                            ema_halflife_nimg=10_000, checkpoint_every=500, keep_checkpoints=1)
+
+
 def read_times(out: Path) -> dict:
     """The wall times of the phases already run in the task folder ``out``."""
     times_file = out / "times.json"
@@ -87,9 +92,7 @@ def train_models(spec: dict, out: Path, *, budget: float, distill_budget: float 
                                 clean_eval_count=n_eval))
 
     teacher_dir = out / "teacher"
-    teacher_train = TrainConfig(steps=1_000_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, grad_clip=1.0,
-                                ema_halflife_nimg=10_000, checkpoint_every=500, keep_checkpoints=1,
-                                time_budget_s=budget * 60, seed=seed)
+    teacher_train = TEACHER_TRAIN.updated(time_budget_s=budget * 60, seed=seed)
     timed_phase(out, times, "teacher_s", (teacher_dir / "model.json").exists(),
                 lambda: pretrain_stage(str(data), NetworkConfig(), teacher_train, out, progress=progress))
     if distill_budget is None:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks import distill_ab, extractors, restoration
+from benchmarks import distill_ab, extractors, restoration, teacher_ab
 from benchmarks.report import RESULTS_DIR
 
 ISSUE_KEYS = {"task", "teacher_fd", "teacher_sampler", "teacher_fd_full", "teacher_fd_truncated", "student_fd",
@@ -103,3 +103,21 @@ def test_extractor_benchmark_names_ssl_recipe_variants():
         recipe_variant("self-supervised@erase")
     with pytest.raises(ValueError, match="only 'self-supervised'"):
         recipe_variant("classifier@seed=1")
+
+
+def test_teacher_ab_trains_each_variant_for_the_budget_and_scores_it(tmp_path):
+    before = _published()
+    result = teacher_ab.main(["--task", "inpaint-0.8", "--minutes", "0.05", "--limit", "256", "--n-eval", "48",
+                              "--variants", "base,small:network.channel_mult=[1, 2, 2];train.batch_size=16",
+                              "--quiet", "--no-publish", "--out", str(tmp_path)])
+    base, small = result["rows"]
+    assert small["changes"] == {"train": {"batch_size": 16}, "network": {"channel_mult": [1, 2, 2]}}
+    card = json.loads((tmp_path / "inpaint-0.8" / "small" / "teacher" / "model.json").read_text())
+    assert card["network"]["channel_mult"] == [1, 2, 2]
+    for row in (base, small):
+        assert row["fd"] == min(row["fd_full"], row["fd_truncated"]) and row["kid_std"] > 0
+        assert row["images_per_s"] > 0 and row["teacher_s"] >= 0.05 * 60
+    assert _published() == before
+    with pytest.raises(SystemExit, match="variant bad"):
+        teacher_ab.main(["--variants", "bad:train.batch_size=0", "--limit", "256", "--n-eval", "48", "--no-publish",
+                         "--out", str(tmp_path)])
