@@ -4,7 +4,8 @@ PY := .venv/bin/python
 SCRATCH := $(CURDIR)/.flyte-tmp
 
 .PHONY: help setup demo test test-slow lint bench-throughput bench-sampling bench-frechet bench-eigenspace bench-restoration \
-	bench-faults bench-streaming bench-restore bench-distill-ab teacher-smoke
+	bench-faults bench-streaming bench-restore bench-distill-ab teacher-smoke \
+	bench-long-run bench-teacher-ab bench-references
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -49,6 +50,16 @@ bench-distill-ab: setup  ## the reference loops' distillation choices at equal s
 
 bench-restoration: setup  ## five corruptions of Fashion-MNIST, teacher vs student: docs/results.md (~3.8 h)
 	$(PY) -m benchmarks.restoration --budget 10 --distill-budget 30 --distill-lr-drop-at 0.667 --threads 1
+
+bench-references: setup  ## the clean model and the floor beside the restoration table's rows (~20 min)
+	$(PY) -m benchmarks.restoration --references-only --budget 10 --threads 1
+
+bench-teacher-ab: setup  ## teacher variants at equal wall time (10 min each) on inpainting p = 0.8
+	$(PY) -m benchmarks.teacher_ab --task inpaint-0.8 --minutes 10 --variants base,batch32-rampup50 --threads 1
+
+bench-long-run: setup  ## inpainting p = 0.8 teacher + student and the clean reference, 10-60 min points (~2.5 h, 2 cores)
+	$(PY) -m benchmarks.long_run --task inpaint-0.8 --variant clean --distill-minutes "" --threads 1 --quiet & \
+	$(PY) -m benchmarks.long_run --task inpaint-0.8 --variant corrupted --threads 1 --quiet; wait
 
 bench-faults: setup  ## the fault-injection table
 	$(PY) -m benchmarks.faults
