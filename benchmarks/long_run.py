@@ -315,7 +315,10 @@ def minutes_list(text: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", choices=list(TASKS), required=True)
+    parser.add_argument("--task", choices=list(TASKS), help="the task to train and score (required unless "
+                        "--assemble-only)")
+    parser.add_argument("--assemble-only", action="store_true",
+                        help="train nothing: rebuild long_run.json, the plots and grids from the points under OUT")
     parser.add_argument("--variant", choices=VARIANTS, default="corrupted",
                         help="corrupted: the task's teacher and student; clean: the same network and schedule on "
                         "the clean images (the reference)")
@@ -335,6 +338,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-publish", dest="publish", action="store_false",
                         help="write OUT/long_run.json only (not benchmarks/results, docs/figures)")
     args = parser.parse_args(argv)
+    if args.assemble_only:
+        return assemble(args)
+    if args.task is None:
+        parser.error("--task is required (or --assemble-only)")
     if not args.teacher_minutes:
         parser.error("--teacher-minutes needs at least one point")
     if args.threads is not None:

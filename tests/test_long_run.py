@@ -40,6 +40,8 @@ def test_long_run_scores_points_and_resumes(tmp_path):
     clean = _run(tmp_path, "0.05", "", variant="clean")["tasks"]["inpaint-0.8"]["rows"]
     assert clean[0]["clean_fd"] > 0 and "student_over_clean" in clean[0]
     assert json.loads((tmp_path / "long_run.json").read_text())["tasks"]["inpaint-0.8"]["rows"] == clean
+    assembled = long_run.main(["--assemble-only", "--no-publish", "--out", str(tmp_path)])
+    assert assembled["tasks"]["inpaint-0.8"]["rows"] == clean
     after = (RESULTS_DIR / "long_run.json").read_bytes() if (RESULTS_DIR / "long_run.json").exists() else None
     assert after == published
 
