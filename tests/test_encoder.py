@@ -9,6 +9,7 @@ from rsd_core.encoder import (
     encoder_inputs,
     fit_encoder,
     load_encoder,
+    posterior_loss,
     posterior_moments,
     restoration_loss,
     save_encoder,
@@ -285,3 +286,15 @@ def test_the_observation_fit_learns_multicoil_kspace_lines_it_was_not_given():
         mean, _ = posterior_moments(encoder(encoder_inputs(operator, y_in, state_in, shape)))
     misfit = ((operator.forward(mean, state) - y) * held).square().sum()
     assert misfit < 0.3 * (y * held).square().sum(), float(misfit / (y * held).square().sum())
+
+
+def test_the_spread_is_bounded_by_the_data_range_whatever_the_network_outputs():
+    # a value in [-1, 1] has std <= 1: a head that outputs a huge log-variance still gives a spread <= 1
+    # (an unbounded one gave 8.9 and failed the restoration's last step), and small outputs pass through
+    raw = torch.tensor([-30.0, -8.0, 0.0, 5.0, 1e4]).reshape(1, 1, 1, 5)
+    mean, log_var = posterior_moments(torch.cat([torch.zeros_like(raw), raw], dim=1))
+    std = torch.exp(0.5 * log_var)
+    assert float(std.max()) <= 1.0 and float(std.min()) > 0
+    assert torch.allclose(log_var[..., 1], torch.tensor(-8.0), atol=1e-3)
+    loss = posterior_loss(torch.cat([torch.zeros_like(raw), raw], dim=1).requires_grad_(), torch.zeros_like(raw))
+    assert torch.isfinite(loss).all()
