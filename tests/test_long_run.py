@@ -65,3 +65,17 @@ def test_wall_clock_resumes_from_the_last_checkpoints_seconds(tmp_path):
     # a kill after checkpoint 200 but before its clock entry: the latest recorded time stands in
     _checkpoint(phase, 300)
     assert long_run.WallClock(phase).seconds() >= 50.0
+
+
+def test_the_generated_table_replaces_its_block_and_keeps_the_reading(tmp_path, monkeypatch):
+    doc = tmp_path / "results.md"
+    doc.write_text(f"# Other section\n\n{long_run.DOC_BEGIN}\nold table\n{long_run.DOC_END}\nthe reading\n")
+    monkeypatch.setattr(long_run, "DOC", doc)
+    row = {"minutes": 10.0, "teacher_fd": 300.0, "teacher_kid": 2.0, "teacher_kid_std": 0.5, "teacher_steps": 700,
+           "clean_fd": 80.0, "clean_kid": 1.0, "clean_kid_std": 0.2, "clean_steps": 710}
+    task = {"n_eval": 1000, "extractor": "classifier", "floor_against": "test split", "floor_fd": 1.5,
+            "floor_kid": 0.1, "floor_kid_std": 0.05, "rows": [row]}
+    long_run.write_doc({"command": "c", "date": "d", "machine": "m", "minutes": "x", "tasks": {"inpaint-0.8": task}})
+    text = doc.read_text()
+    assert text.startswith("# Other section") and text.endswith("the reading\n") and "old table" not in text
+    assert "| 10 | 300.0 (2.0 +- 0.5; 700 steps) | - | 80.0 (1.0 +- 0.2; 710 steps) | - | - |" in text
