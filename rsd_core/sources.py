@@ -434,6 +434,14 @@ def import_corrupted(
         raise DatasetError(f"labels: {len(label_array)} rows, but there are {count} observations")
 
     operator = build_operator(spec)
+    image_shape = _infer_image_shape(spec, obs_shape)
+    # Each state row must have the shape the operator draws for one image of this shape (a mask of another
+    # size would otherwise surface as a tensor-size error from inside the consistency check).
+    needed = {k: tuple(v.shape[1:]) for k, v in operator.sample_state(1, image_shape).items()}
+    for key, values in states.items():
+        if key in needed and tuple(values.shape[1:]) != needed[key]:
+            raise DatasetError(f"{(state or {})[key]}: state '{key}' has rows of shape {tuple(values.shape[1:])}; "
+                               f"operator '{spec.kind}' needs {needed[key]} for observations of shape {obs_shape}")
     quantum = (value_range[1] - value_range[0]) / 255 if path.is_dir() else 0.0  # image files hold uint8
 
     def batches() -> Iterator[WriteBatch]:
@@ -448,7 +456,7 @@ def import_corrupted(
         out_uri,
         batches(),
         name=name or path.stem,
-        image_shape=_infer_image_shape(spec, obs_shape),
+        image_shape=image_shape,
         operator=spec,
         value_range=value_range,
         observation_range=observation_range,

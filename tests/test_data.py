@@ -362,6 +362,18 @@ def test_import_npy_casts_uint8_masks(tmp_path):
     assert manifest.count == 20 and torch.equal(obs, y) and torch.equal(got["mask"], state["mask"])
 
 
+def test_import_refuses_a_state_of_the_wrong_shape_in_one_line_naming_the_file(tmp_path):
+    _, shape, y, state = _corrupted("inpaint", 20)
+    np.save(tmp_path / "obs.npy", y.numpy())
+    np.save(tmp_path / "mask.npy", state["mask"][..., :4, :4].numpy())
+    with pytest.raises(DatasetError) as err:
+        import_corrupted(tmp_path / "obs.npy", SPECS["inpaint"][0], str(tmp_path / "ds"),
+                         state={"mask": tmp_path / "mask.npy"})
+    message = str(err.value)
+    assert "mask.npy" in message and "(1, 4, 4)" in message and "(1, 8, 8)" in message and "\n" not in message
+    assert not (tmp_path / "ds" / "manifest.json").exists()
+
+
 @pytest.mark.parametrize(
     ("kind", "spoil", "message"),
     [
