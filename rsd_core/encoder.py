@@ -64,10 +64,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
 from rsd_core.config import Spec
 from rsd_core.operators import Operator, State
+from rsd_core.progress import TrainingProgress
 
 _FORMAT = "rsd-latent-encoder"
 
@@ -258,7 +258,9 @@ def fit_encoder(
     inv_two_s2 = 1.0 / (2.0 * max(operator.sigma_n, sigma_floor) ** 2)
     pairs = config.image_pairs(operator) if config.target == "image" else None
     losses = []
-    for _ in tqdm(range(config.steps), desc="fit encoder", disable=not progress):
+    # a bar on a terminal, a plain line every 30 s in logs: a fit takes minutes on a CPU
+    report = TrainingProgress("fit restorer", 0, config.steps, min(config.batch_size, n), None, enabled=progress)
+    for step in range(config.steps):
         idx = torch.randint(0, n, (min(config.batch_size, n),), generator=rng, device=device)
         state_b = {k: v[idx] for k, v in state.items()}
         if config.target == "latent":
@@ -284,6 +286,8 @@ def fit_encoder(
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
+        report.update(step + 1, {"loss": losses[-1]}, last=step + 1 == config.steps)
+    report.close()
     return encoder.eval(), losses
 
 

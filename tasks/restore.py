@@ -164,7 +164,7 @@ def fit_encoder(plan: RestorePlan, config: RestoreConfig) -> FlyteFile | None:
     out = _workdir("restore-encoder") / "encoder.safetensors"
     with tracking.child_run(plan.run_id, "fit_encoder", {"device": device, **config.encoder.model_dump()}) as (
             client, child):
-        meta = fit_dataset_encoder(plan.model.download(), plan.dataset_uri, config, out, device)
+        meta = fit_dataset_encoder(plan.model.download(), plan.dataset_uri, config, out, device, progress=True)
         for key in ("seconds", "observations", "loss_first", "loss_last"):
             client.log_metric(child, f"encoder/{key}", meta[key])
         client.log_metric(plan.run_id, "encoder_seconds", meta["seconds"])

@@ -298,3 +298,13 @@ def test_the_spread_is_bounded_by_the_data_range_whatever_the_network_outputs():
     assert torch.allclose(log_var[..., 1], torch.tensor(-8.0), atol=1e-3)
     loss = posterior_loss(torch.cat([torch.zeros_like(raw), raw], dim=1).requires_grad_(), torch.zeros_like(raw))
     assert torch.isfinite(loss).all()
+
+
+def test_a_fit_reports_its_progress_in_plain_lines_off_a_terminal(capsys, monkeypatch):
+    monkeypatch.setenv("RSD_PROGRESS_INTERVAL", "0")
+    operator = build_operator(INPAINT)
+    _, state, y = _generator_draws(LinearGenerator(), operator, 64, seed=4)
+    config = EncoderConfig(steps=3, batch_size=16, width=8, target="image", fit_on="observations")
+    fit_encoder(None, operator, SHAPE, y, state, config, prior_weight=0.1, sigma_floor=0.05, progress=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[fit restorer]")]
+    assert [line.split()[3] for line in lines] == ["1/3", "2/3", "3/3"] and "loss" in lines[-1]
