@@ -112,7 +112,7 @@ def floor_distances(dataset: str, source: str, split: str, seed: int, cache: Pat
     from rsd_core.data import open_dataset
 
     ds = open_dataset(dataset)
-    true = evaluation_extractor(ds.operator)
+    true = evaluation_extractor(ds.manifest.image_shape[0])
     clean = ds.clean_eval().read_all()[0]
     ref = cached_features(cache / f"ref-{true.id}-n{len(clean)}.npy", true, clean)
     src = get_source(source, split, image_size)

@@ -86,7 +86,8 @@ def make_extractors(
         if dataset is None:
             raise ValueError("extractor 'self-supervised' learns from the dataset's observations: pass the dataset")
         ext = self_supervised_extractor(dataset, SSLRecipe())
-        return ext, None if dataset.manifest.clean_eval_uri is None else evaluation_extractor(operator)
+        return ext, (None if dataset.manifest.clean_eval_uri is None
+                     else evaluation_extractor(dataset.manifest.image_shape[0]))
     if name == "classifier":
         ext = ClassifierExtractor()
         return ext, ext
@@ -107,11 +108,13 @@ def make_extractors(
     raise ValueError(f"extractor must be one of {EXTRACTORS}, got '{name}'")
 
 
-def evaluation_extractor(operator: Operator) -> FeatureExtractor:
-    """The true FD's features beside self-supervised selection (evaluation only): complex (MRI) images are
-    scored as magnitudes with Inception, as the paper's MRI FIDs are, since the Fashion-MNIST classifier
-    describes no such domain; everything else with the clean Fashion-MNIST classifier."""
-    return InceptionExtractor() if get_kind(operator.spec.kind).image_channels == 2 else ClassifierExtractor()
+def evaluation_extractor(image_channels: int) -> FeatureExtractor:
+    """The true FD's features beside self-supervised selection (evaluation only), by the images' channels:
+    complex (2-channel, MRI) images are scored as magnitudes with Inception, as the paper's MRI FIDs are,
+    since the Fashion-MNIST classifier describes no such domain; everything else with the clean Fashion-MNIST
+    classifier. By the images, not the operator: a clean-data reference of MRI (identity operator) is scored
+    with the same features as its corrupted-data models."""
+    return InceptionExtractor() if image_channels == 2 else ClassifierExtractor()
 
 
 def self_supervised_extractor(dataset: CorruptedDataset, recipe: SSLRecipe) -> SelfSupervisedExtractor:

@@ -79,3 +79,18 @@ def test_the_generated_table_replaces_its_block_and_keeps_the_reading(tmp_path, 
     text = doc.read_text()
     assert text.startswith("# Other section") and text.endswith("the reading\n") and "old table" not in text
     assert "| 10 | 300.0 (2.0 +- 0.5; 700 steps) | - | 80.0 (1.0 +- 0.2; 710 steps) | - | - |" in text
+
+
+def test_the_clean_mri_reference_is_scored_with_the_mri_models_features(tmp_path):
+    # the clean reference of MRI has an identity operator; its images are complex like the MRI models' and must
+    # be scored with the same features (Inception on magnitudes), not the Fashion-MNIST classifier
+    from rsd_core.data import open_dataset
+    from rsd_core.operators import IdentitySpec
+    from rsd_core.selection import evaluation_extractor
+    from rsd_core.sources import corrupt
+
+    corrupt("brain-mri", IdentitySpec(), seed=0, out_uri=str(tmp_path / "clean"), limit=8, clean_eval_count=4,
+            image_size=32, clean_eval_split="test")
+    channels = open_dataset(str(tmp_path / "clean")).manifest.image_shape[0]
+    assert channels == 2 and evaluation_extractor(channels).label == evaluation_extractor(2).label
+    assert "Inception" in evaluation_extractor(channels).label
