@@ -228,6 +228,14 @@ def assemble(args) -> dict:
         if not points:
             continue
         minutes = sorted({float(k.split("@")[1]) for p in points.values() for k in p})
+        # Students are distilled from the last teacher point: their ratios are against that teacher, and against
+        # the clean teacher at the same training time (or the clean run's last point)
+        last = {v: max((float(k.split("@")[1]) for k in points.get(v, {}) if k.startswith("teacher@")), default=None)
+                for v in VARIANTS}
+        teacher_ref = points["corrupted"][f"teacher@{last['corrupted']:g}"] if last["corrupted"] else None
+        matched = last["corrupted"] is not None and f"teacher@{last['corrupted']:g}" in points.get("clean", {})
+        clean_at = last["corrupted"] if matched else last["clean"]
+        clean_ref = points["clean"][f"teacher@{clean_at:g}"] if clean_at else None
         rows = []
         for m in minutes:
             row = {"minutes": m}
@@ -240,16 +248,17 @@ def assemble(args) -> dict:
                         f"{prefix}_steps": p["steps"]}
                 if "sampler" in p:
                     row[f"{prefix}_sampler"] = p["sampler"]
-            if "teacher_fd" in row and "student_fd" in row:
-                row["student_over_teacher"] = row["student_fd"] / row["teacher_fd"]
-            if "clean_fd" in row and "student_fd" in row:
-                row["student_over_clean"] = row["student_fd"] / row["clean_fd"]
+            if teacher_ref is not None and "student_fd" in row:
+                row["student_over_teacher"] = row["student_fd"] / teacher_ref["fd"]
+            if clean_ref is not None and "student_fd" in row:
+                row["student_over_clean"] = row["student_fd"] / clean_ref["fd"]
             rows.append(row)
         task_floor = floor(name, task, args, root)
         tasks[name] = {"operator": task.operator.model_dump(mode="json"), "n_eval": task_floor["n"],
                        "floor_fd": task_floor["fd"], "floor_kid": task_floor["kid"],
                        "floor_kid_std": task_floor["kid_std"], "floor_against": task_floor["against"],
-                       "extractor": task_floor["extractor"], "rows": rows, "points": points}
+                       "extractor": task_floor["extractor"], "distilled_from_teacher_minutes": last["corrupted"],
+                       "clean_reference_minutes": clean_at, "rows": rows, "points": points}
         if args.publish:
             plot(name, tasks[name], FIGURES / f"long_run_{name}.png")
             for variant in points:
@@ -262,7 +271,8 @@ def assemble(args) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
         "command": "python -m benchmarks.long_run " + " ".join(sys.argv[1:]),
         "minutes": "cumulative training wall time of the phase: teacher_* and clean_* after that many minutes of "
-        "teacher training; student_* after that many minutes of distillation from the last teacher point",
+        "teacher training; student_* after that many minutes of distillation from the last teacher point, and its "
+        "ratios against that teacher and the clean teacher at the same training time",
         "tasks": tasks,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -288,8 +298,9 @@ def write_doc(result: dict) -> None:
         lines += [f"**{name}** ({task['n_eval']} samples; {task['extractor']}). Cells: FD (KID +- its std over "
                   f"subsets; steps). Floor ({task['floor_against']}): FD {task['floor_fd']:.1f}, KID "
                   f"{task['floor_kid']:.1f} +- {task['floor_kid_std']:.1f}.", "",
-                  "| minutes | teacher (best sampler) | one-step student | clean-data teacher | student / teacher | "
-                  "student / clean |", "|---|---|---|---|---|---|"]
+                  "| minutes | teacher (best sampler) | one-step student | clean-data teacher | student / teacher "
+                  f"({task['distilled_from_teacher_minutes']:g} min) | student / clean "
+                  f"({task['clean_reference_minutes']:g} min) |", "|---|---|---|---|---|---|"]
         for r in task["rows"]:
             ratios = [f"{r[k]:.2f}" if k in r else "-" for k in ("student_over_teacher", "student_over_clean")]
             lines.append(f"| {r['minutes']:g} | {_cell(r, 'teacher')} | {_cell(r, 'student')} | {_cell(r, 'clean')} "

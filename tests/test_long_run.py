@@ -27,7 +27,9 @@ def test_long_run_scores_points_and_resumes(tmp_path):
     rows = {r["minutes"]: r for r in task["rows"]}
     assert rows[0.05]["teacher_steps"] == steps_first == first["tasks"]["inpaint-0.8"]["rows"][0]["teacher_steps"]
     assert rows[0.15]["teacher_steps"] > steps_first
-    assert rows[0.05]["student_fd"] > 0 and rows[0.05]["student_over_teacher"] > 0
+    # the student is distilled from the last teacher point, and compared with it
+    assert rows[0.05]["student_over_teacher"] == rows[0.05]["student_fd"] / rows[0.15]["teacher_fd"]
+    assert task["distilled_from_teacher_minutes"] == 0.15
     for prefix in ("teacher", "student"):
         assert rows[0.05][f"{prefix}_kid_std"] > 0
     clock = json.loads((root / PRETRAIN_DIR / "clock.json").read_text())
@@ -74,6 +76,7 @@ def test_the_generated_table_replaces_its_block_and_keeps_the_reading(tmp_path, 
     row = {"minutes": 10.0, "teacher_fd": 300.0, "teacher_kid": 2.0, "teacher_kid_std": 0.5, "teacher_steps": 700,
            "clean_fd": 80.0, "clean_kid": 1.0, "clean_kid_std": 0.2, "clean_steps": 710}
     task = {"n_eval": 1000, "extractor": "classifier", "floor_against": "test split", "floor_fd": 1.5,
+            "distilled_from_teacher_minutes": 10, "clean_reference_minutes": 10,
             "floor_kid": 0.1, "floor_kid_std": 0.05, "rows": [row]}
     long_run.write_doc({"command": "c", "date": "d", "machine": "m", "minutes": "x", "tasks": {"inpaint-0.8": task}})
     text = doc.read_text()
