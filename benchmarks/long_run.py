@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import add_work_args, replace_block
 from benchmarks.scoring import Scorer, floor_distances, score_student, score_teacher
 from rsd_core.config import DistillConfig, NetworkConfig, OperatorSpec, TrainConfig
 from rsd_core.operators import IdentitySpec, InpaintSpec
@@ -292,7 +293,7 @@ def _cell(row: dict, prefix: str) -> str:
 
 def write_doc(result: dict) -> None:
     """The generated table of docs/results.md's long-run section (between its markers; the rest is kept)."""
-    lines = [DOC_BEGIN, "", f"Command: `{result['command']}`  ", f"Date: {result['date']}; {result['machine']}  ",
+    lines = ["", f"Command: `{result['command']}`  ", f"Date: {result['date']}; {result['machine']}  ",
              f"Minutes: {result['minutes']}.", ""]
     for name, task in result["tasks"].items():
         lines += [f"**{name}** ({task['n_eval']} samples; {task['extractor']}). Cells: FD (KID +- its std over "
@@ -306,13 +307,7 @@ def write_doc(result: dict) -> None:
             lines.append(f"| {r['minutes']:g} | {_cell(r, 'teacher')} | {_cell(r, 'student')} | {_cell(r, 'clean')} "
                          f"| {ratios[0]} | {ratios[1]} |")
         lines += ["", f"![long run {name}](figures/long_run_{name}.png)", ""]
-    lines.append(DOC_END)
-    text = DOC.read_text()
-    if DOC_BEGIN in text and DOC_END in text:
-        text = text.split(DOC_BEGIN)[0] + "\n".join(lines) + text.split(DOC_END, 1)[1]
-    else:
-        text += "\n# Long run: quality against compute (CPU)\n\n" + "\n".join(lines) + "\n"
-    DOC.write_text(text)
+    replace_block(DOC, DOC_BEGIN, DOC_END, lines, "# Long run: quality against compute (CPU)")
 
 
 def write_atomic(path: Path, data: dict) -> None:
@@ -377,12 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="training images (default: 20000, the restoration benchmark's; MRI has 1,345 slices)")
     parser.add_argument("--n-eval", type=int, default=None,
                         help="samples per score (default: the task's; 1000 for inpainting, 419 test slices for MRI)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(ROOT / "outputs" / "long_run"), help="work folder (resumable)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars (a line per point)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-publish", dest="publish", action="store_false",
-                        help="write OUT/long_run.json only (not benchmarks/results, docs/figures)")
+    add_work_args(parser, ROOT / "outputs" / "long_run", "benchmarks/results, docs/figures, docs/results.md")
     args = parser.parse_args(argv)
     if args.assemble_only:
         return assemble(args)

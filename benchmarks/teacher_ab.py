@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.report import emit
+from benchmarks.report import add_work_args, emit, replace_block
 from benchmarks.restoration import DOC, TASKS, TEACHER_TRAIN, read_times, timed_phase
 from benchmarks.scoring import Scorer, score_teacher
 from rsd_core.config import NetworkConfig
@@ -101,7 +101,7 @@ def run_variant(name: str, changes: dict, data: Path, out: Path, args) -> dict:
 
 def write_doc(result: dict) -> None:
     base = result["rows"][0]
-    lines = [BEGIN, "", f"Command: `{result['command']}`  ", f"Date: {result['date']}; {result['machine']}  ",
+    lines = ["", f"Command: `{result['command']}`  ", f"Date: {result['date']}; {result['machine']}  ",
              f"{result['minutes']:g} minutes of teacher training per variant on {result['task']}, one after the other "
              f"in one process; FD and KID ({result['n_eval']} samples) on {result['extractor']}. "
              f"Ratios against `{base['variant']}`.", "",
@@ -112,13 +112,8 @@ def write_doc(result: dict) -> None:
         lines.append(f"| {r['variant']} | {changes} | {r['steps']} | {r['images_per_s']:.1f} | {r['fd']:.1f} "
                      f"({r['sampler']}) | {r['fd'] / base['fd']:.2f} | {r['kid']:.1f} +- {r['kid_std']:.1f} | "
                      f"{r['fd_full']:.1f} |")
-    lines += ["", END]
-    text = DOC.read_text()
-    if BEGIN in text and END in text:
-        text = text.split(BEGIN)[0] + "\n".join(lines) + text.split(END, 1)[1]
-    else:
-        text += "\n## Teacher A/B at equal wall time\n\n" + "\n".join(lines) + "\n"
-    DOC.write_text(text)
+    lines.append("")
+    replace_block(DOC, BEGIN, END, lines, "## Teacher A/B at equal wall time")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -130,12 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{', '.join(VARIANTS)}; or name:section.field=value;...")
     parser.add_argument("--limit", type=int, default=20_000, help="corrupted training images (default: 20000)")
     parser.add_argument("--n-eval", type=int, default=1000, help="samples per score (default: 1000)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(ROOT / "outputs" / "teacher_ab"), help="work folder (resumable)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-publish", dest="publish", action="store_false",
-                        help="write OUT/teacher_ab.json only (not benchmarks/results, docs/results.md)")
+    add_work_args(parser, ROOT / "outputs" / "teacher_ab", "benchmarks/results, docs/results.md")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
