@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 from rsd_cli.data_cmd import add_data_parser
 from rsd_cli.pipeline_cmd import add_pipeline_parsers
 from rsd_cli.restore_cmd import add_restore_parser
+from rsd_cli.serve_cmd import add_serve_parser
 
 # Register subcommands here: each adds its parser and sets `func` (args -> exit code).
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    add_data_parser, add_pipeline_parsers, add_restore_parser)
+    add_data_parser, add_pipeline_parsers, add_restore_parser, add_serve_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

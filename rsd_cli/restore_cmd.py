@@ -73,6 +73,21 @@ def _flag_error(error: dict) -> str:
     return f"--{'-'.join(map(str, error['loc'])).replace('_', '-')}: {message}"
 
 
+def _restorer_config(args: argparse.Namespace, model) -> RestoreConfig:
+    """The settings of ``--restorer`` (fixed when it was fitted), after checking it was fitted for ``model``."""
+    from tasks import tracking
+    from tasks.restorer import resolve_restorer
+
+    given = [f"--{name.replace('_', '-')}" for name in RestoreConfig.model_fields if hasattr(args, name)]
+    if given:
+        raise ValueError(f"--restorer restores with the settings it was fitted with; drop {' '.join(given)}")
+    restorer = resolve_restorer(tracking.client(), args.restorer)
+    if restorer.generator != f"{model.name}/{model.version}":
+        raise ValueError(f"restorer {args.restorer} was fitted for generator {restorer.generator}, not "
+                         f"{model.name}/{model.version} ({model.uri})")
+    return restorer.config
+
+
 def _restore(args: argparse.Namespace) -> int:
     config = _config(args)
     model_uri, dataset_uri, out_uri = args.model, _uri(args.dataset), _uri(args.out)
@@ -88,6 +103,8 @@ def _restore(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model, ds = check_inputs(model_uri, dataset_uri, out_uri, Path(tmp))
         card = read_card(model.folder)
+    if args.restorer:
+        config = _restorer_config(args, model)
     print(f"model    {model.label}: '{card.operator.kind}' generator of {tuple(card.image_shape)} images")
     print(f"dataset  {dataset_uri}: {len(ds)} '{ds.manifest.operator.kind}' observations in "
           f"{len(ds.manifest.shards)} shard(s)")
@@ -98,6 +115,7 @@ def _restore(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with _raw_outputs(args.raw_output_prefix):
         result = rsd_restore(model_uri=model_uri, dataset_uri=dataset_uri, out_uri=out_uri, config=config,
+                             restorer=args.restorer or "", refit=args.refit,
                              **({"experiment": args.experiment} if hasattr(args, "experiment") else {}))
     m = result.metrics
     print(f"\nrestored {result.count} observations in {(time.perf_counter() - start) / 60:.1f} min "
@@ -144,6 +162,12 @@ def add_restore_parser(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
                        metavar="int" if name == "restarts" else type(default).__name__,
                        help=f"{_SETTING_HELP.get(name, 'restoration setting')} (default: {shown})")
+    p.add_argument("--restorer", default=None, metavar="MODEL_URI",
+                   help="a registered restorer (models:/<name>/<version>, as rsd restore printed) fitted for --model: "
+                   "restore with it, no fit (its settings are used)")
+    p.add_argument("--refit", action="store_true",
+                   help="fit the restorer again even if one fitted for this generator, dataset and settings is "
+                   "registered (by default that one is reused)")
     p.add_argument("--experiment", default=argparse.SUPPRESS,
                    help="MLflow experiment of the run (default: rsd-restore)")
     p.add_argument("--out-dir", type=Path, default=_DEFAULT_OUT, help="outputs folder: MLflow store, Flyte sandbox")

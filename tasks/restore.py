@@ -35,6 +35,16 @@ from tasks import decks, tracking
 from tasks.deploy import DEPLOYMENT, image, requests
 from tasks.pipeline_tasks import _execution_name, _out_dir, _out_file, _workdir
 from tasks.registry import TAG_FINGERPRINT, TAG_OPERATOR
+from tasks.restorer import (
+    ENCODER_FILE,
+    download_restorer,
+    example_inputs,
+    find_restorer,
+    register_restorer,
+    resolve_restorer,
+    restorer_name,
+    restorer_tags,
+)
 from tasks.serving import EXTRA_FILES
 
 _RES = DEPLOYMENT.resources
@@ -154,26 +164,66 @@ def plan_restoration(model_uri: str, dataset_uri: str, out_uri: str, config: Res
                        provenance=json.dumps(_provenance(model, ds, config, run_id)))
 
 
+def _generator_ref(plan: RestorePlan) -> tuple[str, dict]:
+    """``<name>/<version>`` of the plan's generator and the provenance of its source dataset."""
+    provenance = json.loads(plan.provenance)
+    return f"{provenance['model']['name']}/{provenance['model']['version']}", provenance["source"]
+
+
 @task(cache=False, retries=1, container_image=image(gpu=True), requests=requests(_RES.distill))
-def fit_encoder(plan: RestorePlan, config: RestoreConfig) -> FlyteFile | None:
-    """Fit the amortised encoder on the dataset's observations when the settings ask for one (else None);
-    its loss curve ends, and its time, go to the run."""
+def fit_encoder(plan: RestorePlan, config: RestoreConfig, restorer: str = "", refit: bool = False) -> FlyteFile | None:
+    """The restorer network when the settings have one (else None): ``restorer`` (a registered one) if given,
+    else the registered one fitted for this generator, dataset and settings unless ``refit``, else a new fit,
+    registered as a model version of its own (its loss curve ends and its time go to the run)."""
     if config.encoder is None:
         return None
+    generator, source = _generator_ref(plan)
+    client = tracking.client()
+    name = restorer_name(generator.rsplit("/", 1)[0], source["name"])
+    found = (resolve_restorer(client, restorer) if restorer
+             else None if refit else find_restorer(client, name, generator, source["fingerprint"], config))
+    if found is not None:
+        if found.generator != generator:
+            raise ValueError(f"restorer {found.uri} was fitted for generator {found.generator}, not {generator}")
+        folder = download_restorer(found, _workdir("restorer"))
+        client.set_tag(plan.run_id, "rsd.restorer", found.uri)
+        print(f"restorer {found.uri} reused (fitted for {found.generator} on dataset {found.fingerprint[:12]}, "
+              f"{found.fitted_on}): no fit", flush=True)
+        return _out_file(folder / ENCODER_FILE)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = _workdir("restore-encoder") / "encoder.safetensors"
+    model_dir = plan.model.download()
     with tracking.child_run(plan.run_id, "fit_encoder", {"device": device, **config.encoder.model_dump()}) as (
             client, child):
-        meta = fit_dataset_encoder(plan.model.download(), plan.dataset_uri, config, out, device, progress=True)
+        meta = fit_dataset_encoder(model_dir, plan.dataset_uri, config, out, device, progress=True)
         for key in ("seconds", "observations", "loss_first", "loss_last"):
             client.log_metric(child, f"encoder/{key}", meta[key])
         client.log_metric(plan.run_id, "encoder_seconds", meta["seconds"])
         client.set_tag(child, "rsd.encoder_fitted_on", meta["fitted_on"])
-        client.log_artifact(child, str(out))
+        y, state, _ = open_dataset(plan.dataset_uri).read_all(limit=1)
+        example = example_inputs(model_dir, y.numpy(), {k: v.numpy() for k, v in state.items()})
+        tags = restorer_tags(generator, source["fingerprint"], config, meta["fitted_on"],
+                             source["operator"]["kind"])
+        registered = register_restorer(client, name, tags, lambda: _log_restorer(
+            child, model_dir, out, config, example))
+        client.set_tag(plan.run_id, "rsd.restorer", registered.uri)
     print(f"encoder fitted on {meta['observations']} observations (pairs: {meta['fitted_on']}) in "
           f"{meta['seconds']:.1f} s on {device} "
-          f"(loss {meta['loss_first']:.4g} -> {meta['loss_last']:.4g})", flush=True)
+          f"(loss {meta['loss_first']:.4g} -> {meta['loss_last']:.4g}); registered as {registered.uri}", flush=True)
     return _out_file(out)
+
+
+def _log_restorer(run_id: str, model_dir: str, encoder_file: Path, config: RestoreConfig, example: dict):
+    """Log the restorer as an MLflow model (python_function flavour, :mod:`tasks.restorer`) in ``run_id``."""
+    import mlflow
+    from mlflow.models import Model
+
+    from tasks import restorer
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    with mlflow.start_run(run_id=run_id):
+        return Model.log(None, flavor=restorer, name="restorer", generator_dir=model_dir, encoder_file=encoder_file,
+                         config=config, example=example)
 
 
 @task(cache=False, retries=1, container_image=image(gpu=True), requests=requests(_RES.distill))

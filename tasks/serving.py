@@ -27,8 +27,11 @@ calls, so the model is logged, with both flavours, in one step.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +40,19 @@ import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from rsd_core.data import expected_state
 from rsd_core.export import CARD_FILE, ONNX_FILE, draw_card_inputs, draw_inputs, load_exportable
 from rsd_core.kinds import build_operator
+from rsd_core.operators import State
 from rsd_core.restore import LATENT_OPTIMISATION, RestoreConfig, restore_with_model
-from rsd_core.stages import read_card
+from rsd_core.stages import ModelCard, read_card
+from tasks.request_limits import RequestLimits
 
 EXTRA_FILES = "extra_files"
+_log = logging.getLogger(__name__)
 _PARAM_TYPES = {bool: "boolean", int: "long", float: "double", str: "string"}
 
 
@@ -84,9 +91,64 @@ def _load_pyfunc(path: str, model_config: dict | None = None) -> GeneratorModel:
     return GeneratorModel(Path(path))
 
 
-def _invalid(message: str) -> MlflowException:
-    """An error the scoring server answers with 400 and the message."""
-    return MlflowException.invalid_parameter_value(message)
+def invalid_input(message: str) -> MlflowException:
+    """An error the scoring server answers with 400 and the message (one line, no stack trace)."""
+    return MlflowException.invalid_parameter_value(" ".join(message.split()))
+
+
+def answers_errors(predict: Callable[..., dict[str, np.ndarray]]) -> Callable[..., dict[str, np.ndarray]]:
+    """Wrap a pyfunc ``predict`` so that no response body carries a stack trace.
+
+    MLflow's scoring server answers an :class:`MlflowException` with its message and puts the traceback
+    of any other exception into the body. Bad inputs are caught before any work and raised as
+    ValueError (400 with their message); anything else is logged here, with its traceback, and
+    answered as a 500 that says where to look.
+    """
+
+    @functools.wraps(predict)
+    def guarded(*args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        try:
+            return predict(*args, **kwargs)
+        except MlflowException:
+            raise
+        except ValueError as err:
+            raise invalid_input(str(err)) from None
+        except Exception as err:  # noqa: BLE001 - the server must answer, the log keeps the details
+            _log.exception("predict failed")
+            raise MlflowException(f"internal error ({type(err).__name__}); the server's log has the details",
+                                  error_code=INTERNAL_ERROR) from None
+
+    return guarded
+
+
+def observation_inputs(data: dict[str, Any], card: ModelCard, limits: RequestLimits) -> tuple[torch.Tensor, State]:
+    """The request's observations and per-sample state as tensors, each checked against the model's
+    operator and image shape (a ValueError naming the input otherwise)."""
+    operator = build_operator(card.operator)
+    needed = expected_state(operator, card.image_shape)
+    missing = sorted(set(needed) - set(data))
+    if missing:
+        raise ValueError(f"'{card.operator.kind}' observations need their per-sample state {missing} as inputs")
+    y = _array(data, "observations", np.float32, operator.observation_shape(tuple(card.image_shape)))
+    limits.check_rows(len(y), "observations")
+    state = {key: _array(data, key, np.dtype(info.dtype), info.shape) for key, info in needed.items()}
+    for key, value in state.items():
+        if len(value) != len(y):
+            raise ValueError(f"input '{key}' has {len(value)} rows for {len(y)} observations")
+    return torch.from_numpy(y), {k: torch.from_numpy(v) for k, v in state.items()}
+
+
+def _array(data: dict[str, Any], name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """Input ``name`` as an array of rows of ``shape``."""
+    try:
+        value = np.ascontiguousarray(np.asarray(data[name], dtype=dtype))
+    except (TypeError, ValueError):
+        raise ValueError(f"input '{name}' is not a numeric array of rows of shape {list(shape)}") from None
+    if value.ndim != len(shape) + 1 or tuple(value.shape[1:]) != tuple(shape):
+        raise ValueError(f"input '{name}' has shape {list(value.shape)}; expected [rows, {', '.join(map(str, shape))}]")
+    if not np.isfinite(value).all():
+        raise ValueError(f"input '{name}' has values that are not finite")
+    return value
 
 
 class GeneratorModel:
@@ -97,48 +159,46 @@ class GeneratorModel:
         self.card = json.loads((self.folder / CARD_FILE).read_text())
         self.model_card = read_card(self.folder)
         self.program = mlflow.pytorch.load_model(str(root))
+        self.limits = RequestLimits.from_env()
 
+    @answers_errors
     def predict(self, data: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         if not isinstance(data, dict):
-            raise _invalid("inputs must be named arrays: {'count': n}, {'eps': ..., 'u': ...} or "
-                           "{'observations': ..., <state>: ...}")
-        try:
-            config = LATENT_OPTIMISATION.updated(**(params or {}))
-        except ValueError as err:
-            raise _invalid(" ".join(str(err).split())) from None
-        if "observations" in data:
-            return self._restore(data, config)
+            raise ValueError("inputs must be named arrays: {'count': n}, {'eps': ..., 'u': ...} or "
+                             "{'observations': ..., <state>: ...}")
+        config = LATENT_OPTIMISATION.updated(**(params or {}))
+        if "observations" in data:  # the server's batch limit caps the batch (MLflow fills in every param)
+            return self._restore(data, config.updated(batch_size=min(config.batch_size, self.limits.max_batch)))
         if "eps" in data:
-            latents = [torch.as_tensor(np.asarray(data[k], dtype=np.float32)) for k in self.card["inputs"]
-                       if k in data]
+            latents = [torch.from_numpy(_array(data, k, np.float32, tuple(spec["shape"][1:])))
+                       for k, spec in self.card["inputs"].items() if k in data]
+            self.limits.check_rows(len(latents[0]), "latents")
             return {"images": self._generate(latents)}
         if "count" in data:
-            count = int(np.asarray(data["count"]).reshape(-1)[0])
+            given = np.asarray(data["count"]).reshape(-1)
+            if given.size != 1 or not np.issubdtype(given.dtype, np.number):
+                raise ValueError(f"count must be one number, got {data['count']!r}")
+            count = int(given[0])
             if count < 1:
-                raise _invalid(f"count must be >= 1, got {count}")
+                raise ValueError(f"count must be >= 1, got {count}")
+            self.limits.check_rows(count, "samples")
             return {"images": self._generate(self.draw_latents(count, config.seed))}
-        raise _invalid(f"expected an input 'count', 'eps' or 'observations', got {sorted(data)}")
+        raise ValueError(f"expected an input 'count', 'eps' or 'observations', got {sorted(data)}")
 
     def draw_latents(self, n: int, seed: int) -> list[torch.Tensor]:
         """The program's inputs for ``n`` images as ``rsd sample`` draws them: eps, then u, from one seed."""
         return draw_card_inputs(self.card["inputs"], n, seed)
 
     def _generate(self, latents: list[torch.Tensor]) -> np.ndarray:
+        """Images of the latents, ``max_batch`` at a time (the latents of a request are drawn at once, so
+        chunking does not change them)."""
         if len(latents) != len(self.card["inputs"]):
-            raise _invalid(f"this generator takes the inputs {list(self.card['inputs'])}")
+            raise ValueError(f"this generator takes the inputs {list(self.card['inputs'])}")
         with torch.no_grad():
-            return self.program(*latents).numpy()
+            return np.concatenate([self.program(*(x[rows] for x in latents)).numpy()
+                                   for rows in self.limits.chunks(len(latents[0]))])
 
     def _restore(self, data: dict[str, Any], config: RestoreConfig) -> dict[str, np.ndarray]:
-        card = self.model_card
-        needed = expected_state(build_operator(card.operator), card.image_shape)
-        missing = sorted(set(needed) - set(data))
-        if missing:
-            raise _invalid(f"'{card.operator.kind}' observations need their per-sample state {missing} as inputs")
-        y = torch.as_tensor(np.asarray(data["observations"], dtype=np.float32))
-        state = {k: torch.as_tensor(np.asarray(data[k], dtype=info.dtype)) for k, info in needed.items()}
-        try:
-            restored = restore_with_model(self.folder, y, state, config)
-        except ValueError as err:
-            raise _invalid(str(err)) from None
+        y, state = observation_inputs(data, self.model_card, self.limits)
+        restored = restore_with_model(self.folder, y, state, config)
         return {"mean": restored.mean.numpy(), "spread": restored.spread.numpy()}

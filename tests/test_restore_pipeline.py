@@ -3,6 +3,7 @@ not fit the data, and the registered model served the MLflow way (pyfunc in-proc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -103,14 +105,30 @@ def _client(out: Path):
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def test_rsd_restore_writes_the_restored_dataset_with_provenance_metrics_and_grid(trained, scratch):
+ENCODER = "{steps: 3, width: 8}"  # the posterior-mean network, fitted for a few steps
+
+
+@pytest.fixture(scope="module")
+def restored(trained, scratch) -> tuple[Path, str]:
+    """`rsd restore` of the dataset with the champion: the restored dataset and its stdout."""
     out, dataset = trained
     root, env = scratch
-    restored = root / "restored"
     started = time.perf_counter()
-    stdout = _rsd(env, "restore", "--model", CHAMPION, "--dataset", dataset, "--out", str(restored),
-                  "--out-dir", str(out), "--encoder", "{steps: 3, width: 8}").stdout  # the posterior-mean network
+    stdout = _rsd(env, "restore", "--model", CHAMPION, "--dataset", dataset, "--out", str(root / "restored"),
+                  "--out-dir", str(out), "--encoder", ENCODER).stdout
     print(f"rsd restore: {time.perf_counter() - started:.1f} s")
+    return root / "restored", stdout
+
+
+def _restorer_uri(dataset: str) -> str:
+    from tasks.restorer import restorer_name
+
+    return f"models:/{restorer_name(MODEL, open_dataset(dataset).manifest.name)}/1"
+
+
+def test_rsd_restore_writes_the_restored_dataset_with_provenance_metrics_and_grid(trained, scratch, restored):
+    out, dataset = trained
+    restored, stdout = restored
     assert f"model    {CHAMPION} (version 1): 'inpaint' generator" in stdout
     assert "80 'inpaint' observations in 3 shard(s)" in stdout
     assert "encoder fitted on 80 observations (pairs: observations)" in stdout  # inpainting: Ambient self-supervision
@@ -148,7 +166,56 @@ def test_rsd_restore_writes_the_restored_dataset_with_provenance_metrics_and_gri
         "restore_shard-00000", "restore_shard-00001", "restore_shard-00002"]
     (fit,) = [r for r in shards if r.info.run_name == "fit_encoder"]
     assert fit.data.metrics["encoder/observations"] == ROWS
-    assert "encoder.safetensors" in [a.path for a in client.list_artifacts(fit.info.run_id)]
+    assert run.data.tags["rsd.restorer"] == _restorer_uri(dataset)
+    assert f"registered as {_restorer_uri(dataset)}" in stdout
+
+
+def test_the_registered_restorer_restores_as_rsd_restore_did(trained, restored):
+    """Loaded from the registry (python_function flavour), the restorer gives the restored dataset's rows."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.restorer import TAG_FINGERPRINT, TAG_GENERATOR
+
+    out, dataset = trained
+    source = open_dataset(dataset)
+    version = _client(out).get_model_version(*_restorer_uri(dataset).removeprefix("models:/").split("/"))
+    assert version.tags[TAG_GENERATOR] == f"{MODEL}/1" and version.tags[TAG_FINGERPRINT] == source.fingerprint
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+        model = mlflow.pyfunc.load_model(_restorer_uri(dataset))
+    assert model.metadata.get_input_schema().input_names() == ["observations", "mask"]
+    y, state, _ = source.read_all()
+    answer = model.predict({"observations": y.numpy(), "mask": state["mask"].numpy()})
+    mean, _, _ = open_dataset(str(restored[0])).read_all()
+    spread, _, _ = open_dataset(str(restored[0] / "spread")).read_all()
+    np.testing.assert_allclose(answer["mean"], mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(answer["spread"], spread.numpy(), atol=1e-5, rtol=1e-4)
+    with pytest.raises(MlflowException, match=r"Shape of input \(2, 1, 16, 16\) does not match expected shape"):
+        model.predict({"observations": y[:2].numpy(), "mask": np.ones((2, 1, 16, 16), np.float32)})
+
+
+def test_a_failed_write_loses_no_fit_and_a_named_restorer_restores_without_one(trained, scratch, restored):
+    """The write step fails (its output sits under a file); the rerun reuses the registered fit, as does
+    --restorer, whose settings are its own."""
+    out, dataset = trained
+    root, env = scratch
+    (root / "a-file").write_text("")
+    failed = _rsd(env, "restore", "--model", CHAMPION, "--dataset", dataset, "--out", str(root / "a-file" / "r"),
+                  "--out-dir", str(out), "--encoder", ENCODER, "--refit", ok=False)
+    assert "registered as" in failed.stdout and "/2" in failed.stdout.split("registered as")[-1].split()[0]
+    rerun = _rsd(env, "restore", "--model", CHAMPION, "--dataset", dataset, "--out", str(root / "rerun"),
+                 "--out-dir", str(out), "--encoder", ENCODER).stdout
+    uri = _restorer_uri(dataset)[:-2] + "/2"
+    assert f"restorer {uri} reused" in rerun and "encoder fitted" not in rerun
+    named = _rsd(env, "restore", "--model", CHAMPION, "--dataset", dataset, "--out", str(root / "named"),
+                 "--out-dir", str(out), "--restorer", _restorer_uri(dataset)).stdout
+    assert f"restorer {_restorer_uri(dataset)} reused" in named
+    mean, _, _ = open_dataset(str(root / "named")).read_all()
+    torch.testing.assert_close(mean, open_dataset(str(restored[0])).read_all()[0], atol=1e-5, rtol=0)
+    refused = _rsd(env, "restore", "--model", CHAMPION, "--dataset", dataset, "--out", str(root / "x"),
+                   "--out-dir", str(out), "--restorer", _restorer_uri(dataset), "--batch-size", "4", ok=False)
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: --restorer restores with the settings it was fitted with; drop --batch-size")
 
 
 def _blur_dataset(path: Path, trained_on: str) -> str:
@@ -300,46 +367,82 @@ def test_registered_model_has_a_pyfunc_flavour_that_samples_and_restores(trained
 
 def _post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        err.text = err.read().decode()  # the body, read once, kept for the caller's checks and messages
+        raise
 
 
-def test_mlflow_models_serve_answers_sampling_and_restoration_requests(trained, scratch):
+@contextlib.contextmanager
+def _served(model: str, out: Path, scratch, *flags: str) -> Iterator[str]:
+    """``rsd serve --model model`` started as the README says, from an environment whose PATH has no venv
+    (``mlflow models serve`` alone fails there); yields the invocations URL."""
     from tests.servers import free_ports, stop_process
 
-    out, dataset = trained
     root, env = scratch
     port = free_ports(1)[0]
-    serve_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
-    log = (root / "serve.log").open("wb")
-    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", CHAMPION, "--env-manager", "local",
-                             "-h", "127.0.0.1", "-p", str(port), "-w", "1"], env=serve_env, cwd=root,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 150
-        while True:
-            assert proc.poll() is None, (root / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no answer on /ping: " + (root / "serve.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.5)
-        url = f"http://127.0.0.1:{port}/invocations"
-        sampled = _post(url, {"inputs": {"count": [2]}, "params": {"seed": 5}})["predictions"]
-        expected = _pyfunc(out).predict({"count": np.array([2])}, params={"seed": 5})["images"]
+    bare = {**env, "PATH": "/usr/bin:/bin"}
+    log_path = root / f"serve-{port}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([str(BIN / "rsd"), "serve", "--model", model, "--port", str(port), "--out-dir",
+                                 str(out), *flags], env=bare, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 150
+            while True:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no answer on /ping: " + log_path.read_text()[-3000:]
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                    break
+                except (urllib.error.URLError, OSError):
+                    time.sleep(0.5)
+            yield f"http://127.0.0.1:{port}/invocations"
+        finally:
+            stop_process(proc, timeout_s=10)
+
+
+def _refused(url: str, body: dict) -> tuple[int, str]:
+    """The status and body of a request the server refuses."""
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _post(url, body)
+    return refused.value.code, refused.value.text
+
+
+def test_rsd_serve_answers_sampling_and_restoration_requests_within_its_limits(trained, scratch):
+    out, dataset = trained
+    y, state, _ = open_dataset(dataset).read_all()
+    with _served(CHAMPION, out, scratch, "--max-rows", "8", "--max-batch", "2") as url:
+        sampled = _post(url, {"inputs": {"count": [5]}, "params": {"seed": 5}})["predictions"]
+        expected = _pyfunc(out).predict({"count": np.array([5])}, params={"seed": 5})["images"]
         np.testing.assert_allclose(np.asarray(sampled["images"], dtype=np.float32), expected, atol=1e-5)
-        y, state, _ = open_dataset(dataset).read_all()
         body = {"inputs": {"observations": y[:2].tolist(), "mask": state["mask"][:2].tolist()},
-                "params": {"steps": 2}}
+                "params": {"steps": 2, "batch_size": 2}}
         restored = _post(url, body)["predictions"]
         assert np.asarray(restored["mean"]).shape == np.asarray(restored["spread"]).shape == (2, 1, 32, 32)
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            _post(url, {"inputs": {"observations": y[:1].tolist()}})
-        assert refused.value.code == 400 and b"['mask']" in refused.value.read()
-    finally:
-        stop_process(proc, timeout_s=10)
-        log.close()
+        refusals = [
+            ({"inputs": {"observations": y[:1].tolist()}}, "['mask']"),
+            ({"inputs": {"count": [9]}}, "9 samples exceed this server's limit of 8 per request"),
+            ({"inputs": {"observations": y[:1].tolist(), "mask": state["mask"][:1, :, :16, :16].tolist()}},
+             "input 'mask' has shape [1, 1, 16, 16]; expected [rows, 1, 32, 32]"),
+        ]
+        for request, message in refusals:
+            code, text = _refused(url, request)
+            assert code == 400 and message in text and "Traceback" not in text, text
+
+
+def test_rsd_serve_serves_the_registered_restorer_as_rsd_restore_restored(trained, scratch, restored):
+    out, dataset = trained
+    y, state, _ = open_dataset(dataset).read_all()
+    mean, _, _ = open_dataset(str(restored[0])).read_all()
+    with _served(_restorer_uri(dataset), out, scratch, "--max-rows", "16") as url:
+        answer = _post(url, {"inputs": {"observations": y[:16].tolist(), "mask": state["mask"][:16].tolist()}})
+        np.testing.assert_allclose(np.asarray(answer["predictions"]["mean"], np.float32), mean[:16].numpy(),
+                                   atol=1e-5)
+        code, text = _refused(url, {"inputs": {"observations": y[:17].tolist(), "mask": state["mask"][:17].tolist()}})
+        assert code == 400 and "17 observations exceed this server's limit of 16" in text and "Traceback" not in text
 
 
 def test_shard_results_are_written_only_in_row_order(tmp_path):
