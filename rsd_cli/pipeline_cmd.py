@@ -244,16 +244,18 @@ def _models(args: argparse.Namespace) -> int:
         for alias, version in client.get_registered_model(name).aliases.items():
             aliases.setdefault(str(version), []).append(alias)
         print(f"{name}")
-        print(f"  {'version':>7}  {'aliases':<20} {'proximal_fd':>11}  {'scored as':<34} {'operator':<9} "
-              f"{'dataset':<12}  {'run':<32}")
+        print(f"  {'version':>7}  {'aliases':<20} {'proximal_fd':>11}  {'95% interval':<17} {'scored as':<34} "
+              f"{'operator':<9} {'dataset':<12}  {'run':<32}  {'logged model':<36}")
         for v in versions:
             fd = float(v.tags.get(registry.TAG_PROXIMAL_FD, "nan"))
             names = ",".join(aliases.get(str(v.version), [])) or "-"
             operator = v.tags.get(registry.TAG_OPERATOR, "-")
             dataset = v.tags.get(registry.TAG_FINGERPRINT, "-")[:12]
             scoring = v.tags.get(registry.TAG_SCORING, "-")
-            print(f"  {v.version:>7}  {names:<20} {fd:>11.4g}  {scoring:<34} {operator:<9} {dataset:<12}  "
-                  f"{v.run_id or '-':<32}")
+            bounds = v.tags.get(registry.TAG_PROXIMAL_FD_INTERVAL)
+            interval = "[{:.4g}, {:.4g}]".format(*map(float, bounds.split(","))) if bounds else "-"
+            print(f"  {v.version:>7}  {names:<20} {fd:>11.4g}  {interval:<17} {scoring:<34} {operator:<9} "
+                  f"{dataset:<12}  {v.run_id or '-':<32}  {registry.logged_model_id(v) or '-':<36}")
     return 0
 
 

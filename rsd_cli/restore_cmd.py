@@ -127,6 +127,9 @@ def _restore(args: argparse.Namespace) -> int:
         ssim = f", SSIM {m['eval/ssim']:.4f}" if "eval/ssim" in m else ""
         print(f"evaluation        PSNR {m['eval/psnr']:.2f} dB{ssim} on the {int(m['eval/images'])} rows "
               "of the dataset's clean split")
+        if "eval/coverage_2sd" in m:
+            print(f"calibration       {100 * m['eval/coverage_2sd']:.1f}% of the clean pixels inside mean +- 2 spread "
+                  "(95.4% if calibrated; pixels of zero spread left out)")
     print(f"MLflow run        {result.run_id}")
     print(f"grid              {result.grid.path}  (observation / restoration / spread / clean when known)")
     return 0

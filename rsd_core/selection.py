@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import BaseModel
 
 from rsd_core.classifier import ClassifierExtractor
 from rsd_core.data import CorruptedDataset, open_dataset
+from rsd_core.fd_interval import fd_interval, paired_difference_interval
 from rsd_core.frechet import (
     FeatureExtractor,
     FeatureStats,
@@ -157,14 +159,28 @@ class CandidateScore(BaseModel):
     true_fd: float | None = None
 
 
+def proximal_features(samples: torch.Tensor, operator: Operator, extractor: FeatureExtractor,
+                      seed: int) -> np.ndarray:
+    """Proximal features of generated ``samples``: seen through the operator (its state drawn from
+    ``seed + 1``, the same for every candidate, so candidates sampled from one seed stay paired)."""
+    return extractor.features(corrupted_view(samples, operator, torch.Generator().manual_seed(seed + 1)), 64)
+
+
 def score_samples(samples, operator, extractors, prox_ref, clean_ref, seed) -> tuple[float, float | None]:
+    """(Proximal FD, true FD or None) of generated ``samples``."""
+    return score_samples_with_features(samples, operator, extractors, prox_ref, clean_ref, seed)[:2]
+
+
+def score_samples_with_features(samples, operator, extractors, prox_ref, clean_ref,
+                                seed) -> tuple[float, float | None, np.ndarray]:
+    """(Proximal FD, true FD or None, the proximal features behind the first, for its interval)."""
     prox_ext, true_ext = extractors
-    gen = torch.Generator().manual_seed(seed + 1)
-    prox = frechet_distance(compute_stats(prox_ext, corrupted_view(samples, operator, gen)), prox_ref)
+    features = proximal_features(samples, operator, prox_ext, seed)
+    prox = frechet_distance(FeatureStats.from_features(features, prox_ext.id), prox_ref)
     true = None
     if clean_ref is not None:
         true = frechet_distance(compute_stats(true_ext, quantise(feature_images(samples))), clean_ref)
-    return prox, true
+    return prox, true, features
 
 
 @torch.no_grad()
@@ -221,6 +237,11 @@ class SelectionResult(BaseModel):
     spearman: float | None = None
     chosen_true_fd: float | None = None
     best_true_fd: float | None = None
+    # Bootstrap intervals (rsd_core.fd_interval); None in selection.json files written before they existed.
+    proximal_fd_interval: tuple[float, float] | None = None
+    runner_up_checkpoint: str | None = None
+    runner_up_difference: tuple[float, float] | None = None  # FD(chosen) - FD(runner-up), paired resamples
+    distinguishable: bool | None = None  # the whole difference interval below 0
     generator_dir: str
     grid: str
 
@@ -257,11 +278,12 @@ def select_stage(
     checkpoints = list_checkpoints(Path(distill_dir) / DISTILL_DIR / "checkpoints")
     if not checkpoints:
         raise FileNotFoundError(f"no distillation checkpoints under {Path(distill_dir) / 'distill' / 'checkpoints'}")
-    rows = []
+    rows, features = [], {}
     for ckpt in checkpoints:
         sampler = generator_from_checkpoint(ckpt, teacher_dir, bf16=use_bf16("auto", torch.device("cpu")))
-        samples = sampler.sample(n_samples, seed=seed)
-        prox, true = score_samples(samples, operator, extractors, prox_ref, clean_ref, seed)
+        samples = sampler.sample(n_samples, seed=seed)  # one seed: every checkpoint sees the same latents
+        prox, true, features[ckpt.name] = score_samples_with_features(samples, operator, extractors, prox_ref,
+                                                                      clean_ref, seed)
         rows.append(CandidateScore(name=ckpt.name, step=int(ckpt.name.split("-")[1]), proximal_fd=prox, true_fd=true))
         if progress:
             _report(ckpt.name, prox, true)
@@ -281,12 +303,19 @@ def select_stage(
     best_teacher = min(teacher_rows, key=lambda r: r.proximal_fd)
     full = next(r for r in teacher_rows if r.sigma_stop is None)
 
-    chosen = min(rows, key=lambda r: r.proximal_fd)
+    ranked = sorted(rows, key=lambda r: r.proximal_fd)
+    chosen = ranked[0]
     chosen_path = next(c for c in checkpoints if c.name == chosen.name)
-    result_kwargs = {}
+    result_kwargs = {"proximal_fd_interval": fd_interval(features[chosen.name], prox_ref, seed=seed)}
+    if len(ranked) > 1:
+        difference = paired_difference_interval(features[chosen.name], features[ranked[1].name], prox_ref, seed=seed)
+        result_kwargs |= {"runner_up_checkpoint": ranked[1].name, "runner_up_difference": difference,
+                          "distinguishable": difference[1] < 0}
+    if progress:
+        _report_choice(chosen, ranked[1] if len(ranked) > 1 else None, result_kwargs)
     if clean_ref is not None:
         truncated = [r for r in teacher_rows if r.sigma_stop is not None]
-        result_kwargs = {
+        result_kwargs |= {
             "true_fd": chosen.true_fd,
             "chosen_true_fd": chosen.true_fd,
             "best_true_fd": min(r.true_fd for r in rows),
@@ -318,6 +347,18 @@ def select_stage(
     )
     (out_dir / "selection.json").write_text(result.model_dump_json(indent=1))
     return result
+
+
+def _report_choice(chosen: CandidateScore, runner_up: CandidateScore | None, intervals: dict) -> None:
+    """The choice with its interval, and whether it is told apart from the runner-up."""
+    lo, hi = intervals["proximal_fd_interval"]
+    line = f"[select] chosen {chosen.name}: proximal FD {chosen.proximal_fd:.2f} (95% interval [{lo:.2f}, {hi:.2f}])"
+    if runner_up is not None:
+        d_lo, d_hi = intervals["runner_up_difference"]
+        verdict = "better" if intervals["distinguishable"] else "cannot tell them apart"
+        line += (f"; minus runner-up {runner_up.name} ({runner_up.proximal_fd:.2f}): [{d_lo:.2f}, {d_hi:.2f}], "
+                 f"{verdict}")
+    print(line, flush=True)
 
 
 def _report(candidate: str, proximal_fd: float, true_fd: float | None) -> None:

@@ -42,7 +42,14 @@ from rsd_core.viz import observations_for_display, save_grid
 from tasks import decks, tracking
 from tasks.checkpoints import AttemptCheckpoints
 from tasks.deploy import CACHE_VERSION, DEPLOYMENT, elastic, image, requests
-from tasks.registry import TAG_FINGERPRINT, TAG_OPERATOR, TAG_SCORING, dataset_model_name, register_generator
+from tasks.registry import (
+    TAG_FINGERPRINT,
+    TAG_OPERATOR,
+    TAG_SCORING,
+    dataset_model_name,
+    logged_model_id,
+    register_generator,
+)
 
 _RES = DEPLOYMENT.resources
 _CACHE = Cache(version=CACHE_VERSION, ignored_inputs=("run_id", "log_every"))
@@ -58,12 +65,15 @@ class SelectedGenerator:
     table: FlyteFile
     chosen_step: int
     proximal_fd: float
+    proximal_fd_low: float  # 95% bootstrap interval of proximal_fd (rsd_core.fd_interval)
+    proximal_fd_high: float
     teacher_proximal_fd: float
     dataset_fingerprint: str
     dataset_name: str
     proximal_scoring: str
     proximal_features: str  # the label of the Proximal FD features: every report names them
     operator_kind: str
+    told_apart: bool | None = None  # the chosen checkpoint beats the runner-up beyond resampling noise
 
 
 @dataclass
@@ -257,7 +267,13 @@ def select_checkpoint(dataset: FlyteDirectory, teacher: FlyteDirectory, distille
                 client.log_metric(child, "true_fd", row.true_fd, step=row.step or 0)
         summary = {"chosen_step": result.chosen_step, "chosen_proximal_fd": result.proximal_fd,
                    "teacher_proximal_fd": result.teacher_proximal_fd, "spearman": result.spearman,
-                   "chosen_true_fd": result.chosen_true_fd, "best_true_fd": result.best_true_fd}
+                   "chosen_true_fd": result.chosen_true_fd, "best_true_fd": result.best_true_fd,
+                   "chosen_proximal_fd_low": result.proximal_fd_interval[0],
+                   "chosen_proximal_fd_high": result.proximal_fd_interval[1]}
+        if result.runner_up_difference is not None:
+            summary |= {"runner_up_difference_low": result.runner_up_difference[0],
+                        "runner_up_difference_high": result.runner_up_difference[1]}
+            client.set_tag(child, "rsd.told_apart_from_runner_up", str(result.distinguishable).lower())
         for key, value in summary.items():
             if value is not None:
                 client.log_metric(child, key, value)
@@ -273,6 +289,8 @@ def select_checkpoint(dataset: FlyteDirectory, teacher: FlyteDirectory, distille
     return SelectedGenerator(
         generator=_out_dir(result.generator_dir), grid=_out_file(result.grid), table=_out_file(str(table)),
         chosen_step=result.chosen_step, proximal_fd=result.proximal_fd,
+        proximal_fd_low=result.proximal_fd_interval[0], proximal_fd_high=result.proximal_fd_interval[1],
+        told_apart=result.distinguishable,
         teacher_proximal_fd=result.teacher_proximal_fd, dataset_fingerprint=ds.fingerprint,
         proximal_scoring=result.proximal_scoring, dataset_name=ds.manifest.name,
         proximal_features=result.proximal_extractor_label or result.extractor_label or "",
@@ -317,6 +335,7 @@ def register_model(exported: FlyteDirectory, selected: SelectedGenerator, tracki
             client, name=name, execution_run_id=run_id, fingerprint=selected.dataset_fingerprint,
             scoring=selected.proximal_scoring, operator_kind=selected.operator_kind,
             proximal_fd=selected.proximal_fd, log_model=lambda: _log_generator_model(export_dir, child),
+            proximal_fd_interval=(selected.proximal_fd_low, selected.proximal_fd_high),
         )
         grid = selected.grid.download()
         client.log_artifact(run_id, grid)
@@ -327,6 +346,7 @@ def register_model(exported: FlyteDirectory, selected: SelectedGenerator, tracki
             TAG_FINGERPRINT: selected.dataset_fingerprint, TAG_SCORING: selected.proximal_scoring,
             TAG_OPERATOR: selected.operator_kind,
             "rsd.registered_model": f"{registration.name}/{registration.version}", "rsd.alias": registration.alias,
+            "rsd.logged_model_id": logged_model_id(client.get_model_version(registration.name, registration.version)),
         })
         client.log_text(child, json.dumps(registration.__dict__, indent=1), "registration.json")
     client.set_terminated(run_id, "FINISHED")

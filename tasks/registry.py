@@ -6,7 +6,10 @@ different scales, and FD is biased by n), so every version carries the dataset f
 scoring and its Proximal FD as tags:
 
 * ``champion`` moves to the new version when there is no champion yet, or when the champion was
-  trained on the same dataset fingerprint, scored the same way, and the new Proximal FD is strictly lower;
+  trained on the same dataset fingerprint, scored the same way, and the new Proximal FD is below the
+  champion's bootstrap interval (``rsd.proximal_fd_interval``, :mod:`rsd_core.fd_interval`): a new
+  version inside that interval is not told apart from the champion and does not displace it (versions
+  registered without an interval compare by their Proximal FD alone);
 * otherwise the new version takes ``challenger`` (a champion from another dataset or scored another
   way is never displaced automatically: its score is not comparable).
 
@@ -31,6 +34,7 @@ CHALLENGER = "challenger"
 TAG_EXECUTION = "rsd.execution_run_id"
 TAG_FINGERPRINT = "rsd.dataset_fingerprint"
 TAG_PROXIMAL_FD = "rsd.proximal_fd"
+TAG_PROXIMAL_FD_INTERVAL = "rsd.proximal_fd_interval"  # "<low>,<high>": 95% bootstrap interval
 TAG_SCORING = "rsd.proximal_fd_scoring"  # "<extractor id>/n<samples>"
 TAG_OPERATOR = "rsd.operator_kind"
 
@@ -55,6 +59,15 @@ def dataset_model_name(dataset_name: str) -> str:
     return f"rsd-{slug}"
 
 
+def logged_model_id(version: ModelVersion) -> str:
+    """The MLflow 3 LoggedModel behind a version: its ``model_id``, or the id in its ``models:/m-...`` source
+    (stores that do not fill ``model_id`` in); "" for versions registered from a run's artifact path."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = version.source or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else ""
+
+
 def find_version(client: MlflowClient, name: str, execution_run_id: str) -> ModelVersion | None:
     """The version an earlier attempt of this execution registered, if any."""
     try:
@@ -71,6 +84,14 @@ def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
         return None
 
 
+def bar_to_beat(champion: ModelVersion) -> float:
+    """The Proximal FD a version must go below to displace ``champion``: its interval's low end, or its FD."""
+    interval = champion.tags.get(TAG_PROXIMAL_FD_INTERVAL)
+    if interval:
+        return float(interval.split(",")[0])
+    return float(champion.tags.get(TAG_PROXIMAL_FD, "inf"))
+
+
 def promotion(champion: ModelVersion | None, fingerprint: str, scoring: str, proximal_fd: float) -> tuple[str, str]:
     """(alias, reason) for a new version scored ``proximal_fd`` on dataset ``fingerprint`` with ``scoring``."""
     if champion is None:
@@ -83,9 +104,15 @@ def promotion(champion: ModelVersion | None, fingerprint: str, scoring: str, pro
     if their_scoring != scoring:
         return CHALLENGER, (f"champion v{champion.version} was scored as '{their_scoring or 'unrecorded'}', this "
                             f"version as '{scoring}'; Proximal FDs are not comparable")
+    bar = bar_to_beat(champion)
+    interval = champion.tags.get(TAG_PROXIMAL_FD_INTERVAL)
+    theirs = f"{their_fd:.4g}" + (f", interval [{interval.replace(',', ', ')}]" if interval else "")
+    if proximal_fd < bar:
+        return CHAMPION, f"Proximal FD {proximal_fd:.4g} beats champion v{champion.version} ({theirs})"
     if proximal_fd < their_fd:
-        return CHAMPION, f"Proximal FD {proximal_fd:.4g} beats champion v{champion.version} ({their_fd:.4g})"
-    return CHALLENGER, f"Proximal FD {proximal_fd:.4g} does not beat champion v{champion.version} ({their_fd:.4g})"
+        return CHALLENGER, (f"Proximal FD {proximal_fd:.4g} is inside champion v{champion.version}'s interval "
+                            f"({theirs}): not told apart")
+    return CHALLENGER, f"Proximal FD {proximal_fd:.4g} does not beat champion v{champion.version} ({theirs})"
 
 
 def register_generator(
@@ -98,6 +125,7 @@ def register_generator(
     operator_kind: str,
     proximal_fd: float,
     log_model: Callable[[], ModelInfo],
+    proximal_fd_interval: tuple[float, float] | None = None,
 ) -> Registration:
     """Register (once per ``execution_run_id``) and promote a generator under ``name``.
 
@@ -115,6 +143,8 @@ def register_generator(
             TAG_PROXIMAL_FD: repr(float(proximal_fd)),
             TAG_OPERATOR: operator_kind,
         }
+        if proximal_fd_interval is not None:
+            tags[TAG_PROXIMAL_FD_INTERVAL] = ",".join(repr(float(v)) for v in proximal_fd_interval)
         info = log_model()
         version = client.create_model_version(name, info.model_uri, run_id=info.run_id, tags=tags,
                                               model_id=info.model_id)
@@ -182,7 +212,8 @@ def settle_champion(
         if not scored:
             return champion
         best = min(scored, key=lambda v: (float(v.tags[TAG_PROXIMAL_FD]), int(v.version)))
-        if champion is not None and champion.version == best.version:
-            return champion
+        if champion is not None and (champion.version == best.version
+                                     or float(best.tags[TAG_PROXIMAL_FD]) >= bar_to_beat(champion)):
+            return champion  # the best is the champion, or inside its interval
         _with_retries(lambda best=best: client.set_registered_model_alias(name, CHAMPION, best.version))
     return current_champion(client, name) or champion

@@ -182,7 +182,16 @@ def test_smoke_pipeline_registers_a_champion_with_metrics_grid_and_onnx(first_ru
         "--out-dir", str(out))
     assert grid.stat().st_size > 0
     listing = rsd(scratch[1], "models", "--out-dir", str(out))
-    assert re.search(r"\n\s+1\s+champion\s", listing)
+    version = client_for(out).get_model_version("rsd-smoke", 1)
+    lo, hi = map(float, version.tags["rsd.proximal_fd_interval"].split(","))
+    assert lo <= float(version.tags["rsd.proximal_fd"]) <= hi  # the interval holds the estimate it qualifies
+    assert re.search(r"\n\s+1\s+champion\s+\S+\s+\[[-0-9.e]+, [-0-9.e]+\]", listing)
+    from tasks import registry
+
+    model_id = registry.logged_model_id(version)  # MLflow 3: the LoggedModel behind the version
+    assert model_id.startswith("m-") and model_id in listing
+    parent = client_for(out).get_run(version.tags["rsd.execution_run_id"])
+    assert parent.data.tags["rsd.logged_model_id"] == model_id
 
 
 def test_second_run_hits_the_flyte_cache_and_stays_challenger(first_run, scratch):

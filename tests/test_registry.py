@@ -55,10 +55,10 @@ class Logger:
 SCORING = "fmnist-cnn-0123/n1000"
 
 
-def register(client, logger, execution, fd, fingerprint=FP_A, scoring=SCORING):
+def register(client, logger, execution, fd, fingerprint=FP_A, scoring=SCORING, interval=None):
     return registry.register_generator(client, name=client.model_name, execution_run_id=execution,
                                        fingerprint=fingerprint, scoring=scoring, operator_kind="inpaint",
-                                       proximal_fd=fd, log_model=logger)
+                                       proximal_fd=fd, log_model=logger, proximal_fd_interval=interval)
 
 
 def test_better_takes_champion_worse_never_does(client):
@@ -75,6 +75,19 @@ def test_better_takes_champion_worse_never_does(client):
     champion = client.get_model_version_by_alias(client.model_name, "champion")
     assert int(champion.version) == 4 and champion.tags[registry.TAG_PROXIMAL_FD] == "7.5"
     assert champion.tags[registry.TAG_FINGERPRINT] == FP_A
+
+
+def test_a_version_inside_the_champions_interval_does_not_take_the_alias(client):
+    """Proximal FD 9.5 is lower than the champion's 10.0 but inside its interval [9.0, 11.0]: not told apart."""
+    logger = Logger(client)
+    register(client, logger, "exec-1", 10.0, interval=(9.0, 11.0))
+    tied = register(client, logger, "exec-2", 9.5, interval=(8.5, 10.5))
+    assert tied.alias == "challenger" and "inside champion v1's interval" in tied.reason
+    assert int(client.get_model_version_by_alias(client.model_name, "champion").version) == 1
+    version = client.get_model_version(client.model_name, 2)
+    assert version.tags[registry.TAG_PROXIMAL_FD_INTERVAL] == "8.5,10.5"
+    better = register(client, logger, "exec-3", 8.9, interval=(8.0, 9.8))
+    assert (better.version, better.alias) == (3, "champion")
 
 
 def test_champion_from_another_dataset_is_not_displaced(client):

@@ -159,7 +159,8 @@ def test_rsd_restore_writes_the_restored_dataset_with_provenance_metrics_and_gri
     metrics = run.data.metrics
     assert metrics["images"] == ROWS and metrics["seconds"] > 0 and metrics["eval/images"] == CLEAN_ROWS
     assert {"misfit", "spread", "seconds_per_image", "eval/psnr", "eval/ssim", "encoder_seconds"} <= set(metrics)
-    assert metrics["misfit"] < 0.05 and 0 < metrics["eval/ssim"] <= 1
+    assert metrics["misfit"] < 0.05 and 0 < metrics["eval/ssim"] <= 1 and 0 < metrics["eval/coverage_2sd"] <= 1
+    assert "of the clean pixels inside mean +- 2 spread" in stdout
     assert "restoration.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
     shards = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
     assert sorted(r.info.run_name for r in shards if r.info.run_name.startswith("restore_shard")) == [
@@ -458,6 +459,33 @@ def test_shard_results_are_written_only_in_row_order(tmp_path):
     assert [len(images) for images, _, _ in _batches(parts, "mean")] == [4, 4]
     with pytest.raises(ValueError, match="out of row order"):
         list(_batches(parts[::-1], "mean"))
+
+
+def test_the_spreads_calibration_is_measured_on_the_clean_split(tmp_path):
+    """Means that miss the clean images by Gaussian errors of std s, reported with spread s: 95.4% of the clean
+    pixels lie within 2 spreads; reported with spread s / 2, 68.3%. Pixels of zero spread (measured, put
+    back) do not count."""
+    from safetensors.torch import save_file
+
+    from rsd_core.restore_dataset import write_restored
+
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.rand(64, 1, 32, 32, generator=gen) - 0.5  # errors of 0.1 keep the means inside [-1, 1]
+    write_dataset(str(tmp_path / "clean"), clean, name="clean", image_shape=(1, 32, 32),
+                  operator={"kind": "identity"})
+    write_dataset(str(tmp_path / "obs"), clean, name="obs", image_shape=(1, 32, 32), operator={"kind": "identity"},
+                  clean_eval_uri=str(tmp_path / "clean"))
+    source = open_dataset(str(tmp_path / "obs"))
+    spread = torch.full_like(clean, 0.1)
+    spread[..., :16, :] = 0.0  # "measured" rows: exact, no spread
+    mean = clean + spread * torch.randn(clean.shape, generator=gen)
+    for name, reported in (("right", spread), ("half", spread / 2)):
+        part = tmp_path / f"{name}.safetensors"
+        save_file({"index": torch.arange(64), "mean": mean, "spread": reported, "misfit": torch.zeros(64)},
+                  str(part), metadata={"seconds": "1.0"})
+        metrics = write_restored(str(tmp_path / f"restored-{name}"), [part], source, {}).metrics
+        expected = 0.954 if name == "right" else 0.683
+        assert abs(metrics["eval/coverage_2sd"] - expected) < 0.01, (name, metrics)
 
 
 @pytest.mark.slow

@@ -98,6 +98,12 @@ def test_select_stage_scores_checkpoints_and_teacher_levels(tmp_path):
     assert result.chosen_true_fd is not None and result.best_true_fd <= result.chosen_true_fd
     assert result.spearman is not None and -1 <= result.spearman <= 1
     assert {r.nfe for r in result.teacher_rows} == {23, 25, 27, 29, 31, 35}
+    lo, hi = result.proximal_fd_interval
+    assert lo < result.proximal_fd < hi
+    runner_up = sorted(result.rows, key=lambda r: r.proximal_fd)[1]
+    assert result.runner_up_checkpoint == runner_up.name
+    d_lo, d_hi = result.runner_up_difference
+    assert d_lo <= result.proximal_fd - runner_up.proximal_fd <= d_hi and result.distinguishable == (d_hi < 0)
     saved = json.loads((tmp_path / "sel" / "selection.json").read_text())
     assert saved["chosen_checkpoint"] == result.chosen_checkpoint
     # the default features are learnt from the corrupted data alone, and the report names both feature sets
