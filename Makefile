@@ -5,7 +5,7 @@ SCRATCH := $(CURDIR)/.flyte-tmp
 
 .PHONY: help setup demo test test-slow lint bench-throughput bench-sampling bench-frechet bench-eigenspace bench-restoration \
 	bench-faults bench-streaming bench-restore bench-distill-ab teacher-smoke \
-	bench-long-run bench-teacher-ab bench-references
+	bench-long-run bench-teacher-ab bench-references bench-serving bench-selection-domains
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -60,6 +60,12 @@ bench-teacher-ab: setup  ## teacher variants at equal wall time (10 min each) on
 bench-long-run: setup  ## inpainting p = 0.8 teacher + student and the clean reference, 10-60 min points (~2.5 h, 2 cores)
 	$(PY) -m benchmarks.long_run --task inpaint-0.8 --variant clean --distill-minutes "" --threads 1 --quiet & \
 	$(PY) -m benchmarks.long_run --task inpaint-0.8 --variant corrupted --threads 1 --quiet; wait
+
+bench-serving: setup  ## load test of rsd serve: generator and restorer, 4 clients x 60 s each (~10 min)
+	$(PY) -m benchmarks.serving
+
+bench-selection-domains: setup  ## Proximal FD vs an independent FD on three datasets (~1 h, one core)
+	$(PY) -m benchmarks.selection_domains --threads 1 --quiet
 
 bench-faults: setup  ## the fault-injection table
 	$(PY) -m benchmarks.faults

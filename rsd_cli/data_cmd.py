@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rsd_cli.pipeline_cmd import _HelpFormatter
+from rsd_cli.local import HelpFormatter
 from rsd_core.data import CorruptedDataset, DatasetError, open_dataset, parse_spec
 from rsd_core.kinds import get_kind, registered_kinds
 from rsd_core.sources import SOURCE_NAMES, corrupt, import_corrupted, load_spec_file
@@ -153,13 +153,13 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `rsd data` and its subcommands on the top-level parser's subparsers."""
     data = subparsers.add_parser("data", help="make, import and inspect corrupted datasets",
-                                 formatter_class=_HelpFormatter)
+                                 formatter_class=HelpFormatter)
     commands = data.add_subparsers(dest="data_command", required=True, metavar="{corrupt,import,inspect}")
 
     p = commands.add_parser(
         "corrupt",
         help="corrupt a clean source into a dataset",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         description="Apply an operator to a bundled clean source (or an image folder) and write the dataset.",
     )
     p.add_argument("--source", required=True, help=f"one of {', '.join(SOURCE_NAMES)}, or a folder of PNG/JPEG")
@@ -177,7 +177,7 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "import",
         help="package observations that are already corrupted",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         description="For data teams with corrupted observations only: a folder of PNG/JPEG or a .npy "
         "array, plus the operator that produced them and its per-sample state as .npy arrays.",
     )
@@ -193,7 +193,7 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "inspect",
         help="print a dataset's manifest, verify checksums, write a PNG grid",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("path", help="dataset directory: local path or s3://bucket/prefix")
     p.add_argument("--n", type=int, default=8, help="observations in the grid")

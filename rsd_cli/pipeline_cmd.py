@@ -9,114 +9,16 @@ folder when it is imported, so the environment is set before the workflows are i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+from rsd_cli.local import DEFAULT_OUT, HelpFormatter, prepare_outputs, raw_outputs, stale_cache_explained
 from rsd_core.presets import PRESETS, build_config, for_existing_dataset
 
 # The file each export format writes (rsd_core.export), named in the run's summary.
 EXPORT_FILES = {"onnx": "generator.onnx", "pt2": "generator.pt2"}
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the help, except where the help already says its default or there is none to say."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if "(default:" in (action.help or "") or action.default in (None, False):
-            return action.help
-        return super()._get_help_string(action)
-
-_DEFAULT_OUT = Path(__file__).resolve().parents[1] / "outputs"
-
-
-def _prepare_outputs(out: Path, cache: bool) -> None:
-    """Point MLflow, Flyte's sandbox, Flyte's local task cache and TMPDIR into ``out``
-    (MLFLOW_TRACKING_URI, if set, wins for tracking)."""
-    from tasks import tracking  # no flytekit import: TMPDIR must be set first
-
-    out = out.resolve()
-    sandbox_existed = (out / "flyte-sandbox").is_dir()
-    for sub in ("tmp", "flyte-sandbox"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    os.environ[tracking.OUTPUTS_ENV] = str(out)
-    os.environ["TMPDIR"] = str(out / "tmp")
-    os.environ["FLYTE_SDK_LOCAL_SANDBOX"] = str(out / "flyte-sandbox")
-    os.environ["FLYTE_LOCAL_CACHE_ENABLED"] = "true" if cache else "false"
-    tempfile.tempdir = None
-    if cache:
-        _scope_task_cache(_task_cache_dir(out, tracking.tracking_uri()), outputs_exist=sandbox_existed)
-
-
-def _task_cache_dir(out: Path, tracking_uri: str) -> Path:
-    """Flyte's local task cache for this outputs folder *and* tracking store.
-
-    flytekit keeps one cache in the home folder for every run; its entries point at task outputs
-    under some ``--out`` and at MLflow runs in some store, so a run with another ``--out``, a deleted
-    one or another tracking store got outputs that no longer exist or live elsewhere."""
-    import hashlib
-
-    return out / "flyte-cache" / hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def _stale_cache_explained(out: Path) -> Iterator[None]:
-    """A cached task output that points at a deleted path under ``out`` becomes one line saying how to
-    clear the cache, instead of flytekit's type-conversion traceback."""
-    try:
-        yield
-    except Exception as err:
-        import re
-
-        missing = [p for p in re.findall(rf"{re.escape(str(out))}[^'\"\s,}}]*", str(err)) if not Path(p).exists()]
-        if not missing:
-            raise
-        raise ValueError(f"a cached task output no longer exists ({missing[0]}): run again with --no-cache, or "
-                         f"delete {out / 'flyte-cache'}") from err
-
-
-def _scope_task_cache(cache_dir: Path, outputs_exist: bool) -> None:
-    """Use ``cache_dir`` as flytekit's local cache; drop it when the outputs it points at were deleted."""
-    import shutil
-
-    from flytekit.core import local_cache
-
-    if cache_dir.exists() and not outputs_exist:
-        print(f"cleared the task cache {cache_dir}: the task outputs it pointed at were deleted")
-        shutil.rmtree(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    local_cache.CACHE_LOCATION = str(cache_dir)
-    local_cache.LocalTaskCache._initialized = False  # re-open at the new location on first use
-
-
-@contextlib.contextmanager
-def _raw_outputs(prefix: str | None) -> Iterator[None]:
-    """Send the tasks' outputs (FlyteDirectory/FlyteFile) to ``prefix`` instead of the local sandbox.
-
-    On a cluster Flyte sets this per execution (``--raw-output-data-prefix``); locally it makes a run
-    exercise the same upload-then-download path between tasks, e.g. on S3. S3 credentials and the
-    endpoint come from the same environment variables as the datasets'.
-    """
-    if not prefix:
-        yield
-        return
-    from flytekit.configuration import DataConfig, S3Config
-    from flytekit.core.context_manager import FlyteContextManager
-    from flytekit.core.data_persistence import FileAccessProvider
-
-    from rsd_core.data import storage_options_from_env
-
-    options = storage_options_from_env(prefix)
-    s3 = S3Config(endpoint=options.get("client_kwargs", {}).get("endpoint_url"), access_key_id=options.get("key"),
-                  secret_access_key=options.get("secret"))
-    ctx = FlyteContextManager.current_context()
-    access = FileAccessProvider(ctx.file_access.local_sandbox_dir, prefix, DataConfig(s3=s3))
-    with FlyteContextManager.with_context(ctx.with_file_access(access)):
-        yield
-
 
 def check_local_resources(config, preset: str) -> None:
     """A local run executes every task in this process, so Kubernetes requests and data-parallel
@@ -147,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
         manifest = open_dataset(args.dataset).manifest
         check_export(manifest.operator, config.export.formats)
         config = for_existing_dataset(config, args.preset)
-    _prepare_outputs(args.out, cache=not args.no_cache)
+    prepare_outputs(args.out, cache=not args.no_cache)
     os.environ.setdefault("RSD_PRESET", args.preset)
     if not args.verbose:  # flytekit warns about every tuple field of the configs (schema only, harmless)
         os.environ.setdefault("FLYTE_SDK_LOGGING_LEVEL", str(logging.ERROR))
@@ -166,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.raw_output_prefix:
         print(f"task outputs {args.raw_output_prefix}")
     start = time.perf_counter()
-    with _raw_outputs(args.raw_output_prefix), _stale_cache_explained(args.out.resolve()):
+    with raw_outputs(args.raw_output_prefix), stale_cache_explained(args.out.resolve()):
         result = rsd_rerun(dataset_uri=args.dataset, config=config) if args.dataset else rsd_pipeline(config=config)
     minutes = (time.perf_counter() - start) / 60
     uri = tracking.tracking_uri()
@@ -208,7 +110,7 @@ def _sample(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ValueError(f"-n must be >= 1, got {args.n}")
     if args.model.startswith("models:/"):
-        _prepare_outputs(args.out_dir, cache=False)
+        prepare_outputs(args.out_dir, cache=False)
         from mlflow.exceptions import MlflowException
 
         from tasks import tracking
@@ -228,7 +130,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    _prepare_outputs(args.out_dir, cache=False)
+    prepare_outputs(args.out_dir, cache=False)
     from tasks import registry, tracking
 
     client = tracking.client()
@@ -262,7 +164,7 @@ def _models(args: argparse.Namespace) -> int:
 def add_pipeline_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register `rsd run`, `rsd sample` and `rsd models`."""
     p = subparsers.add_parser(
-        "run", help="run the whole pipeline locally (Flyte, in this process)", formatter_class=_HelpFormatter,
+        "run", help="run the whole pipeline locally (Flyte, in this process)", formatter_class=HelpFormatter,
         description="Corrupt, pretrain, distil, select by Proximal FID, export and register, as the Flyte "
         "workflow rsd_pipeline (or rsd_rerun with --dataset). Config: --preset, then --config, then --set.",
     )
@@ -271,24 +173,24 @@ def add_pipeline_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="KEY.SUB=VALUE",
                    help="override one field, e.g. --set teacher_train.time_budget_s=60 (values are YAML)")
     p.add_argument("--dataset", default=None, help="an already-corrupted dataset (path or s3://): skip corruption")
-    p.add_argument("--out", type=Path, default=_DEFAULT_OUT, help="outputs folder: MLflow store, Flyte sandbox")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="outputs folder: MLflow store, Flyte sandbox")
     p.add_argument("--raw-output-prefix", default=None, metavar="URI",
                    help="where tasks write their outputs, e.g. s3://bucket/raw (default: the local sandbox)")
     p.add_argument("--no-cache", action="store_true", help="do not reuse Flyte's local cache of earlier runs")
     p.add_argument("--verbose", action="store_true", help="show flytekit's warnings")
     p.set_defaults(func=_run)
 
-    p = subparsers.add_parser("sample", help="write a grid of samples of a generator", formatter_class=_HelpFormatter)
+    p = subparsers.add_parser("sample", help="write a grid of samples of a generator", formatter_class=HelpFormatter)
     p.add_argument("--model", required=True,
                    help="models:/<name>@<alias> or models:/<name>/<version> (registry), or a model/export folder")
     p.add_argument("-n", type=int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--nrow", type=int, default=8, help="images per grid row")
     p.add_argument("--out", default="samples.png", help="PNG path (local or fsspec URL)")
-    p.add_argument("--out-dir", type=Path, default=_DEFAULT_OUT, help="outputs folder holding the MLflow store")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="outputs folder holding the MLflow store")
     p.set_defaults(func=_sample)
 
-    p = subparsers.add_parser("models", help="list registered generator versions", formatter_class=_HelpFormatter)
+    p = subparsers.add_parser("models", help="list registered generator versions", formatter_class=HelpFormatter)
     p.add_argument("--name", default=None, help="one registered model (default: all)")
-    p.add_argument("--out-dir", type=Path, default=_DEFAULT_OUT, help="outputs folder holding the MLflow store")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="outputs folder holding the MLflow store")
     p.set_defaults(func=_models)

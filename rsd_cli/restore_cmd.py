@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from rsd_cli.pipeline_cmd import _DEFAULT_OUT, _HelpFormatter, _prepare_outputs, _raw_outputs
+from rsd_cli.local import DEFAULT_OUT, HelpFormatter, prepare_outputs, raw_outputs
 from rsd_core.restore import LATENT_RESTARTS, RestoreConfig
 
 _SETTING_HELP = {
@@ -91,7 +91,7 @@ def _restorer_config(args: argparse.Namespace, model) -> RestoreConfig:
 def _restore(args: argparse.Namespace) -> int:
     config = _config(args)
     model_uri, dataset_uri, out_uri = args.model, _uri(args.dataset), _uri(args.out)
-    _prepare_outputs(args.out_dir, cache=False)
+    prepare_outputs(args.out_dir, cache=False)
     if not args.verbose:  # as in `rsd run`: flytekit's schema warnings, MLflow's run URLs and download bars
         os.environ.setdefault("FLYTE_SDK_LOGGING_LEVEL", str(logging.ERROR))
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -113,7 +113,7 @@ def _restore(args: argparse.Namespace) -> int:
     from workflows.restore import rsd_restore
 
     start = time.perf_counter()
-    with _raw_outputs(args.raw_output_prefix):
+    with raw_outputs(args.raw_output_prefix):
         result = rsd_restore(model_uri=model_uri, dataset_uri=dataset_uri, out_uri=out_uri, config=config,
                              restorer=args.restorer or "", refit=args.refit,
                              **({"experiment": args.experiment} if hasattr(args, "experiment") else {}))
@@ -138,7 +138,7 @@ def _restore(args: argparse.Namespace) -> int:
 def add_restore_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `rsd restore`; each RestoreConfig field becomes a flag (default: RestoreConfig's)."""
     p = subparsers.add_parser(
-        "restore", help="restore a corrupted dataset with a registered generator", formatter_class=_HelpFormatter,
+        "restore", help="restore a corrupted dataset with a registered generator", formatter_class=HelpFormatter,
         description="Clean versions of your own observations: fit a network that maps an observation y to the "
         "posterior mean and per-pixel std of its clean image (no clean data): on the dataset's own observations "
         "with measurements held out (inpaint, mri), else on pairs the registered generator simulates through "
@@ -173,7 +173,7 @@ def add_restore_parser(subparsers: argparse._SubParsersAction) -> None:
                    "registered (by default that one is reused)")
     p.add_argument("--experiment", default=argparse.SUPPRESS,
                    help="MLflow experiment of the run (default: rsd-restore)")
-    p.add_argument("--out-dir", type=Path, default=_DEFAULT_OUT, help="outputs folder: MLflow store, Flyte sandbox")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="outputs folder: MLflow store, Flyte sandbox")
     p.add_argument("--raw-output-prefix", default=None, metavar="URI",
                    help="where tasks write their outputs, e.g. s3://bucket/raw (default: the local sandbox)")
     p.add_argument("--verbose", action="store_true", help="show flytekit's warnings")

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from rsd_cli.pipeline_cmd import _DEFAULT_OUT, _HelpFormatter, _prepare_outputs
+from rsd_cli.local import DEFAULT_OUT, HelpFormatter, prepare_outputs
 from tasks.request_limits import DEFAULT_MAX_BATCH, DEFAULT_MAX_ROWS, MAX_BATCH_ENV, MAX_ROWS_ENV
 
 
@@ -54,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
                         ("--workers", args.workers)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    _prepare_outputs(args.out_dir, cache=False)
+    prepare_outputs(args.out_dir, cache=False)
     from tasks import tracking
 
     tracking_uri = tracking.tracking_uri()
@@ -71,7 +71,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `rsd serve`."""
     p = subparsers.add_parser(
         "serve", help="serve a registered generator or restorer over HTTP (mlflow models serve)",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         description="Serve a registered model's python_function flavour on /invocations with this project's "
         "venv, e.g. rsd serve --model models:/rsd-fmnist-inpaint@champion. Requests: {\"inputs\": {\"count\": "
         "[n]}} for samples, {\"inputs\": {\"observations\": ..., <state>: ...}} for restorations.",
@@ -84,5 +84,5 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="most samples or observations one request may ask for (larger: 400 naming the limit)")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                    help="rows computed together inside a request (bounds its memory)")
-    p.add_argument("--out-dir", type=Path, default=_DEFAULT_OUT, help="outputs folder holding the MLflow store")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="outputs folder holding the MLflow store")
     p.set_defaults(func=_serve)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rsd_core.frechet import FeatureStats, frechet_distance
+from rsd_core.frechet import FeatureStats
 
 RESAMPLES = 200
 LEVEL = 0.95
@@ -32,7 +32,7 @@ def _resampled_fds(features: list[np.ndarray], reference: FeatureStats, resample
     out = np.empty((resamples, len(features)))
     for r in range(resamples):
         idx = rng.integers(0, n, n)
-        out[r] = [_fd(f[idx], reference) for f in features]
+        out[r] = [features_fd(f[idx], reference) for f in features]
     return out
 
 
@@ -50,19 +50,35 @@ def _centred_interval(estimate: float, values: np.ndarray, level: float) -> tupl
     return float(estimate + q_lo - q_mid), float(estimate + q_hi - q_mid)
 
 
-def _fd(features: np.ndarray, reference: FeatureStats) -> float:
-    return frechet_distance(FeatureStats.from_features(features, reference.extractor_id), reference)
+def features_fd(features: np.ndarray, reference: FeatureStats) -> float:
+    """The FD of ``features`` (n, dim) against ``reference``, equal to :func:`frechet_distance` of their
+    statistics, in O(n^2 dim + n dim^2) instead of O(dim^3) per call.
+
+    With centred rows X / sqrt(n - 1) = C (so S1 = C^T C) and A = C S2^(1/2), the matrix S2^(1/2) S1 S2^(1/2)
+    = A^T A shares its non-zero eigenvalues with the n x n matrix A A^T: with n = 192 samples of 2048-d
+    Inception features a resample costs a 192 x 192 eigenproblem instead of a 2048 x 2048 one.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    n = len(f)
+    mu = f.mean(axis=0)
+    c = (f - mu) / np.sqrt(n - 1)
+    a = c @ reference.sigma_root
+    lam = np.clip(np.linalg.eigvalsh(a @ a.T if n < f.shape[1] else a.T @ a), 0.0, None)
+    diff = mu - reference.mu
+    return float(diff @ diff + np.sum(c * c) + np.trace(reference.sigma) - 2.0 * np.sqrt(lam).sum())
+
 
 
 def fd_interval(features: np.ndarray, reference: FeatureStats, resamples: int = RESAMPLES, level: float = LEVEL,
                 seed: int = 0) -> tuple[float, float]:
     """Bootstrap interval of the FD between ``features`` (n, dim) and ``reference``."""
     values = _resampled_fds([features], reference, resamples, seed)[:, 0]
-    return _centred_interval(_fd(features, reference), values, level)
+    return _centred_interval(features_fd(features, reference), values, level)
 
 
 def paired_difference_interval(a: np.ndarray, b: np.ndarray, reference: FeatureStats, resamples: int = RESAMPLES,
                                level: float = LEVEL, seed: int = 0) -> tuple[float, float]:
     """Bootstrap interval of FD(a) - FD(b), rows of ``a`` and ``b`` resampled together."""
     fds = _resampled_fds([a, b], reference, resamples, seed)
-    return _centred_interval(_fd(a, reference) - _fd(b, reference), fds[:, 0] - fds[:, 1], level)
+    estimate = features_fd(a, reference) - features_fd(b, reference)
+    return _centred_interval(estimate, fds[:, 0] - fds[:, 1], level)

@@ -10,13 +10,10 @@ missing child run).
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from flytekit import Cache, current_context, task
-from flytekit.core.context_manager import FlyteContextManager
-from flytekit.core.data_persistence import FileAccessProvider
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
@@ -50,6 +47,7 @@ from tasks.registry import (
     logged_model_id,
     register_generator,
 )
+from tasks.task_io import execution_name, out_dir, out_file, workdir
 
 _RES = DEPLOYMENT.resources
 _CACHE = Cache(version=CACHE_VERSION, ignored_inputs=("run_id", "log_every"))
@@ -92,41 +90,6 @@ class RegisteredModel:
     exported: FlyteDirectory
 
 
-def _workdir(name: str) -> Path:
-    """A fresh folder in the task's working directory (local map-task elements share that directory)."""
-    root = Path(current_context().working_directory)
-    root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
-
-
-def _remote_outputs() -> FileAccessProvider | None:
-    """The file access of a run whose raw-output prefix is remote (a cluster, or ``rsd run --raw-output-prefix``).
-
-    flytekit uploads a local path returned by a task only outside local execution; a local run with
-    a remote prefix uploads explicitly, so tasks exchange their outputs through the object store as
-    they do on a cluster.
-    """
-    access = FlyteContextManager.current_context().file_access
-    return access if access.is_remote(access.raw_output_prefix) else None
-
-
-def _out_dir(path: str | Path) -> FlyteDirectory:
-    """A task's output folder, uploaded under the raw-output prefix when that is remote."""
-    access = _remote_outputs()
-    return FlyteDirectory(str(path), remote_directory=access.get_random_remote_directory() if access else None)
-
-
-def _out_file(path: str | Path) -> FlyteFile:
-    """A task's output file, uploaded under the raw-output prefix when that is remote."""
-    access = _remote_outputs()
-    return FlyteFile(str(path), remote_path=access.get_random_remote_path(Path(path).name) if access else None)
-
-
-def _execution_name() -> str:
-    """The Flyte execution's name ("local" for local runs)."""
-    return current_context().execution_id.name
-
-
 @task(cache=False, retries=2, container_image=image(), requests=requests(_RES.default))
 def open_run(config: PipelineConfig, workflow_name: str, dataset_uri: str = "") -> str:
     """Create the execution's parent MLflow run (the config as params) and return its id.
@@ -135,7 +98,7 @@ def open_run(config: PipelineConfig, workflow_name: str, dataset_uri: str = "") 
     the params, and an empty description names that dataset: the preset's would describe other data."""
     params = config.model_dump(mode="json")
     tags = {"rsd.code_version": tracking.code_version(), "rsd.workflow": workflow_name,
-            "rsd.flyte_execution": _execution_name(),
+            "rsd.flyte_execution": execution_name(),
             "rsd.model_name": config.tracking.model_name or "named after the dataset"}
     description = config.description
     if dataset_uri:
@@ -145,7 +108,7 @@ def open_run(config: PipelineConfig, workflow_name: str, dataset_uri: str = "") 
         description = description or f"{workflow_name} on dataset '{name}' ({dataset_uri})"
     run_id = tracking.start_parent_run(
         config.tracking.experiment,
-        run_name=f"{workflow_name}-{_execution_name()}",
+        run_name=f"{workflow_name}-{execution_name()}",
         params=params,
         tags=tags,
         description=description,
@@ -157,7 +120,7 @@ def open_run(config: PipelineConfig, workflow_name: str, dataset_uri: str = "") 
 @task(cache=_CACHE, retries=2, container_image=image(), requests=requests(_RES.default), enable_deck=True)
 def corrupt_dataset(data: DataSettings, run_id: str) -> FlyteDirectory:
     """Corrupt the clean source into the parquet + manifest dataset; clean images stop here."""
-    work = _workdir("corrupt")
+    work = workdir("corrupt")
     out, grid = work / "dataset", work / "observations.png"
     with tracking.child_run(run_id, "corrupt_dataset", data.model_dump(mode="json")) as (client, child):
         manifest = corrupt(data.source, data.operator, data.seed, str(out), split=data.split, limit=data.limit,
@@ -169,7 +132,7 @@ def corrupt_dataset(data: DataSettings, run_id: str) -> FlyteDirectory:
         _observation_grid(ds, grid)
         client.log_artifact(child, str(grid))
     decks.show("observations", decks.png_html(grid, f"{manifest.name}: first 32"))
-    return _out_dir(str(out))
+    return out_dir(str(out))
 
 
 def _observation_grid(ds, path: Path) -> None:
@@ -183,10 +146,10 @@ def check_dataset(dataset_uri: str, export: ExportSettings) -> FlyteDirectory:
     formats checked before any GPU time is spent."""
     ds = open_dataset(dataset_uri, verify=True)
     check_export(ds.manifest.operator, export.formats)
-    grid = _workdir("inspect") / "observations.png"
+    grid = workdir("inspect") / "observations.png"
     _observation_grid(ds, grid)
     decks.show("observations", decks.png_html(grid, f"{ds.manifest.name}: {len(ds)} observations"))
-    return FlyteDirectory(dataset_uri) if "://" in dataset_uri else _out_dir(Path(dataset_uri).resolve())
+    return FlyteDirectory(dataset_uri) if "://" in dataset_uri else out_dir(Path(dataset_uri).resolve())
 
 
 def _training_report(logger: tracking.MetricLogger, client, child: str, model_dir: Path, title: str) -> None:
@@ -225,13 +188,13 @@ def pretrain_teacher(dataset: FlyteDirectory, network: NetworkConfig, train: Tra
     params = {"network": network.model_dump(mode="json"), "train": train.model_dump(mode="json")}
     with tracking.child_run(run_id, "pretrain_teacher", params) as (client, child):
         logger = tracking.MetricLogger(client, child, log_every)
-        work = _workdir("pretrain")
+        work = workdir("pretrain")
         mirror = _resume_from_previous_attempt(work / PRETRAIN_DIR / "checkpoints", client, child)
         teacher_dir, result = pretrain_stage(dataset.download(), network, train, work, callback=logger, progress=True,
                                              code_version=tracking.code_version(), on_checkpoint=mirror)
         _log_result(client, child, result)
         _training_report(logger, client, child, teacher_dir, "teacher")
-    return _out_dir(str(teacher_dir))
+    return out_dir(str(teacher_dir))
 
 
 @task(cache=_CACHE, retries=1, container_image=image(gpu=True), requests=requests(_RES.distill), enable_deck=True,
@@ -240,7 +203,7 @@ def distill(teacher: FlyteDirectory, train: TrainConfig, rsd: DistillConfig, log
             run_id: str) -> FlyteDirectory:
     """Stage II: RSD into a one-step generator; returns the folder with all checkpoints and the final EMA."""
     params = {"train": train.model_dump(mode="json"), "distill": rsd.model_dump(mode="json")}
-    out = _workdir("distill")
+    out = workdir("distill")
     with tracking.child_run(run_id, "distill", params) as (client, child):
         logger = tracking.MetricLogger(client, child, log_every)
         mirror = _resume_from_previous_attempt(out / DISTILL_DIR / "checkpoints", client, child)
@@ -248,7 +211,7 @@ def distill(teacher: FlyteDirectory, train: TrainConfig, rsd: DistillConfig, log
                                                  code_version=tracking.code_version(), on_checkpoint=mirror)
         _log_result(client, child, result)
         _training_report(logger, client, child, generator_dir, "generator")
-    return _out_dir(str(out))
+    return out_dir(str(out))
 
 
 @task(cache=_CACHE, retries=1, container_image=image(gpu=True), requests=requests(_RES.default), enable_deck=True)
@@ -258,7 +221,7 @@ def select_checkpoint(dataset: FlyteDirectory, teacher: FlyteDirectory, distille
     dataset_dir = dataset.download()
     ds = open_dataset(dataset_dir)
     with tracking.child_run(run_id, "select_checkpoint", selection.model_dump(mode="json")) as (client, child):
-        result = select_stage(dataset_dir, teacher.download(), distilled.download(), _workdir("selection"),
+        result = select_stage(dataset_dir, teacher.download(), distilled.download(), workdir("selection"),
                               n_samples=selection.n_samples, extractor=selection.extractor, seed=selection.seed,
                               progress=True)
         for row in result.rows:
@@ -287,7 +250,7 @@ def select_checkpoint(dataset: FlyteDirectory, teacher: FlyteDirectory, distille
     decks.show("selection", decks.png_html(result.grid, "teacher (best truncation) / student / student re-corrupted"),
                decks.table_html(rows))
     return SelectedGenerator(
-        generator=_out_dir(result.generator_dir), grid=_out_file(result.grid), table=_out_file(str(table)),
+        generator=out_dir(result.generator_dir), grid=out_file(result.grid), table=out_file(str(table)),
         chosen_step=result.chosen_step, proximal_fd=result.proximal_fd,
         proximal_fd_low=result.proximal_fd_interval[0], proximal_fd_high=result.proximal_fd_interval[1],
         told_apart=result.distinguishable,
@@ -302,13 +265,13 @@ def select_checkpoint(dataset: FlyteDirectory, teacher: FlyteDirectory, distille
 def export_model(selected: SelectedGenerator, export: ExportSettings, run_id: str) -> FlyteDirectory:
     """The requested formats (ONNX, .pt2) + safetensors + card.json of the chosen generator."""
     with tracking.child_run(run_id, "export_model") as (client, child):
-        out = export_generator(selected.generator.download(), _workdir("export"),
+        out = export_generator(selected.generator.download(), workdir("export"),
                                {"proximal_fd": selected.proximal_fd, "chosen_step": float(selected.chosen_step)},
                                formats=export.formats)
         client.log_artifact(child, str(out / CARD_FILE))
         if "onnx" in export.formats:
             client.log_artifact(child, str(out / ONNX_FILE))
-    return _out_dir(str(out))
+    return out_dir(str(out))
 
 
 def _log_generator_model(export_dir: Path, run_id: str):
@@ -354,7 +317,7 @@ def register_model(exported: FlyteDirectory, selected: SelectedGenerator, tracki
         name=registration.name, version=registration.version, alias=registration.alias, reason=registration.reason,
         proximal_fd=registration.proximal_fd, proximal_features=selected.proximal_features, run_id=run_id,
         tracking_uri=tracking.tracking_uri(),
-        grid=_out_file(grid), exported=_out_dir(str(export_dir)),
+        grid=out_file(grid), exported=out_dir(str(export_dir)),
     )
 
 

@@ -33,7 +33,6 @@ from rsd_core.restore_dataset import (
 from rsd_core.stages import read_card
 from tasks import decks, tracking
 from tasks.deploy import DEPLOYMENT, image, requests
-from tasks.pipeline_tasks import _execution_name, _out_dir, _out_file, _workdir
 from tasks.registry import TAG_FINGERPRINT, TAG_OPERATOR
 from tasks.restorer import (
     ENCODER_FILE,
@@ -46,6 +45,7 @@ from tasks.restorer import (
     restorer_tags,
 )
 from tasks.serving import EXTRA_FILES
+from tasks.task_io import execution_name, out_dir, out_file, workdir
 
 _RES = DEPLOYMENT.resources
 DEFAULT_EXPERIMENT = "rsd-restore"
@@ -150,16 +150,16 @@ def _provenance(model: ResolvedModel, ds: CorruptedDataset, config: RestoreConfi
 def plan_restoration(model_uri: str, dataset_uri: str, out_uri: str, config: RestoreConfig,
                      experiment: str) -> RestorePlan:
     """Check the inputs (one-line errors before any work), then open the restoration's MLflow run."""
-    model, ds = check_inputs(model_uri, dataset_uri, out_uri, _workdir("restore-model"))
+    model, ds = check_inputs(model_uri, dataset_uri, out_uri, workdir("restore-model"))
     run_id = tracking.start_parent_run(
-        experiment, run_name=f"rsd_restore-{_execution_name()}",
+        experiment, run_name=f"rsd_restore-{execution_name()}",
         params={"model": model_uri, "model_version": model.version, "dataset": dataset_uri, "out": out_uri,
                 **config.model_dump()},
         tags={"rsd.code_version": tracking.code_version(), "rsd.workflow": "rsd_restore",
               "rsd.model_name": model.name, "rsd.model_version": str(model.version),
               TAG_FINGERPRINT: ds.fingerprint, TAG_OPERATOR: ds.manifest.operator.kind},
     )
-    return RestorePlan(model=_out_dir(model.folder), dataset_uri=dataset_uri, out_uri=out_uri,
+    return RestorePlan(model=out_dir(model.folder), dataset_uri=dataset_uri, out_uri=out_uri,
                        shards=list(range(len(ds.manifest.shards))), run_id=run_id,
                        provenance=json.dumps(_provenance(model, ds, config, run_id)))
 
@@ -185,13 +185,13 @@ def fit_encoder(plan: RestorePlan, config: RestoreConfig, restorer: str = "", re
     if found is not None:
         if found.generator != generator:
             raise ValueError(f"restorer {found.uri} was fitted for generator {found.generator}, not {generator}")
-        folder = download_restorer(found, _workdir("restorer"))
+        folder = download_restorer(found, workdir("restorer"))
         client.set_tag(plan.run_id, "rsd.restorer", found.uri)
         print(f"restorer {found.uri} reused (fitted for {found.generator} on dataset {found.fingerprint[:12]}, "
               f"{found.fitted_on}): no fit", flush=True)
-        return _out_file(folder / ENCODER_FILE)
+        return out_file(folder / ENCODER_FILE)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = _workdir("restore-encoder") / "encoder.safetensors"
+    out = workdir("restore-encoder") / "encoder.safetensors"
     model_dir = plan.model.download()
     with tracking.child_run(plan.run_id, "fit_encoder", {"device": device, **config.encoder.model_dump()}) as (
             client, child):
@@ -210,7 +210,7 @@ def fit_encoder(plan: RestorePlan, config: RestoreConfig, restorer: str = "", re
     print(f"encoder fitted on {meta['observations']} observations (pairs: {meta['fitted_on']}) in "
           f"{meta['seconds']:.1f} s on {device} "
           f"(loss {meta['loss_first']:.4g} -> {meta['loss_last']:.4g}); registered as {registered.uri}", flush=True)
-    return _out_file(out)
+    return out_file(out)
 
 
 def _log_restorer(run_id: str, model_dir: str, encoder_file: Path, config: RestoreConfig, example: dict):
@@ -230,7 +230,7 @@ def _log_restorer(run_id: str, model_dir: str, encoder_file: Path, config: Resto
 def restore_one_shard(plan: RestorePlan, config: RestoreConfig, encoder: FlyteFile | None, shard: int) -> FlyteFile:
     """Restore one shard of the dataset (one map-task element) into a safetensors file of results."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = _workdir("restore") / f"shard-{shard:05d}.safetensors"
+    out = workdir("restore") / f"shard-{shard:05d}.safetensors"
     with tracking.child_run(plan.run_id, f"restore_shard-{shard:05d}", {"shard": shard, "device": device}) as (
             client, child):
         summary = restore_shard(plan.model.download(), plan.dataset_uri, shard, config, out, device,
@@ -240,14 +240,14 @@ def restore_one_shard(plan: RestorePlan, config: RestoreConfig, encoder: FlyteFi
         client.log_metric(child, "misfit", summary.misfit_sum / summary.rows)
     print(f"shard {shard + 1}/{len(plan.shards)}: {summary.rows} observations restored in {summary.seconds:.1f} s "
           f"on {device}", flush=True)
-    return _out_file(out)
+    return out_file(out)
 
 
 @task(cache=False, retries=2, container_image=image(), requests=requests(_RES.default), enable_deck=True)
 def write_restoration(plan: RestorePlan, parts: list[FlyteFile]) -> RestoreResult:
     """Write the restored dataset and its spread; log time, misfit, spread (and PSNR/SSIM against a clean
     split, as evaluation) and the grid to the run."""
-    grid = _workdir("restore-grid") / "restoration.png"
+    grid = workdir("restore-grid") / "restoration.png"
     with tracking.child_run(plan.run_id, "write_restoration") as (client, _):
         source = open_dataset(plan.dataset_uri)
         result = write_restored(plan.out_uri, [p.download() for p in parts], source, json.loads(plan.provenance))
@@ -261,4 +261,4 @@ def write_restoration(plan: RestorePlan, parts: list[FlyteFile]) -> RestoreResul
     caption = "observation / restoration / spread" + (" / clean" if "eval/images" in metrics else "")
     decks.show("restoration", decks.png_html(grid, caption), decks.table_html([metrics]))
     return RestoreResult(uri=result.uri, spread_uri=result.spread_uri, count=len(source), run_id=plan.run_id,
-                         tracking_uri=tracking.tracking_uri(), grid=_out_file(grid), metrics=metrics)
+                         tracking_uri=tracking.tracking_uri(), grid=out_file(grid), metrics=metrics)

@@ -121,3 +121,20 @@ def test_teacher_ab_trains_each_variant_for_the_budget_and_scores_it(tmp_path):
     with pytest.raises(SystemExit, match="variant bad"):
         teacher_ab.main(["--variants", "bad:train.batch_size=0", "--limit", "256", "--n-eval", "48", "--no-publish",
                          "--out", str(tmp_path)])
+
+
+def test_the_data_teams_down_sampling_made_in_numpy_is_the_superres_operator():
+    """The selection-domains benchmark simulates a data team outside the project; what it imports must be
+    exactly what the operator it declares would have measured, or selection is scored on a wrong model."""
+    import numpy as np
+    import torch
+
+    from benchmarks.selection_domains import downsample_outside, skimage_patches
+    from rsd_core.kinds import build_operator
+    from rsd_core.operators import SuperResSpec
+
+    patches = skimage_patches(6, seed=0)
+    assert patches.shape == (6, 1, 32, 32) and patches.min() >= -1 and patches.max() <= 1 and patches.std() > 0.05
+    operator = build_operator(SuperResSpec(factor=2))
+    expected = operator.forward(torch.from_numpy(patches), {}).numpy()
+    np.testing.assert_allclose(downsample_outside(patches, 2), expected, atol=1e-6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rsd_core.fd_interval import fd_interval, paired_difference_interval
+from rsd_core.fd_interval import fd_interval, features_fd, paired_difference_interval
 from rsd_core.frechet import FeatureStats, frechet_distance
 
 DIM, N = 8, 400
@@ -53,3 +53,12 @@ def test_paired_candidates_from_one_population_are_not_told_apart_but_a_shift_is
     assert hi - lo < 0.25 * (one_hi - one_lo)  # unpaired resampling would make it wider than one FD's
     lo, hi = paired_difference_interval(latents, latents + 0.3, ref, resamples=100)
     assert lo > -2.5 and hi < -1.0  # population difference 8 * (0.04 - 0.25) = -1.68
+
+
+def test_the_fast_fd_equals_the_frechet_distance_of_the_statistics_with_fewer_or_more_samples_than_dims():
+    rng = np.random.default_rng(2)
+    ref = FeatureStats.from_features(rng.standard_normal((500, 64)) @ rng.standard_normal((64, 64)) * 0.3)
+    for n in (20, 300):  # n < dim: the n x n route; n > dim: the dim x dim one
+        x = rng.standard_normal((n, 64)) * 0.5 + 0.2
+        expected = frechet_distance(FeatureStats.from_features(x), ref)
+        assert abs(features_fd(x, ref) - expected) < 1e-6 * max(1.0, expected)

@@ -239,15 +239,15 @@ def test_another_tracking_store_does_not_reuse_cached_training(first_run, scratc
 
 
 def test_a_task_cache_whose_outputs_were_deleted_is_cleared(tmp_path, capsys):
-    from rsd_cli.pipeline_cmd import _scope_task_cache
+    from rsd_cli.local import scope_task_cache
 
     cache = tmp_path / "flyte-cache" / "abc"
     cache.mkdir(parents=True)
     (cache / "entry").write_text("points at deleted outputs")
-    _scope_task_cache(cache, outputs_exist=False)
+    scope_task_cache(cache, outputs_exist=False)
     assert not (cache / "entry").exists() and "cleared the task cache" in capsys.readouterr().out
     (cache / "entry").write_text("points at existing outputs")
-    _scope_task_cache(cache, outputs_exist=True)
+    scope_task_cache(cache, outputs_exist=True)
     assert (cache / "entry").exists()
 
 
