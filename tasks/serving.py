@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
+from mlflow.models.utils import _save_example
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
@@ -83,6 +84,9 @@ def save_model(path: str, mlflow_model: Model, export_dir: str | Path) -> None:
     mlflow.pyfunc.add_to_model(mlflow_model, loader_module=__name__, conda_env="conda.yaml",
                                python_env="python_env.yaml")
     mlflow_model.signature = ModelSignature(params=params_schema())  # the pt2 export needed the tensor one
+    # The pyfunc's input example (what a request sends), written by MLflow's own example writer: the
+    # public one is only reachable through pyfunc.save_model, which would drop the pytorch flavour.
+    _save_example(mlflow_model, ({"count": np.array([2])}, {"seed": 0}), path)
     mlflow_model.save(os.path.join(path, "MLmodel"))
 
 

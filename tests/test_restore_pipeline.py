@@ -344,6 +344,11 @@ def test_registered_model_has_a_pyfunc_flavour_that_samples_and_restores(trained
     out, dataset = trained
     model = _pyfunc(out)
     assert {"pytorch", "python_function"} <= set(model.metadata.flavors)
+    with pytest.MonkeyPatch.context() as mp:  # MLflow 3: every logged model carries its request's example
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+        local = mlflow.artifacts.download_artifacts(artifact_uri=CHAMPION)
+    assert list(model.metadata.load_input_example(local)) == ["count"]
+    assert model.metadata.load_input_example_params(local) == {"seed": 0}
     images = model.predict({"count": np.array([3])}, params={"seed": 5})["images"]
     assert images.shape == (3, 1, 32, 32) and np.isfinite(images).all()
     with pytest.MonkeyPatch.context() as mp:  # `rsd sample`'s path through the pytorch flavour: same draws
