@@ -8,74 +8,16 @@ beside their operators (:mod:`rsd_core.operators`) and are found through the ope
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Literal, Self
+from typing import Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SerializeAsAny,
-    ValidatorFunctionWrapHandler,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import Field, field_validator, model_validator
 
+from rsd_core.kinds import EXPORT_FORMATS, check_export
+from rsd_core.operator_spec import OperatorSpec, OperatorSpecBase
+from rsd_core.operators import InpaintSpec
+from rsd_core.spec import Spec
 
-class Spec(BaseModel):
-    """Base of every config model: unknown keys are errors, values are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    def updated(self, **changes: Any) -> Self:
-        """A copy with ``changes``, validated like a new instance (``model_copy(update=...)`` is not)."""
-        return type(self).model_validate({**self.model_dump(), **changes})
-
-
-class OperatorSpecBase(Spec):
-    """Base of every operator spec: a ``kind`` naming the registered corruption and its noise.
-
-    Validating a mapping against this base dispatches on ``kind`` to the spec class that the
-    operator registry (:mod:`rsd_core.kinds`) holds for it, so a model field typed
-    :data:`OperatorSpec` accepts every registered kind, including ones registered after this
-    module was imported, and serialises with the concrete kind's fields.
-    """
-
-    kind: str
-    sigma_n: float = Field(0.0, description="measurement noise std on the [-1, 1] scale")
-
-    @field_validator("sigma_n")
-    @classmethod
-    def _check_sigma_n(cls, value: float) -> float:
-        if not value >= 0.0:
-            raise ValueError(f"sigma_n must be >= 0 (noise std on the [-1, 1] scale), got {value}")
-        return value
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _dispatch_on_kind(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> OperatorSpecBase:
-        if cls is not OperatorSpecBase or isinstance(data, OperatorSpecBase) or not isinstance(data, Mapping):
-            return handler(data)
-        from rsd_core.kinds import registered_kinds, spec_type  # the registry imports this module
-
-        if "kind" not in data:
-            raise PydanticCustomError(
-                "operator_kind_missing", "operator has no 'kind' (expected one of {kinds})",
-                {"kinds": ", ".join(registered_kinds())},
-            )
-        kind = data["kind"]
-        spec_cls = spec_type(kind)
-        if spec_cls is None:
-            raise PydanticCustomError(
-                "operator_kind_unknown", "unknown operator kind {kind} (expected one of {kinds})",
-                {"kind": repr(kind), "kinds": ", ".join(registered_kinds())},
-            )
-        return spec_cls.model_validate(data)
-
-
-# Any registered operator spec, validated by ``kind`` and serialised with all of its fields.
-OperatorSpec = SerializeAsAny[OperatorSpecBase]
+__all__ = ["EXPORT_FORMATS", "OperatorSpec", "OperatorSpecBase", "Spec"]  # re-exported: config is their front door
 
 
 class NetworkConfig(Spec):
@@ -223,13 +165,6 @@ class DistillConfig(Spec):
 # --------------------------------------------------------------------------- the pipeline
 
 
-EXPORT_FORMATS = ("onnx", "pt2")
-
-
-def _default_operator() -> OperatorSpecBase:
-    from rsd_core.operators import InpaintSpec  # the operators import this module
-
-    return InpaintSpec()
 
 
 class DataSettings(Spec):
@@ -237,7 +172,7 @@ class DataSettings(Spec):
 
     source: str = "fashion-mnist"
     split: Literal["train", "test"] = "train"
-    operator: OperatorSpec = Field(default_factory=lambda: _default_operator())
+    operator: OperatorSpec = Field(default_factory=InpaintSpec)
     limit: int | None = None
     clean_eval: int = 0
     # None: the clean evaluation images are the first corrupted ones; "test": that many of the source's test
@@ -364,8 +299,6 @@ class PipelineConfig(Spec):
 
     @model_validator(mode="after")
     def _check_consistent(self) -> PipelineConfig:
-        from rsd_core.kinds import check_export  # the registry imports this module
-
         check_export(self.data.operator, self.export.formats)
         check_distill_train(self.distill_train)
         return self

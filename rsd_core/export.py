@@ -35,8 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rsd_core.config import EXPORT_FORMATS
-from rsd_core.kinds import check_export
+from rsd_core.kinds import EXPORT_FORMATS, check_export
 from rsd_core.objectives import AmbientDiffusionObjective, FourierAmbientObjective, Objective
 from rsd_core.operators import MRI, Inpaint, State
 from rsd_core.stages import ModelCard, load_model

@@ -2,7 +2,7 @@
 
 A kind declares, in one :class:`OperatorKind`:
 
-* its spec (a subclass of :class:`~rsd_core.config.OperatorSpecBase` with ``kind: Literal[...]``)
+* its spec (a subclass of :class:`~rsd_core.operator_spec.OperatorSpecBase` with ``kind: Literal[...]``)
   and operator class (which also says how its observations look as images,
   :meth:`~rsd_core.operators.Operator.image_view`, and their provable range);
 * its corruption-aware objective, for noiseless and for noisy measurements (``None`` = noisy
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rsd_core.config import EXPORT_FORMATS, OperatorSpecBase
 from rsd_core.objectives import (
     AmbientDiffusionObjective,
     AmbientTweedieObjective,
     FourierAmbientObjective,
     Objective,
 )
+from rsd_core.operator_spec import OperatorSpecBase, use_registry
 from rsd_core.operators import (
     MRI,
     Blur,
@@ -41,6 +41,8 @@ from rsd_core.operators import (
     SuperRes,
     SuperResSpec,
 )
+
+EXPORT_FORMATS = ("onnx", "pt2")  # every format a generator can be exported to; a kind names its subset
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class OperatorKind:
 
 
 _KINDS: dict[str, OperatorKind] = {}
+use_registry(lambda: {name: kind.spec for name, kind in _KINDS.items()})  # spec validation dispatches on this table
 
 
 def register_kind(kind: OperatorKind) -> OperatorKind:
@@ -91,12 +94,6 @@ def get_kind(name: str) -> OperatorKind:
     if name not in _KINDS:
         raise ValueError(f"unknown operator kind {name!r} (expected one of {', '.join(_KINDS)})")
     return _KINDS[name]
-
-
-def spec_type(name: object) -> type[OperatorSpecBase] | None:
-    """The spec class of a registered kind, or None (used by spec validation)."""
-    kind = _KINDS.get(name) if isinstance(name, str) else None
-    return kind.spec if kind is not None else None
 
 
 def build_operator(spec: OperatorSpecBase | dict) -> Operator:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from rsd_core.config import OperatorSpecBase
+from rsd_core.operator_spec import OperatorSpecBase
 
 State = dict[str, torch.Tensor]
 
