@@ -165,8 +165,6 @@ class DistillConfig(Spec):
 # --------------------------------------------------------------------------- the pipeline
 
 
-
-
 class DataSettings(Spec):
     """Where the clean images come from and how they are corrupted (the ``corrupt_dataset`` task)."""
 
