@@ -34,7 +34,7 @@ import torch
 
 from benchmarks.restoration import write_result
 from rsd_core.classifier import ClassifierExtractor
-from rsd_core.config import DistillConfig, TrainConfig
+from rsd_core.config import DistillConfig, DistillTrainConfig
 from rsd_core.frechet import compute_stats, frechet_distance
 from rsd_core.presets import CPU_DISTILL_EMA_HALFLIFE_NIMG, CPU_DISTILL_EMA_RAMPUP_RATIO
 from rsd_core.restore import load_generator
@@ -57,7 +57,7 @@ def distil_variant(teacher_dir: Path, out: Path, variant: str, steps: int, seed:
     timing = out / "timing.json"
     if (out / "generator" / "model.json").exists() and timing.exists():
         return json.loads(timing.read_text())
-    train = TrainConfig(steps=steps, batch_size=32, ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
+    train = DistillTrainConfig(steps=steps, batch_size=32, ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
                         ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0,
                         checkpoint_every=max(1, steps // 4), keep_checkpoints=1, seed=seed)
     dcfg = DistillConfig(lr_fake=5e-5, lr_generator=5e-5, **VARIANTS[variant])

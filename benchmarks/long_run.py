@@ -42,7 +42,7 @@ import torch
 
 from benchmarks.report import add_work_args, replace_block
 from benchmarks.scoring import Scorer, floor_distances, score_student, score_teacher
-from rsd_core.config import DistillConfig, NetworkConfig, OperatorSpec, TrainConfig
+from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, OperatorSpec, TrainConfig
 from rsd_core.operators import IdentitySpec, InpaintSpec
 from rsd_core.presets import (
     CPU_DISTILL_EMA_HALFLIFE_NIMG,
@@ -80,7 +80,7 @@ class Task:
     operator: OperatorSpec
     network: NetworkConfig
     teacher: TrainConfig
-    distill_train: TrainConfig
+    distill_train: DistillTrainConfig
     distill: DistillConfig
     n_eval: int
     floor_split: str  # the clean images set beside the evaluation images for the floor
@@ -92,9 +92,10 @@ class Task:
 # and frequent checkpoints (a kill loses at most one interval).
 _FMNIST_TEACHER = TrainConfig(steps=10_000_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, grad_clip=1.0,
                               ema_halflife_nimg=10_000, checkpoint_every=100, keep_checkpoints=1)
-_FMNIST_DISTILL_TRAIN = TrainConfig(steps=10_000_000, batch_size=32, ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
-                                    ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0,
-                                    checkpoint_every=50, keep_checkpoints=1)
+_FMNIST_DISTILL_TRAIN = DistillTrainConfig(steps=10_000_000, batch_size=32,
+                                           ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
+                                           ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0,
+                                           checkpoint_every=50, keep_checkpoints=1)
 TASKS = {
     "inpaint-0.8": Task(source="fashion-mnist", operator=InpaintSpec(p=0.8, delta=0.1), network=NetworkConfig(),
                         teacher=_FMNIST_TEACHER, distill_train=_FMNIST_DISTILL_TRAIN,

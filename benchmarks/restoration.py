@@ -33,7 +33,7 @@ import torch
 
 from benchmarks.report import RESULTS_DIR, emit
 from benchmarks.scoring import Scorer, floor_distances, score_teacher
-from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
+from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, TrainConfig
 from rsd_core.presets import CPU_DISTILL_EMA_HALFLIFE_NIMG, CPU_DISTILL_EMA_RAMPUP_RATIO
 from rsd_core.selection import EXTRACTORS, CandidateScore, SelectionResult, select_stage
 from rsd_core.sources import corrupt, fashion_mnist
@@ -97,7 +97,7 @@ def train_models(spec: dict, out: Path, *, budget: float, distill_budget: float 
                 lambda: pretrain_stage(str(data), NetworkConfig(), teacher_train, out, progress=progress))
     if distill_budget is None:
         return times
-    distill_train = TrainConfig(steps=1_000_000, batch_size=32, ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
+    distill_train = DistillTrainConfig(steps=1_000_000, batch_size=32, ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
                                 ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0,
                                 checkpoint_every=checkpoint_every, time_budget_s=distill_budget * 60,
                                 lr_drop_at=lr_drop_at, lr_drop_factor=lr_drop_factor, seed=seed)

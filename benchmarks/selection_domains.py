@@ -41,7 +41,7 @@ import torch
 
 from benchmarks.report import add_work_args, emit, replace_block
 from rsd_core.classifier import ClassifierExtractor
-from rsd_core.config import DistillConfig, NetworkConfig, OperatorSpec, TrainConfig
+from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, OperatorSpec, TrainConfig
 from rsd_core.data import open_dataset
 from rsd_core.fd_interval import fd_interval, features_fd, paired_difference_interval
 from rsd_core.frechet import FeatureExtractor, FeatureStats, spearman
@@ -79,7 +79,7 @@ PATCH_SOURCES = ("camera", "coins", "moon", "brick", "grass", "gravel", "clock",
 
 _FMNIST_TEACHER = TrainConfig(steps=10_000_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, grad_clip=1.0,
                               ema_halflife_nimg=10_000, checkpoint_every=100, keep_checkpoints=1)
-_FMNIST_DISTILL = TrainConfig(steps=10_000_000, batch_size=32, ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
+_FMNIST_DISTILL = DistillTrainConfig(steps=10_000_000, batch_size=32, ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
                               ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0,
                               checkpoint_every=20, keep_checkpoints=1000)
 
@@ -92,7 +92,7 @@ class Domain:
     operator: OperatorSpec
     network: NetworkConfig
     teacher: TrainConfig
-    distill_train: TrainConfig
+    distill_train: DistillTrainConfig
     distill: DistillConfig
     evaluator: str  # "classifier" or "inception": the true FD's features
 

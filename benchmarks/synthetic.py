@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from rsd_core.config import DistillConfig, Spec, TrainConfig
+from rsd_core.config import DistillConfig, DistillTrainConfig, Spec, TrainConfig
 from rsd_core.distill import DistillPhase
 from rsd_core.networks import build_mlp
 from rsd_core.objectives import AmbientDiffusionObjective, AmbientTweedieObjective, Objective
@@ -296,7 +296,7 @@ def distill_linear(
     """
     ema_theta = generator.theta.detach().clone()
     for i, stage in enumerate(schedule):
-        cfg = TrainConfig(
+        cfg = DistillTrainConfig(
             steps=stage.steps,
             batch_size=batch_size,
             lr_rampup_steps=0,

@@ -45,13 +45,13 @@ class NetworkConfig(Spec):
         return self
 
 
-class TrainConfig(Spec):
-    """The shared training loop: optimiser schedule, EMA, guards, checkpoints, precision."""
+class LoopConfig(Spec):
+    """What every training loop reads: length, batch, learning-rate schedule, EMA, guards, checkpoints,
+    precision. Each loop adds what only it reads (:class:`TrainConfig`, :class:`DistillTrainConfig`), so a
+    setting the loop would ignore is refused by validation instead."""
 
     steps: int = 1000
     batch_size: int = 64
-    lr: float = 7e-4
-    betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     lr_rampup_steps: int = 200
     # One step decay late in the run: once this fraction of the run is done (of `steps`, or of
@@ -60,7 +60,6 @@ class TrainConfig(Spec):
     # size; a quarter of it late in the run held the gains (docs/results.md). None = constant lr.
     lr_drop_at: float | None = None
     lr_drop_factor: float = 0.25
-    grad_clip: float | None = 1.0
     ema_halflife_nimg: float = 50_000.0
     ema_rampup_ratio: float | None = 0.05
     checkpoint_every: int = 250
@@ -73,30 +72,12 @@ class TrainConfig(Spec):
     # slower (benchmarks/train_throughput.py on an avx512_bf16 Xeon without AMX).
     channels_last: bool | None = None
     time_budget_s: float | None = None
-    # Streaming from a dataset's shards (pretraining): DataLoader worker processes that read and
-    # prefetch (0 = read in the training process) and the rows each reader shuffles at a time.
-    data_workers: int = 1
-    shuffle_buffer: int = 4096
 
-    @field_validator("data_workers")
-    @classmethod
-    def _check_workers(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"data_workers must be >= 0 (0 reads in the training process), got {value}")
-        return value
-
-    @field_validator("steps", "batch_size", "checkpoint_every", "max_nonfinite_in_row", "shuffle_buffer")
+    @field_validator("steps", "batch_size", "checkpoint_every", "max_nonfinite_in_row")
     @classmethod
     def _positive(cls, value: int, info) -> int:
         if value < 1:
             raise ValueError(f"{info.field_name} must be >= 1, got {value}")
-        return value
-
-    @field_validator("lr")
-    @classmethod
-    def _check_lr(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError(f"lr must be > 0, got {value}")
         return value
 
     @field_validator("lr_drop_at")
@@ -114,18 +95,48 @@ class TrainConfig(Spec):
         return value
 
 
-# The TrainConfig fields that only a single-optimiser loop (teacher pretraining) reads; distillation has
-# two optimisers, set in DistillConfig (lr_fake / lr_generator, betas_*, grad_clip_*).
-SINGLE_OPTIMIZER_FIELDS = ("lr", "betas", "grad_clip")
+class TrainConfig(LoopConfig):
+    """Teacher pretraining's loop: one Adam optimiser, and the observations streamed from the dataset."""
+
+    lr: float = 7e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+    # Streaming from a dataset's shards: DataLoader worker processes that read and prefetch (0 = read in
+    # the training process) and the rows each reader shuffles at a time.
+    data_workers: int = 1
+    shuffle_buffer: int = 4096
+
+    @field_validator("data_workers")
+    @classmethod
+    def _check_workers(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"data_workers must be >= 0 (0 reads in the training process), got {value}")
+        return value
+
+    @field_validator("shuffle_buffer")
+    @classmethod
+    def _check_shuffle_buffer(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {value}")
+        return value
+
+    @field_validator("lr")
+    @classmethod
+    def _check_lr(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"lr must be > 0, got {value}")
+        return value
 
 
-def check_distill_train(train: TrainConfig, where: str = "distill_train") -> None:
-    """Refuse optimiser settings in the distillation's loop config, which no optimiser would read."""
-    default = TrainConfig()
-    changed = [f for f in SINGLE_OPTIMIZER_FIELDS if getattr(train, f) != getattr(default, f)]
-    if changed:
-        raise ValueError("; ".join(f"{where}.{f} is not used by distillation: set distill.{f}_fake and "
-                                   f"distill.{f}_generator" for f in changed))
+class DistillTrainConfig(LoopConfig):
+    """The distillation's loop. Its two optimisers (fake score, generator) are set in :class:`DistillConfig`
+    (``lr_fake``, ``betas_generator``, ``grad_clip_fake``, ...) and it reads no dataset (it trains on the
+    generator's own samples), so ``lr``, ``betas``, ``grad_clip``, ``data_workers`` and ``shuffle_buffer``
+    do not exist here."""
+
+    batch_size: int = 32
+    lr_rampup_steps: int = 0
+    checkpoint_every: int = 50
 
 
 class DistillConfig(Spec):
@@ -286,8 +297,7 @@ class PipelineConfig(Spec):
     data: DataSettings = Field(default_factory=DataSettings)  # built lazily: its operator default is an InpaintSpec
     network: NetworkConfig = NetworkConfig()
     teacher_train: TrainConfig = TrainConfig()
-    distill_train: TrainConfig = TrainConfig(batch_size=32, lr_rampup_steps=0,
-                                             checkpoint_every=50)
+    distill_train: DistillTrainConfig = DistillTrainConfig()
     distill: DistillConfig = DistillConfig()
     selection: SelectionSettings = SelectionSettings()
     tracking: TrackingSettings = TrackingSettings()
@@ -298,5 +308,4 @@ class PipelineConfig(Spec):
     @model_validator(mode="after")
     def _check_consistent(self) -> PipelineConfig:
         check_export(self.data.operator, self.export.formats)
-        check_distill_train(self.distill_train)
         return self

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rsd_core.config import DistillConfig, TrainConfig, check_distill_train
+from rsd_core.config import DistillConfig, DistillTrainConfig
 from rsd_core.networks import EDMPrecond
 from rsd_core.objectives import AmbientDiffusionObjective, FourierAmbientObjective, Objective
 from rsd_core.sampling import RHO, SIGMA_MAX, SIGMA_MIN, generate
@@ -96,11 +96,13 @@ class DistillPhase(Phase):
         objective: Objective,
         generator: nn.Module,
         fake: nn.Module,
-        train_cfg: TrainConfig,
+        train_cfg: DistillTrainConfig,
         dcfg: DistillConfig,
         config: dict,
     ):
-        check_distill_train(train_cfg, "train_cfg")  # its optimisers read DistillConfig, not the loop config
+        if not isinstance(train_cfg, DistillTrainConfig):  # a TrainConfig's lr, betas, ... would be ignored here
+            raise TypeError(f"distillation's loop takes a DistillTrainConfig (its optimisers are DistillConfig's), "
+                            f"got {type(train_cfg).__name__}")
         self.teacher = teacher.eval().requires_grad_(False)
         self.frozen_modules = {"teacher": self.teacher}
         self.objective = objective
@@ -174,7 +176,7 @@ def distill(
     teacher: EDMPrecond,
     objective: Objective,
     shape: tuple[int, ...],
-    train_cfg: TrainConfig,
+    train_cfg: DistillTrainConfig,
     dcfg: DistillConfig,
     out_dir: str | Path | None,
     *,

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from rsd_core.config import (
     DataSettings,
     DistillConfig,
+    DistillTrainConfig,
     ExportSettings,
     NetworkConfig,
     PipelineConfig,
@@ -51,7 +52,7 @@ def _cpu_smoke() -> PipelineConfig:
         network=NetworkConfig(model_channels=8, channel_mult=(1, 2), attn_resolutions=()),
         teacher_train=TrainConfig(steps=30, batch_size=16, lr=1e-3, lr_rampup_steps=5, checkpoint_every=30,
                                   ema_halflife_nimg=200.0, precision="fp32"),
-        distill_train=TrainConfig(steps=12, batch_size=8, lr_rampup_steps=0,
+        distill_train=DistillTrainConfig(steps=12, batch_size=8, lr_rampup_steps=0,
                                   checkpoint_every=4, ema_halflife_nimg=100.0, precision="fp32"),
         selection=SelectionSettings(n_samples=64),
         tracking=TrackingSettings(experiment="rsd-smoke", model_name="rsd-smoke", log_every=2),
@@ -68,7 +69,7 @@ def _cpu_demo() -> PipelineConfig:
         teacher_train=TrainConfig(steps=100_000, batch_size=64, lr=7e-4, lr_rampup_steps=200,
                                   checkpoint_every=250, time_budget_s=300.0),
         # lr 5e-5 (the paper's 1e-5 is far too slow at this budget), betas (0, 0.999), batch 32.
-        distill_train=TrainConfig(steps=100_000, batch_size=32, lr_rampup_steps=0,
+        distill_train=DistillTrainConfig(steps=100_000, batch_size=32, lr_rampup_steps=0,
                                   checkpoint_every=60, time_budget_s=360.0,
                                   ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
                                   ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO),
@@ -94,7 +95,7 @@ def cpu_mri_operator(R: float = 4.0) -> MRISpec:
 CPU_MRI_NETWORK = NetworkConfig(img_channels=2)  # 32/64/128 channels, attention at 8x8; + the M~ and ones channels
 CPU_MRI_TEACHER = TrainConfig(steps=100_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, checkpoint_every=250,
                               time_budget_s=300.0)
-CPU_MRI_DISTILL_TRAIN = TrainConfig(steps=100_000, batch_size=32, lr_rampup_steps=0,
+CPU_MRI_DISTILL_TRAIN = DistillTrainConfig(steps=100_000, batch_size=32, lr_rampup_steps=0,
                                     checkpoint_every=60, time_budget_s=360.0, lr_drop_at=2 / 3,
                                     ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
                                     ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO)
@@ -152,7 +153,7 @@ def _celeba64_inpaint_gpu() -> PipelineConfig:
         teacher_train=TrainConfig(steps=781_250, batch_size=256, lr=2e-4, betas=(0.9, 0.999), adam_eps=1e-8,
                                   lr_rampup_steps=39_063, ema_halflife_nimg=500_000.0, checkpoint_every=5000),
         # Distillation: batch 512, Adam eps 1e-6, 100 Mimg, max_grad_norm 1.0 (fake score).
-        distill_train=TrainConfig(steps=195_313, batch_size=512, adam_eps=1e-6,
+        distill_train=DistillTrainConfig(steps=195_313, batch_size=512, adam_eps=1e-6,
                                   lr_rampup_steps=0, ema_halflife_nimg=500_000.0, checkpoint_every=500),
         distill=DistillConfig(alpha=1.2, sigma_init=2.5, t_max=800.0, loss_scaling_g=100.0, lr_fake=1e-5,
                               lr_generator=1e-5, betas_fake=(0.0, 0.999), betas_generator=(0.9, 0.999),
@@ -179,7 +180,7 @@ def _mri_multicoil_gpu() -> PipelineConfig:
                                   lr_rampup_steps=1_250_000, grad_clip=1.0, ema_halflife_nimg=500_000.0,
                                   checkpoint_every=50_000),
         # Distillation: batch 24, lr 5e-6 / glr 1e-6, betas (0, 0.999) both, eps 1e-6, snapshot every 100 kimg.
-        distill_train=TrainConfig(steps=8_333_333, batch_size=24, adam_eps=1e-6,
+        distill_train=DistillTrainConfig(steps=8_333_333, batch_size=24, adam_eps=1e-6,
                                   lr_rampup_steps=0, ema_halflife_nimg=500_000.0, ema_rampup_ratio=0.05,
                                   checkpoint_every=4167, seed=42),
         distill=DistillConfig(alpha=1.2, sigma_init=2.5, t_max=800.0, loss_scaling_g=100.0, lr_fake=5e-6,

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
-from rsd_core.config import DistillConfig, NetworkConfig, OperatorSpec, Spec, TrainConfig
+from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, OperatorSpec, Spec, TrainConfig
 from rsd_core.distill import DistillPhase, OneStepGenerator, distill
 from rsd_core.kinds import build_operator, default_sigma_stop, objective_for
 from rsd_core.networks import EDMPrecond
@@ -124,7 +124,7 @@ def pretrain_stage(
 
 def distill_stage(
     teacher_dir: str | Path,
-    train: TrainConfig,
+    train: DistillTrainConfig,
     dcfg: DistillConfig,
     out_dir: str | Path,
     *,

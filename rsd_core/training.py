@@ -24,7 +24,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rsd_core.config import TrainConfig
+from rsd_core.config import LoopConfig
 from rsd_core.progress import TrainingProgress
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -298,7 +298,7 @@ class Trainer:
     def __init__(
         self,
         phase: Phase,
-        cfg: TrainConfig,
+        cfg: LoopConfig,
         out_dir: str | Path | None = None,
         *,
         callback: MetricsCallback | None = None,

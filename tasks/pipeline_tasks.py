@@ -20,6 +20,7 @@ from flytekit.types.file import FlyteFile
 from rsd_core.config import (
     DataSettings,
     DistillConfig,
+    DistillTrainConfig,
     ExportSettings,
     NetworkConfig,
     PipelineConfig,
@@ -199,7 +200,7 @@ def pretrain_teacher(dataset: FlyteDirectory, network: NetworkConfig, train: Tra
 
 @task(cache=_CACHE, retries=1, container_image=image(gpu=True), requests=requests(_RES.distill), enable_deck=True,
       task_config=elastic(_RES.distill))
-def distill(teacher: FlyteDirectory, train: TrainConfig, rsd: DistillConfig, log_every: int,
+def distill(teacher: FlyteDirectory, train: DistillTrainConfig, rsd: DistillConfig, log_every: int,
             run_id: str) -> FlyteDirectory:
     """Stage II: RSD into a one-step generator; returns the folder with all checkpoints and the final EMA."""
     params = {"train": train.model_dump(mode="json"), "distill": rsd.model_dump(mode="json")}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
+from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, TrainConfig
 from rsd_core.distill import (
     DistillPhase,
     OneStepGenerator,
@@ -63,7 +63,8 @@ def _generator_step_grad(theta, data_var, batch, swap=False, alpha=1.2):
         teacher, fake = fake, teacher
     generator = ScaleGenerator(theta)
     dcfg = DistillConfig(alpha=alpha)
-    phase = DistillPhase(teacher, objective, generator, fake, TrainConfig(batch_size=batch, precision="fp32"), dcfg, {})
+    train = DistillTrainConfig(batch_size=batch, precision="fp32")
+    phase = DistillPhase(teacher, objective, generator, fake, train, dcfg, {})
     phase._generator_step(StepContext(torch.Generator().manual_seed(0), torch.device("cpu"), False, False))
 
     gen = torch.Generator().manual_seed(0)  # replay the step's draws: z, then s, then n
@@ -192,7 +193,7 @@ def test_fake_loss_mask_further_is_refused_for_objectives_without_a_further_mask
     teacher = GaussianDenoiser(1.0)
     with pytest.raises(ValueError, match="fake_loss_mask 'further' needs an objective with a further corruption"):
         DistillPhase(teacher, objective, ScaleGenerator(1.0), GaussianDenoiser(1.0),
-                     TrainConfig(batch_size=4), DistillConfig(fake_loss_mask="further"), {})
+                     DistillTrainConfig(batch_size=4), DistillConfig(fake_loss_mask="further"), {})
 
 
 def test_noise_levels_follow_the_truncated_rho7_schedule():
@@ -236,7 +237,7 @@ def test_fake_step_sees_recorrupted_samples():
     torch.manual_seed(0)
     teacher = build_teacher(TINY, objective)
     generator = OneStepGenerator(build_teacher(TINY, objective), objective, (1, 8, 8))
-    cfg = TrainConfig(steps=1, batch_size=8, precision="fp32", channels_last=False)
+    cfg = DistillTrainConfig(steps=1, batch_size=8, precision="fp32", channels_last=False)
     phase = DistillPhase(teacher, objective, generator, build_teacher(TINY, objective), cfg, DistillConfig(), {})
 
     ctx = StepContext(torch.Generator().manual_seed(0), torch.device("cpu"), False, False)
@@ -271,7 +272,7 @@ def _generator_step_result(op):
         for p in (*teacher.parameters(), *fake.parameters()):
             p.add_(0.05 * torch.randn_like(p))
     generator = OneStepGenerator(net, objective, (1, 8, 8))
-    cfg = TrainConfig(steps=1, batch_size=8, precision="fp32", channels_last=False)
+    cfg = DistillTrainConfig(steps=1, batch_size=8, precision="fp32", channels_last=False)
     phase = DistillPhase(teacher, objective, generator, fake, cfg, DistillConfig(), {})
     loss, grad_norm = phase._generator_step(StepContext(torch.Generator().manual_seed(0), torch.device("cpu"),
                                                         False, False))
@@ -308,7 +309,7 @@ def _tiny_teacher(digits8, tmp_path):
 
 def test_short_distillation_runs_checkpoints_resumes_and_samples(digits8, tmp_path):
     teacher, objective = _tiny_teacher(digits8, tmp_path)
-    cfg = TrainConfig(steps=12, batch_size=16, checkpoint_every=4, precision="fp32", ema_halflife_nimg=100)
+    cfg = DistillTrainConfig(steps=12, batch_size=16, checkpoint_every=4, precision="fp32", ema_halflife_nimg=100)
     dcfg = DistillConfig(lr_fake=1e-4, lr_generator=1e-4)
     straight, result = distill(teacher, objective, (1, 8, 8), cfg, dcfg, tmp_path / "a", progress=False)
     assert result.steps == 12 and result.nonfinite_skipped == 0
@@ -340,7 +341,7 @@ def test_checkpoints_are_scored_at_the_sigma_init_they_were_distilled_with(digit
     card = ModelCard(kind="teacher", network=TINY, operator=objective.operator.spec, image_shape=(1, 8, 8),
                      objective=objective.name)
     teacher_dir = save_model(tmp_path / "teacher_model", teacher, card)
-    cfg = TrainConfig(steps=2, batch_size=8, checkpoint_every=2, precision="fp32")
+    cfg = DistillTrainConfig(steps=2, batch_size=8, checkpoint_every=2, precision="fp32")
     phase, _ = distill(teacher, objective, (1, 8, 8), cfg, DistillConfig(sigma_init=1.0), tmp_path / "d",
                        progress=False)
     sampler = generator_from_checkpoint(list_checkpoints(tmp_path / "d" / "checkpoints")[-1], teacher_dir)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from pydantic import Field
 
-from rsd_core.config import DistillConfig, NetworkConfig, OperatorSpecBase, TrainConfig
+from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, OperatorSpecBase
 from rsd_core.distill import distill
 from rsd_core.export import ExportError, draw_inputs, export_generator, load_exportable
 from rsd_core.kinds import (
@@ -68,7 +68,7 @@ def toy_kind():
 
 
 KINDS = ("identity", "inpaint", "blur", "superres", "mri", "permute")
-TRAIN = TrainConfig(steps=1, batch_size=4, checkpoint_every=1, precision="fp32", lr_rampup_steps=0)
+TRAIN = DistillTrainConfig(steps=1, batch_size=4, checkpoint_every=1, precision="fp32", lr_rampup_steps=0)
 
 
 def test_the_builtin_kinds_are_all_tested_here():

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
+from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig
 from rsd_core.distill import DistillPhase, OneStepGenerator
 from rsd_core.export import PT2_FILE, ExportError, draw_inputs, export_generator, input_law, load_exportable
 from rsd_core.kinds import build_operator, objective_for
@@ -234,8 +234,8 @@ def test_mri_generator_step_backpropagates_through_teacher_and_fake_outputs(monk
     objective = objective_for(build_operator(SAMPLING_SPEC))
     teacher = _random_net(objective, seed=0)
     generator = OneStepGenerator(_random_net(objective, seed=2), objective, IMAGE)
-    phase = DistillPhase(teacher, objective, generator, _random_net(objective, seed=1), TrainConfig(batch_size=8),
-                         DistillConfig(), {})
+    phase = DistillPhase(teacher, objective, generator, _random_net(objective, seed=1),
+                         DistillTrainConfig(batch_size=8), DistillConfig(), {})
     full = _generator_gradient(phase)
     assert all(p.grad is None for p in [*teacher.parameters(), *phase.fake.parameters()])  # frozen weights
 

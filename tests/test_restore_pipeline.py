@@ -22,7 +22,7 @@ import torch
 mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("flytekit")
 
-from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig  # noqa: E402
+from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, TrainConfig  # noqa: E402
 from rsd_core.data import MANIFEST_NAME, open_dataset, write_dataset  # noqa: E402
 from rsd_core.encoder import EncoderConfig  # noqa: E402
 from tests.cli import BIN  # noqa: E402
@@ -75,7 +75,7 @@ def trained(scratch):
     network = NetworkConfig(model_channels=8, channel_mult=(1, 2), attn_resolutions=())
     teacher_train = TrainConfig(steps=6, batch_size=8, lr=1e-3, lr_rampup_steps=2, checkpoint_every=6,
                                 ema_halflife_nimg=100.0, precision="fp32")
-    distill_train = TrainConfig(steps=2, batch_size=4, lr_rampup_steps=0,
+    distill_train = DistillTrainConfig(steps=2, batch_size=4, lr_rampup_steps=0,
                                 checkpoint_every=2, ema_halflife_nimg=50.0, precision="fp32")
     teacher, _ = pretrain_stage(dataset, network, teacher_train, root / "work", progress=False)
     generator, _, _ = distill_stage(teacher, distill_train, DistillConfig(), root / "work", progress=False)

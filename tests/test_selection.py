@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rsd_core.classifier import ClassifierExtractor
-from rsd_core.config import DistillConfig, NetworkConfig, TrainConfig
+from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, TrainConfig
 from rsd_core.frechet import compute_stats, frechet_distance
 from rsd_core.kinds import build_operator
 from rsd_core.sampling import truncation_nfe
@@ -89,7 +89,7 @@ def test_select_stage_scores_checkpoints_and_teacher_levels(tmp_path):
     net = NetworkConfig(model_channels=8, channel_mult=(1, 2), attn_resolutions=())
     teacher_dir, _ = pretrain_stage(str(data), net, TrainConfig(steps=20, batch_size=16, checkpoint_every=20,
                                                                 precision="fp32"), tmp_path / "run", progress=False)
-    distill_stage(teacher_dir, TrainConfig(steps=6, batch_size=8, checkpoint_every=2, precision="fp32"),
+    distill_stage(teacher_dir, DistillTrainConfig(steps=6, batch_size=8, checkpoint_every=2, precision="fp32"),
                   DistillConfig(), tmp_path / "run", progress=False)
     result = select_stage(str(data), teacher_dir, tmp_path / "run", tmp_path / "sel", n_samples=128, progress=False,
                           n_teacher=64)
