@@ -21,6 +21,7 @@ clean images.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from rsd_core.config import Spec
 from rsd_core.objectives import Objective
-from rsd_core.operators import State
+from rsd_core.operators import Operator, State
 from rsd_core.restore import CONSISTENCY_ITERS, check_observations, data_consistency
 from rsd_core.sampling import heun_sample
 from rsd_core.stages import load_model
@@ -44,6 +45,26 @@ class DPSConfig(Spec):
     consistency_iters: int = Field(default=CONSISTENCY_ITERS, ge=1)
     batch_size: int = Field(default=64, ge=1)
     seed: int = 0
+
+
+def dps_guidance(
+    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    operator: Operator,
+    y: torch.Tensor,
+    state: State,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    zeta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_hat, the correction subtracted from the next iterate) at level ``t``: x0_hat = D(x; t) and
+    zeta (1 + t^2) / ||y - A(x0_hat)|| * grad_x ||y - A(x0_hat)||^2 per sample (the module docstring's step)."""
+    with torch.enable_grad():
+        x_in = x.float().requires_grad_(True)
+        x0 = denoise(x_in, t).float()
+        residual = (y - operator.forward(x0, state)).flatten(1).norm(dim=1)
+        (grad,) = torch.autograd.grad(residual.square().sum(), x_in)
+    zeta_t = zeta * (1.0 + t.float() ** 2) / residual.detach().clamp_min(1e-12)
+    return x0.detach().double(), (zeta_t.view(-1, *([1] * (grad.ndim - 1))) * grad).double()
 
 
 def dps_batch(
@@ -66,13 +87,7 @@ def dps_batch(
         return objective.denoise(net, x.float(), t.float(), input_state)
 
     def guide(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.enable_grad():
-            x_in = x.float().requires_grad_(True)
-            x0 = denoise(x_in, t).float()
-            residual = (y - operator.forward(x0, state)).flatten(1).norm(dim=1)
-            (grad,) = torch.autograd.grad(residual.square().sum(), x_in)
-        zeta_t = config.zeta * (1.0 + t.float() ** 2) / residual.detach().clamp_min(1e-12)
-        return x0.detach().double(), (zeta_t.view(-1, *([1] * (grad.ndim - 1))) * grad).double()
+        return dps_guidance(denoise, operator, y, state, x, t, config.zeta)
 
     x, _ = heun_sample(denoise, latents, config.num_steps, sigma_stop=sigma_stop, guide=guide)
     x = x.float()

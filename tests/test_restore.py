@@ -9,7 +9,7 @@ from rsd_core.config import NetworkConfig
 from rsd_core.image_metrics import psnr
 from rsd_core.kinds import build_operator
 from rsd_core.objectives import Objective
-from rsd_core.posterior import DPSConfig, dps_restore
+from rsd_core.posterior import DPSConfig, dps_guidance, dps_restore
 from rsd_core.pretrain import build_teacher
 from rsd_core.restore import (
     LATENT_OPTIMISATION,
@@ -193,6 +193,27 @@ def test_dps_reduces_the_misfit_of_the_teacher_samples():
 
     unguided, guided = misfit(1e-9), misfit(1.0)
     assert guided < 0.5 * unguided, (guided, unguided)
+
+
+@pytest.mark.parametrize("t", [0.3, 4.0])
+def test_the_dps_step_is_the_papers_in_ve_coordinates(t):
+    """With the exact denoiser of N(0, I) data, D(x; t) = x / (1 + t^2), and a mask A, the correction is
+    zeta (1 + t^2) / ||r|| * (-2 / (1 + t^2)) A^T r with r = y - A x / (1 + t^2), in closed form: the
+    (1 + t^2) of the VE change of variables and the 1 / ||r|| normalisation both matter."""
+    operator, _, state, y = observe({"kind": "inpaint", "p": 0.5}, n=4)
+    x = torch.randn((4, *SHAPE), generator=torch.Generator().manual_seed(5), dtype=torch.float64).float() * 3
+    level = torch.full((4,), t)
+
+    def denoise(x_t, sigma):
+        return x_t / (1.0 + sigma.view(-1, 1, 1, 1) ** 2)
+
+    x0, correction = dps_guidance(denoise, operator, y, state, x, level, zeta=0.7)
+    a = 1.0 / (1.0 + t**2)
+    r = y - operator.forward(a * x, state)
+    norm = r.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    expected = 0.7 * (1.0 + t**2) / norm * (-2.0 * a) * operator.adjoint(r, state)
+    torch.testing.assert_close(x0.float(), a * x)
+    torch.testing.assert_close(correction.float(), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_restore_with_model_folder(tmp_path):

@@ -8,9 +8,9 @@ from rsd_core import classifier, frechet
 from rsd_core.data import open_dataset
 from rsd_core.frechet import compute_stats, frechet_distance
 from rsd_core.kinds import build_operator
-from rsd_core.selection import corrupted_view, make_extractors, proximal_reference
+from rsd_core.selection import corrupted_view, make_extractors, observation_images, proximal_reference
 from rsd_core.sources import corrupt, fashion_mnist
-from rsd_core.ssl_features import SelfSupervisedExtractor, SSLRecipe, augment
+from rsd_core.ssl_features import Encoder, SelfSupervisedExtractor, SSLRecipe, augment, nt_xent
 
 TINY = SSLRecipe(max_steps=5, batch_size=32)
 
@@ -85,6 +85,21 @@ def test_self_supervised_proximal_fd_ranks_severity_from_corrupted_data_alone(tm
     fds = [frechet_distance(compute_stats(prox_ext, corrupted_view(x, ds.operator, torch.Generator().manual_seed(1))),
                             ref) for x in (clean, blurred, noise)]
     assert fds == sorted(fds), fds
+    # Random conv features rank these three too: what the training bought is measured on its own task, two
+    # views of the observations told apart from 2 * 256 - 1 others, against the untrained network.
+    images = observation_images(ds, 256)
+
+    def contrastive_loss(net) -> float:
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            return float(nt_xent(net(augment(images, recipe, gen)), net(augment(images, recipe, gen)),
+                                 recipe.temperature))
+
+    recipe = prox_ext.recipe
+    torch.manual_seed(recipe.seed)
+    untrained = Encoder(1, recipe).eval()
+    # measured: 4.04 against 6.23 (chance: log 511 = 6.24)
+    assert contrastive_loss(prox_ext._net) < 0.8 * contrastive_loss(untrained)
 
 
 def test_self_supervised_needs_the_dataset():
