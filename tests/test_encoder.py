@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rsd_core.encoder import (
+    AmortisedEncoder,
     EncoderConfig,
     encoder_inputs,
     fit_encoder,
@@ -264,19 +265,26 @@ def test_fit_on_resolves_by_operator_and_refuses_what_cannot_be_done():
         EncoderConfig(target="latent", fit_on="generator")
 
 
-def test_the_observation_fit_learns_multicoil_kspace_lines_it_was_not_given():
-    """The same fit on 4-coil k-space (held-out lines of the further mask): the held lines' misfit falls
-    well below that of the unfitted network (which proposes the image 0), on observations it never saw."""
-    operator = build_operator({"kind": "mri", "R": 2, "n_coils": 4, "acs_fraction": 0.25})
-    shape = (2, 8, 8)
-    rng = torch.Generator().manual_seed(0)
+def _smooth_mri(operator, shape, grid, rng):
+    """Observations of smooth complex images (a grid x grid field of random values, upsampled)."""
 
-    def draw(n):  # smooth complex images: a 2 x 2 grid of random values, upsampled
-        x = torch.nn.functional.interpolate(torch.randn((n, 2, 2, 2), generator=rng), size=shape[1:],
+    def draw(n):
+        x = torch.nn.functional.interpolate(torch.randn((n, 2, grid, grid), generator=rng), size=shape[1:],
                                             mode="bilinear", align_corners=True)
         state = operator.sample_state(n, shape, rng)
         return state, operator.observe(x, state, rng)
 
+    return draw
+
+
+def test_the_observation_fit_learns_multicoil_kspace_lines_it_was_not_given():
+    """The same fit on 2-coil 16x16 k-space whose one ACS line cannot fix the image (8 complex values of
+    freedom): the held lines' misfit on new observations falls to 0.23 of their energy. Fitted to copy its
+    input (nothing held out) or fed the full y, it stays at 0.53-0.54 (measured)."""
+    operator = build_operator({"kind": "mri", "R": 2, "n_coils": 2, "acs_fraction": 1 / 16})
+    shape = (2, 16, 16)
+    rng = torch.Generator().manual_seed(0)
+    draw = _smooth_mri(operator, shape, 2, rng)
     state, y = draw(1024)
     config = EncoderConfig(steps=300, batch_size=32, lr=3e-3, width=8, target="image", fit_on="observations")
     encoder, losses = fit_encoder(None, operator, shape, y, state, config, prior_weight=0.1, sigma_floor=0.05)
@@ -285,7 +293,27 @@ def test_the_observation_fit_learns_multicoil_kspace_lines_it_was_not_given():
     with torch.no_grad():
         mean, _ = posterior_moments(encoder(encoder_inputs(operator, y_in, state_in, shape)))
     misfit = ((operator.forward(mean, state) - y) * held).square().sum()
-    assert misfit < 0.3 * (y * held).square().sum(), float(misfit / (y * held).square().sum())
+    assert misfit < 0.4 * (y * held).square().sum(), float(misfit / (y * held).square().sum())
+
+
+def test_the_observation_fit_feeds_the_network_only_what_the_further_mask_kept(monkeypatch):
+    """What one fitting step gives the network: the observation and the sampling pattern of the further mask,
+    and nothing of the held lines it is scored on (a copy, a leak of y or of the full pattern fails here)."""
+    operator = build_operator({"kind": "mri", "R": 2, "n_coils": 2, "acs_fraction": 1 / 16})
+    shape = (2, 16, 16)
+    state, y = _smooth_mri(operator, shape, 2, torch.Generator().manual_seed(0))(8)
+    splits, inputs = [], []
+    split = operator.split_observation
+    monkeypatch.setattr(operator, "split_observation", lambda *a: splits.append(split(*a)) or splits[-1])
+    forward = AmortisedEncoder.forward
+    monkeypatch.setattr(AmortisedEncoder, "forward", lambda self, x, **kw: inputs.append(x) or forward(self, x, **kw))
+    fit_encoder(None, operator, shape, y, state, EncoderConfig(steps=1, batch_size=8, width=8, target="image",
+                                                               fit_on="observations"),
+                prior_weight=0.1, sigma_floor=0.05)
+    (y_in, state_in, held), given = splits[0], inputs[0]
+    assert held.any() and not (held * state_in["mask"]).any()  # held lines are not among the kept ones
+    assert not (y_in * held).any()
+    torch.testing.assert_close(given, encoder_inputs(operator, y_in, state_in, shape))
 
 
 def test_the_spread_is_bounded_by_the_data_range_whatever_the_network_outputs():
