@@ -24,8 +24,8 @@ from rsd_core.operators import Blur, Operator, State, SuperRes
 # Wiener noise-to-signal ratio per unit noise variance, for the Laplacian regulariser below
 # (tuned on training observations of blur-noise-0.2; docs/algorithms.md §10.3).
 WIENER_NSR_PER_VARIANCE = 1.25
-# Tikhonov weight of least squares, its floor for noiseless data and the CG iterations: on 32 training
-# slices of mri-r4, lam 1e-3 stalled at 21.8 dB, 1e-5 reached 25.6 dB by 400 iterations (docs/algorithms.md §10.3).
+# Tikhonov weight of least squares, its floor for noiseless data and the CG iterations, tuned on training
+# slices of mri-r4 (docs/algorithms.md §10.3).
 LSQ_LAMBDA_PER_VARIANCE = 1.0
 LSQ_LAMBDA_FLOOR = 1e-5
 LSQ_ITERS = 400

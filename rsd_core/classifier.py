@@ -165,7 +165,7 @@ class ClassifierExtractor:
     canonical string that enters the cache key, and ``view_name`` for the label) the CNN is trained for
     two epochs on corrupted views of the training images instead. Proximal FD compares corrupted images
     only; a clean-trained CNN maps heavily erased images to nearly the same features, and on inpainting
-    with 60% erasure its Proximal FD missed the late gains of a distillation (docs/results.md).
+    with heavy erasure its Proximal FD can miss the late gains of a distillation.
 
     Features are the 128-d penultimate activations taken *before* the ReLU, which keeps the covariance
     full-rank and closer to Gaussian than rectified features. Inputs are (N, 1|3, H, W) in [-1, 1]; RGB is

@@ -56,8 +56,8 @@ class LoopConfig(Spec):
     lr_rampup_steps: int = 200
     # One step decay late in the run: once this fraction of the run is done (of `steps`, or of
     # `time_budget_s` when the budget ends the run first), every learning rate is multiplied by
-    # `lr_drop_factor` for the rest of it. Short CPU distillations oscillate at their starting step
-    # size; a quarter of it late in the run held the gains (docs/results.md). None = constant lr.
+    # `lr_drop_factor` for the rest of it: short CPU distillations oscillate at their starting step
+    # size. None = constant lr.
     lr_drop_at: float | None = None
     lr_drop_factor: float = 0.25
     ema_halflife_nimg: float = 50_000.0
@@ -153,12 +153,12 @@ class DistillConfig(Spec):
     grad_clip_fake: float | None = 1.0
     grad_clip_generator: float | None = None
     # Two choices where the RSD reference loops differ from Ambient Diffusion's objective (docs/algorithms.md §7,
-    # measured in docs/results.md "Distillation A/B"). Which pixels the fake score's random-inpainting loss is
+    # the Distillation A/B of docs/results.md). Which pixels the fake score's random-inpainting loss is
     # taken on: "observed" = the re-corruption's mask A (the teacher's objective: the network also learns to
     # fill pixels it did not see); "further" = the further mask A~ the network sees (the reference's
     # train_loss), the only pixels the generator step scores; for MRI, P_M~ in place of P_M (the reference MRI
-    # loop's). None: "further" for random inpainting (mean FD over two seeds 9% and 4% lower at equal steps,
-    # docs/results.md), the objective's own loss elsewhere (MRI: not measured; its GPU preset follows the reference).
+    # loop's). None: "further" for random inpainting (the better of the two in that A/B), the objective's own
+    # loss elsewhere (MRI was not compared; its GPU preset follows the reference).
     fake_loss_mask: Literal["observed", "further"] | None = None
     # What the generator loss's normaliser w = 1 / mean|y_g - f_phi| averages over: the "visible" pixels of
     # the input mask (this project) or "all" pixels (the reference sid_loss.py), which scales the loss by

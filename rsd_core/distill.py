@@ -80,7 +80,7 @@ def fake_loss_mask(dcfg: DistillConfig, objective: Objective) -> str:
     if dcfg.fake_loss_mask == "further" and not has_further:
         raise ValueError(f"fake_loss_mask 'further' needs an objective with a further corruption (ambient_diffusion, "
                          f"fourier_ambient); this teacher's is '{objective.name}'")
-    if dcfg.fake_loss_mask is None:  # measured for random inpainting only (docs/results.md, Distillation A/B)
+    if dcfg.fake_loss_mask is None:  # "further" was compared with "observed" for random inpainting only
         return "further" if isinstance(objective, AmbientDiffusionObjective) else "observed"
     return dcfg.fake_loss_mask
 

@@ -1,55 +1,20 @@
-"""Amortised encoders: restoration in one network evaluation instead of an optimisation per image.
+"""Amortised restoration networks: one network pass per observation instead of an optimisation per image.
 
-Latent optimisation (:mod:`rsd_core.restore`) spends ``steps`` forward and backward passes of the
-generator G per observation. An encoder does the work once, over a whole dataset, in one of two ways
-(``EncoderConfig.target``).
+Two targets (``EncoderConfig.target``), both fitted without clean images or labels:
 
-**target "latent"** (G inversion). An encoder E(y, state) -> eps trained, with G frozen, on the same
-objective averaged over a set of observations,
+* ``"latent"``: an encoder E(y, state) -> eps inverting the frozen generator G, trained on the latent
+  objective ||A(G(E(y))) - y||^2 / (2 s^2) + prior_weight ||E(y)||^2 / 2 over the dataset (amortised
+  inference, Kingma & Welling 2014; encoder-initialised inversion, Zhu et al. 2016); its latent starts
+  latent optimisation.
+* ``"image"``: a network R(y, state) -> (mean, log variance) estimating E[x | y] and a per-pixel spread,
+  fitted (``fit_on``) either on the dataset's own observations split by the operator's further mask and
+  scored on the held-out measurements (Ambient Diffusion's argument, Daras et al. 2023; SSDU, Yaman et al.
+  2020), or on pairs the one-step generator simulates through the dataset's operator and states (amortised
+  posterior estimation, Papamakarios & Murray 2016).
 
-    min_E  mean_y  ||A(G(E(y))) - y||^2 / (2 s^2) + prior_weight * ||E(y)||^2 / 2,   s = max(sigma_n, sigma_floor),
-
-returns a latent in one pass (amortised inference: Kingma & Welling 2014; for inverting a fixed
-generator, the encoder-initialised GAN inversion of Zhu et al. 2016). The objective needs only the
-observations and their state: no clean image and no label, so a data team fits it on its own data.
-E sees what every operator kind can give as images: A^T y and A^T A 1 (where, and how strongly, the
-operator measured: the mask for inpainting, the coil-combined sampling pattern for MRI). Its latent
-is the start of latent optimisation, which may add refinement steps (``RestoreConfig.steps``; 0 for
-the encoder alone).
-
-**target "image"** (the posterior mean under the generator's prior). The one-step generator makes
-clean/observation pairs free: x = G(eps), y = A(x) + sigma_n * noise with the state of a random
-observation of the dataset (so the sampling patterns are the dataset's own). A network R(y, state)
-trained on such pairs by least squares converges to E[x | y] under the generator's distribution,
-the estimate that minimises the squared error (and so maximises PSNR) where the prior is right; a
-second output, trained by the Gaussian negative log-likelihood of x around the (detached) mean,
-gives a per-pixel posterior std, the spread. Restoring then costs one pass of R and none of G:
-amortised posterior estimation on simulated pairs (Papamakarios & Murray 2016; Cranmer, Brehmer &
-Louppe 2020), with the one-step generator as the simulator. Still no clean image
-and no label: the observations contribute their states, the generator the images. The price is
-the prior's: R learns the generator's distribution, not the data's.
-
-**fit_on "observations"** (target "image", the default where the operator allows it). Where the measurements
-are selected by a mask with an Ambient further mask (inpainting, MRI), the observations themselves supervise
-R: each is split into an input y~ = A~(x) + noise, A~ = B A, and the measurements A took but A~ did not
-(:meth:`rsd_core.operators.Operator.split_observation`), and R(y~, state~) is scored on those,
-
-    min_R  mean_y  || held * (A(R(y~)) - y) ||^2,
-
-whose minimiser is E[x | y~] under the *data's* distribution wherever held measurements can fall (the
-Ambient Diffusion argument, Daras et al. 2023, at the data's noise level instead of a diffusion level).
-R trains at the sparser sampling of A~ and restores at A's; it sees the sampling pattern as its second
-input. No generator pass is needed. On the measurements its input has, R is not scored: there the
-only self-supervised target is the measurement itself (Ambient Diffusion's full objective scores them
-too, and R learns to copy them), so restoration puts them back by the projection of
-:func:`rsd_core.restore.data_consistency`, noisy or not, instead of spending the fit on copying (scoring
-them cost 0.9 dB on inpainting p = 0.8 at 300 steps). The variance head is fitted by the Gaussian NLL of
-the held residual seen as an image, A^T(held * (A(mean) - y)), where held measurements reach: for
-inpainting the per-pixel posterior variance plus sigma_n^2; for k-space a back-projected residual, a
-spread that ranks uncertainty but is not a calibrated std. Where the input has a measurement the spread
-is untrained (the measurement is put back). On inpainting p = 0.8 this fit beat the
-generator-sample fit by about 2 dB (docs/algorithms.md §10.1): the pairs teach the generator's
-distribution, which is further from the data's than the data's own held-out pixels are.
+Inputs are what every operator kind gives as images: A^T y and the sampling pattern A^T A 1. The
+derivations, the variance head's loss and the measurements behind the defaults are in docs/algorithms.md
+§10.1.
 """
 
 from __future__ import annotations
@@ -73,9 +38,8 @@ _FORMAT = "rsd-latent-encoder"
 
 
 # Fit settings that differ by target where a field is not given: the posterior-mean network learns a whole
-# image-to-image map and needs more, cheaper steps (1,200 steps of a 32-channel network scored +1.0 dB
-# over 300 of a 64-channel one on inpainting p = 0.8, docs/algorithms.md §10.1); the latent encoder's are the
-# settings it was tuned at.
+# image-to-image map and does better with more steps of a narrower network; the latent encoder keeps the
+# settings it was tuned at (docs/algorithms.md §10.1).
 TARGET_DEFAULTS = {"image": {"steps": 1200, "width": 32}, "latent": {"steps": 300, "width": 64}}
 
 

@@ -36,10 +36,9 @@ class ConfigError(ValueError):
 
 
 # Generator EMA for CPU-length distillations. EDM's ramp-up (half-life <= 5% of the images seen)
-# leaves a ~30-iteration half-life after 10 CPU minutes. With a 3k-image half-life (~95 iterations
-# at batch 32), ramped up to at most 20% of the images seen, the same raw generator trajectory
-# (bit-identical) gave checkpoints whose true FD moves 3-12% between checkpoints instead of 5-17%,
-# at the same level on average (docs/results.md): what Proximal FID selection needs.
+# leaves a half-life of a few dozen iterations after 10 CPU minutes; a 3k-image half-life ramped up to
+# at most 20% of the images seen makes consecutive checkpoints differ less at the same level, which is
+# what Proximal FID selection needs (docs/pipeline.md, presets).
 CPU_DISTILL_EMA_HALFLIFE_NIMG = 3_000.0
 CPU_DISTILL_EMA_RAMPUP_RATIO = 0.2
 
@@ -60,8 +59,7 @@ def _cpu_smoke() -> PipelineConfig:
 
 
 def _cpu_demo() -> PipelineConfig:
-    """Fashion-MNIST inpainting (p = 0.6) on 2 CPU cores in under 15 minutes (settings measured on this
-    project's CPU machines: docs/results.md)."""
+    """Fashion-MNIST inpainting (p = 0.6) on 2 CPU cores in about a quarter of an hour."""
     return PipelineConfig(
         description="cpu-demo: Fashion-MNIST inpainting p=0.6, default CPU U-Net (32/64/128), 5 + 6 minute budgets",
         data=DataSettings(operator=InpaintSpec(p=0.6, delta=0.1), limit=20_000, clean_eval=1000),
@@ -75,8 +73,8 @@ def _cpu_demo() -> PipelineConfig:
                                   ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO),
         distill=DistillConfig(lr_fake=5e-5, lr_generator=5e-5, betas_fake=(0.0, 0.999),
                               betas_generator=(0.0, 0.999), grad_clip_fake=1.0, grad_clip_generator=1.0),
-        # Proximal FD on features learnt from the corrupted observations alone (docs/results.md compares them with
-        # the clean-label classifiers on the restoration tasks). 35-NFE teacher rows dominate the cost.
+        # Proximal FD on features learnt from the corrupted observations alone; the 35-NFE teacher rows
+        # dominate the cost.
         selection=SelectionSettings(n_samples=500, extractor="self-supervised"),
         tracking=TrackingSettings(experiment="rsd-demo", model_name="rsd-fmnist-inpaint", log_every=10),
     )

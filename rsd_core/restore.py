@@ -57,8 +57,7 @@ class RestoreConfig(Spec):
     the observations themselves, corrupted further (Ambient self-supervision), where the operator has a
     further mask (inpainting, MRI), else on the generator's samples seen through the operator with the
     observations' states (``encoder.fit_on``); each observation then costs one pass of it (mean and
-    spread; no generator pass): on the restore benchmark both beat inverting the generator, and the
-    observation fit beat the generator-sample fit where both apply (docs/results.md). With
+    spread; no generator pass). With
     ``encoder.target`` "latent" a latent encoder starts ``restarts`` latents per observation, one
     generator pass each; ``steps`` adds Adam steps on them, and with ``encoder`` None they start from
     noise (:data:`LATENT_OPTIMISATION`, for a handful of observations without a dataset to fit on,
@@ -98,7 +97,8 @@ class RestoreConfig(Spec):
         return self.restarts or LATENT_RESTARTS
 
 
-# Averaging restarts is worth about +1 dB over one on inpainting (docs/algorithms.md §10.1).
+# Restarts averaged per observation on the latent paths: their mean estimates the posterior mean
+# (docs/algorithms.md §10.1).
 LATENT_RESTARTS = 4
 
 

@@ -15,7 +15,7 @@ fresh operator state and a dataset observation of the same content; the features
 content, the part of the distribution Proximal FD should compare.
 
 Training is deterministic given the recipe's seed (a forked RNG, fixed data order) and takes at
-most 300 steps (96-364 s on one thread of a loaded 2-core machine, docs/results.md); the weights
+most 300 steps (minutes on one CPU thread); the weights
 are cached under ``<cache>/extractors/ssl-<key16>.safetensors`` (plus a ``.json`` with the
 recipe, the data's fingerprint, the final loss and the training time), ``key`` being the sha256
 of the recipe and the dataset fingerprint, so every later use in any process sharing the cache
