@@ -4,7 +4,8 @@
 
 Without ``--model``, builds what a user of ``make demo`` has, at a small budget, in the work folder
 (reused on a rerun): ``rsd run --preset cpu-demo`` on 2,000 observations with one-minute training
-budgets, then ``rsd restore`` of that dataset, which registers its restorer. Then, for each model, starts
+budgets, then ``rsd restore`` of that dataset with its default settings, which registers its restorer
+(its evaluation and calibration lines go to ``restorer_fit``). Then, for each model, starts
 ``rsd serve`` and lets ``--clients`` concurrent clients send requests of ``--rows`` rows for ``--seconds``
 (at most ``--max-requests`` each), recording every latency and every non-200 answer, while the server's
 resident memory (its process tree, sampled every 0.2 s) is tracked. Finally it times latent optimisation
@@ -62,10 +63,18 @@ def build_models(work: Path, env: dict[str, str]) -> tuple[str, str, Path]:
          "--set", "tracking.model_name=rsd-serving-bench", env=env)
     dataset = _dataset_of(out)
     stdout = _rsd("restore", "--model", GENERATOR, "--dataset", dataset, "--out", str(work / "restored"),
-                  "--out-dir", str(out), "--encoder", "{steps: 200}", env=env)
+                  "--out-dir", str(out), env=env)
     restorer = stdout.split("registered as ")[1].split()[0]
-    marker.write_text(json.dumps({"generator": GENERATOR, "restorer": restorer, "dataset": dataset}))
+    (work / "restore.log").write_text(stdout)
+    marker.write_text(json.dumps({"generator": GENERATOR, "restorer": restorer, "dataset": dataset,
+                                  "restore": _restore_summary(stdout)}))
     return GENERATOR, restorer, out
+
+
+def _restore_summary(stdout: str) -> dict[str, str]:
+    """What `rsd restore` reported about the restorer it fitted: evaluation and calibration lines."""
+    keep = ("restored ", "evaluation ", "calibration ", "data misfit ")
+    return {line.split()[0]: line.strip() for line in stdout.splitlines() if line.startswith(keep)}
 
 
 def _dataset_of(out: Path) -> str:
@@ -200,12 +209,14 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         args.work.mkdir(parents=True, exist_ok=True)
         generator, restorer, out = build_models(args.work, env)
-        dataset = json.loads((args.work / "models.json").read_text())["dataset"]
+        built = json.loads((args.work / "models.json").read_text())
+        dataset = built["dataset"]
     observations = _observations(dataset, args.rows)
     sample_body = json.dumps({"inputs": {"count": [args.rows]}}).encode()
     restore_body = json.dumps({"inputs": observations}).encode()
     result: dict = {"rows_per_request": args.rows, "seconds": args.seconds, "generator": generator,
-                    "restorer": restorer, "cpu_count": os.cpu_count()}
+                    "restorer": restorer, "cpu_count": os.cpu_count(),
+                    "restorer_fit": {} if args.model else built.get("restore", {})}
     with served(generator, out, bare, max_rows=max(args.rows, 1024)) as (url, proc):
         print(f"[serving] sampling: {args.clients} clients x {args.seconds:.0f} s", flush=True)
         result["sampling"] = load(url, proc, sample_body, args.clients, args.seconds, args.max_requests)
