@@ -288,7 +288,7 @@ def assemble(args) -> dict:
 def _cell(row: dict, prefix: str) -> str:
     if f"{prefix}_fd" not in row:
         return "-"
-    return (f"{row[f'{prefix}_fd']:.1f} ({row[f'{prefix}_kid']:.1f} +- {row[f'{prefix}_kid_std']:.1f}; "
+    return (f"{row[f'{prefix}_fd']:.1f} ({row[f'{prefix}_kid']:.3g} +- {row[f'{prefix}_kid_std']:.2g}; "
             f"{row[f'{prefix}_steps']} steps)")
 
 
@@ -299,7 +299,7 @@ def write_doc(result: dict) -> None:
     for name, task in result["tasks"].items():
         lines += [f"**{name}** ({task['n_eval']} samples; {task['extractor']}). Cells: FD (KID +- its std over "
                   f"subsets; steps). Floor ({task['floor_against']}): FD {task['floor_fd']:.1f}, KID "
-                  f"{task['floor_kid']:.1f} +- {task['floor_kid_std']:.1f}.", "",
+                  f"{task['floor_kid']:.3g} +- {task['floor_kid_std']:.2g}.", "",
                   "| minutes | teacher (best sampler) | one-step student | clean-data teacher | student / teacher "
                   f"({task['distilled_from_teacher_minutes']:g} min) | student / clean "
                   f"({task['clean_reference_minutes']:g} min) |", "|---|---|---|---|---|---|"]
