@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -57,6 +58,9 @@ from rsd_core.presets import (
     cpu_mri_operator,
 )
 from rsd_core.selection import (
+    SELECTION_RULE,
+    CandidateScore,
+    choose_checkpoint,
     feature_images,
     proximal_features,
     proximal_reference,
@@ -233,47 +237,77 @@ def score_domain(name: str, domain: Domain, data: Path, work: Path, teacher_dir:
 
 def agreement(name: str, domain: Domain, rows: list[dict], prox_feats: dict, true_feats: dict, prox_ref, true_ref,
               prox_ext, true_ext, seed: int) -> dict:
-    """The agreement summary of one dataset from its scored candidates."""
+    """The agreement summary of one dataset from its scored candidates, for the selection rule of
+    ``rsd run`` (:func:`rsd_core.selection.choose_checkpoint`) and for the plain lowest Proximal FD."""
     ckpts = [r for r in rows if r["kind"] == "checkpoint"]
     levels = [r for r in rows if r["kind"] == "teacher"]
     if len(ckpts) < 2:
         raise SystemExit(f"{name}: {len(ckpts)} distillation checkpoint(s); raise --distill-minutes or lower "
                          "--checkpoint-every")
-    by_prox = sorted(ckpts, key=lambda r: r["proximal_fd"])
-    chosen, runner_up = by_prox[0], by_prox[1]
+    scores = [CandidateScore(name=r["candidate"], step=int(r["candidate"].split("-")[1]), proximal_fd=r["proximal_fd"],
+                             proximal_fd_interval=r["proximal_fd_interval"]) for r in ckpts]
+    by_name = {r["candidate"]: r for r in ckpts}
     best = min(ckpts, key=lambda r: r["true_fd"])
-    told_apart = paired_difference_interval(prox_feats[chosen["candidate"]], prox_feats[runner_up["candidate"]],
-                                            prox_ref, resamples=100, seed=seed)
-    miss = paired_difference_interval(true_feats[chosen["candidate"]], true_feats[best["candidate"]], true_ref,
-                                      resamples=100, seed=seed)
+
+    def judged(chosen: dict) -> dict:
+        out = {"chosen": chosen["candidate"], "chosen_true_fd": chosen["true_fd"],
+               "gap": chosen["true_fd"] / best["true_fd"] - 1}
+        if not prox_feats:  # re-judged from a saved run without its features: no paired intervals
+            return out
+        runner_up = min((r for r in ckpts if r is not chosen), key=lambda r: r["proximal_fd"])
+        told = paired_difference_interval(prox_feats[chosen["candidate"]], prox_feats[runner_up["candidate"]],
+                                          prox_ref, resamples=100, seed=seed)
+        miss = paired_difference_interval(true_feats[chosen["candidate"]], true_feats[best["candidate"]], true_ref,
+                                          resamples=100, seed=seed)
+        return {**out, "chosen_minus_best_true_fd_interval": miss, "miss_inside_evaluator_noise": miss[0] <= 0,
+                "chosen_minus_runner_up_proximal_interval": told, "told_apart_from_runner_up": told[1] < 0}
+
+    rule = judged(by_name[choose_checkpoint(scores).name])
+    lowest = judged(min(ckpts, key=lambda r: r["proximal_fd"]))
     chosen_level = min(levels, key=lambda r: r["proximal_fd"])
     return {
         "dataset": name.split("/")[0], "operator": domain.operator.kind, "task": name,
         "checkpoints": len(ckpts), "n_eval": None, "proximal_features": prox_ext.label,
-        "true_features": true_ext.label,
+        "true_features": true_ext.label, "rule": SELECTION_RULE,
         "spearman": spearman([r["proximal_fd"] for r in ckpts], [r["true_fd"] for r in ckpts]),
         "spearman_teacher_levels": spearman([r["proximal_fd"] for r in levels], [r["true_fd"] for r in levels]),
-        "chosen": chosen["candidate"], "best": best["candidate"],
-        "chosen_true_fd": chosen["true_fd"], "best_true_fd": best["true_fd"],
-        "gap": chosen["true_fd"] / best["true_fd"] - 1,
-        "chosen_minus_best_true_fd_interval": miss, "miss_inside_evaluator_noise": miss[0] <= 0,
-        "chosen_minus_runner_up_proximal_interval": told_apart, "told_apart_from_runner_up": told_apart[1] < 0,
+        "best": best["candidate"], "best_true_fd": best["true_fd"], **rule,
+        "lowest_proximal_fd": lowest,
         "teacher_level_chosen": chosen_level["candidate"],
         "teacher_level_best": min(levels, key=lambda r: r["true_fd"])["candidate"],
         "rows": rows,
     }
 
 
+def _rejudged(name: str, domain: Domain, saved: dict, args) -> dict:
+    """A run scored before the selection rule existed, judged again from its rows (no features: the rule's
+    choice gets its gap but no paired interval; the lowest-FD choice keeps the intervals it was scored with)."""
+    keys = ("chosen", "chosen_true_fd", "gap", "chosen_minus_best_true_fd_interval", "miss_inside_evaluator_noise",
+            "chosen_minus_runner_up_proximal_interval", "told_apart_from_runner_up")
+    lowest = {k: saved[k] for k in keys}
+    again = agreement(name, domain, saved["rows"], {}, {}, None, None,
+                      SimpleNamespace(label=saved["proximal_features"]), SimpleNamespace(label=saved["true_features"]),
+                      args.seed)
+    return {**saved, **{k: v for k, v in again.items() if k not in ("lowest_proximal_fd", "n_eval")},
+            "lowest_proximal_fd": lowest,
+            **{k: None for k in keys[3:] if k not in again}}
+
+
 def table(results: list[dict]) -> list[str]:
-    lines = ["| dataset | operator | checkpoints | Spearman (checkpoints) | Spearman (teacher levels) | chosen / best "
-             "true FD | gap | chosen - best, true FD (95%) | told apart from runner-up |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | operator | checkpoints | Spearman (checkpoints) | Spearman (teacher levels) | best true FD | "
+             "rule: chosen, true FD, gap, chosen - best (95%) | lowest Proximal FD: chosen, true FD, gap, "
+             "chosen - best (95%) |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def cell(c: dict) -> str:
+        interval = c.get("chosen_minus_best_true_fd_interval")
+        shown = "[{:.1f}, {:.1f}]".format(*interval) if interval else "-"
+        return f"{c['chosen']}, {c['chosen_true_fd']:.1f}, {100 * c['gap']:.1f}%, {shown}"
+
     for r in results:
-        lo, hi = r["chosen_minus_best_true_fd_interval"]
         lines.append(f"| {r['dataset']} | {r['operator']} | {r['checkpoints']} | {r['spearman']:.2f} | "
-                     f"{r['spearman_teacher_levels']:.2f} | {r['chosen_true_fd']:.1f} / {r['best_true_fd']:.1f} "
-                     f"({r['chosen']} / {r['best']}) | {100 * r['gap']:.1f}% | [{lo:.1f}, {hi:.1f}] | "
-                     f"{'yes' if r['told_apart_from_runner_up'] else 'no'} |")
+                     f"{r['spearman_teacher_levels']:.2f} | {r['best_true_fd']:.1f} ({r['best']}) | {cell(r)} | "
+                     f"{cell(r['lowest_proximal_fd'])} |")
     return lines
 
 
@@ -299,7 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
         work.mkdir(parents=True, exist_ok=True)
         scored = work / "scored.json"
         if scored.exists():
-            results.append(json.loads(scored.read_text()))
+            saved = json.loads(scored.read_text())
+            results.append(_rejudged(name, domain, saved, args) if "lowest_proximal_fd" not in saved else saved)
             continue
         start = time.perf_counter()
         data = make_data(name, domain, work, args.n_train, args.n_eval, args.seed)

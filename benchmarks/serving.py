@@ -57,10 +57,12 @@ def build_models(work: Path, env: dict[str, str]) -> tuple[str, str, Path]:
         saved = json.loads(marker.read_text())
         return saved["generator"], saved["restorer"], out
     print("[serving] building a generator (rsd run, 1-minute budgets) and its restorer (rsd restore)", flush=True)
-    _rsd("run", "--preset", "cpu-demo", "--out", str(out), "--no-cache",
-         "--set", "data.limit=2000", "--set", "teacher_train.time_budget_s=60",
-         "--set", "distill_train.time_budget_s=60", "--set", "selection.n_samples=64",
-         "--set", "tracking.model_name=rsd-serving-bench", env=env)
+    if not (work / "generator.done").exists():
+        _rsd("run", "--preset", "cpu-demo", "--out", str(out), "--no-cache",
+             "--set", "data.limit=2000", "--set", "teacher_train.time_budget_s=60",
+             "--set", "distill_train.time_budget_s=60", "--set", "selection.n_samples=64",
+             "--set", "tracking.model_name=rsd-serving-bench", env=env)
+        (work / "generator.done").write_text(GENERATOR)
     dataset = _dataset_of(out)
     stdout = _rsd("restore", "--model", GENERATOR, "--dataset", dataset, "--out", str(work / "restored"),
                   "--out-dir", str(out), env=env)
@@ -79,7 +81,8 @@ def _restore_summary(stdout: str) -> dict[str, str]:
 
 def _dataset_of(out: Path) -> str:
     """The corrupted dataset the pipeline run wrote (the one manifest under its sandbox)."""
-    manifests = sorted(out.glob("flyte-sandbox/**/manifest.json"), key=lambda p: p.stat().st_mtime)
+    manifests = sorted((p for p in out.glob("flyte-sandbox/**/manifest.json") if p.parent.name == "dataset"),
+                       key=lambda p: p.stat().st_mtime)
     if not manifests:
         sys.exit(f"no dataset manifest under {out}/flyte-sandbox")
     return str(manifests[0].parent)

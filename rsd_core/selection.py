@@ -156,7 +156,23 @@ class CandidateScore(BaseModel):
     sigma_stop: float | None = None
     nfe: int = 1
     proximal_fd: float
+    proximal_fd_interval: tuple[float, float] | None = None  # 95% bootstrap interval (rsd_core.fd_interval)
     true_fd: float | None = None
+
+
+SELECTION_RULE = ("the latest checkpoint whose Proximal FD interval overlaps the lowest one's (tied within "
+                  "resampling noise, the one trained longest)")
+
+
+def choose_checkpoint(rows: list[CandidateScore]) -> CandidateScore:
+    """:data:`SELECTION_RULE`. Training moves a generator on; an earlier checkpoint is preferred only when its
+    Proximal FD is lower beyond the estimates' noise. Rows without an interval compare by their FD alone."""
+    lowest = min(rows, key=lambda r: r.proximal_fd)
+    if lowest.proximal_fd_interval is None:
+        return lowest
+    top = lowest.proximal_fd_interval[1]
+    tied = [r for r in rows if r.proximal_fd_interval is not None and r.proximal_fd_interval[0] <= top]
+    return max(tied, key=lambda r: (r.step or 0, -r.proximal_fd))
 
 
 def proximal_features(samples: torch.Tensor, operator: Operator, extractor: FeatureExtractor,
@@ -239,6 +255,8 @@ class SelectionResult(BaseModel):
     best_true_fd: float | None = None
     # Bootstrap intervals (rsd_core.fd_interval); None in selection.json files written before they existed.
     proximal_fd_interval: tuple[float, float] | None = None
+    rule: str | None = None  # how the checkpoint was chosen (SELECTION_RULE)
+    lowest_checkpoint: str | None = None  # the lowest Proximal FD, which the rule may pass over for a later tie
     runner_up_checkpoint: str | None = None
     runner_up_difference: tuple[float, float] | None = None  # FD(chosen) - FD(runner-up), paired resamples
     distinguishable: bool | None = None  # the whole difference interval below 0
@@ -284,7 +302,8 @@ def select_stage(
         samples = sampler.sample(n_samples, seed=seed)  # one seed: every checkpoint sees the same latents
         prox, true, features[ckpt.name] = score_samples_with_features(samples, operator, extractors, prox_ref,
                                                                       clean_ref, seed)
-        rows.append(CandidateScore(name=ckpt.name, step=int(ckpt.name.split("-")[1]), proximal_fd=prox, true_fd=true))
+        rows.append(CandidateScore(name=ckpt.name, step=int(ckpt.name.split("-")[1]), proximal_fd=prox, true_fd=true,
+                                   proximal_fd_interval=fd_interval(features[ckpt.name], prox_ref, seed=seed)))
         if progress:
             _report(ckpt.name, prox, true)
 
@@ -303,16 +322,18 @@ def select_stage(
     best_teacher = min(teacher_rows, key=lambda r: r.proximal_fd)
     full = next(r for r in teacher_rows if r.sigma_stop is None)
 
-    ranked = sorted(rows, key=lambda r: r.proximal_fd)
-    chosen = ranked[0]
+    chosen = choose_checkpoint(rows)
+    others = sorted((r for r in rows if r.name != chosen.name), key=lambda r: r.proximal_fd)
+    runner_up = others[0] if others else None
     chosen_path = next(c for c in checkpoints if c.name == chosen.name)
-    result_kwargs = {"proximal_fd_interval": fd_interval(features[chosen.name], prox_ref, seed=seed)}
-    if len(ranked) > 1:
-        difference = paired_difference_interval(features[chosen.name], features[ranked[1].name], prox_ref, seed=seed)
-        result_kwargs |= {"runner_up_checkpoint": ranked[1].name, "runner_up_difference": difference,
+    result_kwargs = {"proximal_fd_interval": chosen.proximal_fd_interval, "rule": SELECTION_RULE,
+                     "lowest_checkpoint": min(rows, key=lambda r: r.proximal_fd).name}
+    if runner_up is not None:
+        difference = paired_difference_interval(features[chosen.name], features[runner_up.name], prox_ref, seed=seed)
+        result_kwargs |= {"runner_up_checkpoint": runner_up.name, "runner_up_difference": difference,
                           "distinguishable": difference[1] < 0}
     if progress:
-        _report_choice(chosen, ranked[1] if len(ranked) > 1 else None, result_kwargs)
+        _report_choice(chosen, runner_up, result_kwargs)
     if clean_ref is not None:
         truncated = [r for r in teacher_rows if r.sigma_stop is not None]
         result_kwargs |= {

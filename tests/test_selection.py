@@ -11,6 +11,8 @@ from rsd_core.frechet import compute_stats, frechet_distance
 from rsd_core.kinds import build_operator
 from rsd_core.sampling import truncation_nfe
 from rsd_core.selection import (
+    CandidateScore,
+    choose_checkpoint,
     corrupted_view,
     make_extractors,
     proximal_reference,
@@ -94,13 +96,15 @@ def test_select_stage_scores_checkpoints_and_teacher_levels(tmp_path):
     result = select_stage(str(data), teacher_dir, tmp_path / "run", tmp_path / "sel", n_samples=128, progress=False,
                           n_teacher=64)
     assert [r.step for r in result.rows] == [2, 4, 6]
-    assert result.proximal_fd == min(r.proximal_fd for r in result.rows)
+    assert result.chosen_checkpoint.endswith(choose_checkpoint(result.rows).name)
+    assert result.lowest_checkpoint == min(result.rows, key=lambda r: r.proximal_fd).name
     assert result.chosen_true_fd is not None and result.best_true_fd <= result.chosen_true_fd
     assert result.spearman is not None and -1 <= result.spearman <= 1
     assert {r.nfe for r in result.teacher_rows} == {23, 25, 27, 29, 31, 35}
     lo, hi = result.proximal_fd_interval
     assert lo < result.proximal_fd < hi
-    runner_up = sorted(result.rows, key=lambda r: r.proximal_fd)[1]
+    runner_up = sorted((r for r in result.rows if not result.chosen_checkpoint.endswith(r.name)),
+                       key=lambda r: r.proximal_fd)[0]
     assert result.runner_up_checkpoint == runner_up.name
     d_lo, d_hi = result.runner_up_difference
     assert d_lo <= result.proximal_fd - runner_up.proximal_fd <= d_hi and result.distinguishable == (d_hi < 0)
@@ -112,3 +116,17 @@ def test_select_stage_scores_checkpoints_and_teacher_levels(tmp_path):
     assert saved["extractor_label"] == ClassifierExtractor.label  # the true FD: evaluation only
     samples = sampler_for(result.generator_dir).sample(4, seed=0)
     assert samples.shape == (4, 1, 32, 32) and torch.isfinite(samples).all()
+
+
+def _row(step: int, fd: float, half_width: float | None) -> CandidateScore:
+    interval = None if half_width is None else (fd - half_width, fd + half_width)
+    return CandidateScore(name=f"step-{step:07d}", step=step, proximal_fd=fd, proximal_fd_interval=interval)
+
+
+def test_the_latest_checkpoint_tied_with_the_lowest_is_chosen_and_a_real_lead_is_kept():
+    # 100 +- 10 is the lowest; 108 +- 10 overlaps it and was trained longer: chosen. 150 +- 10 is worse.
+    assert choose_checkpoint([_row(20, 100, 10), _row(40, 108, 10), _row(60, 150, 10)]).step == 40
+    # an earlier checkpoint lower beyond the noise keeps its lead
+    assert choose_checkpoint([_row(20, 100, 5), _row(40, 130, 5), _row(60, 150, 5)]).step == 20
+    # without intervals (older records): the lowest
+    assert choose_checkpoint([_row(20, 100, None), _row(40, 101, None)]).step == 20
