@@ -76,7 +76,11 @@ def build_models(work: Path, env: dict[str, str]) -> tuple[str, str, Path]:
 def _restore_summary(stdout: str) -> dict[str, str]:
     """What `rsd restore` reported about the restorer it fitted: evaluation and calibration lines."""
     keep = ("restored ", "evaluation ", "calibration ", "data misfit ")
-    return {line.split()[0]: line.strip() for line in stdout.splitlines() if line.startswith(keep)}
+    found: dict[str, str] = {}
+    for line in stdout.splitlines():
+        if line.startswith(keep):
+            found.setdefault(line.split()[0], line.strip())  # "restored N observations" before "restored dataset"
+    return found
 
 
 def _dataset_of(out: Path) -> str:
