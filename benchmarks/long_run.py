@@ -90,15 +90,15 @@ class Task:
 # The restoration benchmark's settings (inpainting) and the cpu-mri preset's (MRI), with two changes a run cut
 # into segments needs: no time-based lr drop (it is measured per segment, so it would fire in the first one),
 # and frequent checkpoints (a kill loses at most one interval).
-_FMNIST_TEACHER = TrainConfig(steps=10_000_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, grad_clip=1.0,
+FMNIST_TEACHER = TrainConfig(steps=10_000_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, grad_clip=1.0,
                               ema_halflife_nimg=10_000, checkpoint_every=100, keep_checkpoints=1)
-_FMNIST_DISTILL_TRAIN = DistillTrainConfig(steps=10_000_000, batch_size=32,
-                                           ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
-                                           ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0,
-                                           checkpoint_every=50, keep_checkpoints=1)
+FMNIST_DISTILL_TRAIN = DistillTrainConfig(steps=10_000_000, batch_size=32,
+                                          ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
+                                          ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0,
+                                          checkpoint_every=50, keep_checkpoints=1)
 TASKS = {
     "inpaint-0.8": Task(source="fashion-mnist", operator=InpaintSpec(p=0.8, delta=0.1), network=NetworkConfig(),
-                        teacher=_FMNIST_TEACHER, distill_train=_FMNIST_DISTILL_TRAIN,
+                        teacher=FMNIST_TEACHER, distill_train=FMNIST_DISTILL_TRAIN,
                         distill=DistillConfig(lr_fake=5e-5, lr_generator=5e-5), n_eval=1000, floor_split="test"),
     "mri-r4": Task(source="brain-mri", operator=cpu_mri_operator(4.0), network=CPU_MRI_NETWORK,
                    teacher=CPU_MRI_TEACHER.updated(steps=10_000_000, checkpoint_every=100, keep_checkpoints=1,

@@ -40,6 +40,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from benchmarks.long_run import FMNIST_DISTILL_TRAIN, FMNIST_TEACHER
 from benchmarks.report import add_work_args, emit, replace_block
 from rsd_core.classifier import ClassifierExtractor
 from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, OperatorSpec, TrainConfig
@@ -49,8 +50,6 @@ from rsd_core.frechet import FeatureExtractor, FeatureStats, spearman
 from rsd_core.inception import InceptionExtractor
 from rsd_core.operators import InpaintSpec, SuperResSpec
 from rsd_core.presets import (
-    CPU_DISTILL_EMA_HALFLIFE_NIMG,
-    CPU_DISTILL_EMA_RAMPUP_RATIO,
     CPU_MRI_DISTILL,
     CPU_MRI_DISTILL_TRAIN,
     CPU_MRI_NETWORK,
@@ -81,11 +80,8 @@ BIN = Path(sys.executable).parent
 PATCH_SOURCES = ("camera", "coins", "moon", "brick", "grass", "gravel", "clock", "cell", "astronaut", "chelsea",
                  "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "text", "page")
 
-_FMNIST_TEACHER = TrainConfig(steps=10_000_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, grad_clip=1.0,
-                              ema_halflife_nimg=10_000, checkpoint_every=100, keep_checkpoints=1)
-_FMNIST_DISTILL = DistillTrainConfig(steps=10_000_000, batch_size=32, ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
-                              ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0,
-                              checkpoint_every=20, keep_checkpoints=1000)
+# The long run's Fashion-MNIST settings, with a checkpoint every 20 distillation steps and all of them kept.
+_FMNIST_DISTILL = FMNIST_DISTILL_TRAIN.updated(checkpoint_every=20, keep_checkpoints=1000)
 
 
 @dataclass(frozen=True)
@@ -103,7 +99,7 @@ class Domain:
 
 DOMAINS = {
     "fashion-mnist/inpaint-0.6": Domain("fashion-mnist", InpaintSpec(p=0.6, delta=0.1), NetworkConfig(),
-                                        _FMNIST_TEACHER, _FMNIST_DISTILL,
+                                        FMNIST_TEACHER, _FMNIST_DISTILL,
                                         DistillConfig(lr_fake=5e-5, lr_generator=5e-5), "classifier"),
     "brain-mri/mri-r4": Domain("brain-mri", cpu_mri_operator(4.0), CPU_MRI_NETWORK,
                                CPU_MRI_TEACHER.updated(steps=10_000_000, time_budget_s=None),
@@ -112,7 +108,7 @@ DOMAINS = {
                                                              time_budget_s=None),
                                CPU_MRI_DISTILL, "inception"),
     "skimage-patches/superres-2": Domain("skimage-patches", SuperResSpec(factor=2), NetworkConfig(),
-                                         _FMNIST_TEACHER, _FMNIST_DISTILL,
+                                         FMNIST_TEACHER, _FMNIST_DISTILL,
                                          DistillConfig(lr_fake=5e-5, lr_generator=5e-5), "inception"),
 }
 
