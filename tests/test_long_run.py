@@ -81,7 +81,7 @@ def test_the_generated_table_replaces_its_block_and_keeps_the_reading(tmp_path, 
     long_run.write_doc({"command": "c", "date": "d", "machine": "m", "minutes": "x", "tasks": {"inpaint-0.8": task}})
     text = doc.read_text()
     assert text.startswith("# Other section") and text.endswith("the reading\n") and "old table" not in text
-    assert "| 10 | 300.0 (2.0 +- 0.5; 700 steps) | - | 80.0 (1.0 +- 0.2; 710 steps) | - | - |" in text
+    assert "| 10 | 300.0 (2 +- 0.5; 700 steps) | - | 80.0 (1 +- 0.2; 710 steps) | - | - |" in text
 
 
 def test_the_clean_mri_reference_is_scored_with_the_mri_models_features(tmp_path):
