@@ -9,14 +9,27 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import torch
 
 from rsd_cli.local import HelpFormatter
 from rsd_core.data import CorruptedDataset, DatasetError, open_dataset, parse_spec
 from rsd_core.kinds import get_kind, registered_kinds
+from rsd_core.kspace_import import import_kspace
 from rsd_core.sources import SOURCE_NAMES, corrupt, import_corrupted, load_spec_file
 from rsd_core.viz import observations_for_display, save_grid
+
+
+def _flag_type(annotation: Any) -> tuple[Any, tuple | None]:
+    """(argparse type, choices) of a spec field: ``int | None`` takes an int, a Literal one of its values."""
+    if get_origin(annotation) is Literal:
+        values = get_args(annotation)
+        return type(values[0]), values
+    if get_origin(annotation) in (Union, UnionType):
+        return _flag_type(next(a for a in get_args(annotation) if a is not type(None)))
+    return annotation, None
 
 
 def _operator_params() -> dict[str, tuple[type, str]]:
@@ -47,7 +60,8 @@ def _add_operator_args(parser: argparse.ArgumentParser) -> None:
     choice.add_argument("--operator", choices=registered_kinds(), help="corruption kind")
     choice.add_argument("--spec", type=Path, help="operator spec as a JSON/YAML file with 'kind' and parameters")
     for field, (kind_type, text) in _operator_params().items():
-        group.add_argument(_flag(field), dest=field, type=kind_type, default=None, help=text)
+        flag_type, choices = _flag_type(kind_type)
+        group.add_argument(_flag(field), dest=field, type=flag_type, choices=choices, default=None, help=text)
 
 
 def _operator_spec(args: argparse.Namespace):
@@ -87,7 +101,25 @@ def _parse_state(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _typed_operator_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The operator parameters as typed (a --spec file's, or the flags given), defaults left to the importer."""
+    if args.spec is not None:
+        return load_spec_file(args.spec).model_dump(exclude_unset=True)
+    return {"kind": args.operator, **{f: getattr(args, f) for f in _operator_params() if getattr(args, f) is not None}}
+
+
 def _run_import(args: argparse.Namespace) -> int:
+    if (args.observations is None) == (args.kspace is None):
+        raise DatasetError("give either --observations (observations on the dataset's scale) or --kspace "
+                           "(multi-coil k-space, with --mask)")
+    if args.kspace is not None:
+        if args.mask is None:
+            raise DatasetError("--kspace needs --mask: the sampling mask of each scan as .npy")
+        manifest = import_kspace(args.kspace, args.mask, args.out, spec=_typed_operator_params(args), maps=args.maps,
+                                 name=args.name)
+        print(f"imported {manifest.count} scans ({manifest.name}) to {args.out}; coil maps "
+              f"{manifest.provenance['coil_maps']}")
+        return 0
     manifest = import_corrupted(
         args.observations,
         _operator_spec(args),
@@ -179,9 +211,15 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
         help="package observations that are already corrupted",
         formatter_class=HelpFormatter,
         description="For data teams with corrupted observations only: a folder of PNG/JPEG or a .npy "
-        "array, plus the operator that produced them and its per-sample state as .npy arrays.",
+        "array, plus the operator that produced them and its per-sample state as .npy arrays; or "
+        "multi-coil MRI k-space with its masks (and coil maps, else estimated).",
     )
-    p.add_argument("--observations", required=True, help="folder of PNG/JPEG, or a float .npy (N, C, H, W)")
+    p.add_argument("--observations", default=None, help="folder of PNG/JPEG, or a float .npy (N, C, H, W)")
+    p.add_argument("--kspace", default=None, help="instead of --observations, with --operator mri: multi-coil "
+                   "k-space .npy, complex (N, coils, H, W) or real/imag pairs (N, coils, H, W, 2)")
+    p.add_argument("--mask", default=None, help="with --kspace: sampling masks .npy, (N, W) or (N, H, W), 0/1")
+    p.add_argument("--maps", default=None, help="with --kspace: coil maps .npy (N, coils, m, m), m <= H "
+                   "(default: estimated per scan by ESPIRiT from the ACS lines)")
     _add_operator_args(p)
     p.add_argument("--state", action="append", default=[], metavar="KEY=PATH.npy", help="per-sample state")
     p.add_argument("--labels", default=None, help="optional integer labels as .npy")

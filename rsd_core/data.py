@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rsd_core.config import OperatorSpec, OperatorSpecBase
 from rsd_core.kinds import build_operator
-from rsd_core.operators import Operator
+from rsd_core.operators import POOL_SIZE, Operator
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -145,11 +145,10 @@ def parse_spec(data: OperatorSpec | Mapping[str, Any], where: str = "operator sp
 
 
 def expected_state(operator: Operator, image_shape: Sequence[int]) -> dict[str, StateKeyInfo]:
-    """Per-sample state columns this operator needs, read off one drawn sample of its state."""
-    drawn = operator.sample_state(1, tuple(image_shape), torch.Generator().manual_seed(0))
+    """Per-sample state columns this operator needs for images of ``image_shape``."""
     return {
-        key: StateKeyInfo(shape=tuple(value.shape[1:]), dtype=str(value.dtype).removeprefix("torch."))
-        for key, value in drawn.items()
+        key: StateKeyInfo(shape=shape, dtype=str(dtype).removeprefix("torch."))
+        for key, (shape, dtype) in operator.state_shapes(tuple(image_shape)).items()
     }
 
 
@@ -654,9 +653,13 @@ class CorruptedDataset:
 
     @property
     def operator(self) -> Operator:
-        """The operator that produced the observations, built from the manifest spec."""
+        """The operator that produced the observations, built from the manifest spec (with the observed
+        states of the first rows attached, where its fresh states are drawn from observed ones)."""
         if self._operator is None:
-            self._operator = build_operator(self.manifest.operator)
+            operator = build_operator(self.manifest.operator)
+            if operator.pool_keys:
+                operator.attach_pool(self.read_all(limit=POOL_SIZE)[1])
+            self._operator = operator
         return self._operator
 
     @property

@@ -14,9 +14,10 @@ The exported graph is one network evaluation, ``x = G(sigma_init * eps)``. Rando
 * multi-coil MRI generators, whose input is P_M~(z) with a random further mask M~ and random coil
   maps: ``u`` (B, 1, 1, W) ~ U[0, 1) scores the phase-encode columns (M~ = the ACS block plus the
   lowest-scoring other columns, as many as the further mask has) and ``v`` (B,) ~ U[0, 1) picks
-  the coil-map bank entry floor(v * n_map_variants); the projection's centred FFTs are inside the
-  graph. ``torch.export`` (.pt2) holds them exactly; the ONNX exporter (torch 2.14, onnxscript
-  0.7) has no lowering for complex tensors (``aten.index``, ``aten.unsqueeze`` on complex64),
+  the coil-map bank entry floor(v * K) (the birdcage bank, or the observed scans' maps saved with the
+  model, as constants); the projection's centred FFTs are inside the graph. ``torch.export`` (.pt2)
+  holds them exactly; the ONNX exporter (torch 2.14, onnxscript 0.7) has no lowering for complex
+  tensors (``aten.index``, ``aten.unsqueeze`` on complex64),
   so MRI kinds declare .pt2 only (:mod:`rsd_core.kinds`).
 
 Which formats a kind's generator exports to is declared in the operator registry
@@ -36,9 +37,10 @@ import torch
 from torch import nn
 
 from rsd_core.kinds import EXPORT_FORMATS, check_export
+from rsd_core.mri import MRI
 from rsd_core.objectives import AmbientDiffusionObjective, FourierAmbientObjective, Objective
-from rsd_core.operators import MRI, Inpaint, State
-from rsd_core.stages import ModelCard, load_model
+from rsd_core.operators import Inpaint, State
+from rsd_core.stages import MODEL_FILES, ModelCard, load_model
 
 ONNX_FILE = "generator.onnx"
 PT2_FILE = "generator.pt2"
@@ -88,7 +90,8 @@ class MRILaw(InputLaw):
     a uniformly random subset of M's random columns, so M~'s non-ACS columns are a uniform random
     subset of all non-ACS columns of a fixed size. Here they are the lowest-scoring non-ACS columns of
     ``u`` (ACS columns score -1, so they always rank first); the ACS block and the line count are read
-    off the operator's own mask code, not restated. The maps are bank entry floor(v * n_map_variants).
+    off the operator's own mask code, not restated. The maps are bank entry floor(v * K), the bank being the
+    birdcage bank or, with observed coil maps, the pool of observed scans' maps saved with the model.
     """
 
     def __init__(self, operator: MRI, image_shape: tuple[int, ...]):
@@ -96,7 +99,7 @@ class MRILaw(InputLaw):
         # Acceleration 2W leaves floor(W / 2W) = 0 random lines: exactly the ACS block.
         self.acs = operator.column_masks(1, width, 2.0 * width, None).view(width) > 0
         self.lines = int(operator.further_mask(operator.column_masks(1, width, operator.R, None), None).sum())
-        self.n_maps = operator.n_map_variants
+        self.n_maps = len(operator.maps_bank(*image_shape[-2:]))  # the birdcage bank, or the observed scans' pool
         self.inputs = (
             UniformInput("u", (1, 1, width), f"further mask M~: {self.lines} columns, the ACS block then the "
                                              "lowest-u others"),
@@ -217,8 +220,9 @@ def export_generator(
     module, card = load_exportable(model_dir, formats)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("model.json", "model.safetensors"):
-        shutil.copyfile(Path(model_dir) / name, out / name)
+    for name in MODEL_FILES:
+        if (Path(model_dir) / name).exists():
+            shutil.copyfile(Path(model_dir) / name, out / name)
     example = draw_inputs(module, card.image_shape, 2, seed=0)
     writers = {"onnx": (export_onnx, ONNX_FILE), "pt2": (export_pt2, PT2_FILE)}
     with torch.no_grad():

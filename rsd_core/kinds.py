@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rsd_core.mri import MRI, MRISpec
 from rsd_core.objectives import (
     AmbientDiffusionObjective,
     AmbientTweedieObjective,
@@ -29,14 +30,12 @@ from rsd_core.objectives import (
 )
 from rsd_core.operator_spec import OperatorSpecBase, use_registry
 from rsd_core.operators import (
-    MRI,
     Blur,
     BlurSpec,
     Identity,
     IdentitySpec,
     Inpaint,
     InpaintSpec,
-    MRISpec,
     Operator,
     SuperRes,
     SuperResSpec,

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from rsd_core.operators import MRI, Inpaint, Operator, State
+from rsd_core.mri import MRI
+from rsd_core.operators import Inpaint, Operator, State
 
 P_MEAN = -1.2
 P_STD = 1.2
@@ -158,7 +159,7 @@ class FourierAmbientObjective(Objective):
 
     def draw_input_state(self, batch, shape, rng, device):
         state = self.operator.sample_state(batch, shape, rng, device)
-        return {"mask": self.operator.further_mask(state["mask"], rng), "maps_index": state["maps_index"]}
+        return {**state, "mask": self.operator.further_mask(state["mask"], rng)}
 
     def _cond(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.to(x.dtype).expand(x.shape[0], 1, x.shape[-2], x.shape[-1])
@@ -175,7 +176,7 @@ class FourierAmbientObjective(Objective):
         """``loss_mask`` "further" compares P_M~ h with P_M~ x0 instead (the RSD MRI reference's fake-score
         train_loss, DistillConfig.fake_loss_mask)."""
         op = self.operator
-        further_state = {"mask": op.further_mask(state["mask"], rng), "maps_index": state["maps_index"]}
+        further_state = {**state, "mask": op.further_mask(state["mask"], rng)}
         x0_acq = op.adjoint(y, state)  # P_M x0
         x0_further = op.adjoint(y, further_state)  # P_M~ x0 (mask re-applied inside the adjoint)
         sigma = self.sample_sigma(y.shape[0], rng, y.device)

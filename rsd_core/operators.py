@@ -10,7 +10,6 @@ and adds no noise; ``observe`` adds the measurement noise.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -21,6 +20,9 @@ from pydantic import Field, field_validator
 from rsd_core.operator_spec import OperatorSpecBase
 
 State = dict[str, torch.Tensor]
+# Observed states an operator with ``pool_keys`` keeps (its dataset's first rows): enough scans for a
+# varied draw, small enough to save with every model.
+POOL_SIZE = 128
 
 
 def parse_operator_spec(data: dict) -> OperatorSpecBase:
@@ -37,9 +39,27 @@ class Operator:
     # observations can be split into a network input and held-out measurements (split_observation).
     splits_observations: bool = False
 
+    # State keys an operator draws fresh values of from observed data rather than from a law of its own
+    # (per-scan coil maps): such an operator needs a pool of observed states (attach_pool), taken from
+    # its dataset and saved with every model trained on it. Empty: the operator's law is its own.
+    pool_keys: tuple[str, ...] = ()
+
     def __init__(self, spec: OperatorSpecBase):
         self.spec = spec
         self.sigma_n = float(spec.sigma_n)
+        self.pool: State | None = None
+
+    def attach_pool(self, state: State) -> None:
+        """Keep observed states (the ``pool_keys`` of up to :data:`POOL_SIZE` rows) to draw fresh ones from."""
+        missing = [k for k in self.pool_keys if k not in state]
+        if missing:
+            raise ValueError(f"a state pool for operator '{self.spec.kind}' needs {missing}")
+        self.pool = {k: state[k][:POOL_SIZE].detach().cpu().contiguous() for k in self.pool_keys}
+
+    def state_shapes(self, image_shape: tuple[int, int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape (without the batch axis) and dtype of each per-sample state tensor for such images."""
+        drawn = self.sample_state(1, tuple(image_shape), torch.Generator().manual_seed(0))
+        return {key: (tuple(value.shape[1:]), value.dtype) for key, value in drawn.items()}
 
     def observation_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         """Shape (C, H, W) of one observation of an image of ``image_shape``."""
@@ -86,6 +106,20 @@ class Operator:
         device: torch.device | str = "cpu",
     ) -> State:
         """Draw per-sample operator state; empty for operators that do not vary."""
+        return {}
+
+    def simulation_state(
+        self, batch: int, image_shape: tuple[int, int, int], rng: torch.Generator | None = None
+    ) -> State:
+        """The state a simulated corruption observes through: the operator's own law, unless it has none."""
+        return self.sample_state(batch, image_shape, rng)
+
+    def recorded_state(self, y: torch.Tensor, state: State) -> State:
+        """The state a dataset stores beside a simulated observation: what the data's owner would know of it."""
+        return state
+
+    def simulation_provenance(self) -> dict[str, str]:
+        """What a simulated dataset's provenance should say about how its state was made, where it matters."""
         return {}
 
     def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
@@ -208,7 +242,7 @@ class Inpaint(Operator):
         return y * state["mask"].to(y.dtype)
 
     def first_invalid(self, y, state, atol):
-        return _mask_errors(y, state["mask"], atol, "the pixel is erased")
+        return mask_errors(y, state["mask"], atol, "the pixel is erased")
 
     def noise(self, y, rng, state):
         # Erased pixels carry no measurement, hence no noise.
@@ -227,7 +261,7 @@ def first_outside_mask(y: torch.Tensor, mask: torch.Tensor, atol: float) -> int 
     return int(bad.nonzero()[0]) if bad.any() else None
 
 
-def _mask_errors(y: torch.Tensor, mask: torch.Tensor, atol: float, what: str) -> tuple[int, str] | None:
+def mask_errors(y: torch.Tensor, mask: torch.Tensor, atol: float, what: str) -> tuple[int, str] | None:
     if (row := first_nonbinary(mask)) is not None:
         return row, "state 'mask' is not binary (0 = not measured, 1 = measured)"
     if (row := first_outside_mask(y, mask, atol)) is not None:
@@ -361,212 +395,3 @@ class SuperRes(Operator):
         bad = ((self.forward(y, state) - y).abs() > atol).flatten(1).any(1)
         return (int(bad.nonzero()[0]), f"observation is not constant on {self.factor}x{self.factor} blocks") \
             if bad.any() else None
-
-
-def birdcage_maps(n_coils: int, height: int, width: int, rotation: float = 0.0) -> torch.Tensor:
-    """Simulated coil sensitivities (n_coils, H, W), complex64, with sum_c |S_c|^2 = 1.
-
-    Coils sit on a ring of radius 1.5 (image half-width = 1); each map decays with the
-    distance to its coil and carries the coil's azimuthal phase, like a birdcage array.
-    """
-    ys = torch.linspace(-1.0, 1.0, height, dtype=torch.float64)
-    xs = torch.linspace(-1.0, 1.0, width, dtype=torch.float64)
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    maps = []
-    for c in range(n_coils):
-        theta = 2 * math.pi * c / n_coils + rotation
-        cy, cx = 1.5 * math.sin(theta), 1.5 * math.cos(theta)
-        dist = torch.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
-        phase = torch.atan2(yy - cy, xx - cx) + theta
-        maps.append(torch.polar(1.0 / dist, phase))
-    s = torch.stack(maps)
-    rss = torch.sqrt((s.abs() ** 2).sum(0, keepdim=True))
-    return (s / rss).to(torch.complex64)
-
-
-def fft2c(x: torch.Tensor) -> torch.Tensor:
-    """Centred unitary 2-D FFT over the last two axes (DC at the centre)."""
-    return torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
-
-
-def ifft2c(k: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`fft2c`."""
-    return torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(k, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
-
-
-def to_complex(x: torch.Tensor) -> torch.Tensor:
-    """(B, 2, H, W) real [Re, Im] -> (B, H, W) complex."""
-    return torch.complex(x[:, 0].float(), x[:, 1].float())
-
-
-def to_real(z: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) complex -> (B, 2, H, W) real [Re, Im]."""
-    return torch.stack([z.real, z.imag], dim=1)
-
-
-class MRISpec(OperatorSpecBase):
-    """Multi-coil Cartesian k-space under-sampling (column masks, centred unitary FFT).
-
-    ``R`` is the acceleration of the acquisition mask M; the further mask M~ has acceleration
-    about ``R + delta_R`` (``delta_R = 1`` reproduces the reference code's "delta = R + 1").
-    ``acs_fraction`` is the fraction of central phase-encode lines always sampled.
-    Coil maps come from a deterministic bank of ``n_map_variants`` rotated birdcage maps.
-    """
-
-    kind: Literal["mri"] = "mri"
-    R: float = Field(4.0, description="acceleration")
-    delta_R: float = Field(1.0, description="extra acceleration of the further mask")
-    acs_fraction: float = Field(0.0625, description="always-sampled centre lines, as a fraction of the width")
-    n_coils: int = Field(4, description="number of coils")
-    n_map_variants: int = Field(8, description="coil-map variants in the bank")
-
-    @field_validator("R")
-    @classmethod
-    def _check_R(cls, value: float) -> float:
-        if not value >= 1.0:
-            raise ValueError(f"R (acceleration) must be >= 1, got {value}")
-        return value
-
-    @field_validator("delta_R")
-    @classmethod
-    def _check_delta_R(cls, value: float) -> float:
-        if not value > 0.0:
-            raise ValueError(f"delta_R (extra acceleration of the further mask) must be > 0, got {value}")
-        return value
-
-    @field_validator("acs_fraction")
-    @classmethod
-    def _check_acs(cls, value: float) -> float:
-        if not 0.0 < value <= 1.0:
-            raise ValueError(f"acs_fraction must be in (0, 1], got {value}")
-        return value
-
-    @field_validator("n_coils", "n_map_variants")
-    @classmethod
-    def _check_counts(cls, value: int, info) -> int:
-        if value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
-        return value
-
-
-class MRI(Operator):
-    """Multi-coil Cartesian under-sampling: A_M(x)_c = M * F(S_c x), with centred unitary F.
-
-    Images are complex, stored as 2 real channels [Re, Im]; observations are per-coil k-space,
-    stored as 2 * n_coils real channels [Re c0, Im c0, Re c1, ...]. The column mask M is shared
-    by every row and coil; its ACS block of central lines is always sampled. Coil maps are a
-    deterministic bank of rotated birdcage maps selected per sample by ``maps_index``.
-    """
-
-    state_keys = ("mask", "maps_index")
-    splits_observations = True
-
-    def __init__(self, spec: MRISpec):
-        super().__init__(spec)
-        self.R = spec.R
-        self.delta_R = spec.delta_R
-        self.acs_fraction = spec.acs_fraction
-        self.n_coils = spec.n_coils
-        self.n_map_variants = spec.n_map_variants
-        self._maps_cache: dict[tuple[int, int], torch.Tensor] = {}
-
-    def observation_shape(self, image_shape):
-        if image_shape[0] != 2:
-            raise ValueError(f"mri operator needs complex images with 2 channels [Re, Im], got {image_shape}")
-        return (2 * self.n_coils, image_shape[1], image_shape[2])
-
-    def _image_shape_for(self, y):
-        return (2, y.shape[-2], y.shape[-1])
-
-    def image_view(self, y, state):
-        """k-space seen as its coil-combined zero-filled reconstruction A^H y."""
-        return self.adjoint(y.float(), state)
-
-    def observation_bound(self, image_shape, value_range):
-        """|F(S x)| <= sqrt(H W) max|x| with |S| <= 1 and |x| <= sqrt(2) max(|lo|, |hi|)."""
-        lo, hi = value_range
-        bound = math.sqrt(2.0 * image_shape[1] * image_shape[2]) * max(abs(lo), abs(hi))
-        return (-bound, bound)
-
-    def maps_bank(self, height: int, width: int, device="cpu") -> torch.Tensor:
-        """(n_map_variants, n_coils, H, W) complex maps, rotated evenly over one coil spacing."""
-        key = (height, width)
-        if key not in self._maps_cache:
-            step = 2 * math.pi / self.n_coils / self.n_map_variants
-            self._maps_cache[key] = torch.stack(
-                [birdcage_maps(self.n_coils, height, width, v * step) for v in range(self.n_map_variants)]
-            )
-        return self._maps_cache[key].to(device)
-
-    def n_acs(self, width: int) -> int:
-        return max(1, round(self.acs_fraction * width))
-
-    def column_masks(
-        self, batch: int, width: int, accel: float, rng: torch.Generator | None, device="cpu"
-    ) -> torch.Tensor:
-        """(B, 1, 1, W) masks with floor(W / accel) lines: the ACS block plus random others."""
-        n_acs = self.n_acs(width)
-        n_lines = max(n_acs, math.floor(width / accel))
-        start = width // 2 - n_acs // 2
-        acs = torch.zeros(width, dtype=torch.bool)
-        acs[start : start + n_acs] = True
-        others = torch.nonzero(~acs).flatten()
-        masks = torch.zeros((batch, width))
-        masks[:, acs] = 1.0
-        n_random = n_lines - n_acs
-        for b in range(batch):
-            pick = others[torch.randperm(len(others), generator=rng)[:n_random]]
-            masks[b, pick] = 1.0
-        return masks.view(batch, 1, 1, width).to(device)
-
-    def sample_state(self, batch, image_shape, rng=None, device="cpu") -> State:
-        width = image_shape[-1]
-        mask = self.column_masks(batch, width, self.R, rng, device)
-        maps_index = torch.randint(self.n_map_variants, (batch,), generator=rng).to(device)
-        return {"mask": mask, "maps_index": maps_index}
-
-    def further_mask(self, mask: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
-        """M~ within M: keep ACS, drop random non-ACS lines down to floor(W / (R + delta_R)) lines."""
-        batch, width = mask.shape[0], mask.shape[-1]
-        n_acs = self.n_acs(width)
-        target = max(n_acs, math.floor(width / (self.R + self.delta_R)))
-        start = width // 2 - n_acs // 2
-        out = mask.clone().view(batch, width)
-        for b in range(batch):
-            lines = torch.nonzero(out[b] > 0).flatten()
-            lines = lines[(lines < start) | (lines >= start + n_acs)]
-            n_drop = max(0, int((out[b] > 0).sum()) - target)
-            drop = lines[torch.randperm(len(lines), generator=rng)[:n_drop]]
-            out[b, drop] = 0.0
-        return out.view_as(mask)
-
-    def _maps(self, state: State, height: int, width: int, device) -> torch.Tensor:
-        return self.maps_bank(height, width, device)[state["maps_index"].to(device).long()]
-
-    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
-        b, _, h, w = x.shape
-        maps = self._maps(state, h, w, x.device)
-        k = fft2c(maps * to_complex(x)[:, None]) * state["mask"].to(x.device)
-        return torch.view_as_real(k).permute(0, 1, 4, 2, 3).reshape(b, 2 * self.n_coils, h, w).to(x.dtype)
-
-    def adjoint(self, y: torch.Tensor, state: State) -> torch.Tensor:
-        b, _, h, w = y.shape
-        k = y.float().reshape(b, self.n_coils, 2, h, w).permute(0, 1, 3, 4, 2).contiguous()
-        k = torch.view_as_complex(k) * state["mask"].to(y.device)
-        maps = self._maps(state, h, w, y.device)
-        return to_real((maps.conj() * ifft2c(k)).sum(1)).to(y.dtype)
-
-    def first_invalid(self, y, state, atol):
-        index = state["maps_index"]
-        bad = (index < 0) | (index >= self.n_map_variants)
-        if bad.any():
-            return int(bad.nonzero()[0]), f"state 'maps_index' is outside [0, {self.n_map_variants})"
-        return _mask_errors(y, state["mask"], atol, "the k-space line is not sampled")
-
-    def normal(self, x: torch.Tensor, state: State) -> torch.Tensor:
-        """P_M x = A^H A x, the image-to-image map used by the Fourier-space Ambient objective."""
-        return self.adjoint(self.forward(x, state), state)
-
-    def noise(self, y, rng, state):
-        # Only sampled k-space lines are measured.
-        return super().noise(y, rng, state) * state["mask"].to(y.dtype)

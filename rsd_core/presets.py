@@ -28,7 +28,8 @@ from rsd_core.config import (
     TrackingSettings,
     TrainConfig,
 )
-from rsd_core.operators import InpaintSpec, MRISpec
+from rsd_core.mri import MRISpec
+from rsd_core.operators import InpaintSpec
 
 
 class ConfigError(ValueError):

@@ -28,8 +28,9 @@ from rsd_core.frechet import (
 )
 from rsd_core.inception import InceptionExtractor
 from rsd_core.kinds import get_kind
+from rsd_core.mri import to_complex
 from rsd_core.objectives import Objective
-from rsd_core.operators import Operator, to_complex
+from rsd_core.operators import Operator
 from rsd_core.sampling import edm_time_steps, heun_sample, truncation_index, truncation_nfe
 from rsd_core.ssl_features import SelfSupervisedExtractor, SSLRecipe
 from rsd_core.stages import (
@@ -349,7 +350,7 @@ def select_stage(
     sampler = generator_from_checkpoint(chosen_path, teacher_dir)
     gen_card = generator_card(read_card(teacher_dir), checkpoint_distill_config(chosen_path), chosen.step or 0,
                               {"proximal_fd": chosen.proximal_fd}, card.code_version)
-    generator_dir = save_model(out_dir / "selected", sampler.net, gen_card)
+    generator_dir = save_model(out_dir / "selected", sampler.net, gen_card, objective.operator)
 
     student = sampler.sample(24, seed=seed + 7)
     teacher_best = by_level[best_teacher.sigma_stop or 0.0][:24]

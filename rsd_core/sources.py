@@ -285,7 +285,8 @@ def corrupt(
                            f"clean_eval_split), got {clean_eval_count}")
     op = build_operator(spec)
     name = f"{src.name}-{split}-{spec.kind}"
-    provenance = {**src.provenance, "split": split, "limit": limit, "corrupt_batch": _CORRUPT_BATCH}
+    provenance = {**src.provenance, "split": split, "limit": limit, "corrupt_batch": _CORRUPT_BATCH,
+                  **op.simulation_provenance()}
     clean_ref = None
     if clean_eval_count:
         write_dataset(
@@ -304,8 +305,9 @@ def corrupt(
     def observed() -> Iterator[WriteBatch]:
         rng = torch.Generator().manual_seed(seed)
         for images, _, labels in _clean_batches(src, count):
-            state = op.sample_state(len(images), src.image_shape, rng)
-            yield op.observe(images, state, rng), state, labels
+            state = op.simulation_state(len(images), src.image_shape, rng)
+            y = op.observe(images, state, rng)
+            yield y, op.recorded_state(y, state), labels
 
     return write_dataset(
         out_uri,
@@ -437,7 +439,7 @@ def import_corrupted(
     image_shape = _infer_image_shape(spec, obs_shape)
     # Each state row must have the shape the operator draws for one image of this shape (a mask of another
     # size would otherwise surface as a tensor-size error from inside the consistency check).
-    needed = {k: tuple(v.shape[1:]) for k, v in operator.sample_state(1, image_shape).items()}
+    needed = {k: shape for k, (shape, _) in operator.state_shapes(image_shape).items()}
     for key, values in states.items():
         if key in needed and tuple(values.shape[1:]) != needed[key]:
             raise DatasetError(f"{(state or {})[key]}: state '{key}' has rows of shape {tuple(values.shape[1:])}; "

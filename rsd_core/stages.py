@@ -22,10 +22,14 @@ from rsd_core.distill import DistillPhase, OneStepGenerator, distill
 from rsd_core.kinds import build_operator, default_sigma_stop, objective_for
 from rsd_core.networks import EDMPrecond
 from rsd_core.objectives import Objective
+from rsd_core.operators import Operator
 from rsd_core.pretrain import build_teacher, pretrain_teacher
 from rsd_core.sampling import OneStepSampler, Sampler, TeacherSampler
 from rsd_core.training import CheckpointCallback, MetricsCallback, TrainResult, load_module_weights, world
 
+POOL_FILE = "operator_pool.safetensors"
+# A saved model folder's files (the pool only where the operator draws from observed states).
+MODEL_FILES = ("model.json", "model.safetensors", POOL_FILE)
 # Where each stage keeps its training state under its ``out_dir`` (checkpoints in ``<dir>/checkpoints``).
 PRETRAIN_DIR = "pretrain"
 DISTILL_DIR = "distill"
@@ -47,14 +51,17 @@ class ModelCard(Spec):
     code_version: str = ""
 
 
-def save_model(folder: str | Path, net: torch.nn.Module, card: ModelCard) -> Path:
-    """Write the model folder (rank 0 only under data parallelism: the replicas are identical)."""
+def save_model(folder: str | Path, net: torch.nn.Module, card: ModelCard, operator: Operator | None = None) -> Path:
+    """Write the model folder (rank 0 only under data parallelism: the replicas are identical), with the
+    operator's pool of observed states where it draws fresh states from one (per-scan coil maps)."""
     folder = Path(folder)
     if world()[0] != 0:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     save_file(tensors, str(folder / "model.safetensors"))
+    if operator is not None and operator.pool is not None:
+        save_file(operator.pool, str(folder / POOL_FILE))
     (folder / "model.json").write_text(card.model_dump_json(indent=1))
     return folder
 
@@ -72,10 +79,17 @@ def build_network(card: ModelCard) -> tuple[EDMPrecond, Objective]:
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[EDMPrecond, Objective, ModelCard]:
-    """Rebuild a saved model's network (weights from safetensors) with its objective and card."""
+    """Rebuild a saved model's network (weights from safetensors) with its objective (its operator's pool of
+    observed states attached, where it has one) and card."""
     card = read_card(folder)
     net, objective = build_network(card)
     net.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
+    if objective.operator.pool_keys:
+        pool = Path(folder) / POOL_FILE
+        if not pool.exists():
+            raise FileNotFoundError(f"{pool} not found: a '{card.operator.kind}' model with observed per-sample "
+                                    "state keeps the observed states it draws from there")
+        objective.operator.attach_pool(load_file(str(pool)))
     return net.to(device).eval().requires_grad_(False), objective, card
 
 
@@ -110,7 +124,7 @@ def pretrain_stage(
     source = StreamSource(ds, seed=train.seed, shuffle_buffer=train.shuffle_buffer, workers=train.data_workers)
     if network.img_channels != image_shape[0] or network.img_resolution != image_shape[-1]:
         network = network.model_copy(update={"img_channels": image_shape[0], "img_resolution": image_shape[-1]})
-    objective = objective_for(build_operator(spec))
+    objective = objective_for(ds.operator)
     torch.manual_seed(train.seed)
     net = build_teacher(network, objective)
     config = {"network": network.model_dump(), "train": train.model_dump(), "dataset_uri": dataset_uri}
@@ -119,7 +133,7 @@ def pretrain_stage(
     card = ModelCard(kind="teacher", network=network, operator=spec, image_shape=image_shape,
                      objective=objective.name, sigma_stop=default_sigma_stop(spec), dataset_fingerprint=fingerprint,
                      steps=result.steps, metrics=result.metrics, code_version=code_version)
-    return save_model(Path(out_dir) / "teacher", phase.ema, card), result
+    return save_model(Path(out_dir) / "teacher", phase.ema, card, objective.operator), result
 
 
 def distill_stage(
@@ -140,7 +154,8 @@ def distill_stage(
     phase, result = distill(teacher, objective, card.image_shape, train, dcfg, Path(out_dir) / DISTILL_DIR,
                             callback=callback, config=config, progress=progress, on_checkpoint=on_checkpoint)
     gen_card = generator_card(card, dcfg, result.steps, result.metrics, code_version)
-    return save_model(Path(out_dir) / "generator", phase.generator_ema.net, gen_card), result, phase
+    return (save_model(Path(out_dir) / "generator", phase.generator_ema.net, gen_card, objective.operator), result,
+            phase)
 
 
 def generator_card(teacher_card: ModelCard, dcfg: DistillConfig, steps: int, metrics: dict, code_version: str = ""):

@@ -38,13 +38,13 @@ from rsd_core.data import expected_state
 from rsd_core.encoder import load_encoder
 from rsd_core.kinds import build_operator
 from rsd_core.restore import RestoreConfig, load_generator, restore_observations
-from rsd_core.stages import read_card
+from rsd_core.stages import MODEL_FILES, read_card
 from tasks.request_limits import RequestLimits
 from tasks.serving import answers_errors, observation_inputs
 
 ENCODER_FILE = "restorer.safetensors"
 SETTINGS_FILE = "restore.json"
-GENERATOR_FILES = ("model.json", "model.safetensors", "card.json")
+GENERATOR_FILES = (*MODEL_FILES, "card.json")
 TAG_GENERATOR = "rsd.generator"  # "<name>/<version>" of the generator it was fitted for
 TAG_FINGERPRINT = "rsd.dataset_fingerprint"
 TAG_SETTINGS = "rsd.restore_settings"  # settings_hash of the RestoreConfig

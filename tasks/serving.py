@@ -49,7 +49,7 @@ from rsd_core.export import CARD_FILE, ONNX_FILE, draw_card_inputs, draw_inputs,
 from rsd_core.kinds import build_operator
 from rsd_core.operators import State
 from rsd_core.restore import LATENT_OPTIMISATION, RestoreConfig, restore_with_model
-from rsd_core.stages import ModelCard, read_card
+from rsd_core.stages import MODEL_FILES, ModelCard, read_card
 from tasks.request_limits import RequestLimits
 
 EXTRA_FILES = "extra_files"
@@ -76,7 +76,7 @@ def save_model(path: str, mlflow_model: Model, export_dir: str | Path) -> None:
     inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *x.shape[1:]), name)
                      for name, x in zip(module.input_names(), example, strict=True)])
     outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *card.image_shape), "images")])
-    files = [Path(export_dir) / f for f in (ONNX_FILE, CARD_FILE, "model.json", "model.safetensors")]
+    files = [Path(export_dir) / f for f in (ONNX_FILE, CARD_FILE, *MODEL_FILES)]
     extra = [str(f) for f in files if f.exists()]  # no ONNX file when the export formats leave it out
     mlflow.pytorch.save_model(module, path, mlflow_model=mlflow_model, input_example=example,
                               signature=ModelSignature(inputs, outputs), serialization_format="pt2",

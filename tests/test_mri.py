@@ -17,8 +17,8 @@ from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig
 from rsd_core.distill import DistillPhase, OneStepGenerator
 from rsd_core.export import PT2_FILE, ExportError, draw_inputs, export_generator, input_law, load_exportable
 from rsd_core.kinds import build_operator, objective_for
+from rsd_core.mri import MRISpec
 from rsd_core.objectives import FourierAmbientObjective, edm_weight
-from rsd_core.operators import MRISpec
 from rsd_core.presets import ConfigError, build_config
 from rsd_core.pretrain import build_teacher
 from rsd_core.sampling import TeacherSampler
@@ -313,23 +313,31 @@ def test_cpu_mri_preset_follows_the_spec_rules():
 
 
 @pytest.mark.slow  # 3.4-6.3 minutes measured on a shared 2-core machine: Inception features on a CPU, the SSL encoder
-def test_mri_benchmark_at_a_toy_budget(tmp_path, capsys):
+@pytest.mark.parametrize("maps", ["bank", "estimated"])
+def test_mri_benchmark_at_a_toy_budget(tmp_path, capsys, maps):
     from benchmarks import mri
     from benchmarks.report import RESULTS_DIR
 
     published = [mri.DOC, RESULTS_DIR / "mri.json", *mri.FIGURES.glob("mri_*.png")]
     before = {f: f.read_bytes() for f in published if f.exists()}
     argv = ["--budget", "0.05", "--distill-budget", "0.1", "--n-eval", "8", "--limit", "64", "--checkpoint-every",
-            "2", "--quiet", "--no-publish", "--threads", "1", "--out", str(tmp_path)]
+            "2", "--quiet", "--no-publish", "--threads", "1", "--out", str(tmp_path), "--maps", maps]
     result = mri.main(argv)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
     (row,) = result["rows"]
+    folder = tmp_path / ("R4" if maps == "bank" else "R4-estimated")
+    assert row["maps"] == maps and row["acs_lines"] == (2 if maps == "bank" else 6)
+    if maps == "estimated":  # the stored maps are ESPIRiT's estimates, not a bank index
+        manifest = json.loads((folder / "data" / "manifest.json").read_text())
+        assert manifest["operator"]["coil_maps"] == "observed" and "maps" in manifest["state_keys"]
+        assert (folder / "generator" / "operator_pool.safetensors").exists()
+        return
     assert row.keys() >= {"R", "teacher_fd", "teacher_sampler", "student_fd", "proximal_fd", "extractor",
                           "budget_minutes"}
     assert row["R"] == 4 and row["budget_minutes"] == 0.05 and row["paper_rsd_fid"] == 10.71
     assert row["teacher_fd"] == min(row["teacher_fd_full"], row["teacher_fd_truncated"])
     assert "Inception" in row["extractor"] and "self-supervised" in row["proximal_extractor"]
-    assert result["grids"] == [row["grid"]] and (tmp_path / "R4" / "selection-self-supervised").is_dir()
+    assert result["grids"] == [row["grid"]] and (folder / "selection-self-supervised").is_dir()
     assert json.loads((tmp_path / "mri.json").read_text()) == json.loads(json.dumps(result))
     again = mri.main(argv)  # every phase is reused: the same numbers and recorded wall times
     assert again["rows"] == result["rows"]
