@@ -26,9 +26,10 @@ class NetworkConfig(Spec):
     img_resolution: int = 32
     img_channels: int = 1
     model_channels: int = 32
-    channel_mult: tuple[int, ...] = (1, 2, 4)
+    # Lists, not tuples: Flyte types list fields of the configs its tasks pass, and warns about tuple ones.
+    channel_mult: list[int] = Field([1, 2, 4], min_length=1)
     num_blocks: int = 1
-    attn_resolutions: tuple[int, ...] = (8,)
+    attn_resolutions: list[int] = [8]
     dropout: float = 0.0
     sigma_data: float = 0.5
 
@@ -99,7 +100,7 @@ class TrainConfig(LoopConfig):
     """Teacher pretraining's loop: one Adam optimiser, and the observations streamed from the dataset."""
 
     lr: float = 7e-4
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: list[float] = Field([0.9, 0.999], min_length=2, max_length=2)
     grad_clip: float | None = 1.0
     # Streaming from a dataset's shards: DataLoader worker processes that read and prefetch (0 = read in
     # the training process) and the rows each reader shuffles at a time.
@@ -148,8 +149,8 @@ class DistillConfig(Spec):
     loss_scaling_g: float = 100.0
     lr_fake: float = 5e-5
     lr_generator: float = 5e-5
-    betas_fake: tuple[float, float] = (0.0, 0.999)
-    betas_generator: tuple[float, float] = (0.0, 0.999)
+    betas_fake: list[float] = Field([0.0, 0.999], min_length=2, max_length=2)
+    betas_generator: list[float] = Field([0.0, 0.999], min_length=2, max_length=2)
     grad_clip_fake: float | None = 1.0
     grad_clip_generator: float | None = None
     # Two choices where the RSD reference loops differ from Ambient Diffusion's objective (docs/algorithms.md §7,
@@ -288,7 +289,7 @@ class ExportSettings(Spec):
     """Portable formats the selected generator is exported to (the ``export_model`` task); each
     operator kind declares the formats it supports (rsd_core.kinds), checked before training."""
 
-    formats: tuple[Literal["onnx", "pt2"], ...] = EXPORT_FORMATS
+    formats: list[Literal["onnx", "pt2"]] = Field(default_factory=lambda: list(EXPORT_FORMATS))
 
 
 class PipelineConfig(Spec):

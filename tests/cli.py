@@ -9,9 +9,14 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
-def rsd(env: dict[str, str], *args: str, timeout: float = 300) -> str:
-    """Run ``rsd *args`` in ``env`` (cwd = its TMPDIR); its stdout, or a failure showing both streams."""
+def rsd_streams(env: dict[str, str], *args: str, timeout: float = 300) -> tuple[str, str]:
+    """Run ``rsd *args`` in ``env`` (cwd = its TMPDIR); (stdout, stderr), or a failure showing both."""
     proc = subprocess.run([str(BIN / "rsd"), *args], env=env, cwd=env["TMPDIR"], capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout
+    return proc.stdout, proc.stderr
+
+
+def rsd(env: dict[str, str], *args: str, timeout: float = 300) -> str:
+    """Run ``rsd *args`` in ``env`` (cwd = its TMPDIR); its stdout, or a failure showing both streams."""
+    return rsd_streams(env, *args, timeout=timeout)[0]

@@ -156,7 +156,7 @@ def test_config_that_cannot_export_is_refused_before_training():
     with pytest.raises(ConfigError, match="operator kind 'mri' cannot be exported as onnx \\(it exports to: pt2\\)"):
         build_config("cpu-smoke", overrides=["data.operator={kind: mri}", "network.img_channels=2"])
     config = build_config("cpu-smoke", overrides=["data.operator={kind: mri}", "export.formats=[pt2]"])
-    assert config.export.formats == ("pt2",)
+    assert config.export.formats == ["pt2"]
 
 
 def test_a_kind_name_is_registered_once():

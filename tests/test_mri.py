@@ -308,7 +308,7 @@ def test_cpu_mri_preset_follows_the_spec_rules():
     further = op.further_mask(state["mask"], None)
     assert (state["mask"].view(64, 32).sum(1) == 8).all() and (further.view(64, 32).sum(1) == 6).all()
     assert (further.view(64, 32)[:, 15:17] == 1).all()  # ACS: 2 of 32 central columns, as 20 of 320
-    assert config.data.clean_eval_split == "test" and config.export.formats == ("pt2",)
+    assert config.data.clean_eval_split == "test" and config.export.formats == ["pt2"]
     assert config.selection.extractor == "self-supervised"
 
 

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 from rsd_core.presets import PRESETS, ConfigError, build_config  # noqa: E402
 from rsd_core.training import ema_beta  # noqa: E402
-from tests.cli import BIN, rsd  # noqa: E402
+from tests.cli import BIN, rsd, rsd_streams  # noqa: E402
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -38,7 +38,7 @@ def test_cpu_demo_follows_the_cpu_scale_notes():
     demo = build_config("cpu-demo")
     assert demo.data.operator.kind == "inpaint" and demo.data.operator.p == 0.6
     assert demo.distill.lr_generator == demo.distill.lr_fake == 5e-5
-    assert demo.distill.betas_generator == demo.distill.betas_fake == (0.0, 0.999)
+    assert demo.distill.betas_generator == demo.distill.betas_fake == [0.0, 0.999]
     assert demo.distill_train.batch_size == 32
     assert demo.teacher_train.time_budget_s + demo.distill_train.time_budget_s <= 11 * 60
     # The generator EMA averages over >= 50 iterations by ~300 (6 CPU minutes): EDM's 5% ramp-up gave ~15.
@@ -110,9 +110,22 @@ def scratch(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def first_run(scratch):
+def first_run_streams(scratch):
     root, env = scratch
-    return root / "out", rsd(env, "run", "--preset", "cpu-smoke", "--out", str(root / "out"))
+    return root / "out", *rsd_streams(env, "run", "--preset", "cpu-smoke", "--out", str(root / "out"))
+
+
+@pytest.fixture(scope="module")
+def first_run(first_run_streams):
+    return first_run_streams[:2]
+
+
+def test_run_prints_no_flytekit_type_warnings(first_run_streams):
+    """The configs the tasks pass are typed by Flyte field by field: no "cannot be converted" warnings
+    (a tuple field brings back one per task that takes the config)."""
+    _, stdout, stderr = first_run_streams
+    output = stdout + stderr
+    assert "Transformer for type" not in output and "cannot be converted to a literal type" not in output
 
 
 def client_for(out: Path):
