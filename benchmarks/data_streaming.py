@@ -40,7 +40,7 @@ def make_dataset(uri: str, n: int, seed: int = 0) -> float:
     """Write ``n`` random observations in batches of 8192 (never all in memory); seconds taken."""
     import torch
 
-    from rsd_core.data import write_dataset
+    from rsd_core.data.writer import write_dataset
     from rsd_core.kinds import build_operator
 
     op = build_operator(SPEC)
@@ -63,10 +63,10 @@ def train(uri: str, mode: str, steps: int) -> dict:
     import torch
 
     from rsd_core.config import NetworkConfig, TrainConfig
-    from rsd_core.data import open_dataset
+    from rsd_core.data.reader import open_dataset
     from rsd_core.kinds import build_operator, objective_for
-    from rsd_core.pretrain import TensorSource, build_teacher, pretrain_teacher
     from rsd_core.stages import pretrain_stage
+    from rsd_core.train.pretrain import TensorSource, build_teacher, pretrain_teacher
 
     torch.set_num_threads(1)
     net_cfg = NetworkConfig(model_channels=16, channel_mult=(1, 2), attn_resolutions=())

@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.restoration import write_result
-from rsd_core.classifier import ClassifierExtractor
 from rsd_core.config import DistillConfig, DistillTrainConfig
-from rsd_core.frechet import compute_stats, frechet_distance
+from rsd_core.data.sources import fashion_mnist
 from rsd_core.presets import CPU_DISTILL_EMA_HALFLIFE_NIMG, CPU_DISTILL_EMA_RAMPUP_RATIO
-from rsd_core.restore import load_generator
-from rsd_core.selection import feature_images, quantise
-from rsd_core.sources import fashion_mnist
+from rsd_core.restore.estimate import load_generator
+from rsd_core.select.classifier import ClassifierExtractor
+from rsd_core.select.frechet import compute_stats, frechet_distance
+from rsd_core.select.selection import feature_images, quantise
 from rsd_core.stages import distill_stage
 
 VARIANTS = {  # explicit settings: the comparison must not move when a default does

@@ -35,10 +35,11 @@ import torch
 
 from benchmarks.report import RESULTS_DIR, emit
 from benchmarks.restoration import TASKS
-from rsd_core.classifier import ClassifierExtractor
-from rsd_core.data import CorruptedDataset, open_dataset
-from rsd_core.frechet import FeatureStats, cached_reference_stats, spearman
-from rsd_core.selection import (
+from rsd_core.data.reader import CorruptedDataset, open_dataset
+from rsd_core.data.sources import get_source
+from rsd_core.select.classifier import ClassifierExtractor
+from rsd_core.select.frechet import FeatureStats, cached_reference_stats, spearman
+from rsd_core.select.selection import (
     EXTRACTORS,
     clean_reference,
     feature_images,
@@ -49,10 +50,9 @@ from rsd_core.selection import (
     self_supervised_extractor,
     teacher_truncation_samples,
 )
-from rsd_core.sources import get_source
-from rsd_core.ssl_features import SSLRecipe
+from rsd_core.select.ssl_features import SSLRecipe
 from rsd_core.stages import DISTILL_DIR, generator_from_checkpoint, load_model
-from rsd_core.training import list_checkpoints
+from rsd_core.train.loop import list_checkpoints
 
 DEFAULT_EXTRACTORS = ("self-supervised", "classifier-corrupted", "classifier")
 

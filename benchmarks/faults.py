@@ -79,7 +79,7 @@ def write_tiny_dataset(uri: str, n: int = 40, storage_options: dict | None = Non
     """A valid 3-shard dataset (16 + 16 + 8 rows) at ``uri``; returns its manifest."""
     import torch
 
-    from rsd_core.data import write_dataset
+    from rsd_core.data.writer import write_dataset
 
     spec, y, state = tiny_arrays(n)
     return write_dataset(uri, y, state, torch.arange(n) % 10, name="tiny", image_shape=(1, 8, 8), operator=spec,
@@ -318,7 +318,7 @@ def kill_and_resume(work: Path) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from rsd_core.training import list_checkpoints
+    from rsd_core.train.loop import list_checkpoints
 
     dataset = work / "data"
     write_tiny_dataset(str(dataset))
@@ -389,8 +389,8 @@ def nan_scenarios(work: Path) -> Iterator[Row]:
 
     from rsd_core.config import NetworkConfig, TrainConfig
     from rsd_core.kinds import build_operator, objective_for
-    from rsd_core.pretrain import PretrainPhase, TensorSource, build_teacher, pretrain_teacher
-    from rsd_core.training import TrainingDivergedError, list_checkpoints, load_checkpoint
+    from rsd_core.train.loop import TrainingDivergedError, list_checkpoints, load_checkpoint
+    from rsd_core.train.pretrain import PretrainPhase, TensorSource, build_teacher, pretrain_teacher
 
     spec, y, state = tiny_arrays(64)
     objective = objective_for(build_operator(spec))
@@ -506,7 +506,8 @@ def s3_scenarios(work: Path) -> Iterator[Row]:
     """Wrong credentials, a missing bucket, a shard deleted mid-read, an interrupted write."""
     import fsspec
 
-    from rsd_core.data import DatasetError, open_dataset
+    from rsd_core.data.manifest import DatasetError
+    from rsd_core.data.reader import open_dataset
 
     sys.path.insert(0, str(ROOT))
     from tests.servers import start_seaweedfs, stop_process
@@ -547,7 +548,8 @@ def s3_scenarios(work: Path) -> Iterator[Row]:
 
 def s3_wrong_credentials(uri: str, bad_options: dict) -> Row:
     """Reading with a wrong secret must fail with an error that names the URI."""
-    from rsd_core.data import DatasetError, open_dataset
+    from rsd_core.data.manifest import DatasetError
+    from rsd_core.data.reader import open_dataset
 
     try:
         open_dataset(uri, bad_options).read_all()
@@ -562,7 +564,9 @@ def s3_wrong_credentials(uri: str, bad_options: dict) -> Row:
 
 def s3_interrupted_write(uri: str, options: dict, fs: Any) -> Row:
     """A producer that dies after 2 of 5 batches: shards may exist, a manifest must not."""
-    from rsd_core.data import DatasetError, open_dataset, write_dataset
+    from rsd_core.data.manifest import DatasetError
+    from rsd_core.data.reader import open_dataset
+    from rsd_core.data.writer import write_dataset
 
     spec, y, state = tiny_arrays(40)
 

@@ -19,7 +19,7 @@ import numpy as np
 import scipy.linalg
 
 from benchmarks.report import emit
-from rsd_core.frechet import FeatureStats, frechet_distance
+from rsd_core.select.frechet import FeatureStats, frechet_distance
 
 
 def sqrtm_distance(s1: FeatureStats, s2: FeatureStats) -> float:

@@ -43,6 +43,7 @@ import torch
 from benchmarks.report import add_work_args, replace_block
 from benchmarks.scoring import Scorer, floor_distances, score_student, score_teacher
 from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, OperatorSpec, TrainConfig
+from rsd_core.data.sources import corrupt
 from rsd_core.operators import IdentitySpec, InpaintSpec
 from rsd_core.presets import (
     CPU_DISTILL_EMA_HALFLIFE_NIMG,
@@ -53,7 +54,6 @@ from rsd_core.presets import (
     CPU_MRI_TEACHER,
     cpu_mri_operator,
 )
-from rsd_core.sources import corrupt
 from rsd_core.stages import (
     DISTILL_DIR,
     PRETRAIN_DIR,
@@ -61,7 +61,7 @@ from rsd_core.stages import (
     pretrain_stage,
     read_card,
 )
-from rsd_core.training import list_checkpoints
+from rsd_core.train.loop import list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "docs" / "figures"

@@ -41,7 +41,8 @@ from benchmarks.restoration import (
     timed_phase,
     write_result,
 )
-from rsd_core.mri import MRISpec
+from rsd_core.data.sources import brain_mri, corrupt
+from rsd_core.operators.mri import MRISpec
 from rsd_core.presets import (
     CPU_MRI_DISTILL,
     CPU_MRI_DISTILL_TRAIN,
@@ -49,8 +50,7 @@ from rsd_core.presets import (
     CPU_MRI_TEACHER,
     cpu_mri_operator,
 )
-from rsd_core.selection import EXTRACTORS
-from rsd_core.sources import brain_mri, corrupt
+from rsd_core.select.selection import EXTRACTORS
 from rsd_core.stages import distill_stage, pretrain_stage
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,9 +34,9 @@ import torch
 from benchmarks.report import RESULTS_DIR, emit
 from benchmarks.scoring import Scorer, floor_distances, score_teacher
 from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, TrainConfig
+from rsd_core.data.sources import corrupt, fashion_mnist
 from rsd_core.presets import CPU_DISTILL_EMA_HALFLIFE_NIMG, CPU_DISTILL_EMA_RAMPUP_RATIO
-from rsd_core.selection import EXTRACTORS, CandidateScore, SelectionResult, select_stage
-from rsd_core.sources import corrupt, fashion_mnist
+from rsd_core.select.selection import EXTRACTORS, CandidateScore, SelectionResult, select_stage
 from rsd_core.stages import distill_stage, pretrain_stage, read_card
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"   teacher FD {r['teacher_fd']:.1f} ({r['teacher_sampler']}), full {r['teacher_fd_full']:.1f}; "
               f"student FD {r['student_fd']:.1f} ({r['student_over_teacher']:.2f}x); proximal {r['proximal_fid']:.2f}",
               flush=True)
-    from rsd_core.classifier import ClassifierExtractor
+    from rsd_core.select.classifier import ClassifierExtractor
 
     refs = {**references(args), "date": datetime.date.today().isoformat()}
     rows = with_references(rows, refs)

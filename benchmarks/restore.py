@@ -5,7 +5,7 @@
 For every task, the first ``--n-images`` Fashion-MNIST *test* images (never seen in training;
 brain-MRI test slices for ``mri-r4``) are corrupted by the task's operator with a fixed seed,
 then restored by
-- ``ambient-posterior-net``: the amortised posterior-mean network (rsd_core.encoder, target "image") fitted
+- ``ambient-posterior-net``: the amortised posterior-mean network (rsd_core.restore.encoder, target "image") fitted
   once on the task's *training* observations (``DIR/<task>/data``: corrupted, no clean image), each split
   into an input and held-out measurements by the operator's further mask (fit_on "observations"; only
   operators that have one: inpainting, MRI), then one pass per image (mean and spread); its fit time is
@@ -18,8 +18,8 @@ then restored by
 - ``generator-single-pass``: the latent encoder with one restart (one encoder and one generator pass per image);
 - ``generator-latent-opt``: latent optimisation from noise through the one-step generator (``LATENT_OPTIMISATION``:
   30 Adam steps x 4 restarts, the serving path);
-- ``teacher-dps``: diffusion posterior sampling with the teacher (rsd_core.posterior);
-- ``classical``: the operator's classical estimate (rsd_core.baselines);
+- ``teacher-dps``: diffusion posterior sampling with the teacher (rsd_core.restore.posterior);
+- ``classical``: the operator's classical estimate (rsd_core.restore.baselines);
 and scored with PSNR and SSIM against the clean images ([0, 1] scale; MRI: magnitudes, range per
 image) and seconds per image (wall time of the method on the same images, same run, batched,
 ``--threads`` torch threads). The ``generator`` row repeats the row of the method that
@@ -56,19 +56,18 @@ from benchmarks.mri import train_mri_models
 from benchmarks.report import emit
 from benchmarks.restoration import TASKS as TRAINING_TASKS
 from benchmarks.restoration import train_models
-from rsd_core.baselines import (
+from rsd_core.data.reader import open_dataset
+from rsd_core.data.sources import brain_mri, fashion_mnist
+from rsd_core.kinds import build_operator
+from rsd_core.restore.baselines import (
     LSQ_ITERS,
     LSQ_LAMBDA_FLOOR,
     LSQ_LAMBDA_PER_VARIANCE,
     WIENER_NSR_PER_VARIANCE,
     classical_estimate,
 )
-from rsd_core.data import open_dataset
-from rsd_core.encoder import EncoderConfig, load_encoder, save_encoder
-from rsd_core.image_metrics import psnr, ssim
-from rsd_core.kinds import build_operator
-from rsd_core.posterior import DPSConfig, dps_restore
-from rsd_core.restore import (
+from rsd_core.restore.encoder import EncoderConfig, load_encoder, save_encoder
+from rsd_core.restore.estimate import (
     LATENT_OPTIMISATION,
     LATENT_RESTARTS,
     RestoreConfig,
@@ -76,7 +75,8 @@ from rsd_core.restore import (
     load_generator,
     restore_observations,
 )
-from rsd_core.sources import brain_mri, fashion_mnist
+from rsd_core.restore.image_metrics import psnr, ssim
+from rsd_core.restore.posterior import DPSConfig, dps_restore
 from rsd_core.stages import load_model, read_card
 from rsd_core.viz import save_grid, to_display
 

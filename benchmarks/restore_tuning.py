@@ -22,12 +22,12 @@ import torch
 
 from benchmarks.report import RESULTS_DIR
 from benchmarks.restore import ROOT, observe, scores
+from rsd_core.data.sources import fashion_mnist
 from rsd_core.kinds import build_operator
-from rsd_core.posterior import DPSConfig, dps_restore
-from rsd_core.restore import LATENT_OPTIMISATION, restore_observations
-from rsd_core.sampling import OneStepSampler
-from rsd_core.sources import fashion_mnist
+from rsd_core.restore.estimate import LATENT_OPTIMISATION, restore_observations
+from rsd_core.restore.posterior import DPSConfig, dps_restore
 from rsd_core.stages import load_model
+from rsd_core.train.sampling import OneStepSampler
 
 VALIDATION_START = 59_000
 

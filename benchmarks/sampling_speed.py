@@ -20,9 +20,9 @@ import torch
 from benchmarks.report import emit
 from rsd_core.config import NetworkConfig
 from rsd_core.kinds import build_operator, objective_for
-from rsd_core.pretrain import build_teacher
-from rsd_core.sampling import OneStepSampler, TeacherSampler
-from rsd_core.training import resolve_device, use_bf16
+from rsd_core.train.loop import resolve_device, use_bf16
+from rsd_core.train.pretrain import build_teacher
+from rsd_core.train.sampling import OneStepSampler, TeacherSampler
 
 
 def main(argv: list[str] | None = None) -> dict:

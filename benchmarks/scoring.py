@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rsd_core.frechet import FeatureExtractor, FeatureStats, frechet_distance
-from rsd_core.kid import kernel_distance
-from rsd_core.sampling import truncation_nfe
-from rsd_core.selection import (
+from rsd_core.data.sources import get_source
+from rsd_core.select.frechet import FeatureExtractor, FeatureStats, frechet_distance
+from rsd_core.select.kid import kernel_distance
+from rsd_core.select.selection import (
     corrupted_view,
     evaluation_extractor,
     feature_images,
@@ -25,8 +25,8 @@ from rsd_core.selection import (
     quantise,
     teacher_truncation_samples,
 )
-from rsd_core.sources import get_source
 from rsd_core.stages import load_model, read_card, sampler_for
+from rsd_core.train.sampling import truncation_nfe
 from rsd_core.viz import save_grid
 
 
@@ -42,7 +42,7 @@ class Scorer:
     cache: Path
 
     def __post_init__(self):
-        from rsd_core.data import open_dataset
+        from rsd_core.data.reader import open_dataset
 
         ds = open_dataset(self.dataset)
         self.operator = ds.operator
@@ -109,7 +109,7 @@ def floor_distances(dataset: str, source: str, split: str, seed: int, cache: Pat
                     image_size: int | None = None) -> dict:
     """The floor: FD / KID between a dataset's clean evaluation images and as many clean images of ``split`` of
     its ``source`` (disjoint from them: another split, or another subject), on the evaluation features."""
-    from rsd_core.data import open_dataset
+    from rsd_core.data.reader import open_dataset
 
     ds = open_dataset(dataset)
     true = evaluation_extractor(ds.manifest.image_shape[0])

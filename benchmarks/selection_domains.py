@@ -16,7 +16,7 @@ draw ``--n-eval`` samples from one seed and are scored by
 
 * Proximal FD, exactly as ``rsd run`` selects (the self-supervised features learnt from the corrupted
   observations; samples seen through the operator), with its bootstrap interval and the chosen
-  checkpoint's paired difference to the runner-up (rsd_core.fd_interval);
+  checkpoint's paired difference to the runner-up (rsd_core.select.fd_interval);
 * a true FD against clean images with features selection never uses (evaluation only): the Fashion-MNIST
   classifier for Fashion-MNIST, Inception-v3 (TF FID weights) for the brain slices and the patches.
 
@@ -42,12 +42,9 @@ import torch
 
 from benchmarks.long_run import FMNIST_DISTILL_TRAIN, FMNIST_TEACHER
 from benchmarks.report import add_work_args, emit, replace_block
-from rsd_core.classifier import ClassifierExtractor
 from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, OperatorSpec, TrainConfig
-from rsd_core.data import open_dataset
-from rsd_core.fd_interval import fd_interval, features_fd, paired_difference_interval
-from rsd_core.frechet import FeatureExtractor, FeatureStats, spearman
-from rsd_core.inception import InceptionExtractor
+from rsd_core.data.reader import open_dataset
+from rsd_core.data.sources import corrupt
 from rsd_core.operators import InpaintSpec, SuperResSpec
 from rsd_core.presets import (
     CPU_MRI_DISTILL,
@@ -56,7 +53,11 @@ from rsd_core.presets import (
     CPU_MRI_TEACHER,
     cpu_mri_operator,
 )
-from rsd_core.selection import (
+from rsd_core.select.classifier import ClassifierExtractor
+from rsd_core.select.fd_interval import fd_interval, features_fd, paired_difference_interval
+from rsd_core.select.frechet import FeatureExtractor, FeatureStats, spearman
+from rsd_core.select.inception import InceptionExtractor
+from rsd_core.select.selection import (
     SELECTION_RULE,
     CandidateScore,
     choose_checkpoint,
@@ -67,10 +68,9 @@ from rsd_core.selection import (
     self_supervised_extractor,
     teacher_truncation_samples,
 )
-from rsd_core.sources import corrupt
-from rsd_core.ssl_features import SSLRecipe
+from rsd_core.select.ssl_features import SSLRecipe
 from rsd_core.stages import DISTILL_DIR, distill_stage, generator_from_checkpoint, load_model, pretrain_stage
-from rsd_core.training import list_checkpoints
+from rsd_core.train.loop import list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "results.md"
@@ -234,7 +234,7 @@ def score_domain(name: str, domain: Domain, data: Path, work: Path, teacher_dir:
 def agreement(name: str, domain: Domain, rows: list[dict], prox_feats: dict, true_feats: dict, prox_ref, true_ref,
               prox_ext, true_ext, seed: int) -> dict:
     """The agreement summary of one dataset from its scored candidates, for the selection rule of
-    ``rsd run`` (:func:`rsd_core.selection.choose_checkpoint`) and for the plain lowest Proximal FD."""
+    ``rsd run`` (:func:`rsd_core.select.selection.choose_checkpoint`) and for the plain lowest Proximal FD."""
     ckpts = [r for r in rows if r["kind"] == "checkpoint"]
     levels = [r for r in rows if r["kind"] == "teacher"]
     if len(ckpts) < 2:

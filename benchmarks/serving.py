@@ -186,7 +186,7 @@ def load(url: str, proc: subprocess.Popen, body: bytes, clients: int, seconds: f
 
 
 def _observations(dataset: str, rows: int) -> dict[str, list]:
-    from rsd_core.data import open_dataset
+    from rsd_core.data.reader import open_dataset
 
     y, state, _ = open_dataset(dataset).read_all(limit=rows)
     return {"observations": y.tolist(), **{k: v.tolist() for k, v in state.items()}}

@@ -26,13 +26,13 @@ from pydantic import Field
 from torch import nn
 
 from rsd_core.config import DistillConfig, DistillTrainConfig, Spec, TrainConfig
-from rsd_core.distill import DistillPhase
-from rsd_core.networks import build_mlp
-from rsd_core.objectives import AmbientDiffusionObjective, AmbientTweedieObjective, Objective
 from rsd_core.operators import Inpaint, InpaintSpec, Operator, State
-from rsd_core.pretrain import TensorSource, pretrain_teacher
-from rsd_core.sampling import TeacherSampler
-from rsd_core.training import MetricsCallback, Trainer
+from rsd_core.train.distill import DistillPhase
+from rsd_core.train.loop import MetricsCallback, Trainer
+from rsd_core.train.networks import build_mlp
+from rsd_core.train.objectives import AmbientDiffusionObjective, AmbientTweedieObjective, Objective
+from rsd_core.train.pretrain import TensorSource, pretrain_teacher
+from rsd_core.train.sampling import TeacherSampler
 
 SCALES = (3.0, 2.0, 1.5, 1.0)
 BLUR_TAPS = (0.2, 0.6, 0.2)

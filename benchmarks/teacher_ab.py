@@ -30,7 +30,7 @@ from benchmarks.report import add_work_args, emit, replace_block
 from benchmarks.restoration import DOC, TASKS, TEACHER_TRAIN, read_times, timed_phase
 from benchmarks.scoring import Scorer, score_teacher
 from rsd_core.config import NetworkConfig
-from rsd_core.sources import corrupt, fashion_mnist
+from rsd_core.data.sources import corrupt, fashion_mnist
 from rsd_core.stages import pretrain_stage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         r = rows[-1]
         print(f"[teacher_ab] {name}: {r['steps']} steps, {r['images_per_s']:.1f} images/s, FD {r['fd']:.1f} "
               f"({r['sampler']}), KID {r['kid']:.3f} +- {r['kid_std']:.3f}", flush=True)
-    from rsd_core.classifier import ClassifierExtractor
+    from rsd_core.select.classifier import ClassifierExtractor
 
     result = {"task": args.task, "minutes": args.minutes, "n_eval": args.n_eval, "limit": args.limit,
               "extractor": ClassifierExtractor().label, "date": datetime.date.today().isoformat(),

@@ -20,8 +20,8 @@ import torch
 from benchmarks.report import RESULTS_DIR as RESULTS
 from benchmarks.report import emit
 from rsd_core.config import NetworkConfig, TrainConfig
-from rsd_core.data import open_dataset
-from rsd_core.sources import corrupt, fashion_mnist
+from rsd_core.data.reader import open_dataset
+from rsd_core.data.sources import corrupt, fashion_mnist
 from rsd_core.stages import pretrain_stage, sampler_for
 from rsd_core.viz import observations_for_display, save_grid
 

@@ -24,9 +24,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.report import emit
 from rsd_core.config import NetworkConfig, TrainConfig
 from rsd_core.kinds import build_operator, objective_for
-from rsd_core.networks import count_parameters
-from rsd_core.pretrain import PretrainPhase, TensorSource, build_teacher
-from rsd_core.training import StepContext, cpu_supports_bf16, resolve_device, use_bf16
+from rsd_core.train.loop import StepContext, cpu_supports_bf16, resolve_device, use_bf16
+from rsd_core.train.networks import count_parameters
+from rsd_core.train.pretrain import PretrainPhase, TensorSource, build_teacher
 
 MODELS = {
     "cpu-default-32": (NetworkConfig(), 64),

@@ -15,10 +15,12 @@ from typing import Any, Literal, Union, get_args, get_origin
 import torch
 
 from rsd_cli.local import HelpFormatter
-from rsd_core.data import CorruptedDataset, DatasetError, open_dataset, parse_spec
+from rsd_core.data.importer import import_corrupted, load_spec_file
+from rsd_core.data.kspace_import import import_kspace
+from rsd_core.data.manifest import DatasetError, parse_spec
+from rsd_core.data.reader import CorruptedDataset, open_dataset
+from rsd_core.data.sources import SOURCE_NAMES, corrupt
 from rsd_core.kinds import get_kind, registered_kinds
-from rsd_core.kspace_import import import_kspace
-from rsd_core.sources import SOURCE_NAMES, corrupt, import_corrupted, load_spec_file
 from rsd_core.viz import observations_for_display, save_grid
 
 

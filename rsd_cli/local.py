@@ -96,7 +96,7 @@ def raw_outputs(prefix: str | None) -> Iterator[None]:
     from flytekit.core.context_manager import FlyteContextManager
     from flytekit.core.data_persistence import FileAccessProvider
 
-    from rsd_core.data import storage_options_from_env
+    from rsd_core.data.storage import storage_options_from_env
 
     options = storage_options_from_env(prefix)
     s3 = S3Config(endpoint=options.get("client_kwargs", {}).get("endpoint_url"), access_key_id=options.get("key"),

@@ -17,7 +17,7 @@ from pathlib import Path
 from rsd_cli.local import DEFAULT_OUT, HelpFormatter, prepare_outputs, raw_outputs, stale_cache_explained
 from rsd_core.presets import PRESETS, build_config, for_existing_dataset
 
-# The file each export format writes (rsd_core.export), named in the run's summary.
+# The file each export format writes (rsd_core.export.onestep), named in the run's summary.
 EXPORT_FILES = {"onnx": "generator.onnx", "pt2": "generator.pt2"}
 
 def check_local_resources(config, preset: str) -> None:
@@ -42,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
     config = build_config(args.preset, args.config, args.set or [])
     check_local_resources(config, args.preset)
     if args.dataset:
-        from rsd_core.data import open_dataset
+        from rsd_core.data.reader import open_dataset
         from rsd_core.kinds import check_export
 
         # A bad path or manifest, or a kind that cannot export as configured, fails here in one line.
@@ -95,7 +95,7 @@ def _sample_registered(uri: str, n: int, seed: int):
     import mlflow
     import torch
 
-    from rsd_core.export import draw_card_inputs
+    from rsd_core.export.onestep import draw_card_inputs
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     card = json.loads((local / "extra_files" / "card.json").read_text())

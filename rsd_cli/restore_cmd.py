@@ -18,7 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from rsd_cli.local import DEFAULT_OUT, HelpFormatter, prepare_outputs, raw_outputs
-from rsd_core.restore import LATENT_RESTARTS, RestoreConfig
+from rsd_core.restore.estimate import LATENT_RESTARTS, RestoreConfig
 
 _SETTING_HELP = {
     "steps": "Adam steps on the latents (after a latent encoder's start, or from noise with --encoder none)",

@@ -13,8 +13,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from rsd_core.kinds import EXPORT_FORMATS, check_export
-from rsd_core.operator_spec import OperatorSpec, OperatorSpecBase
 from rsd_core.operators import InpaintSpec
+from rsd_core.operators.spec import OperatorSpec, OperatorSpecBase
 from rsd_core.spec import Spec
 
 __all__ = ["EXPORT_FORMATS", "OperatorSpec", "OperatorSpecBase", "Spec"]  # re-exported: config is their front door
@@ -214,7 +214,7 @@ class SelectionSettings(Spec):
     # self-supervised: Proximal FD features learnt from this dataset's own corrupted observations (no labels, no
     # clean images; a few CPU minutes once per dataset, cached), the CPU default. inception: the GPU default.
     # classifier, classifier-corrupted: Fashion-MNIST CNNs trained with clean labels, for evaluation only
-    # (rsd_core.selection.EXTRACTORS). The true FD, where a clean split exists, uses the clean classifier
+    # (rsd_core.select.selection.EXTRACTORS). The true FD, where a clean split exists, uses the clean classifier
     # (Inception on magnitudes for complex MRI images): evaluation only.
     extractor: Literal["self-supervised", "inception", "classifier", "classifier-corrupted"] = "self-supervised"
     seed: int = 0

@@ -2,7 +2,7 @@
 
 A kind declares, in one :class:`OperatorKind`:
 
-* its spec (a subclass of :class:`~rsd_core.operator_spec.OperatorSpecBase` with ``kind: Literal[...]``)
+* its spec (a subclass of :class:`~rsd_core.operators.spec.OperatorSpecBase` with ``kind: Literal[...]``)
   and operator class (which also says how its observations look as images,
   :meth:`~rsd_core.operators.Operator.image_view`, and their provable range);
 * its corruption-aware objective, for noiseless and for noisy measurements (``None`` = noisy
@@ -21,14 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rsd_core.mri import MRI, MRISpec
-from rsd_core.objectives import (
-    AmbientDiffusionObjective,
-    AmbientTweedieObjective,
-    FourierAmbientObjective,
-    Objective,
-)
-from rsd_core.operator_spec import OperatorSpecBase, use_registry
 from rsd_core.operators import (
     Blur,
     BlurSpec,
@@ -39,6 +31,14 @@ from rsd_core.operators import (
     Operator,
     SuperRes,
     SuperResSpec,
+)
+from rsd_core.operators.mri import MRI, MRISpec
+from rsd_core.operators.spec import OperatorSpecBase, use_registry
+from rsd_core.train.objectives import (
+    AmbientDiffusionObjective,
+    AmbientTweedieObjective,
+    FourierAmbientObjective,
+    Objective,
 )
 
 EXPORT_FORMATS = ("onnx", "pt2")  # every format a generator can be exported to; a kind names its subset
@@ -139,6 +139,6 @@ register_kind(OperatorKind(InpaintSpec, Inpaint, AmbientDiffusionObjective, None
 register_kind(OperatorKind(BlurSpec, Blur, Objective, AmbientTweedieObjective, summary="Gaussian blur"))
 register_kind(OperatorKind(SuperResSpec, SuperRes, Objective, AmbientTweedieObjective,
                            summary="block-average down-sampling kept at full size"))
-# .pt2 only: the ONNX exporter cannot lower the projection's complex tensors (rsd_core.export).
+# .pt2 only: the ONNX exporter cannot lower the projection's complex tensors (rsd_core.export.onestep).
 register_kind(OperatorKind(MRISpec, MRI, FourierAmbientObjective, None, sigma_stop=0.05, image_channels=2,
                            export_formats=("pt2",), summary="multi-coil Cartesian k-space under-sampling"))

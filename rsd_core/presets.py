@@ -28,8 +28,8 @@ from rsd_core.config import (
     TrackingSettings,
     TrainConfig,
 )
-from rsd_core.mri import MRISpec
 from rsd_core.operators import InpaintSpec
+from rsd_core.operators.mri import MRISpec
 
 
 class ConfigError(ValueError):
@@ -187,7 +187,7 @@ def _mri_multicoil_gpu() -> PipelineConfig:
                               grad_clip_fake=1.0, grad_clip_generator=None,
                               fake_loss_mask="further"),  # the reference MRI loop's P_M~ train_loss (not measured)
         selection=SelectionSettings(n_samples=5000, extractor="inception"),
-        export=ExportSettings(formats=("pt2",)),  # ONNX cannot hold the projection's complex FFTs (rsd_core.export)
+        export=ExportSettings(formats=("pt2",)),  # ONNX cannot hold the projection's complex FFTs (export.onestep)
         tracking=TrackingSettings(experiment="rsd-mri", model_name="rsd-mri-r4", log_every=100),
         resources=_GPU,
     )

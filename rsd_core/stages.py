@@ -18,14 +18,16 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, OperatorSpec, Spec, TrainConfig
-from rsd_core.distill import DistillPhase, OneStepGenerator, distill
+from rsd_core.data.reader import open_dataset
+from rsd_core.data.streaming import StreamSource
 from rsd_core.kinds import build_operator, default_sigma_stop, objective_for
-from rsd_core.networks import EDMPrecond
-from rsd_core.objectives import Objective
 from rsd_core.operators import Operator
-from rsd_core.pretrain import build_teacher, pretrain_teacher
-from rsd_core.sampling import OneStepSampler, Sampler, TeacherSampler
-from rsd_core.training import CheckpointCallback, MetricsCallback, TrainResult, load_module_weights, world
+from rsd_core.train.distill import DistillPhase, OneStepGenerator, distill
+from rsd_core.train.loop import CheckpointCallback, MetricsCallback, TrainResult, load_module_weights, world
+from rsd_core.train.networks import EDMPrecond
+from rsd_core.train.objectives import Objective
+from rsd_core.train.pretrain import build_teacher, pretrain_teacher
+from rsd_core.train.sampling import OneStepSampler, Sampler, TeacherSampler
 
 POOL_FILE = "operator_pool.safetensors"
 # A saved model folder's files (the pool only where the operator draws from observed states).
@@ -115,8 +117,6 @@ def pretrain_stage(
     on_checkpoint: CheckpointCallback | None = None,
 ) -> tuple[Path, TrainResult]:
     """Train (or resume) a teacher on ``dataset_uri``; saves its EMA as a model under ``out_dir/teacher``."""
-    from rsd_core.data import open_dataset  # pyarrow is needed only where datasets are read
-    from rsd_core.streaming import StreamSource
 
     ds = open_dataset(dataset_uri)
     spec, image_shape, fingerprint = ds.manifest.operator, tuple(ds.manifest.image_shape), ds.fingerprint

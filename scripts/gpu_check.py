@@ -31,8 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("torch", "numpy", "pydantic", "safetensors", "tqdm")
-LIGHT_MODULES = ("rsd_core.config", "rsd_core.operators", "rsd_core.objectives", "rsd_core.networks",
-                 "rsd_core.sampling", "rsd_core.training", "rsd_core.pretrain", "rsd_core.distill")
+LIGHT_MODULES = ("rsd_core.config", "rsd_core.operators", "rsd_core.train.objectives", "rsd_core.train.networks",
+                 "rsd_core.train.sampling", "rsd_core.train.loop", "rsd_core.train.pretrain", "rsd_core.train.distill")
 # What the GPU machine may lack: none of these may be imported by the modules above.
 HEAVY = ("pyarrow", "pandas", "fsspec", "s3fs", "mlflow", "flytekit", "PIL", "yaml", "scipy", "sklearn", "nibabel",
          "nilearn", "onnx", "onnxruntime", "boto3", "botocore", "matplotlib")
@@ -114,7 +114,7 @@ def synthetic_source(n: int, device, seed: int = 0):
     import torch.nn.functional as F
 
     from rsd_core.kinds import build_operator
-    from rsd_core.pretrain import TensorSource
+    from rsd_core.train.pretrain import TensorSource
 
     gen = torch.Generator().manual_seed(seed)
     x = F.interpolate(torch.randn(n, 3, 8, 8, generator=gen), size=64, mode="bilinear", align_corners=False)
@@ -144,7 +144,7 @@ def step_flops(phase, device, bf16: bool) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rsd_core.training import StepContext
+    from rsd_core.train.loop import StepContext
 
     clone = copy.deepcopy(phase)
     ctx = StepContext(torch.Generator(device=device).manual_seed(1), device, bf16, device.type == "cuda")
@@ -172,9 +172,9 @@ def phase_report(name: str, clock: StepClock, batch: int, flops: float, peak: fl
 def run_single(args, device, peak: float, out: Path) -> tuple[list[dict], object, object]:
     """Pretrain, then distil, on one device; returns the reports, the teacher and its objective."""
     from rsd_core.config import DistillConfig
-    from rsd_core.distill import distill
     from rsd_core.kinds import build_operator, objective_for
-    from rsd_core.pretrain import build_teacher, pretrain_teacher
+    from rsd_core.train.distill import distill
+    from rsd_core.train.pretrain import build_teacher, pretrain_teacher
 
     small = device.type != "cuda"
     objective = objective_for(build_operator(INPAINT))
@@ -224,7 +224,7 @@ def _ddp_worker(rank: int, world: int, args_dict: dict, rendezvous: str, result_
                             world_size=world)
     try:
         from rsd_core.kinds import build_operator, objective_for
-        from rsd_core.pretrain import build_teacher, pretrain_teacher
+        from rsd_core.train.pretrain import build_teacher, pretrain_teacher
 
         device = torch.device(args.device)
         objective = objective_for(build_operator(INPAINT))

@@ -9,7 +9,7 @@ attempt's checkpoints, so the shared training loop resumes from the last one it 
 Why a mirror and not ``Checkpoint.save(folder)``: ``save`` uploads the whole folder each time
 (quadratic in the number of checkpoints that distillation keeps for selection) and never
 deletes the ones the teacher's loop pruned. Each checkpoint's ``meta.json`` is uploaded after its
-weights, so a pod killed mid-upload leaves a folder that :func:`rsd_core.training.list_checkpoints`
+weights, so a pod killed mid-upload leaves a folder that :func:`rsd_core.train.loop.list_checkpoints`
 skips as incomplete.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 from flytekit.core.checkpointer import Checkpoint
 from flytekit.core.context_manager import FlyteContextManager
 
-from rsd_core.training import list_checkpoints
+from rsd_core.train.loop import list_checkpoints
 
 _FILES = ("weights.safetensors", "meta.json")  # upload order: meta.json last marks a folder complete
 

@@ -49,7 +49,7 @@ def requests(spec: TaskResources) -> Resources:
 def elastic(spec: TaskResources) -> Elastic | None:
     """Torch elastic data parallelism when a training task asks for several processes or nodes.
 
-    gloo on CPU, NCCL on GPU (chosen in rsd_core.training from the device); with one node the
+    gloo on CPU, NCCL on GPU (chosen in rsd_core.train.loop from the device); with one node the
     plugin launches the workers inside the task's pod, with several it becomes a PyTorchJob for
     the Kubeflow training operator.
     """

@@ -28,13 +28,13 @@ from rsd_core.config import (
     TrackingSettings,
     TrainConfig,
 )
-from rsd_core.data import open_dataset
-from rsd_core.export import CARD_FILE, ONNX_FILE, export_generator
+from rsd_core.data.reader import open_dataset
+from rsd_core.data.sources import corrupt
+from rsd_core.export.onestep import CARD_FILE, ONNX_FILE, export_generator
 from rsd_core.kinds import check_export
 from rsd_core.operators import parse_operator_spec
 from rsd_core.presets import config_yaml
-from rsd_core.selection import select_stage
-from rsd_core.sources import corrupt
+from rsd_core.select.selection import select_stage
 from rsd_core.stages import DISTILL_DIR, PRETRAIN_DIR, distill_stage, pretrain_stage, sampler_for
 from rsd_core.viz import observations_for_display, save_grid
 from tasks import decks, tracking
@@ -64,7 +64,7 @@ class SelectedGenerator:
     table: FlyteFile
     chosen_step: int
     proximal_fd: float
-    proximal_fd_low: float  # 95% bootstrap interval of proximal_fd (rsd_core.fd_interval)
+    proximal_fd_low: float  # 95% bootstrap interval of proximal_fd (rsd_core.select.fd_interval)
     proximal_fd_high: float
     teacher_proximal_fd: float
     dataset_fingerprint: str

@@ -7,7 +7,7 @@ scoring and its Proximal FD as tags:
 
 * ``champion`` moves to the new version when there is no champion yet, or when the champion was
   trained on the same dataset fingerprint, scored the same way, and the new Proximal FD is below the
-  champion's bootstrap interval (``rsd.proximal_fd_interval``, :mod:`rsd_core.fd_interval`): a new
+  champion's bootstrap interval (``rsd.proximal_fd_interval``, :mod:`rsd_core.select.fd_interval`): a new
   version inside that interval is not told apart from the champion and does not displace it (versions
   registered without an interval compare by their Proximal FD alone);
 * otherwise the new version takes ``challenger`` (a champion from another dataset or scored another

@@ -4,7 +4,7 @@
 (:func:`check_inputs`, also run by ``rsd restore`` before Flyte starts) and opens the MLflow run;
 ``restore_shard`` restores one parquet shard (a map task, one element per shard, on a GPU when the
 deployment has one); ``write_restoration`` streams the shard results into the restored dataset
-(format in :mod:`rsd_core.restore_dataset`) and logs the metrics and the grid. Nothing is cached:
+(format in :mod:`rsd_core.restore.dataset`) and logs the metrics and the grid. Nothing is cached:
 the run id is part of every input, and a restoration is cheap next to training.
 """
 
@@ -21,15 +21,17 @@ from flytekit import task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
 
-from rsd_core.data import MANIFEST_NAME, CorruptedDataset, DatasetError, open_dataset, storage_options_from_env
-from rsd_core.restore import RestoreConfig
-from rsd_core.restore_dataset import (
+from rsd_core.data.manifest import MANIFEST_NAME, DatasetError
+from rsd_core.data.reader import CorruptedDataset, open_dataset
+from rsd_core.data.storage import storage_options_from_env
+from rsd_core.restore.dataset import (
     check_restorable,
     fit_dataset_encoder,
     restoration_grid,
     restore_shard,
     write_restored,
 )
+from rsd_core.restore.estimate import RestoreConfig
 from rsd_core.stages import read_card
 from tasks import decks, tracking
 from tasks.deploy import DEPLOYMENT, image, requests

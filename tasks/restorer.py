@@ -11,7 +11,7 @@ generator version it was fitted for, the dataset's fingerprint and a hash of the
 * its ``python_function`` flavour (this module is the ``loader_module``; the generator folder, the
   network's safetensors and the settings are its data, no pickled code) serves it:
   ``{"observations": ..., <state>: ...}`` -> ``{"mean", "spread"}``, the same function
-  (:func:`rsd_core.restore.restore_observations`) and settings as ``rsd restore``'s shards.
+  (:func:`rsd_core.restore.estimate.restore_observations`) and settings as ``rsd restore``'s shards.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types import Schema, TensorSpec
 
-from rsd_core.data import expected_state
-from rsd_core.encoder import load_encoder
+from rsd_core.data.manifest import expected_state
 from rsd_core.kinds import build_operator
-from rsd_core.restore import RestoreConfig, load_generator, restore_observations
+from rsd_core.restore.encoder import load_encoder
+from rsd_core.restore.estimate import RestoreConfig, load_generator, restore_observations
 from rsd_core.stages import MODEL_FILES, read_card
 from tasks.request_limits import RequestLimits
 from tasks.serving import answers_errors, observation_inputs

@@ -12,9 +12,9 @@ generator.onnx). :class:`GeneratorModel.predict` takes a dict of arrays (the JSO
 * ``{"eps": ..., "u": ...}``: the images of given latents (``u`` only for inpainting generators;
   shapes and laws in card.json);
 * ``{"observations": ..., <state>: ...}``: restorations of observations with their per-sample
-  operator state (e.g. ``mask``), by :func:`rsd_core.restore.restore_with_model`; returns
-  ``mean`` and ``spread``. The params are :class:`~rsd_core.restore.RestoreConfig`'s scalar fields, with
-  the defaults of latent optimisation (:data:`~rsd_core.restore.LATENT_OPTIMISATION`): one request has no
+  operator state (e.g. ``mask``), by :func:`rsd_core.restore.estimate.restore_with_model`; returns
+  ``mean`` and ``spread``. The params are :class:`~rsd_core.restore.estimate.RestoreConfig`'s scalar fields, with
+  the defaults of latent optimisation (:data:`~rsd_core.restore.estimate.LATENT_OPTIMISATION`): one request has no
   dataset to fit the amortised encoder on.
 
 The model's signature therefore describes these params, not tensor inputs (a tensor signature
@@ -44,11 +44,11 @@ from mlflow.models.utils import _save_example
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from rsd_core.data import expected_state
-from rsd_core.export import CARD_FILE, ONNX_FILE, draw_card_inputs, draw_inputs, load_exportable
+from rsd_core.data.manifest import expected_state
+from rsd_core.export.onestep import CARD_FILE, ONNX_FILE, draw_card_inputs, draw_inputs, load_exportable
 from rsd_core.kinds import build_operator
 from rsd_core.operators import State
-from rsd_core.restore import LATENT_OPTIMISATION, RestoreConfig, restore_with_model
+from rsd_core.restore.estimate import LATENT_OPTIMISATION, RestoreConfig, restore_with_model
 from rsd_core.stages import MODEL_FILES, ModelCard, read_card
 from tasks.request_limits import RequestLimits
 

@@ -23,7 +23,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 import rsd_core
-from rsd_core.progress import format_duration
+from rsd_core.train.progress import format_duration
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS_ENV = "RSD_OUTPUTS"
@@ -72,8 +72,8 @@ def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
 def source_hash() -> str:
     """sha256 (16 hex) of the science and task code, so images without ``.git`` still name their code."""
     digest = hashlib.sha256()
-    for path in sorted([*REPO_ROOT.glob("rsd_core/*.py"), REPO_ROOT / "tasks" / "pipeline_tasks.py"]):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted([*REPO_ROOT.glob("rsd_core/**/*.py"), REPO_ROOT / "tasks" / "pipeline_tasks.py"]):
+        digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -48,7 +48,7 @@ def _attributes_read() -> set[str]:
     """Every attribute name loaded anywhere in the code that runs (library, tasks, workflows, CLI)."""
     names = set()
     for folder in ("rsd_core", "tasks", "workflows", "rsd_cli"):
-        for path in (ROOT / folder).glob("*.py"):
+        for path in (ROOT / folder).rglob("*.py"):
             if str(path.relative_to(ROOT)) in DEFINITIONS:
                 continue
             for node in ast.walk(ast.parse(path.read_text())):

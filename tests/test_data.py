@@ -23,10 +23,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from rsd_cli.main import main
-from rsd_core.data import DatasetError, open_dataset, write_dataset
+from rsd_core.data.importer import import_corrupted
+from rsd_core.data.manifest import DatasetError
+from rsd_core.data.reader import open_dataset
+from rsd_core.data.sources import brain_mri, corrupt, fashion_mnist, image_folder
+from rsd_core.data.streaming import StreamingDataset
+from rsd_core.data.writer import write_dataset
 from rsd_core.kinds import build_operator
-from rsd_core.sources import brain_mri, corrupt, fashion_mnist, image_folder, import_corrupted
-from rsd_core.streaming import StreamingDataset
 from rsd_core.viz import save_grid
 
 SPECS = {

@@ -5,7 +5,10 @@ import torch
 from torch import nn
 
 from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, TrainConfig
-from rsd_core.distill import (
+from rsd_core.kinds import build_operator, objective_for
+from rsd_core.operators import Identity
+from rsd_core.stages import ModelCard, checkpoint_distill_config, generator_from_checkpoint, save_model
+from rsd_core.train.distill import (
     DistillPhase,
     OneStepGenerator,
     distill,
@@ -13,13 +16,10 @@ from rsd_core.distill import (
     sid_generator_loss,
     sid_noise_levels,
 )
-from rsd_core.kinds import build_operator, objective_for
-from rsd_core.objectives import edm_weight
-from rsd_core.operators import Identity
-from rsd_core.pretrain import TensorSource, build_teacher, pretrain_teacher
-from rsd_core.sampling import OneStepSampler, TeacherSampler
-from rsd_core.stages import ModelCard, checkpoint_distill_config, generator_from_checkpoint, save_model
-from rsd_core.training import StepContext, Trainer, list_checkpoints
+from rsd_core.train.loop import StepContext, Trainer, list_checkpoints
+from rsd_core.train.objectives import edm_weight
+from rsd_core.train.pretrain import TensorSource, build_teacher, pretrain_teacher
+from rsd_core.train.sampling import OneStepSampler, TeacherSampler
 
 
 class GaussianDenoiser(nn.Module):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from rsd_core.kinds import build_operator
-from rsd_core.networks import EDMPrecond, edm_coefficients
-from rsd_core.objectives import AmbientDiffusionObjective, AmbientTweedieObjective, Objective
-from rsd_core.sampling import edm_time_steps, heun_sample
+from rsd_core.train.networks import EDMPrecond, edm_coefficients
+from rsd_core.train.objectives import AmbientDiffusionObjective, AmbientTweedieObjective, Objective
+from rsd_core.train.sampling import edm_time_steps, heun_sample
 from tests.gaussian import LinearNet, fit, gaussian_denoiser, random_covariance
 
 
@@ -270,7 +270,7 @@ def test_ambient_diffusion_minimiser_is_the_posterior_mean_given_the_further_mas
 
 def test_edm_weight_balances_the_loss_at_init():
     # lambda(sigma) * E||c_out F||^2 with F ~ unit variance should be O(1) per pixel: the EDM design rule
-    from rsd_core.objectives import edm_weight
+    from rsd_core.train.objectives import edm_weight
 
     for s in [0.01, 0.5, 10.0]:
         sigma = torch.tensor(s)

@@ -4,7 +4,8 @@ linear Gaussian generator in one pass, leaves the generator untouched, and round
 import pytest
 import torch
 
-from rsd_core.encoder import (
+from rsd_core.kinds import build_operator
+from rsd_core.restore.encoder import (
     AmortisedEncoder,
     EncoderConfig,
     encoder_inputs,
@@ -15,8 +16,7 @@ from rsd_core.encoder import (
     restoration_loss,
     save_encoder,
 )
-from rsd_core.kinds import build_operator
-from rsd_core.restore import RestoreConfig, fit_restore_encoder, restore_observations
+from rsd_core.restore.estimate import RestoreConfig, fit_restore_encoder, restore_observations
 from tests.test_restore import SHAPE, SIGMA_INIT, D, LinearGenerator, matrix_of, observe, one_step
 
 BLUR = {"kind": "blur", "kernel_size": 3, "std": 1.0, "sigma_n": 0.1}

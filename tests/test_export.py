@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from rsd_core.config import NetworkConfig
-from rsd_core.export import CARD_FILE, ONNX_FILE, PT2_FILE, ExportError, draw_inputs, export_generator, load_exportable
+from rsd_core.export.onestep import (
+    CARD_FILE,
+    ONNX_FILE,
+    PT2_FILE,
+    ExportError,
+    draw_inputs,
+    export_generator,
+    load_exportable,
+)
 from rsd_core.operators import BlurSpec, InpaintSpec
 from rsd_core.stages import ModelCard, build_network, save_model
 

@@ -96,7 +96,8 @@ def test_s3_wrong_credentials_fail_without_traceback(s3, monkeypatch, capsys, tm
 
 
 def test_s3_missing_bucket_names_the_uri(s3):
-    from rsd_core.data import DatasetError, open_dataset
+    from rsd_core.data.manifest import DatasetError
+    from rsd_core.data.reader import open_dataset
 
     good, _ = s3
     missing = f"s3://rsd-missing-{uuid.uuid4().hex[:8]}/data"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rsd_core.fd_interval import fd_interval, features_fd, paired_difference_interval
-from rsd_core.frechet import FeatureStats, frechet_distance
+from rsd_core.select.fd_interval import fd_interval, features_fd, paired_difference_interval
+from rsd_core.select.frechet import FeatureStats, frechet_distance
 
 DIM, N = 8, 400
 

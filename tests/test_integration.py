@@ -28,7 +28,7 @@ def cluster_like(s3_server, mlflow_server, tmp_path_factory):
     for sub in ("home", "tmp"):
         (root / sub).mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "FLYTE_", "RSD_", "AWS_"))}
-    from rsd_core.frechet import default_cache_dir
+    from rsd_core.select.frechet import default_cache_dir
 
     env.update(s3_server.env(), MLFLOW_TRACKING_URI=mlflow_server.tracking_uri, HOME=str(root / "home"),
                TMPDIR=str(root / "tmp"), OMP_NUM_THREADS="1", RSD_CACHE_DIR=str(default_cache_dir()))

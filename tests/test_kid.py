@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rsd_core.kid import kernel_distance, mmd2_unbiased
+from rsd_core.select.kid import kernel_distance, mmd2_unbiased
 
 
 def expected_kernel(p: float, q: float) -> float:

@@ -15,8 +15,7 @@ import torch
 from pydantic import Field
 
 from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, OperatorSpecBase
-from rsd_core.distill import distill
-from rsd_core.export import ExportError, draw_inputs, export_generator, load_exportable
+from rsd_core.export.onestep import ExportError, draw_inputs, export_generator, load_exportable
 from rsd_core.kinds import (
     OperatorKind,
     build_operator,
@@ -26,12 +25,13 @@ from rsd_core.kinds import (
     registered_kinds,
     unregister_kind,
 )
-from rsd_core.objectives import AmbientTweedieObjective, Objective
 from rsd_core.operators import Operator, parse_operator_spec
 from rsd_core.presets import ConfigError, build_config
-from rsd_core.pretrain import build_teacher
-from rsd_core.selection import corrupted_view
+from rsd_core.select.selection import corrupted_view
 from rsd_core.stages import ModelCard, save_model
+from rsd_core.train.distill import distill
+from rsd_core.train.objectives import AmbientTweedieObjective, Objective
+from rsd_core.train.pretrain import build_teacher
 
 
 # --- place 1 of 2: the toy kind's spec and operator -------------------------------------------
@@ -165,7 +165,8 @@ def test_a_kind_name_is_registered_once():
         register_kind(clash)
 
 
-@pytest.mark.parametrize("module", ["rsd_core.config", "rsd_core.operators", "rsd_core.objectives", "rsd_core.data"])
+@pytest.mark.parametrize("module", ["rsd_core.config", "rsd_core.operators", "rsd_core.train.objectives",
+                                    "rsd_core.data", "rsd_core.operators.mri"])
 def test_each_module_imports_first_in_a_fresh_interpreter(module):
     """The spec registry and the config models refer to each other lazily: no import order may break."""
     import subprocess

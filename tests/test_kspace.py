@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from rsd_cli.main import main
-from rsd_core.coil_maps import espirit_maps, pack_maps, smooth_random_maps, unpack_maps
-from rsd_core.data import DatasetError, open_dataset
+from rsd_core.data.kspace_import import import_kspace
+from rsd_core.data.manifest import DatasetError
+from rsd_core.data.reader import open_dataset
 from rsd_core.kinds import objective_for
-from rsd_core.kspace_import import import_kspace
-from rsd_core.mri import MRI, MRISpec
+from rsd_core.operators.coil_maps import espirit_maps, pack_maps, smooth_random_maps, unpack_maps
+from rsd_core.operators.mri import MRI, MRISpec
 from rsd_core.stages import POOL_FILE, ModelCard, build_network, load_model, save_model
 from tests.cli import BIN, rsd
 from tests.kspace_files import phantom_scans, write_scans

@@ -87,10 +87,10 @@ def test_the_generated_table_replaces_its_block_and_keeps_the_reading(tmp_path, 
 def test_the_clean_mri_reference_is_scored_with_the_mri_models_features(tmp_path):
     # the clean reference of MRI has an identity operator; its images are complex like the MRI models' and must
     # be scored with the same features (Inception on magnitudes), not the Fashion-MNIST classifier
-    from rsd_core.data import open_dataset
+    from rsd_core.data.reader import open_dataset
+    from rsd_core.data.sources import corrupt
     from rsd_core.operators import IdentitySpec
-    from rsd_core.selection import evaluation_extractor
-    from rsd_core.sources import corrupt
+    from rsd_core.select.selection import evaluation_extractor
 
     corrupt("brain-mri", IdentitySpec(), seed=0, out_uri=str(tmp_path / "clean"), limit=8, clean_eval_count=4,
             image_size=32, clean_eval_split="test")

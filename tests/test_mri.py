@@ -14,17 +14,17 @@ import pytest
 import torch
 
 from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig
-from rsd_core.distill import DistillPhase, OneStepGenerator
-from rsd_core.export import PT2_FILE, ExportError, draw_inputs, export_generator, input_law, load_exportable
+from rsd_core.export.onestep import PT2_FILE, ExportError, draw_inputs, export_generator, input_law, load_exportable
 from rsd_core.kinds import build_operator, objective_for
-from rsd_core.mri import MRISpec
-from rsd_core.objectives import FourierAmbientObjective, edm_weight
+from rsd_core.operators.mri import MRISpec
 from rsd_core.presets import ConfigError, build_config
-from rsd_core.pretrain import build_teacher
-from rsd_core.sampling import TeacherSampler
-from rsd_core.selection import teacher_truncation_samples
+from rsd_core.select.selection import teacher_truncation_samples
 from rsd_core.stages import ModelCard, save_model
-from rsd_core.training import StepContext
+from rsd_core.train.distill import DistillPhase, OneStepGenerator
+from rsd_core.train.loop import StepContext
+from rsd_core.train.objectives import FourierAmbientObjective, edm_weight
+from rsd_core.train.pretrain import build_teacher
+from rsd_core.train.sampling import TeacherSampler
 from tests.gaussian import random_covariance
 from tests.test_edm import FixedSigma
 

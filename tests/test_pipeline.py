@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 from rsd_core.presets import PRESETS, ConfigError, build_config  # noqa: E402
-from rsd_core.training import ema_beta  # noqa: E402
+from rsd_core.train.loop import ema_beta  # noqa: E402
 from tests.cli import BIN, rsd, rsd_streams  # noqa: E402
 
 
@@ -98,7 +98,7 @@ def test_params_are_flattened_and_truncated_to_mlflow_limits():
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
     """Environment for subprocesses: HOME (Flyte's local cache), TMPDIR, no inherited tracking server."""
-    from rsd_core.frechet import default_cache_dir
+    from rsd_core.select.frechet import default_cache_dir
 
     root = tmp_path_factory.mktemp("pipeline")
     for sub in ("home", "tmp"):

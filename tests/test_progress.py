@@ -10,14 +10,14 @@ import subprocess
 import sys
 import termios
 
-from rsd_core.progress import format_duration
+from rsd_core.train.progress import format_duration
 
 # A 30-step teacher on random 8x8 data, through the shared Trainer (what every training task runs).
 SCRIPT = """
 import torch
 from rsd_core.config import NetworkConfig, TrainConfig
 from rsd_core.kinds import build_operator, objective_for
-from rsd_core.pretrain import TensorSource, build_teacher, pretrain_teacher
+from rsd_core.train.pretrain import TensorSource, build_teacher, pretrain_teacher
 objective = objective_for(build_operator({"kind": "identity"}))
 net = build_teacher(NetworkConfig(img_resolution=8, model_channels=8, channel_mult=(1,), attn_resolutions=()),
                     objective)

@@ -4,22 +4,22 @@ generator, data consistency, the spread over restarts, the classical baselines a
 import pytest
 import torch
 
-from rsd_core.baselines import bicubic_upsample, biharmonic_inpaint, least_squares_cg, wiener_deblur
 from rsd_core.config import NetworkConfig
-from rsd_core.image_metrics import psnr
 from rsd_core.kinds import build_operator
-from rsd_core.objectives import Objective
-from rsd_core.posterior import DPSConfig, dps_guidance, dps_restore
-from rsd_core.pretrain import build_teacher
-from rsd_core.restore import (
+from rsd_core.restore.baselines import bicubic_upsample, biharmonic_inpaint, least_squares_cg, wiener_deblur
+from rsd_core.restore.estimate import (
     LATENT_OPTIMISATION,
     RestoreConfig,
     data_consistency,
     restore_observations,
     restore_with_model,
 )
-from rsd_core.sampling import OneStepSampler
+from rsd_core.restore.image_metrics import psnr
+from rsd_core.restore.posterior import DPSConfig, dps_guidance, dps_restore
 from rsd_core.stages import ModelCard, save_model
+from rsd_core.train.objectives import Objective
+from rsd_core.train.pretrain import build_teacher
+from rsd_core.train.sampling import OneStepSampler
 from tests.gaussian import gaussian_denoiser, random_covariance
 
 SHAPE = (1, 4, 4)
@@ -131,7 +131,7 @@ def test_spread_is_zero_for_identical_restarts_and_positive_otherwise():
 
 @pytest.fixture(scope="module")
 def fashion():
-    from rsd_core.sources import fashion_mnist
+    from rsd_core.data.sources import fashion_mnist
 
     return fashion_mnist("test").load(0, 16)[0]
 

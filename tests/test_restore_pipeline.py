@@ -23,8 +23,10 @@ mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("flytekit")
 
 from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, TrainConfig  # noqa: E402
-from rsd_core.data import MANIFEST_NAME, open_dataset, write_dataset  # noqa: E402
-from rsd_core.encoder import EncoderConfig  # noqa: E402
+from rsd_core.data.manifest import MANIFEST_NAME  # noqa: E402
+from rsd_core.data.reader import open_dataset  # noqa: E402
+from rsd_core.data.writer import write_dataset  # noqa: E402
+from rsd_core.restore.encoder import EncoderConfig  # noqa: E402
 from tests.cli import BIN  # noqa: E402
 
 MODEL = "restore-smoke"
@@ -61,8 +63,8 @@ def _sharded_copy(source: str, out: Path) -> str:
 def trained(scratch):
     """A generator trained for a few steps on corrupted Fashion-MNIST (inpainting p = 0.6), exported
     and registered as champion of ``restore-smoke`` exactly as the pipeline's register_model does."""
-    from rsd_core.export import export_generator
-    from rsd_core.sources import corrupt
+    from rsd_core.data.sources import corrupt
+    from rsd_core.export.onestep import export_generator
     from rsd_core.stages import distill_stage, pretrain_stage
     from tasks import registry, tracking
     from tasks.pipeline_tasks import _log_generator_model
@@ -300,8 +302,8 @@ def test_a_bad_setting_names_its_flag(monkeypatch, capsys, tmp_path):
 def test_the_dataset_default_is_the_encoder_and_latent_optimisation_is_one_flag_away(tmp_path):
     from rsd_cli.main import build_parser
     from rsd_cli.restore_cmd import _config
-    from rsd_core.encoder import EncoderConfig
-    from rsd_core.restore import LATENT_OPTIMISATION, RestoreConfig
+    from rsd_core.restore.encoder import EncoderConfig
+    from rsd_core.restore.estimate import LATENT_OPTIMISATION, RestoreConfig
 
     def config(*flags: str) -> RestoreConfig:
         return _config(build_parser().parse_args(["restore", "--model", CHAMPION, "--dataset", str(tmp_path),
@@ -317,7 +319,7 @@ def test_the_dataset_default_is_the_encoder_and_latent_optimisation_is_one_flag_
 
 def test_a_forward_model_other_than_the_datasets_is_refused():
     """A blur of another width passes the kind and shape checks but would fit the wrong A."""
-    from rsd_core.restore_dataset import RestoreInputError, check_restorable
+    from rsd_core.restore.dataset import RestoreInputError, check_restorable
     from rsd_core.stages import ModelCard
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -339,7 +341,7 @@ def test_registered_model_has_a_pyfunc_flavour_that_samples_and_restores(trained
     from mlflow.exceptions import MlflowException
 
     from rsd_cli.pipeline_cmd import _sample_registered
-    from rsd_core.restore import LATENT_OPTIMISATION
+    from rsd_core.restore.estimate import LATENT_OPTIMISATION
 
     out, dataset = trained
     model = _pyfunc(out)
@@ -455,7 +457,7 @@ def test_shard_results_are_written_only_in_row_order(tmp_path):
     """The map task's results are zipped back by position: a part out of order is refused, not misfiled."""
     from safetensors.torch import save_file
 
-    from rsd_core.restore_dataset import _batches
+    from rsd_core.restore.dataset import _batches
 
     parts = []
     for start in (0, 4):
@@ -472,7 +474,7 @@ def test_the_spreads_calibration_is_measured_on_the_clean_split(tmp_path):
     back) do not count."""
     from safetensors.torch import save_file
 
-    from rsd_core.restore_dataset import write_restored
+    from rsd_core.restore.dataset import write_restored
 
     gen = torch.Generator().manual_seed(0)
     clean = torch.rand(64, 1, 32, 32, generator=gen) - 0.5  # errors of 0.1 keep the means inside [-1, 1]

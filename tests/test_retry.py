@@ -22,7 +22,7 @@ from benchmarks import faults
 from benchmarks.faults import PodKilled, train_attempt
 from rsd_core.config import NetworkConfig, TrainConfig
 from rsd_core.stages import PRETRAIN_DIR
-from rsd_core.training import list_checkpoints
+from rsd_core.train.loop import list_checkpoints
 
 STEPS = faults.RETRY_TRAIN["steps"]
 

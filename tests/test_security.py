@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from rsd_core.data import open_dataset, storage_options_from_env
+from rsd_core.data.reader import open_dataset
+from rsd_core.data.storage import storage_options_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".venv", ".git", ".flyte-tmp", "outputs", "build", "dist", "node_modules", "__pycache__"}
@@ -63,7 +64,7 @@ def unsafe_torch_loads(source: str) -> list[int]:
 
 def test_the_scan_sees_the_repository():
     files = {p.relative_to(ROOT).as_posix() for p in python_files()}
-    assert {"rsd_core/training.py", "rsd_core/stages.py", "tests/test_security.py"} <= files
+    assert {"rsd_core/train/loop.py", "rsd_core/stages.py", "tests/test_security.py"} <= files
     assert not any(f.startswith(".venv/") for f in files)
 
 

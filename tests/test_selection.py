@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from rsd_core.classifier import ClassifierExtractor
 from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, TrainConfig
-from rsd_core.frechet import compute_stats, frechet_distance
+from rsd_core.data.sources import corrupt, fashion_mnist
 from rsd_core.kinds import build_operator
-from rsd_core.sampling import truncation_nfe
-from rsd_core.selection import (
+from rsd_core.select.classifier import ClassifierExtractor
+from rsd_core.select.frechet import compute_stats, frechet_distance
+from rsd_core.select.selection import (
     CandidateScore,
     choose_checkpoint,
     corrupted_view,
@@ -19,8 +19,8 @@ from rsd_core.selection import (
     quantise,
     select_stage,
 )
-from rsd_core.sources import corrupt, fashion_mnist
 from rsd_core.stages import distill_stage, pretrain_stage, sampler_for
+from rsd_core.train.sampling import truncation_nfe
 
 
 def test_quantise_maps_to_the_uint8_grid():

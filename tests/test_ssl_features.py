@@ -4,13 +4,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rsd_core import classifier, frechet
-from rsd_core.data import open_dataset
-from rsd_core.frechet import compute_stats, frechet_distance
+from rsd_core.data.reader import open_dataset
+from rsd_core.data.sources import corrupt, fashion_mnist
 from rsd_core.kinds import build_operator
-from rsd_core.selection import corrupted_view, make_extractors, observation_images, proximal_reference
-from rsd_core.sources import corrupt, fashion_mnist
-from rsd_core.ssl_features import Encoder, SelfSupervisedExtractor, SSLRecipe, augment, nt_xent
+from rsd_core.select import classifier, frechet
+from rsd_core.select.frechet import compute_stats, frechet_distance
+from rsd_core.select.selection import corrupted_view, make_extractors, observation_images, proximal_reference
+from rsd_core.select.ssl_features import Encoder, SelfSupervisedExtractor, SSLRecipe, augment, nt_xent
 
 TINY = SSLRecipe(max_steps=5, batch_size=32)
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from rsd_core.config import NetworkConfig, TrainConfig
-from rsd_core.data import write_dataset
+from rsd_core.data.streaming import StreamSource
+from rsd_core.data.writer import write_dataset
 from rsd_core.kinds import build_operator
 from rsd_core.stages import load_model, pretrain_stage
-from rsd_core.streaming import StreamSource
 
 N, SHAPE = 44, (1, 8, 8)  # 44 rows in groups of 4 (the last group of a shard shorter): epochs end mid-batch
 

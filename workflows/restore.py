@@ -13,7 +13,7 @@ import functools
 
 from flytekit import map_task, workflow
 
-from rsd_core.restore import RestoreConfig
+from rsd_core.restore.estimate import RestoreConfig
 from tasks.restore import (
     DEFAULT_EXPERIMENT,
     RestoreResult,

@@ -3,7 +3,7 @@
 A *phase* owns its networks, optimisers and the math of one step; the :class:`Trainer` owns
 everything around it: device and precision, seeding and the RNG stream, lr ramp-up, EMA,
 gradient clipping and the non-finite guard (through :meth:`StepContext.optimizer_step`),
-checkpoints (safetensors + JSON, atomic) with exact resume, progress reports (rsd_core.progress), a time budget,
+checkpoints (safetensors + JSON, atomic) with exact resume, progress reports (rsd_core.train.progress), a time budget,
 and a metrics callback (no tracking library is imported here).
 """
 
@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rsd_core.config import LoopConfig
-from rsd_core.progress import TrainingProgress
+from rsd_core.train.progress import TrainingProgress
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 # Called on rank 0 with the checkpoints folder after each save (e.g. to copy it off the machine).

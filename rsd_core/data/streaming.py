@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from rsd_core.data import CorruptedDataset, open_dataset
+from rsd_core.data.reader import CorruptedDataset, open_dataset
 
 Sample = tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
 

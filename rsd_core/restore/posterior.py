@@ -29,11 +29,11 @@ from pydantic import Field
 from tqdm import tqdm
 
 from rsd_core.config import Spec
-from rsd_core.objectives import Objective
 from rsd_core.operators import Operator, State
-from rsd_core.restore import CONSISTENCY_ITERS, check_observations, data_consistency
-from rsd_core.sampling import heun_sample
+from rsd_core.restore.estimate import CONSISTENCY_ITERS, check_observations, data_consistency
 from rsd_core.stages import load_model
+from rsd_core.train.objectives import Objective
+from rsd_core.train.sampling import heun_sample
 
 
 class DPSConfig(Spec):

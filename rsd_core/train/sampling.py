@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rsd_core.objectives import Objective, State
+from rsd_core.train.objectives import Objective, State
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# guide(x_i, t_i) -> (D(x_i; t_i), correction subtracted from x_{i+1}): posterior sampling (rsd_core.posterior)
+# guide(x_i, t_i) -> (D(x_i; t_i), correction subtracted from x_{i+1}): posterior sampling (rsd_core.restore.posterior)
 Guide = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 

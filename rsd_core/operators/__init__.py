@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from rsd_core.operator_spec import OperatorSpecBase
+from rsd_core.operators.spec import OperatorSpecBase
 
 State = dict[str, torch.Tensor]
 # Observed states an operator with ``pool_keys`` keeps (its dataset's first rows): enough scans for a

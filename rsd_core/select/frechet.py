@@ -1,9 +1,9 @@
 """Frechet distances on learnt features: the extractor protocol, feature statistics and their cache.
 
 Everything here is pure torch + numpy + scipy, so it runs inside any task on CPU or CUDA. The
-extractors live in their own modules: :mod:`rsd_core.ssl_features` (self-supervised on a dataset's own
-observations, the default for selection), :mod:`rsd_core.inception` (FID Inception-v3) and
-:mod:`rsd_core.classifier` (a Fashion-MNIST CNN, evaluation only). Frechet distances at different
+extractors live in their own modules: :mod:`rsd_core.select.ssl_features` (self-supervised on a dataset's own
+observations, the default for selection), :mod:`rsd_core.select.inception` (FID Inception-v3) and
+:mod:`rsd_core.select.classifier` (a Fashion-MNIST CNN, evaluation only). Frechet distances at different
 sample sizes are biased differently, so compare numbers only at equal n.
 """
 

@@ -1,10 +1,10 @@
 """A small Fashion-MNIST CNN whose penultimate features give a cheap in-domain Frechet distance.
 
 An evaluation tool: it is trained with labels on clean Fashion-MNIST images, which a data team
-selecting checkpoints does not have (selection defaults to :mod:`rsd_core.ssl_features`). It serves the
+selecting checkpoints does not have (selection defaults to :mod:`rsd_core.select.ssl_features`). It serves the
 true FD of the Fashion-MNIST benchmarks and comparisons of Proximal FD features. Given a ``view`` (a
 corruption), the same CNN is trained on corrupted views of the training images instead, so that its
-features stay discriminative on corrupted images. Images come from :func:`rsd_core.sources.fashion_mnist`.
+features stay discriminative on corrupted images. Images come from :func:`rsd_core.data.sources.fashion_mnist`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from rsd_core.frechet import atomic_write, batched_features, default_cache_dir, feature_device
-from rsd_core.sources import FASHION_MNIST_DIR, fashion_mnist
+from rsd_core.data.sources import FASHION_MNIST_DIR, fashion_mnist
+from rsd_core.select.frechet import atomic_write, batched_features, default_cache_dir, feature_device
 
 # sha256 of the *decompressed* Debian `dataset-fashion-mnist` train files (images, labels). The classifier's
 # cache key uses these constants, so a cached classifier loads without the data being installed at all.
@@ -158,7 +158,7 @@ class ClassifierExtractor:
     """In-domain Frechet distance features: a small CNN trained once on the clean Fashion-MNIST train split.
 
     An evaluation tool: it needs clean, labelled images of the benchmark's own domain, which a data team
-    selecting checkpoints does not have (selection defaults to ``rsd_core.ssl_features``). It serves the
+    selecting checkpoints does not have (selection defaults to ``rsd_core.select.ssl_features``). It serves the
     true FD of the Fashion-MNIST benchmarks and comparisons of Proximal FD features.
 
     With ``view`` (a function ``(images, generator) -> corrupted images``, described by ``view_id``, a

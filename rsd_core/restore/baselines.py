@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from skimage.restoration import inpaint_biharmonic
 
-from rsd_core.least_squares import solve_normal
 from rsd_core.operators import Blur, Operator, State, SuperRes
+from rsd_core.restore.least_squares import solve_normal
 
 # Wiener noise-to-signal ratio per unit noise variance, for the Laplacian regulariser below
 # (tuned on training observations of blur-noise-0.2; docs/algorithms.md §10.3).

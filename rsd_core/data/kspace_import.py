@@ -18,19 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsd_core.coil_maps import ESPIRIT_KERNEL_WIDTH, espirit_maps, pack_maps
-from rsd_core.data import DatasetError, Manifest, WriteBatch, parse_spec, write_dataset
-from rsd_core.mri import MRI, MRISpec
+from rsd_core.data.importer import load_npy
+from rsd_core.data.manifest import DatasetError, Manifest, WriteBatch, parse_spec
+from rsd_core.data.writer import write_dataset
+from rsd_core.operators.coil_maps import ESPIRIT_KERNEL_WIDTH, espirit_maps, pack_maps
+from rsd_core.operators.mri import MRI, MRISpec
 
 TARGET_LEVEL = 0.8  # leaves room above the 99th percentile inside the images' [-1, 1] range
 _BATCH = 256
-
-
-def _load(path: str | Path, what: str) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"{path}: cannot read {what} as .npy ({err})") from None
 
 
 def _as_complex(array: np.ndarray, path: str | Path, what: str) -> np.ndarray:
@@ -93,7 +88,7 @@ def _check_masks(masks: np.ndarray, operator: MRI, path: str | Path) -> None:
 
 
 def _maps_array(path: str | Path, count: int, n_coils: int) -> np.ndarray:
-    maps = _as_complex(_load(path, "coil maps"), path, "coil maps")
+    maps = _as_complex(load_npy(path, "coil maps"), path, "coil maps")
     if len(maps) != count or maps.shape[1] != n_coils or maps.shape[2] != maps.shape[3]:
         raise DatasetError(f"{path}: coil maps must be (N, coils, m, m) = ({count}, {n_coils}, m, m), got "
                            f"{tuple(maps.shape)}")
@@ -114,10 +109,10 @@ def import_kspace(
     each scan's coil ``maps`` (N, coils, m, m; m may be below H, the maps are interpolated) as an ``mri``
     dataset with observed coil maps; without ``maps`` they are estimated per scan by ESPIRiT from the ACS
     lines. ``spec`` holds the operator's other parameters (R defaults to the data's acceleration)."""
-    raw = _load(kspace, "k-space")
+    raw = load_npy(kspace, "k-space")
     data = _as_complex(raw, kspace, "k-space")
     count, n_coils, height, width = data.shape
-    masks = _column_masks(_load(mask, "masks"), mask, count, width)
+    masks = _column_masks(load_npy(mask, "masks"), mask, count, width)
     maps_given = None if maps is None else _maps_array(maps, count, n_coils)
     maps_size = None if maps_given is None or maps_given.shape[-1] == width else maps_given.shape[-1]
     operator_spec = _spec(spec, masks, n_coils, maps_size, str(kspace))

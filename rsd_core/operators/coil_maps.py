@@ -2,7 +2,7 @@
 dataset stores per scan.
 
 Real multi-coil scans come with their own sensitivities, estimated per scan from the fully sampled
-centre of k-space (ESPIRiT, Uecker et al. 2014; :mod:`rsd_core.kspace_import`). A dataset keeps them
+centre of k-space (ESPIRiT, Uecker et al. 2014; :mod:`rsd_core.data.kspace_import`). A dataset keeps them
 as per-sample state ``maps``: real float32 (2 * n_coils, m, m) holding [Re c0, Im c0, Re c1, ...] at a
 side m that may be smaller than the image (sensitivities are smooth), bilinearly interpolated to the
 image on use. The birdcage bank and the smooth random maps are simulation sources only.

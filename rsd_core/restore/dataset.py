@@ -18,7 +18,7 @@ What gets written, and why in this shape:
 * ``OUT/spread/`` is a second identity dataset, row for row: the per-pixel standard deviation of
   the restarts (``value_range`` [0, 1]: restorations are clipped to [-1, 1]). The format has one
   image column per row, and a second dataset keeps both checksummed and readable with
-  :func:`rsd_core.data.open_dataset`.
+  :func:`rsd_core.data.reader.open_dataset`.
 
 Each shard's result is a safetensors file (no pickle) with the rows' index, mean, spread, data
 misfit and labels; restoration is seeded per row group (``seed + first row index``), so a
@@ -37,19 +37,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rsd_core.data import (
-    CorruptedDataset,
-    Manifest,
-    WriteBatch,
-    expected_state,
-    open_dataset,
-    resolve_relative,
-    write_dataset,
-)
-from rsd_core.encoder import load_encoder, save_encoder
-from rsd_core.image_metrics import psnr, ssim
+from rsd_core.data.manifest import Manifest, WriteBatch, expected_state
+from rsd_core.data.reader import CorruptedDataset, open_dataset
+from rsd_core.data.storage import resolve_relative
+from rsd_core.data.writer import write_dataset
 from rsd_core.kinds import build_operator
-from rsd_core.restore import RestoreConfig, fit_restore_encoder, load_generator, restore_observations
+from rsd_core.restore.encoder import load_encoder, save_encoder
+from rsd_core.restore.estimate import RestoreConfig, fit_restore_encoder, load_generator, restore_observations
+from rsd_core.restore.image_metrics import psnr, ssim
 from rsd_core.stages import ModelCard
 from rsd_core.viz import observations_for_display, save_grid
 

@@ -1,5 +1,5 @@
 """Multi-coil Cartesian MRI: y_c = M * F(S_c x) + noise, with centred unitary F, column masks M and coil
-sensitivities S (a simulated bank, or each scan's own: :mod:`rsd_core.coil_maps`).
+sensitivities S (a simulated bank, or each scan's own: :mod:`rsd_core.operators.coil_maps`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from rsd_core.coil_maps import (
+from rsd_core.operators import Operator, State, mask_errors
+from rsd_core.operators.coil_maps import (
     ESPIRIT_KERNEL_WIDTH,
     birdcage_maps,
     espirit_maps,
@@ -18,8 +19,7 @@ from rsd_core.coil_maps import (
     smooth_random_maps,
     unpack_maps,
 )
-from rsd_core.operator_spec import OperatorSpecBase
-from rsd_core.operators import Operator, State, mask_errors
+from rsd_core.operators.spec import OperatorSpecBase
 
 
 def fft2c(x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ class MRI(Operator):
     Images are complex, stored as 2 real channels [Re, Im]; observations are per-coil k-space,
     stored as 2 * n_coils real channels [Re c0, Im c0, Re c1, ...]. The column mask M is shared
     by every row and coil; its ACS block of central lines is always sampled. The coil maps S are
-    the state ``maps`` (each scan's own, :mod:`rsd_core.coil_maps`) or a bank entry ``maps_index``;
+    the state ``maps`` (each scan's own, :mod:`rsd_core.operators.coil_maps`) or a bank entry ``maps_index``;
     with observed maps, fresh states (distillation, selection, export) pair a mask and the maps of
     observed scans drawn independently from the attached pool, as the RSD reference draws them.
     """

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from rsd_core.mri import MRI
 from rsd_core.operators import Inpaint, Operator, State
+from rsd_core.operators.mri import MRI
 
 P_MEAN = -1.2
 P_STD = 1.2

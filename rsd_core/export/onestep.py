@@ -37,10 +37,10 @@ import torch
 from torch import nn
 
 from rsd_core.kinds import EXPORT_FORMATS, check_export
-from rsd_core.mri import MRI
-from rsd_core.objectives import AmbientDiffusionObjective, FourierAmbientObjective, Objective
 from rsd_core.operators import Inpaint, State
+from rsd_core.operators.mri import MRI
 from rsd_core.stages import MODEL_FILES, ModelCard, load_model
+from rsd_core.train.objectives import AmbientDiffusionObjective, FourierAmbientObjective, Objective
 
 ONNX_FILE = "generator.onnx"
 PT2_FILE = "generator.pt2"

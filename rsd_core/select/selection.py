@@ -15,10 +15,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from rsd_core.classifier import ClassifierExtractor
-from rsd_core.data import CorruptedDataset, open_dataset
-from rsd_core.fd_interval import fd_interval, paired_difference_interval
-from rsd_core.frechet import (
+from rsd_core.data.reader import CorruptedDataset, open_dataset
+from rsd_core.kinds import get_kind
+from rsd_core.operators import Operator
+from rsd_core.operators.mri import to_complex
+from rsd_core.select.classifier import ClassifierExtractor
+from rsd_core.select.fd_interval import fd_interval, paired_difference_interval
+from rsd_core.select.frechet import (
     FeatureExtractor,
     FeatureStats,
     cached_reference_stats,
@@ -26,13 +29,8 @@ from rsd_core.frechet import (
     frechet_distance,
     spearman,
 )
-from rsd_core.inception import InceptionExtractor
-from rsd_core.kinds import get_kind
-from rsd_core.mri import to_complex
-from rsd_core.objectives import Objective
-from rsd_core.operators import Operator
-from rsd_core.sampling import edm_time_steps, heun_sample, truncation_index, truncation_nfe
-from rsd_core.ssl_features import SelfSupervisedExtractor, SSLRecipe
+from rsd_core.select.inception import InceptionExtractor
+from rsd_core.select.ssl_features import SelfSupervisedExtractor, SSLRecipe
 from rsd_core.stages import (
     DISTILL_DIR,
     checkpoint_distill_config,
@@ -42,7 +40,9 @@ from rsd_core.stages import (
     read_card,
     save_model,
 )
-from rsd_core.training import list_checkpoints, use_bf16
+from rsd_core.train.loop import list_checkpoints, use_bf16
+from rsd_core.train.objectives import Objective
+from rsd_core.train.sampling import edm_time_steps, heun_sample, truncation_index, truncation_nfe
 from rsd_core.viz import save_grid
 
 # Truncation candidates, mapped to the grid levels 0.585, 0.296, 0.140, 0.060, 0.023; 0.0 = the full sampler.
@@ -157,7 +157,7 @@ class CandidateScore(BaseModel):
     sigma_stop: float | None = None
     nfe: int = 1
     proximal_fd: float
-    proximal_fd_interval: tuple[float, float] | None = None  # 95% bootstrap interval (rsd_core.fd_interval)
+    proximal_fd_interval: tuple[float, float] | None = None  # 95% bootstrap interval (rsd_core.select.fd_interval)
     true_fd: float | None = None
 
 
@@ -254,7 +254,7 @@ class SelectionResult(BaseModel):
     spearman: float | None = None
     chosen_true_fd: float | None = None
     best_true_fd: float | None = None
-    # Bootstrap intervals (rsd_core.fd_interval); None in selection.json files written before they existed.
+    # Bootstrap intervals (rsd_core.select.fd_interval); None in selection.json files written before they existed.
     proximal_fd_interval: tuple[float, float] | None = None
     rule: str | None = None  # how the checkpoint was chosen (SELECTION_RULE)
     lowest_checkpoint: str | None = None  # the lowest Proximal FD, which the rule may pass over for a later tie

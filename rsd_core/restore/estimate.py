@@ -4,7 +4,7 @@ For observations y = A(x) + sigma_n * eps with their per-sample operator state, 
 all through the operator's own forward model and the observations' state, so any operator kind
 (MRI included) is restored without kind-specific code:
 
-- the default: a posterior-mean network (rsd_core.encoder, target "image") trained on pairs the
+- the default: a posterior-mean network (rsd_core.restore.encoder, target "image") trained on pairs the
   generator simulates, (G(eps), A(G(eps)) + sigma_n * noise) with the dataset's states, gives
   E[x | y] under the generator's distribution and a per-pixel posterior std in one pass;
 - G inverted by minimising, over its standard-normal latent eps,
@@ -31,7 +31,8 @@ from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from rsd_core.config import Spec
-from rsd_core.encoder import (
+from rsd_core.operators import Operator, State
+from rsd_core.restore.encoder import (
     AmortisedEncoder,
     EncoderConfig,
     encoder_inputs,
@@ -39,10 +40,9 @@ from rsd_core.encoder import (
     posterior_moments,
     restoration_loss,
 )
-from rsd_core.least_squares import solve_normal
-from rsd_core.operators import Operator, State
-from rsd_core.sampling import OneStepSampler
+from rsd_core.restore.least_squares import solve_normal
 from rsd_core.stages import load_model
+from rsd_core.train.sampling import OneStepSampler
 
 # Conjugate-gradient iterations (at most) of the data-consistency projection: one suffices for masks
 # and block means; for MRI R = 4 the misfit keeps falling slowly, and 100 (about 13 ms per 32 x 32
@@ -53,7 +53,7 @@ CONSISTENCY_ITERS = 100
 class RestoreConfig(Spec):
     """How observations are restored; the defaults restore a whole dataset (docs/algorithms.md §10.1).
 
-    By default a posterior-mean network (:mod:`rsd_core.encoder`, target "image") is fitted first: on
+    By default a posterior-mean network (:mod:`rsd_core.restore.encoder`, target "image") is fitted first: on
     the observations themselves, corrupted further (Ambient self-supervision), where the operator has a
     further mask (inpainting, MRI), else on the generator's samples seen through the operator with the
     observations' states (``encoder.fit_on``); each observation then costs one pass of it (mean and
@@ -134,7 +134,7 @@ def data_consistency(operator: Operator, x: torch.Tensor, y: torch.Tensor, state
     unless ``keep_noise``.
 
     The correction is the minimum-norm solution of A(d) = y - A(x) (conjugate gradient on the normal
-    map, :func:`rsd_core.least_squares.solve_normal`), so x is kept wherever the measurements say
+    map, :func:`rsd_core.restore.least_squares.solve_normal`), so x is kept wherever the measurements say
     nothing (the null space of A) and replaced by the measurements where they do. For inpainting
     (measured pixels kept) and super-resolution (block means kept) one iteration is exact; for
     multi-coil MRI, where the coils jointly determine most of the image, it is a SENSE solve for the
@@ -291,7 +291,7 @@ def load_generator(model_dir: str | Path, device: str | torch.device = "cpu") ->
     net, objective, card = load_model(model_dir, device)
     if card.kind != "generator":
         raise ValueError(f"{model_dir} holds a {card.kind}; restoration needs a one-step generator "
-                         "(the teacher's posterior sampler is rsd_core.posterior)")
+                         "(the teacher's posterior sampler is rsd_core.restore.posterior)")
     return OneStepSampler(net, objective, tuple(card.image_shape), card.sigma_init)
 
 

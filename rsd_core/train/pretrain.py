@@ -9,16 +9,16 @@ from typing import Protocol
 import torch
 
 from rsd_core.config import NetworkConfig, TrainConfig
-from rsd_core.networks import EDMPrecond, build_unet
-from rsd_core.objectives import Objective
 from rsd_core.operators import State
-from rsd_core.training import CheckpointCallback, MetricsCallback, Phase, StepContext, Trainer, TrainResult, make_ema
+from rsd_core.train.loop import CheckpointCallback, MetricsCallback, Phase, StepContext, Trainer, TrainResult, make_ema
+from rsd_core.train.networks import EDMPrecond, build_unet
+from rsd_core.train.objectives import Objective
 
 
 class BatchSource(Protocol):
     """Where observations come from: ``next_batch`` draws a batch (using the trainer's RNG if it
     samples); ``seek(n)`` continues after ``n`` batches (a resumed run). In memory:
-    :class:`TensorSource`; streamed from a dataset's shards: :class:`rsd_core.streaming.StreamSource`."""
+    :class:`TensorSource`; streamed from a dataset's shards: :class:`rsd_core.data.streaming.StreamSource`."""
 
     def next_batch(self, batch_size: int, rng: torch.Generator) -> tuple[torch.Tensor, State]: ...
 

@@ -1,7 +1,7 @@
 """Regularised least squares over an operator's own normal map, by conjugate gradient.
 
 Two users: the classical estimate of a linear kind without a closed form (SENSE for MRI,
-:mod:`rsd_core.baselines`), and data consistency (:func:`rsd_core.restore.data_consistency`), which
+:mod:`rsd_core.restore.baselines`), and data consistency (:func:`rsd_core.restore.estimate.data_consistency`), which
 corrects a learnt estimate by the smallest change that reproduces noiseless measurements. Both go
 through ``operator.forward`` / ``operator.adjoint``, so the model solved is exactly the one that
 made y (coil maps, masks and borders included) and a new linear operator needs nothing here.
