@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from skimage.restoration import inpaint_biharmonic
 
 from rsd_core.operators import Blur, Operator, State, SuperRes
-from rsd_core.restore.least_squares import solve_normal
+from rsd_core.restore.least_squares import lambda_by_held_out, solve_normal
 
 # Wiener noise-to-signal ratio per unit noise variance, for the Laplacian regulariser below
 # (tuned on training observations of blur-noise-0.2; docs/algorithms.md §10.3).
@@ -98,7 +98,12 @@ def _superres(operator: SuperRes, y: torch.Tensor, state: State) -> torch.Tensor
 
 
 def _least_squares(operator: Operator, y: torch.Tensor, state: State) -> torch.Tensor:
+    """Noiseless observations with a further mask choose their weight by held-out measurements (SENSE with
+    estimated coil maps needs one; lambda_by_held_out); otherwise it follows the noise variance."""
     lam = max(LSQ_LAMBDA_PER_VARIANCE * operator.sigma_n**2, LSQ_LAMBDA_FLOOR)
+    if operator.splits_observations and operator.sigma_n == 0:
+        lam = max(lambda_by_held_out(operator, y.detach().cpu().float(), {k: v.cpu() for k, v in state.items()},
+                                     LSQ_ITERS), LSQ_LAMBDA_FLOOR)
     return least_squares_cg(operator, y, state, lam)
 
 

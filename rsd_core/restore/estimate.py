@@ -40,7 +40,7 @@ from rsd_core.restore.encoder import (
     posterior_moments,
     restoration_loss,
 )
-from rsd_core.restore.least_squares import solve_normal
+from rsd_core.restore.least_squares import lambda_by_held_out, solve_normal
 from rsd_core.stages import load_model
 from rsd_core.train.sampling import OneStepSampler
 
@@ -131,7 +131,9 @@ def check_observations(operator: Operator, image_shape: tuple[int, ...], y: torc
 def data_consistency(operator: Operator, x: torch.Tensor, y: torch.Tensor, state: State,
                      iters: int = CONSISTENCY_ITERS, keep_noise: bool = False) -> torch.Tensor:
     """x + A^+(y - A(x)) for noiseless data: the nearest image to x that reproduces y; x for noisy data
-    unless ``keep_noise``.
+    unless ``keep_noise``. For operators with a further mask the correction is regularised by the weight
+    the held-out measurements choose (:func:`rsd_core.restore.least_squares.lambda_by_held_out`): 0 where
+    the model is exact, more where it is an estimate (coil maps estimated per scan).
 
     The correction is the minimum-norm solution of A(d) = y - A(x) (conjugate gradient on the normal
     map, :func:`rsd_core.restore.least_squares.solve_normal`), so x is kept wherever the measurements say
@@ -144,7 +146,8 @@ def data_consistency(operator: Operator, x: torch.Tensor, y: torch.Tensor, state
     """
     if operator.sigma_n > 0 and not keep_noise:
         return x
-    return x + solve_normal(operator, y - operator.forward(x, state), state, 0.0, iters)
+    lam = lambda_by_held_out(operator, y, state, iters) if operator.splits_observations else 0.0
+    return x + solve_normal(operator, y - operator.forward(x, state), state, lam, iters)
 
 
 def _repeat(state: State, times: int) -> State:

@@ -45,3 +45,28 @@ def solve_normal(operator: Operator, y: torch.Tensor, state: State, lam: float, 
         p = r + rr_new / rr.clamp_min(1e-30) * p
         rr = rr_new
     return x
+
+
+# Tikhonov weights the measurements choose from (lambda_by_held_out).
+LAMBDA_GRID = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+def lambda_by_held_out(operator: Operator, y: torch.Tensor, state: State, iters: int,
+                       lambdas: tuple[float, ...] = LAMBDA_GRID, seed: int = 0) -> float:
+    """The Tikhonov weight chosen by the measurements alone (no clean image), for operators with a further mask.
+
+    y is split as Ambient Diffusion splits it (:meth:`Operator.split_observation`): each lambda's solution
+    from the kept measurements predicts the held-out ones, and the lambda that predicts them best wins (the
+    self-validation of SSDU, Yaman et al. 2020). Where the forward model is exact (simulated coil maps) the
+    smallest weight tends to win; where it is itself an estimate (coil maps estimated per scan), exact
+    inversion amplifies its error through the ill-conditioned unfolding and a larger weight wins. The split
+    has fewer measurements than y, so the weight chosen leans high. Ties (inpainting: the held-out pixels
+    are never predicted) go to the smallest weight.
+    """
+    y_kept, state_kept, held = operator.split_observation(y, state, torch.Generator().manual_seed(seed))
+    scale = (held * y).pow(2).sum().clamp_min(1e-30)
+    errors = []
+    for lam in lambdas:
+        x = solve_normal(operator, y_kept, state_kept, lam, iters)
+        errors.append(float((held * (operator.forward(x, state) - y)).pow(2).sum() / scale))
+    return lambdas[min(range(len(lambdas)), key=lambda i: (round(errors[i], 6), i))]
