@@ -58,13 +58,12 @@ from benchmarks.restoration import TASKS as TRAINING_TASKS
 from benchmarks.restoration import train_models
 from rsd_core.data.reader import open_dataset
 from rsd_core.data.sources import brain_mri, fashion_mnist
-from rsd_core.kinds import build_operator
+from rsd_core.kinds import build_operator, classical_estimate
 from rsd_core.restore.baselines import (
     LSQ_ITERS,
     LSQ_LAMBDA_FLOOR,
     LSQ_LAMBDA_PER_VARIANCE,
     WIENER_NSR_PER_VARIANCE,
-    classical_estimate,
 )
 from rsd_core.restore.encoder import EncoderConfig, load_encoder, save_encoder
 from rsd_core.restore.estimate import (

@@ -19,7 +19,10 @@ the truncation default and the export check all read this table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from rsd_core.operators import (
     Blur,
@@ -29,11 +32,18 @@ from rsd_core.operators import (
     Inpaint,
     InpaintSpec,
     Operator,
+    State,
     SuperRes,
     SuperResSpec,
 )
 from rsd_core.operators.mri import MRI, MRISpec
 from rsd_core.operators.spec import OperatorSpecBase, use_registry
+from rsd_core.restore.baselines import (
+    blur_classical,
+    inpaint_classical,
+    least_squares_classical,
+    superres_classical,
+)
 from rsd_core.train.objectives import (
     AmbientDiffusionObjective,
     AmbientTweedieObjective,
@@ -42,6 +52,7 @@ from rsd_core.train.objectives import (
 )
 
 EXPORT_FORMATS = ("onnx", "pt2")  # every format a generator can be exported to; a kind names its subset
+Classical = Callable[[Operator, torch.Tensor, State], torch.Tensor]  # (operator, y, state) -> estimate
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,8 @@ class OperatorKind:
     sigma_stop: float | None = None
     image_channels: int | None = None
     export_formats: tuple[str, ...] = EXPORT_FORMATS
+    # The classical estimate restorations are compared with; None: regularised least squares (linear kinds).
+    classical: Classical | None = None
     summary: str = ""
 
     @property
@@ -132,12 +145,18 @@ def check_export(spec: OperatorSpecBase, formats: tuple[str, ...] | list[str]) -
         )
 
 
+def classical_estimate(operator: Operator, y: torch.Tensor, state: State) -> torch.Tensor:
+    """The kind's classical estimate (N, C, H, W) of observations y, on the CPU: its own, or least squares."""
+    return (get_kind(operator.spec.kind).classical or least_squares_classical)(operator, y, state)
+
+
 register_kind(OperatorKind(IdentitySpec, Identity, Objective, AmbientTweedieObjective,
                            summary="denoising only (A = I)"))
 register_kind(OperatorKind(InpaintSpec, Inpaint, AmbientDiffusionObjective, None, sigma_stop=0.05,
-                           summary="random pixel erasure, Ambient Diffusion teacher"))
-register_kind(OperatorKind(BlurSpec, Blur, Objective, AmbientTweedieObjective, summary="Gaussian blur"))
-register_kind(OperatorKind(SuperResSpec, SuperRes, Objective, AmbientTweedieObjective,
+                           classical=inpaint_classical, summary="random pixel erasure, Ambient Diffusion teacher"))
+register_kind(OperatorKind(BlurSpec, Blur, Objective, AmbientTweedieObjective, classical=blur_classical,
+                           summary="Gaussian blur"))
+register_kind(OperatorKind(SuperResSpec, SuperRes, Objective, AmbientTweedieObjective, classical=superres_classical,
                            summary="block-average down-sampling kept at full size"))
 # .pt2 only: the ONNX exporter cannot lower the projection's complex tensors (rsd_core.export.onestep).
 register_kind(OperatorKind(MRISpec, MRI, FourierAmbientObjective, None, sigma_stop=0.05, image_channels=2,

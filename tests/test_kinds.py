@@ -1,9 +1,11 @@
-"""The operator registry: every registered kind (and a toy one registered here) runs through the
+"""The operator registry: every registered kind (and two toy ones registered here) runs through the
 whole pipeline's contract: spec validation, the CLI, forward/adjoint, its objective's loss and
-denoiser, one distillation step, selection's image view, and export or its clear refusal.
+denoiser, one distillation step, selection's image view, export or its clear refusal, its classical
+estimate, and restoration as the served model runs it (the request's inputs parsed against the card).
 
-The toy kind (a fixed random pixel permutation) is added in exactly two places, both below:
-its spec + operator class, and one ``register_kind`` call.
+Each toy kind is added in exactly two places, both below: its spec + operator class, and one
+``register_kind`` call. The permutation has no state; the row shift has per-sample state (each
+observation's own shift), which the dataset, the distillation, restoration and serving carry like a mask.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from rsd_core.export.onestep import ExportError, draw_inputs, export_generator, 
 from rsd_core.kinds import (
     OperatorKind,
     build_operator,
+    classical_estimate,
     get_kind,
     objective_for,
     register_kind,
@@ -27,11 +30,14 @@ from rsd_core.kinds import (
 )
 from rsd_core.operators import Operator, parse_operator_spec
 from rsd_core.presets import ConfigError, build_config
+from rsd_core.restore.estimate import RestoreConfig, restore_with_model
 from rsd_core.select.selection import corrupted_view
 from rsd_core.stages import ModelCard, save_model
 from rsd_core.train.distill import distill
 from rsd_core.train.objectives import AmbientTweedieObjective, Objective
 from rsd_core.train.pretrain import build_teacher
+from tasks.request_limits import RequestLimits
+from tasks.serving import observation_inputs
 
 
 # --- place 1 of 2: the toy kind's spec and operator -------------------------------------------
@@ -56,18 +62,43 @@ class Permute(Operator):
         return out.reshape(y.shape)
 
 
-# --- place 2 of 2: its registration ----------------------------------------------------------
-TOY = OperatorKind(PermuteSpec, Permute, Objective, AmbientTweedieObjective, summary="toy pixel permutation")
+class RowShiftSpec(OperatorSpecBase):
+    """Each image's rows shifted circularly by its own random amount: a linear isometry with per-sample state."""
+
+    kind: Literal["rowshift"] = "rowshift"
+
+
+class RowShift(Operator):
+    state_keys = ("shift",)
+
+    def sample_state(self, batch, image_shape, rng=None, device="cpu"):
+        return {"shift": torch.randint(image_shape[-2], (batch,), generator=rng).to(device)}
+
+    def _roll(self, x, shift, sign):
+        return torch.stack([xi.roll(sign * int(s), dims=-2) for xi, s in zip(x, shift, strict=True)])
+
+    def forward(self, x, state):
+        return self._roll(x, state["shift"], 1)
+
+    def adjoint(self, y, state):
+        return self._roll(y, state["shift"], -1)
+
+
+# --- place 2 of 2: their registrations --------------------------------------------------------
+TOYS = (OperatorKind(PermuteSpec, Permute, Objective, AmbientTweedieObjective, summary="toy pixel permutation"),
+        OperatorKind(RowShiftSpec, RowShift, Objective, AmbientTweedieObjective, summary="toy per-image row shift"))
 
 
 @pytest.fixture(autouse=True, scope="module")
-def toy_kind():
-    register_kind(TOY)
+def toy_kinds():
+    for kind in TOYS:
+        register_kind(kind)
     yield
-    unregister_kind("permute")
+    for kind in TOYS:
+        unregister_kind(kind.name)
 
 
-KINDS = ("identity", "inpaint", "blur", "superres", "mri", "permute")
+KINDS = ("identity", "inpaint", "blur", "superres", "mri", "permute", "rowshift")
 TRAIN = DistillTrainConfig(steps=1, batch_size=4, checkpoint_every=1, precision="fp32", lr_rampup_steps=0)
 
 
@@ -138,6 +169,21 @@ def test_every_kind_runs_the_whole_contract(name, tmp_path):
     else:
         with pytest.raises(ExportError, match=f"operator kind '{name}' cannot be exported"):
             load_exportable(model_dir)
+
+    # restored like the others: the kind's classical estimate, and what the served model runs (the request's
+    # observations and per-sample state parsed against the card, then restoration through the saved generator)
+    assert classical_estimate(op, obs, state).shape == x.shape
+    request = {"observations": obs.numpy(), **{k: v.numpy() for k, v in state.items()}}
+    y_in, state_in = observation_inputs(request, gen_card, RequestLimits())
+    assert all(torch.equal(state_in[k], state[k]) for k in state)
+    restored = restore_with_model(model_dir, y_in, state_in, RestoreConfig(steps=2, encoder=None))
+    assert restored.mean.shape == x.shape and torch.isfinite(restored.mean).all()
+    if state:  # restored through each observation's own state, not another's
+
+        def misfit(s):
+            return float((op.forward(restored.mean, s) - obs).pow(2).mean())
+
+        assert misfit(state) < misfit({k: v.roll(1, 0) for k, v in state.items()})
 
 
 def test_the_toy_kind_reaches_the_cli_and_the_dataset_errors():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig
-from rsd_core.export.onestep import PT2_FILE, ExportError, draw_inputs, export_generator, input_law, load_exportable
+from rsd_core.export.onestep import PT2_FILE, ExportError, draw_inputs, export_generator, load_exportable
 from rsd_core.kinds import build_operator, objective_for
 from rsd_core.operators.mri import MRISpec
 from rsd_core.presets import ConfigError, build_config
@@ -281,7 +281,7 @@ def test_exported_mask_law_is_the_generators():
     """The graph's M~ from uniform scores has the law of FourierAmbientObjective.draw_input_state: the ACS block
     always, the same line count, every other column equally likely; the coil-map entries uniform."""
     objective = objective_for(build_operator(SAMPLING_SPEC))
-    law = input_law(objective, IMAGE)
+    law = objective.input_law(IMAGE)
     n, gen = 4000, torch.Generator().manual_seed(0)
     exported = law.state(torch.rand((n, 1, 1, 8), generator=gen), torch.rand(n, generator=gen))
     drawn = objective.draw_input_state(n, IMAGE, gen, "cpu")

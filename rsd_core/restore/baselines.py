@@ -11,8 +11,6 @@ Zero filling is not a baseline. Every estimate is clamped to the image range [-1
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -85,19 +83,19 @@ def least_squares_cg(operator: Operator, y: torch.Tensor, state: State, lam: flo
     return solve_normal(operator, y.detach().cpu().float(), state, lam, iters).clamp(-1.0, 1.0)
 
 
-def _inpaint(operator: Operator, y: torch.Tensor, state: State) -> torch.Tensor:
+def inpaint_classical(operator: Operator, y: torch.Tensor, state: State) -> torch.Tensor:
     return biharmonic_inpaint(y, state["mask"])
 
 
-def _blur(operator: Blur, y: torch.Tensor, state: State) -> torch.Tensor:
+def blur_classical(operator: Blur, y: torch.Tensor, state: State) -> torch.Tensor:
     return wiener_deblur(y, operator.kernel, WIENER_NSR_PER_VARIANCE * max(operator.sigma_n, 1e-2) ** 2)
 
 
-def _superres(operator: SuperRes, y: torch.Tensor, state: State) -> torch.Tensor:
+def superres_classical(operator: SuperRes, y: torch.Tensor, state: State) -> torch.Tensor:
     return bicubic_upsample(y, operator.factor)
 
 
-def _least_squares(operator: Operator, y: torch.Tensor, state: State) -> torch.Tensor:
+def least_squares_classical(operator: Operator, y: torch.Tensor, state: State) -> torch.Tensor:
     """Noiseless observations with a further mask choose their weight by held-out measurements (SENSE with
     estimated coil maps needs one; lambda_by_held_out); otherwise it follows the noise variance."""
     lam = max(LSQ_LAMBDA_PER_VARIANCE * operator.sigma_n**2, LSQ_LAMBDA_FLOOR)
@@ -105,16 +103,3 @@ def _least_squares(operator: Operator, y: torch.Tensor, state: State) -> torch.T
         lam = max(lambda_by_held_out(operator, y.detach().cpu().float(), {k: v.cpu() for k, v in state.items()},
                                      LSQ_ITERS), LSQ_LAMBDA_FLOOR)
     return least_squares_cg(operator, y, state, lam)
-
-
-# operator kind -> classical estimate; kinds not listed (MRI, new linear operators) use least squares.
-CLASSICAL: dict[str, Callable[[Operator, torch.Tensor, State], torch.Tensor]] = {
-    "inpaint": _inpaint,
-    "blur": _blur,
-    "superres": _superres,
-}
-
-
-def classical_estimate(operator: Operator, y: torch.Tensor, state: State) -> torch.Tensor:
-    """The classical estimate (N, C, H, W) on the CPU of observations y for this operator kind."""
-    return CLASSICAL.get(operator.spec.kind, _least_squares)(operator, y, state)

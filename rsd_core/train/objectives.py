@@ -21,6 +21,7 @@ import torch
 
 from rsd_core.operators import Inpaint, Operator, State
 from rsd_core.operators.mri import MRI
+from rsd_core.train.input_laws import InpaintLaw, InputLaw, MRILaw
 
 P_MEAN = -1.2
 P_STD = 1.2
@@ -60,8 +61,15 @@ class Objective:
         return torch.exp(self.P_mean + self.P_std * rnd)
 
     def draw_input_state(self, batch: int, shape: tuple[int, ...], rng, device) -> State:
-        """State that fixes how the network sees its input (none for the standard objective)."""
-        return {}
+        """State that fixes how the network sees its input and how a generated image is measured: for the
+        standard objective the network sees no state, and the operator's own state (per-sample shifts, say;
+        none for blur or down-sampling) measures."""
+        return self.operator.sample_state(batch, shape, rng, device) if self.operator.state_keys else {}
+
+    def input_law(self, image_shape: tuple[int, ...]) -> InputLaw:
+        """What the generator's network sees of :meth:`draw_input_state`, as a pure function of U[0, 1) inputs,
+        for an exported generator: nothing, for the standard objective."""
+        return InputLaw()
 
     def denoise(self, net, x: torch.Tensor, sigma, input_state: State) -> torch.Tensor:
         """The x0 prediction of ``net`` for a noisy image ``x`` at level ``sigma``."""
@@ -69,7 +77,7 @@ class Objective:
 
     def measure(self, x: torch.Tensor, input_state: State) -> torch.Tensor:
         """The clean measurement of a generated image that the generator step scores: A(x)."""
-        return self.operator.forward(x, {})
+        return self.operator.forward(x, input_state)
 
     def score_mask(self, input_state: State) -> torch.Tensor | None:
         """Where the generator-step loss is evaluated (None = everywhere)."""
@@ -121,6 +129,9 @@ class AmbientDiffusionObjective(Objective):
     def draw_input_state(self, batch, shape, rng, device):
         return {"mask": self.operator.input_mask(batch, shape, rng, device)}
 
+    def input_law(self, image_shape):
+        return InpaintLaw(self.operator, image_shape)
+
     def denoise(self, net, x, sigma, input_state):
         mask = input_state["mask"].to(x.dtype)
         return net(mask * x, sigma, mask.expand_as(x[:, :1]) if x.ndim == 4 else mask)
@@ -160,6 +171,9 @@ class FourierAmbientObjective(Objective):
     def draw_input_state(self, batch, shape, rng, device):
         state = self.operator.sample_state(batch, shape, rng, device)
         return {**state, "mask": self.operator.further_mask(state["mask"], rng)}
+
+    def input_law(self, image_shape):
+        return MRILaw(self.operator, image_shape)
 
     def _cond(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.to(x.dtype).expand(x.shape[0], 1, x.shape[-2], x.shape[-1])
