@@ -69,8 +69,8 @@ class LoopConfig(Spec):
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    # None = auto: on for CUDA; off on CPU, where GroupNorm in channels_last measured 1.4-1.5x
-    # slower (benchmarks/train_throughput.py on an avx512_bf16 Xeon without AMX).
+    # None = auto: on for CUDA; off on CPU, where GroupNorm in channels_last is slower
+    # (benchmarks/train_throughput.py; docs/benchmarks.md).
     channels_last: bool | None = None
     time_budget_s: float | None = None
 

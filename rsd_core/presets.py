@@ -105,10 +105,9 @@ CPU_MRI_DISTILL = DistillConfig(lr_fake=5e-5, lr_generator=5e-5, betas_fake=(0.0
 def _cpu_mri() -> PipelineConfig:
     """Multi-coil brain MRI at R = 4 through the whole DAG on 2 CPU cores, budgeted for about 20 minutes.
 
-    Measured on 2 cores from an empty feature cache: 16.7 minutes (corrupt 6 s, teacher 5.2 min for 449 steps,
-    distillation 6.0 min for 259 steps, selection 4.8 min for 5 checkpoints and 6 teacher truncations, export and
-    registration 16 s). The training phases are wall-time budgets; selection is not, and Inception features of the
-    true FD (evaluation only) are most of it: hence a checkpoint every 60 steps and 128 samples per candidate.
+    The training phases are wall-time budgets; selection is not, and Inception features of the true FD
+    (evaluation only) are most of it: hence a checkpoint every 60 steps and 128 samples per candidate (the
+    measured phases: docs/results.md, "The cpu-mri preset, run once").
     32x32 slices with 4 coils (:func:`cpu_mri_operator`): the 1,345 Colin27 training slices of ``brain-mri``;
     the true FD (evaluation only) is against the 419 held-out MNI152 slices. 32 px because a 64 px slice has 4x
     the pixels per network evaluation, and the teacher already gets only a few hundred steps at 32 px. Selection
