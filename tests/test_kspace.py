@@ -5,8 +5,6 @@ and `rsd restore`."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -20,7 +18,7 @@ from rsd_core.operators.coil_maps import espirit_maps, pack_maps, smooth_random_
 from rsd_core.operators.mri import MRI, MRISpec
 from rsd_core.restore.least_squares import lambda_by_held_out, solve_normal
 from rsd_core.stages import POOL_FILE, ModelCard, build_network, load_model, save_model
-from tests.cli import BIN, rsd
+from tests.cli import rsd, scratch_env
 from tests.kspace_files import phantom_scans, write_scans
 
 
@@ -173,12 +171,7 @@ def test_cli_import_of_kspace_refuses_in_one_line(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
     root = tmp_path_factory.mktemp("kspace")
-    for sub in ("home", "tmp"):
-        (root / sub).mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "FLYTE_", "RSD_"))}
-    env.update(HOME=str(root / "home"), TMPDIR=str(root / "tmp"), OMP_NUM_THREADS="1",
-               FLYTE_LOCAL_CACHE_ENABLED="false", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    return root, env
+    return root, scratch_env(root)
 
 
 TINY_RUN = ["--set", "teacher_train.steps=20", "--set", "teacher_train.time_budget_s=null",

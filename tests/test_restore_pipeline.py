@@ -27,7 +27,7 @@ from rsd_core.data.manifest import MANIFEST_NAME  # noqa: E402
 from rsd_core.data.reader import open_dataset  # noqa: E402
 from rsd_core.data.writer import write_dataset  # noqa: E402
 from rsd_core.restore.encoder import EncoderConfig  # noqa: E402
-from tests.cli import BIN  # noqa: E402
+from tests.cli import BIN, scratch_env  # noqa: E402
 
 MODEL = "restore-smoke"
 CHAMPION = f"models:/{MODEL}@champion"
@@ -39,12 +39,7 @@ CLEAN_ROWS = 24
 def scratch(tmp_path_factory):
     """The subprocess environment: scratch HOME/TMPDIR, one thread, no inherited tracking settings."""
     root = tmp_path_factory.mktemp("restore")
-    for sub in ("home", "tmp"):
-        (root / sub).mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "FLYTE_", "RSD_"))}
-    env.update(HOME=str(root / "home"), TMPDIR=str(root / "tmp"), OMP_NUM_THREADS="1",
-               FLYTE_LOCAL_CACHE_ENABLED="false", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    return root, env
+    return root, scratch_env(root)
 
 
 def _sharded_copy(source: str, out: Path) -> str:
