@@ -19,7 +19,9 @@ then restored by
 - ``generator-latent-opt``: latent optimisation from noise through the one-step generator (``LATENT_OPTIMISATION``:
   30 Adam steps x 4 restarts, the serving path);
 - ``teacher-dps``: diffusion posterior sampling with the teacher (rsd_core.restore.posterior);
-- ``classical``: the operator's classical estimate (rsd_core.restore.baselines);
+- ``classical``: the operator's classical estimate (rsd_core.restore.baselines; for MRI, SENSE with the weight
+  the held-out k-space lines choose);
+- ``compressed-sensing`` (MRI only): L1-wavelet compressed sensing (sigpy), its weight chosen likewise;
 and scored with PSNR and SSIM against the clean images ([0, 1] scale; MRI: magnitudes, range per
 image) and seconds per image (wall time of the method on the same images, same run, batched,
 ``--threads`` torch threads). The ``generator`` row repeats the row of the method that
@@ -59,11 +61,15 @@ from benchmarks.restoration import train_models
 from rsd_core.data.reader import open_dataset
 from rsd_core.data.sources import brain_mri, fashion_mnist
 from rsd_core.kinds import build_operator, classical_estimate
+from rsd_core.operators.mri import MRI
 from rsd_core.restore.baselines import (
+    CS_ITERS,
+    CS_LAMBDAS,
     LSQ_ITERS,
     LSQ_LAMBDA_FLOOR,
     LSQ_LAMBDA_PER_VARIANCE,
     WIENER_NSR_PER_VARIANCE,
+    compressed_sensing_mri,
 )
 from rsd_core.restore.encoder import EncoderConfig, load_encoder, save_encoder
 from rsd_core.restore.estimate import (
@@ -88,10 +94,11 @@ TASKS = ("inpaint-0.6", "inpaint-0.8", "blur-noise-0.2", "superres-x2", "mri-r4"
 # MRI tasks and their coil maps (benchmarks/mri.py): mri-r4-estimated simulates each test scan through smooth
 # random coils of its own and restores it with ESPIRiT's estimates of them, as a team's own scans are.
 MRI_TASKS = {"mri-r4": "bank", "mri-r4-estimated": "estimated"}
-METHODS = ("classical", "teacher-dps", "ambient-posterior-net", "generator-posterior-net", "generator-encoder",
-           "generator-single-pass", "generator-latent-opt")
-FAST_METHODS = METHODS[2:]  # timed against DPS
-LABELS = {"classical": "classical", "teacher-dps": "teacher DPS", "ambient-posterior-net": "net on observations",
+METHODS = ("classical", "compressed-sensing", "teacher-dps", "ambient-posterior-net", "generator-posterior-net",
+           "generator-encoder", "generator-single-pass", "generator-latent-opt")
+FAST_METHODS = METHODS[3:]  # timed against DPS
+LABELS = {"classical": "classical", "compressed-sensing": "L1-wavelet CS", "teacher-dps": "teacher DPS",
+          "ambient-posterior-net": "net on observations",
           "generator-posterior-net": "net on generator", "generator-encoder": "latent encoder",
           "generator-single-pass": "single pass", "generator-latent-opt": "latent opt."}
 OBSERVATION_SEED = 1234
@@ -229,9 +236,13 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
 
     work = {"classical": lambda: (classical_estimate(operator, y, state), None), "teacher-dps": teacher_dps,
             **{m: functools.partial(through_generator, m) for m in configs}}
+    if isinstance(operator, MRI):  # the compressed-sensing baseline of the MRI literature
+        work["compressed-sensing"] = lambda: (compressed_sensing_mri(operator, y, state), None)
     settings = {"classical": {"operator": card.operator.model_dump(),  # and the estimates' own constants
                               "constants": [WIENER_NSR_PER_VARIANCE, LSQ_LAMBDA_PER_VARIANCE, LSQ_LAMBDA_FLOOR,
                                             LSQ_ITERS]},
+                "compressed-sensing": {"operator": card.operator.model_dump(), "lambdas": list(CS_LAMBDAS),
+                                       "iters": CS_ITERS},
                 "teacher-dps": {"model": read_card(teacher_dir).model_dump(), "config": dps_config.model_dump(),
                                 "sigma_stop": DPS_SIGMA_STOP},
                 **{m: {"model": card.model_dump(), "config": cache_settings(c)} for m, c in configs.items()}}

@@ -16,6 +16,7 @@ from rsd_core.data.reader import open_dataset
 from rsd_core.kinds import objective_for
 from rsd_core.operators.coil_maps import espirit_maps, pack_maps, smooth_random_maps, unpack_maps
 from rsd_core.operators.mri import MRI, MRISpec
+from rsd_core.restore.baselines import compressed_sensing_mri
 from rsd_core.restore.least_squares import lambda_by_held_out, solve_normal
 from rsd_core.stages import POOL_FILE, ModelCard, build_network, load_model, save_model
 from tests.cli import rsd, scratch_env
@@ -232,3 +233,17 @@ def test_held_out_lines_choose_the_regularisation_that_estimated_maps_need():
     assert chosen > 0 and error(estimated, chosen) < 0.7 * error(estimated, 0.0)
     exact = {"mask": mask, "maps": pack_maps(torch.from_numpy(maps))}
     assert error(exact, lambda_by_held_out(op, y, exact, 400)) < 2 * error(exact, 0.0)
+
+
+def test_compressed_sensing_reconstructs_better_than_zero_filling_with_its_own_weight():
+    """The L1-wavelet baseline (sigpy) with each scan's maps, its weight chosen by held-out lines."""
+    kspace, masks, maps, images = phantom_scans(4, coils=4, size=32, acs=6, extra_lines=4, seed=5)
+    op = MRI(MRISpec(R=3.2, acs_fraction=6 / 32, n_coils=4, coil_maps="observed"))
+    y = torch.view_as_real(torch.from_numpy(kspace)).permute(0, 1, 4, 2, 3).reshape(4, 8, 32, 32)
+    state = {"mask": torch.from_numpy(masks).view(4, 1, 1, 32), "maps": pack_maps(torch.from_numpy(maps))}
+    truth = torch.from_numpy(np.abs(images)).float()
+
+    def error(x):
+        return float((torch.view_as_complex(x.permute(0, 2, 3, 1).contiguous()).abs() - truth).norm() / truth.norm())
+
+    assert error(compressed_sensing_mri(op, y, state)) < 0.7 * error(op.adjoint(y, state))

@@ -243,21 +243,22 @@ class MRI(Operator):
             out[b, drop] = 0.0
         return out.view_as(mask)
 
-    def _maps(self, state: State, height: int, width: int, device) -> torch.Tensor:
+    def coil_maps(self, state: State, height: int, width: int, device="cpu") -> torch.Tensor:
+        """(B, n_coils, H, W) complex sensitivities of each sample: its own, or its bank entry."""
         if "maps" in state:
             return unpack_maps(state["maps"].to(device), height, width)
         return self.maps_bank(height, width, device)[state["maps_index"].to(device).long()]
 
     def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
         b, _, h, w = x.shape
-        maps = self._maps(state, h, w, x.device)
+        maps = self.coil_maps(state, h, w, x.device)
         k = fft2c(maps * to_complex(x)[:, None]) * state["mask"].to(x.device)
         return torch.view_as_real(k).permute(0, 1, 4, 2, 3).reshape(b, 2 * self.n_coils, h, w).to(x.dtype)
 
     def adjoint(self, y: torch.Tensor, state: State) -> torch.Tensor:
         h, w = y.shape[-2:]
         k = self.complex_kspace(y) * state["mask"].to(y.device)
-        maps = self._maps(state, h, w, y.device)
+        maps = self.coil_maps(state, h, w, y.device)
         return to_real((maps.conj() * ifft2c(k)).sum(1)).to(y.dtype)
 
     def first_invalid(self, y, state, atol):

@@ -9,6 +9,8 @@ made y (coil maps, masks and borders included) and a new linear operator needs n
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rsd_core.operators import Operator, State
@@ -52,7 +54,8 @@ LAMBDA_GRID = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
 def lambda_by_held_out(operator: Operator, y: torch.Tensor, state: State, iters: int,
-                       lambdas: tuple[float, ...] = LAMBDA_GRID, seed: int = 0) -> float:
+                       lambdas: tuple[float, ...] = LAMBDA_GRID, seed: int = 0,
+                       solve: Callable[[torch.Tensor, State, float], torch.Tensor] | None = None) -> float:
     """The Tikhonov weight chosen by the measurements alone (no clean image), for operators with a further mask.
 
     y is split as Ambient Diffusion splits it (:meth:`Operator.split_observation`): each lambda's solution
@@ -61,12 +64,18 @@ def lambda_by_held_out(operator: Operator, y: torch.Tensor, state: State, iters:
     smallest weight tends to win; where it is itself an estimate (coil maps estimated per scan), exact
     inversion amplifies its error through the ill-conditioned unfolding and a larger weight wins. The split
     has fewer measurements than y, so the weight chosen leans high. Ties (inpainting: the held-out pixels
-    are never predicted) go to the smallest weight.
+    are never predicted) go to the smallest weight. ``solve(y, state, lam)`` is the reconstruction whose
+    weight is chosen (default: Tikhonov least squares by ``iters`` CG iterations).
     """
+    if solve is None:
+
+        def solve(y_part: torch.Tensor, state_part: State, lam: float) -> torch.Tensor:
+            return solve_normal(operator, y_part, state_part, lam, iters)
+
     y_kept, state_kept, held = operator.split_observation(y, state, torch.Generator().manual_seed(seed))
     scale = (held * y).pow(2).sum().clamp_min(1e-30)
     errors = []
     for lam in lambdas:
-        x = solve_normal(operator, y_kept, state_kept, lam, iters)
+        x = solve(y_kept, state_kept, lam)
         errors.append(float((held * (operator.forward(x, state) - y)).pow(2).sum() / scale))
     return lambdas[min(range(len(lambdas)), key=lambda i: (round(errors[i], 6), i))]
