@@ -1,6 +1,6 @@
 """Fault injection, the fast subset of ``python -m benchmarks.faults`` (which prints the full table).
 
-The scenarios and malformed inputs are defined once, in benchmarks/faults.py, so the table and
+The scenarios and malformed inputs are defined once, in tests/faults.py, so the table and
 these tests cannot drift apart. CLI cases run in-process (one ``rsd`` process per case would
 cost ~3 s each); one case also runs as a real process to prove no traceback reaches stderr.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import faults
 from rsd_cli.main import main
+from tests import faults
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 
 Each attempt gets a fresh working directory (the old pod's disk is gone) and a real
 ``SyncCheckpoint`` whose locations are on the seaweedfs server, as flytekit's entrypoint builds it.
-The attempt itself (``train_attempt``) is shared with ``benchmarks/faults.py``'s table row.
+The attempt itself (``train_attempt``, tests/faults.py) is shared with the fault benchmark's table row.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from flytekit.core.checkpointer import SyncCheckpoint
 from flytekit.types.directory import FlyteDirectory
 from safetensors.torch import load_file
 
-from benchmarks import faults
-from benchmarks.faults import PodKilled, train_attempt
 from rsd_core.config import NetworkConfig, TrainConfig
 from rsd_core.stages import PRETRAIN_DIR
 from rsd_core.train.loop import list_checkpoints
+from tests import faults
+from tests.faults import PodKilled, train_attempt
 
 STEPS = faults.RETRY_TRAIN["steps"]
 

@@ -134,7 +134,7 @@ def test_storage_options_come_from_the_environment(fake_aws_env, monkeypatch):
 
 
 def _tiny(path_or_uri: str, storage_options=None):
-    from benchmarks.faults import write_tiny_dataset
+    from tests.faults import write_tiny_dataset
 
     return write_tiny_dataset(path_or_uri, storage_options=storage_options)
 

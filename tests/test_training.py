@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from benchmarks.faults import NaNBatches
 from rsd_core.config import NetworkConfig, TrainConfig
 from rsd_core.kinds import build_operator, objective_for
 from rsd_core.train.loop import Trainer, TrainingDivergedError, list_checkpoints
 from rsd_core.train.pretrain import TensorSource, build_teacher, pretrain_teacher
+from tests.faults import NaNBatches
 
 TINY = NetworkConfig(img_resolution=8, img_channels=1, model_channels=8, channel_mult=(1, 2), attn_resolutions=(4,))
 
