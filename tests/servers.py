@@ -7,6 +7,7 @@ so every listening port is passed explicitly; the process is stopped by its PID.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,3 +187,43 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 5.0) -> None:
         proc.wait()
     if group:  # children (uvicorn workers) may outlive the leader for a moment
         signal_it(signal.SIGKILL)
+
+
+def post_json(url: str, body: dict) -> dict:
+    """POST ``body`` as JSON; the decoded answer (an HTTPError keeps its body in ``.text``)."""
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        err.text = err.read().decode()  # the body, read once, kept for the caller's checks and messages
+        raise
+
+
+@contextlib.contextmanager
+def served(model: str, out: Path, scratch: tuple[Path, dict], *flags: str) -> Iterator[str]:
+    """``rsd serve --model model`` started as the README says, from an environment whose PATH has no venv
+    (``mlflow models serve`` alone fails there); ``scratch`` is (root, environment); yields the invocations
+    URL."""
+    root, env = scratch
+    port = free_ports(1)[0]
+    bare = {**env, "PATH": "/usr/bin:/bin"}
+    log_path = root / f"serve-{port}.log"
+    with log_path.open("wb") as log:
+        command = [str(Path(sys.executable).parent / "rsd"), "serve", "--model", model, "--port", str(port),
+                   "--out-dir", str(out), *flags]
+        proc = subprocess.Popen(command, env=bare, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 150
+            while True:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no answer on /ping: " + log_path.read_text()[-3000:]
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                    break
+                except (urllib.error.URLError, OSError):
+                    time.sleep(0.5)
+            yield f"http://127.0.0.1:{port}/invocations"
+        finally:
+            stop_process(proc, timeout_s=10)

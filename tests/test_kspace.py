@@ -21,6 +21,7 @@ from rsd_core.restore.least_squares import lambda_by_held_out, solve_normal
 from rsd_core.stages import POOL_FILE, ModelCard, build_network, load_model, save_model
 from tests.cli import rsd, scratch_env
 from tests.kspace_files import phantom_scans, write_scans
+from tests.servers import post_json, served
 
 
 def _coil_agreement(estimate: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -196,8 +197,10 @@ def test_a_teams_own_kspace_runs_through_the_pipeline_sampling_and_restore(scrat
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'out' / 'mlflow.db'}"}
     rsd(env, "sample", "--model", "models:/rsd-kspace@champion", "-n", "4", "--out", str(root / "s.png"))
     assert (root / "s.png").stat().st_size > 0
-    rsd(env, "restore", "--model", "models:/rsd-kspace@champion", "--dataset", str(root / "ds"),
-        "--out", str(root / "restored"), "--out-dir", str(root / "rout"), "--encoder", "{steps: 40}", timeout=600)
+    restore_out = rsd(env, "restore", "--model", "models:/rsd-kspace@champion", "--dataset", str(root / "ds"),
+                      "--out", str(root / "restored"), "--out-dir", str(root / "rout"), "--encoder", "{steps: 40}",
+                      timeout=600)
+    assert "registered as models:/rsd-kspace.restorer.kspace/1" in restore_out
     restored = open_dataset(str(root / "restored"))
     images, _, _ = restored.read_all()
     assert len(images) == 48 and torch.isfinite(images).all()
@@ -210,6 +213,13 @@ def test_a_teams_own_kspace_runs_through_the_pipeline_sampling_and_restore(scrat
         return float((ds.operator.forward(images, state) - y).pow(2).mean() / y.pow(2).mean())
 
     assert misfit(state) < 0.05 and misfit({**state, "maps": state["maps"].roll(1, 0)}) > 10 * misfit(state)
+
+    # served over HTTP, the registered restorer takes each scan's mask and maps and answers as rsd restore wrote
+    with served("models:/rsd-kspace.restorer.kspace/1", root / "out", (root, env)) as url:
+        body = {"inputs": {"observations": y[:4].tolist(), "mask": state["mask"][:4].tolist(),
+                           "maps": state["maps"][:4].tolist()}}
+        answer = post_json(url, body)["predictions"]
+    np.testing.assert_allclose(np.asarray(answer["mean"], np.float32), images[:4].numpy(), atol=1e-4)
 
 
 def test_held_out_lines_choose_the_regularisation_that_estimated_maps_need():
@@ -230,7 +240,9 @@ def test_held_out_lines_choose_the_regularisation_that_estimated_maps_need():
 
     estimated = {"mask": mask, "maps": pack_maps(espirit_maps(k, 6))}
     chosen = lambda_by_held_out(op, y, estimated, 400)
-    assert chosen > 0 and error(estimated, chosen) < 0.7 * error(estimated, 0.0)
+    assert (chosen > 0).all() and error(estimated, chosen) < 0.7 * error(estimated, 0.0)
+    # each scan's weight is its own: the same in any batch
+    assert torch.equal(lambda_by_held_out(op, y[2:4], {k: v[2:4] for k, v in estimated.items()}, 400), chosen[2:4])
     exact = {"mask": mask, "maps": pack_maps(torch.from_numpy(maps))}
     assert error(exact, lambda_by_held_out(op, y, exact, 400)) < 2 * error(exact, 0.0)
 
@@ -246,4 +258,4 @@ def test_compressed_sensing_reconstructs_better_than_zero_filling_with_its_own_w
     def error(x):
         return float((torch.view_as_complex(x.permute(0, 2, 3, 1).contiguous()).abs() - truth).norm() / truth.norm())
 
-    assert error(compressed_sensing_mri(op, y, state)) < 0.7 * error(op.adjoint(y, state))
+    assert error(compressed_sensing_mri(op, y, state)) < 0.8 * error(op.adjoint(y, state))

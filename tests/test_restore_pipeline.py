@@ -3,7 +3,6 @@ not fit the data, and the registered model served the MLflow way (pyfunc in-proc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -12,7 +11,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from rsd_core.data.reader import open_dataset  # noqa: E402
 from rsd_core.data.writer import write_dataset  # noqa: E402
 from rsd_core.restore.encoder import EncoderConfig  # noqa: E402
 from tests.cli import BIN, scratch_env  # noqa: E402
+from tests.servers import post_json, served  # noqa: E402
 
 MODEL = "restore-smoke"
 CHAMPION = f"models:/{MODEL}@champion"
@@ -368,62 +367,23 @@ def test_registered_model_has_a_pyfunc_flavour_that_samples_and_restores(trained
         model.predict({"observations": y[:2].numpy()})
 
 
-def _post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        err.text = err.read().decode()  # the body, read once, kept for the caller's checks and messages
-        raise
-
-
-@contextlib.contextmanager
-def _served(model: str, out: Path, scratch, *flags: str) -> Iterator[str]:
-    """``rsd serve --model model`` started as the README says, from an environment whose PATH has no venv
-    (``mlflow models serve`` alone fails there); yields the invocations URL."""
-    from tests.servers import free_ports, stop_process
-
-    root, env = scratch
-    port = free_ports(1)[0]
-    bare = {**env, "PATH": "/usr/bin:/bin"}
-    log_path = root / f"serve-{port}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([str(BIN / "rsd"), "serve", "--model", model, "--port", str(port), "--out-dir",
-                                 str(out), *flags], env=bare, cwd=root, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            deadline = time.monotonic() + 150
-            while True:
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, "no answer on /ping: " + log_path.read_text()[-3000:]
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                    break
-                except (urllib.error.URLError, OSError):
-                    time.sleep(0.5)
-            yield f"http://127.0.0.1:{port}/invocations"
-        finally:
-            stop_process(proc, timeout_s=10)
-
-
 def _refused(url: str, body: dict) -> tuple[int, str]:
     """The status and body of a request the server refuses."""
     with pytest.raises(urllib.error.HTTPError) as refused:
-        _post(url, body)
+        post_json(url, body)
     return refused.value.code, refused.value.text
 
 
 def test_rsd_serve_answers_sampling_and_restoration_requests_within_its_limits(trained, scratch):
     out, dataset = trained
     y, state, _ = open_dataset(dataset).read_all()
-    with _served(CHAMPION, out, scratch, "--max-rows", "8", "--max-batch", "2") as url:
-        sampled = _post(url, {"inputs": {"count": [5]}, "params": {"seed": 5}})["predictions"]
+    with served(CHAMPION, out, scratch, "--max-rows", "8", "--max-batch", "2") as url:
+        sampled = post_json(url, {"inputs": {"count": [5]}, "params": {"seed": 5}})["predictions"]
         expected = _pyfunc(out).predict({"count": np.array([5])}, params={"seed": 5})["images"]
         np.testing.assert_allclose(np.asarray(sampled["images"], dtype=np.float32), expected, atol=1e-5)
         body = {"inputs": {"observations": y[:2].tolist(), "mask": state["mask"][:2].tolist()},
                 "params": {"steps": 2, "batch_size": 2}}
-        restored = _post(url, body)["predictions"]
+        restored = post_json(url, body)["predictions"]
         assert np.asarray(restored["mean"]).shape == np.asarray(restored["spread"]).shape == (2, 1, 32, 32)
         refusals = [
             ({"inputs": {"observations": y[:1].tolist()}}, "['mask']"),
@@ -440,8 +400,8 @@ def test_rsd_serve_serves_the_registered_restorer_as_rsd_restore_restored(traine
     out, dataset = trained
     y, state, _ = open_dataset(dataset).read_all()
     mean, _, _ = open_dataset(str(restored[0])).read_all()
-    with _served(_restorer_uri(dataset), out, scratch, "--max-rows", "16") as url:
-        answer = _post(url, {"inputs": {"observations": y[:16].tolist(), "mask": state["mask"][:16].tolist()}})
+    with served(_restorer_uri(dataset), out, scratch, "--max-rows", "16") as url:
+        answer = post_json(url, {"inputs": {"observations": y[:16].tolist(), "mask": state["mask"][:16].tolist()}})
         np.testing.assert_allclose(np.asarray(answer["predictions"]["mean"], np.float32), mean[:16].numpy(),
                                    atol=1e-5)
         code, text = _refused(url, {"inputs": {"observations": y[:17].tolist(), "mask": state["mask"][:17].tolist()}})

@@ -38,6 +38,9 @@ class Operator:
     # Measurements selected by a 0/1 state "mask" with a further_mask (Ambient Diffusion's A~ = B A): such
     # observations can be split into a network input and held-out measurements (split_observation).
     splits_observations: bool = False
+    # The forward model is itself an estimate (coil maps estimated per scan): exact inversion would amplify its
+    # error, so least squares and data consistency take the weight held-out measurements choose.
+    estimated_model: bool = False
 
     # State keys an operator draws fresh values of from observed data rather than from a law of its own
     # (per-scan coil maps): such an operator needs a pool of observed states (attach_pool), taken from

@@ -122,6 +122,7 @@ class MRI(Operator):
         self.n_coils = spec.n_coils
         self.n_map_variants = spec.n_map_variants
         self.observed_maps = spec.coil_maps == "observed"
+        self.estimated_model = self.observed_maps  # a scan's own maps are estimates (ESPIRiT), the bank is exact
         self.maps_size = spec.maps_size
         self.state_keys = ("mask", "maps") if self.observed_maps else ("mask", "maps_index")
         self.pool_keys = ("mask", "maps") if self.observed_maps else ()

@@ -77,7 +77,7 @@ def bicubic_upsample(y: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(low, scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
 
 
-def least_squares_cg(operator: Operator, y: torch.Tensor, state: State, lam: float,
+def least_squares_cg(operator: Operator, y: torch.Tensor, state: State, lam: float | torch.Tensor,
                      iters: int = LSQ_ITERS) -> torch.Tensor:
     """argmin_x ||A(x) - y||^2 + lam ||x||^2 per sample on the CPU, clamped to the image range."""
     state = {k: v.cpu() for k, v in state.items()}
@@ -97,12 +97,12 @@ def superres_classical(operator: SuperRes, y: torch.Tensor, state: State) -> tor
 
 
 def least_squares_classical(operator: Operator, y: torch.Tensor, state: State) -> torch.Tensor:
-    """Noiseless observations with a further mask choose their weight by held-out measurements (SENSE with
-    estimated coil maps needs one; lambda_by_held_out); otherwise it follows the noise variance."""
+    """The weight follows the noise variance; where the forward model is an estimate (SENSE with coil maps
+    estimated per scan) each observation's held-out measurements choose it (lambda_by_held_out)."""
     lam = max(LSQ_LAMBDA_PER_VARIANCE * operator.sigma_n**2, LSQ_LAMBDA_FLOOR)
-    if operator.splits_observations and operator.sigma_n == 0:
-        lam = max(lambda_by_held_out(operator, y.detach().cpu().float(), {k: v.cpu() for k, v in state.items()},
-                                     LSQ_ITERS), LSQ_LAMBDA_FLOOR)
+    if operator.estimated_model and operator.splits_observations and operator.sigma_n == 0:
+        lam = lambda_by_held_out(operator, y.detach().cpu().float(), {k: v.cpu() for k, v in state.items()},
+                                 LSQ_ITERS).clamp_min(LSQ_LAMBDA_FLOOR)
     return least_squares_cg(operator, y, state, lam)
 
 
@@ -111,7 +111,8 @@ CS_LAMBDAS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 CS_ITERS = 100
 
 
-def l1_wavelet_mri(operator: MRI, y: torch.Tensor, state: State, lam: float, iters: int = CS_ITERS) -> torch.Tensor:
+def l1_wavelet_mri(operator: MRI, y: torch.Tensor, state: State, lam: float | torch.Tensor,
+                   iters: int = CS_ITERS) -> torch.Tensor:
     """argmin_x ||A(x) - y||^2 / 2 + lam ||W x||_1 (Daubechies-4 wavelets) per scan, by sigpy's
     ``L1WaveletRecon`` (FISTA) with each scan's mask and coil maps: the compressed-sensing reconstruction the
     RSD and Ambient-MRI papers compare against (the reference notebook's ``bart pics -l1``)."""
@@ -121,8 +122,9 @@ def l1_wavelet_mri(operator: MRI, y: torch.Tensor, state: State, lam: float, ite
     kspace = (operator.complex_kspace(y) * state["mask"]).numpy()
     maps = operator.coil_maps(state, height, width).numpy()
     masks = state["mask"].float().numpy()
-    images = [sigpy.mri.app.L1WaveletRecon(k, s, lam, weights=m[0], max_iter=iters, show_pbar=False).run()
-              for k, s, m in zip(kspace, maps, masks, strict=True)]
+    lams = lam.tolist() if isinstance(lam, torch.Tensor) else [lam] * len(y)
+    images = [sigpy.mri.app.L1WaveletRecon(k, s, w, weights=m[0], max_iter=iters, show_pbar=False).run()
+              for k, s, m, w in zip(kspace, maps, masks, lams, strict=True)]
     return to_real(torch.from_numpy(np.stack(images)).to(torch.complex64)).clamp(-1.0, 1.0)
 
 

@@ -131,9 +131,9 @@ def check_observations(operator: Operator, image_shape: tuple[int, ...], y: torc
 def data_consistency(operator: Operator, x: torch.Tensor, y: torch.Tensor, state: State,
                      iters: int = CONSISTENCY_ITERS, keep_noise: bool = False) -> torch.Tensor:
     """x + A^+(y - A(x)) for noiseless data: the nearest image to x that reproduces y; x for noisy data
-    unless ``keep_noise``. For operators with a further mask the correction is regularised by the weight
-    the held-out measurements choose (:func:`rsd_core.restore.least_squares.lambda_by_held_out`): 0 where
-    the model is exact, more where it is an estimate (coil maps estimated per scan).
+    unless ``keep_noise``. Where the forward model is itself an estimate (coil maps estimated per scan) the
+    correction is regularised by the weight each observation's held-out measurements choose
+    (:func:`rsd_core.restore.least_squares.lambda_by_held_out`).
 
     The correction is the minimum-norm solution of A(d) = y - A(x) (conjugate gradient on the normal
     map, :func:`rsd_core.restore.least_squares.solve_normal`), so x is kept wherever the measurements say
@@ -146,7 +146,7 @@ def data_consistency(operator: Operator, x: torch.Tensor, y: torch.Tensor, state
     """
     if operator.sigma_n > 0 and not keep_noise:
         return x
-    lam = lambda_by_held_out(operator, y, state, iters) if operator.splits_observations else 0.0
+    lam = lambda_by_held_out(operator, y, state, iters) if operator.estimated_model else 0.0
     return x + solve_normal(operator, y - operator.forward(x, state), state, lam, iters)
 
 

@@ -9,6 +9,7 @@ made y (coil maps, masks and borders included) and a new linear operator needs n
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import torch
@@ -21,9 +22,10 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).flatten(1).sum(1).view(-1, *([1] * (a.ndim - 1)))
 
 
-def solve_normal(operator: Operator, y: torch.Tensor, state: State, lam: float, iters: int,
+def solve_normal(operator: Operator, y: torch.Tensor, state: State, lam: float | torch.Tensor, iters: int,
                  rtol: float = 1e-6) -> torch.Tensor:
-    """argmin_x ||A(x) - y||^2 + lam ||x||^2 per sample: CG on (A^T A + lam I) x = A^T y from x = 0.
+    """argmin_x ||A(x) - y||^2 + lam ||x||^2 per sample (lam: one weight, or one per sample): CG on
+    (A^T A + lam I) x = A^T y from x = 0.
 
     With lam = 0 the iterates stay in the range of A^T, so CG converges to the minimum-norm
     least-squares solution A^+ y (the pseudo-inverse), not just any x with A(x) = y. At most
@@ -31,6 +33,8 @@ def solve_normal(operator: Operator, y: torch.Tensor, state: State, lam: float, 
     ``rtol`` of its start (a mask or block average converges after one).
     """
     rhs = operator.adjoint(y, state)
+    if isinstance(lam, torch.Tensor):  # one weight per sample
+        lam = lam.to(rhs.dtype).view(-1, *([1] * (rhs.ndim - 1)))
     x = torch.zeros_like(rhs)
     r = rhs.clone()
     p = r.clone()
@@ -53,29 +57,41 @@ def solve_normal(operator: Operator, y: torch.Tensor, state: State, lam: float, 
 LAMBDA_GRID = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
+def _observation_seed(y: torch.Tensor, seed: int) -> int:
+    """A seed that depends on one observation's values only, so its split never depends on its batch."""
+    digest = hashlib.sha256(y.detach().cpu().float().numpy().tobytes() + seed.to_bytes(8, "little")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def lambda_by_held_out(operator: Operator, y: torch.Tensor, state: State, iters: int,
                        lambdas: tuple[float, ...] = LAMBDA_GRID, seed: int = 0,
-                       solve: Callable[[torch.Tensor, State, float], torch.Tensor] | None = None) -> float:
-    """The Tikhonov weight chosen by the measurements alone (no clean image), for operators with a further mask.
+                       solve: Callable[[torch.Tensor, State, float], torch.Tensor] | None = None) -> torch.Tensor:
+    """The Tikhonov weight of each observation (B,), chosen by its measurements alone (no clean image), for
+    operators with a further mask.
 
-    y is split as Ambient Diffusion splits it (:meth:`Operator.split_observation`): each lambda's solution
-    from the kept measurements predicts the held-out ones, and the lambda that predicts them best wins (the
-    self-validation of SSDU, Yaman et al. 2020). Where the forward model is exact (simulated coil maps) the
-    smallest weight tends to win; where it is itself an estimate (coil maps estimated per scan), exact
-    inversion amplifies its error through the ill-conditioned unfolding and a larger weight wins. The split
-    has fewer measurements than y, so the weight chosen leans high. Ties (inpainting: the held-out pixels
-    are never predicted) go to the smallest weight. ``solve(y, state, lam)`` is the reconstruction whose
-    weight is chosen (default: Tikhonov least squares by ``iters`` CG iterations).
+    Each y is split as Ambient Diffusion splits it (:meth:`Operator.split_observation`), with a split drawn
+    from its own values (so an observation gets the same weight in any batch: a served request restores as
+    the batch job did); each lambda's solution from the kept measurements predicts the held-out ones, and the
+    lambda that predicts them best wins (the self-validation of SSDU, Yaman et al. 2020). Where the forward
+    model is exact (simulated coil maps) the smallest weight tends to win; where it is itself an estimate
+    (coil maps estimated per scan), exact inversion amplifies its error through the ill-conditioned unfolding
+    and a larger weight wins. The split has fewer measurements than y, so the weight chosen leans high. Ties
+    (inpainting: the held-out pixels are never predicted) go to the smallest weight. ``solve(y, state, lam)``
+    is the reconstruction whose weight is chosen (default: Tikhonov least squares by ``iters`` CG iterations).
     """
     if solve is None:
 
         def solve(y_part: torch.Tensor, state_part: State, lam: float) -> torch.Tensor:
             return solve_normal(operator, y_part, state_part, lam, iters)
 
-    y_kept, state_kept, held = operator.split_observation(y, state, torch.Generator().manual_seed(seed))
-    scale = (held * y).pow(2).sum().clamp_min(1e-30)
-    errors = []
-    for lam in lambdas:
-        x = solve(y_kept, state_kept, lam)
-        errors.append(float((held * (operator.forward(x, state) - y)).pow(2).sum() / scale))
-    return lambdas[min(range(len(lambdas)), key=lambda i: (round(errors[i], 6), i))]
+    splits = [operator.split_observation(y[i:i + 1], {k: v[i:i + 1] for k, v in state.items()},
+                                         torch.Generator().manual_seed(_observation_seed(y[i], seed)))
+              for i in range(len(y))]
+    y_kept = torch.cat([s[0] for s in splits])
+    state_kept = {k: torch.cat([s[1][k] for s in splits]) for k in splits[0][1]}
+    held = torch.cat([s[2] for s in splits])
+    scale = (held * y).pow(2).flatten(1).sum(1).clamp_min(1e-30)
+    errors = torch.stack([(held * (operator.forward(solve(y_kept, state_kept, lam), state) - y)).pow(2).flatten(1)
+                          .sum(1) / scale for lam in lambdas])
+    best = torch.round(errors.double(), decimals=6).argmin(0)  # the first minimum: the smallest weight on ties
+    return torch.tensor(lambdas, dtype=y.dtype, device=y.device)[best]
