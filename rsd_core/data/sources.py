@@ -30,7 +30,8 @@ from rsd_core.data.writer import write_dataset
 from rsd_core.kinds import build_operator
 from rsd_core.operators import IdentitySpec
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Debian's dataset-fashion-mnist package; RSD_FASHION_MNIST_DIR names another folder of the same four files.
+FASHION_MNIST_DIR = Path(os.environ.get("RSD_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SOURCE_NAMES = ("fashion-mnist", "brain-mri")

@@ -167,6 +167,16 @@ class Identity(Operator):
         return y
 
 
+def rng_device(rng: torch.Generator | None) -> torch.device:
+    """Where ``rng`` draws (the CPU's default generator for None): a CUDA generator draws only CUDA tensors."""
+    return rng.device if rng is not None else torch.device("cpu")
+
+
+def lowest(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """Bool (B, W): the ``k`` lowest scores of each row (``k`` an int or a (B, 1) tensor of counts)."""
+    return scores.argsort(-1).argsort(-1) < k
+
+
 def bernoulli_mask(
     batch: int,
     shape_hw: tuple[int, ...],

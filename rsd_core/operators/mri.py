@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from rsd_core.operators import Operator, State, mask_errors
+from rsd_core.operators import Operator, State, lowest, mask_errors, rng_device
 from rsd_core.operators.coil_maps import (
     ESPIRIT_KERNEL_WIDTH,
     birdcage_maps,
@@ -175,32 +175,33 @@ class MRI(Operator):
     def n_acs(self, width: int) -> int:
         return max(1, round(self.acs_fraction * width))
 
+    def acs_block(self, width: int) -> torch.Tensor:
+        """(W,) bool: the centred block of auto-calibration lines every mask keeps."""
+        n_acs = self.n_acs(width)
+        start = width // 2 - n_acs // 2
+        acs = torch.zeros(width, dtype=torch.bool)
+        acs[start : start + n_acs] = True
+        return acs
+
     def column_masks(
         self, batch: int, width: int, accel: float, rng: torch.Generator | None, device="cpu"
     ) -> torch.Tensor:
         """(B, 1, 1, W) masks with floor(W / accel) lines: the ACS block plus random others."""
         n_acs = self.n_acs(width)
-        n_lines = max(n_acs, math.floor(width / accel))
-        start = width // 2 - n_acs // 2
-        acs = torch.zeros(width, dtype=torch.bool)
-        acs[start : start + n_acs] = True
-        others = torch.nonzero(~acs).flatten()
-        masks = torch.zeros((batch, width))
-        masks[:, acs] = 1.0
-        n_random = n_lines - n_acs
-        for b in range(batch):
-            pick = others[torch.randperm(len(others), generator=rng)[:n_random]]
-            masks[b, pick] = 1.0
+        n_random = max(n_acs, math.floor(width / accel)) - n_acs
+        acs = self.acs_block(width)
+        u = torch.rand((batch, width), generator=rng, device=rng_device(rng)).cpu()
+        masks = (lowest(torch.where(acs, 2.0, u), n_random) | acs).float()
         return masks.view(batch, 1, 1, width).to(device)
 
     def sample_state(self, batch, image_shape, rng=None, device="cpu") -> State:
         if self.observed_maps:
             pool = self._pool()
-            rows = torch.randint(len(pool["mask"]), (2, batch), generator=rng)
+            rows = torch.randint(len(pool["mask"]), (2, batch), generator=rng, device=rng_device(rng)).cpu()
             return {"mask": pool["mask"][rows[0]].to(device), "maps": pool["maps"][rows[1]].to(device)}
         width = image_shape[-1]
         mask = self.column_masks(batch, width, self.R, rng, device)
-        maps_index = torch.randint(self.n_map_variants, (batch,), generator=rng).to(device)
+        maps_index = torch.randint(self.n_map_variants, (batch,), generator=rng, device=rng_device(rng)).to(device)
         return {"mask": mask, "maps_index": maps_index}
 
     def simulation_state(self, batch, image_shape, rng=None) -> State:
@@ -232,16 +233,12 @@ class MRI(Operator):
     def further_mask(self, mask: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
         """M~ within M: keep ACS, drop random non-ACS lines down to floor(W / (R + delta_R)) lines."""
         batch, width = mask.shape[0], mask.shape[-1]
-        n_acs = self.n_acs(width)
-        target = max(n_acs, math.floor(width / (self.R + self.delta_R)))
-        start = width // 2 - n_acs // 2
-        out = mask.clone().view(batch, width)
-        for b in range(batch):
-            lines = torch.nonzero(out[b] > 0).flatten()
-            lines = lines[(lines < start) | (lines >= start + n_acs)]
-            n_drop = max(0, int((out[b] > 0).sum()) - target)
-            drop = lines[torch.randperm(len(lines), generator=rng)[:n_drop]]
-            out[b, drop] = 0.0
+        target = max(self.n_acs(width), math.floor(width / (self.R + self.delta_R)))
+        sampled = mask.reshape(batch, width) > 0
+        optional = sampled & ~self.acs_block(width).to(mask.device)
+        n_drop = (sampled.sum(1, keepdim=True) - target).clamp_min(0)
+        u = torch.rand((batch, width), generator=rng, device=rng_device(rng)).to(mask.device)
+        out = mask.reshape(batch, width) * ~(optional & lowest(torch.where(optional, u, 2.0), n_drop))
         return out.view_as(mask)
 
     def coil_maps(self, state: State, height: int, width: int, device="cpu") -> torch.Tensor:
