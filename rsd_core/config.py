@@ -102,6 +102,10 @@ class TrainConfig(LoopConfig):
     lr: float = 7e-4
     betas: list[float] = Field([0.9, 0.999], min_length=2, max_length=2)
     grad_clip: float | None = 1.0
+    # The training noise levels, ln sigma ~ N(P_mean, P_std^2) (EDM's defaults). A teacher whose sampler stops
+    # at a truncation level learns nothing it uses below it; a larger P_mean spends its steps above.
+    P_mean: float = -1.2
+    P_std: float = Field(1.2, gt=0.0)
     # Streaming from a dataset's shards: DataLoader worker processes that read and prefetch (0 = read in
     # the training process) and the rows each reader shuffles at a time.
     data_workers: int = 1
