@@ -1,40 +1,43 @@
-"""The restore benchmark: held-out clean images seen through each operator, restored three ways.
+"""The restore benchmark: held-out clean images seen through each operator, restored by every method.
 
-    python -m benchmarks.restore [--models DIR] [--tasks inpaint-0.8,...] [--n-images 64] [--train]
+    python -m benchmarks.restore [--models DIR] [--tasks inpaint-0.8,...] [--n-images 256] [--slow-images 32]
+                                 [--train]
 
 For every task, the first ``--n-images`` Fashion-MNIST *test* images (never seen in training;
-brain-MRI test slices for ``mri-r4``) are corrupted by the task's operator with a fixed seed,
-then restored by
-- ``ambient-posterior-net``: the amortised posterior-mean network (rsd_core.restore.encoder, target "image") fitted
-  once on the task's *training* observations (``DIR/<task>/data``: corrupted, no clean image), each split
-  into an input and held-out measurements by the operator's further mask (fit_on "observations"; only
-  operators that have one: inpainting, MRI), then one pass per image (mean and spread); its fit time is
-  reported apart (``fit_seconds``), as it is paid once per dataset, not per image;
-- ``generator-posterior-net``: the same network fitted instead on the generator's samples seen through the
-  operator with the states of the training observations (fit_on "generator");
-- ``generator-encoder``: the amortised latent encoder (target "latent"), fitted on the same training
-  observations' misfit, then one generator pass per restart (4 restarts: mean and spread), plus
-  ``--encoder-steps`` refinement steps (default 0); fit time apart as above;
-- ``generator-single-pass``: the latent encoder with one restart (one encoder and one generator pass per image);
-- ``generator-latent-opt``: latent optimisation from noise through the one-step generator (``LATENT_OPTIMISATION``:
-  30 Adam steps x 4 restarts, the serving path);
-- ``teacher-dps``: diffusion posterior sampling with the teacher (rsd_core.restore.posterior);
-- ``classical``: the operator's classical estimate (rsd_core.restore.baselines; for MRI, SENSE with the weight
-  the held-out k-space lines choose);
-- ``compressed-sensing`` (MRI only): L1-wavelet compressed sensing (sigpy), its weight chosen likewise;
-and scored with PSNR and SSIM against the clean images ([0, 1] scale; MRI: magnitudes, range per
-image) and seconds per image (wall time of the method on the same images, same run, batched,
-``--threads`` torch threads). The ``generator`` row repeats the row of the method that
-``rsd restore`` runs by default for the task's operator (``RestoreConfig()``; its ``alias_of`` names it).
+brain-MRI test slices for ``mri-r4*``) are corrupted by the task's operator with a fixed seed,
+then restored by each method, rows named for what they run:
+- baselines (no learnt prior): ``classical`` (the operator's classical estimate, rsd_core.restore.baselines; for
+  MRI, SENSE with the weight the held-out k-space lines choose), ``classical-projected`` (noiseless operators:
+  the same estimate moved onto the measurements by the learnt methods' data-consistency step, e.g. bicubic +
+  projection), ``compressed-sensing`` (MRI only: L1-wavelet, sigpy, its weight chosen likewise) and
+  ``projection`` (that data-consistency step alone from a zero image: the minimum-norm image reproducing y);
+- ``dps``: diffusion posterior sampling with the teacher (rsd_core.restore.posterior);
+- ``posterior-net-observations``: the amortised posterior-mean network (rsd_core.restore.encoder, target "image")
+  fitted once on the task's *training* observations (``DIR/<task>/data``: corrupted, no clean image), each
+  split into an input and held-out measurements by the operator's further mask (operators that have one:
+  inpainting, MRI), then one pass per image (mean and spread); its fit time is reported apart
+  (``fit_seconds``), as it is paid once per dataset, not per image;
+- ``posterior-net-generator``: the same network fitted instead on the generator's samples seen through the
+  operator with the states of the training observations;
+- ``latent-encoder``: the amortised latent encoder (target "latent"), fitted on the same training observations'
+  misfit, then one generator pass per restart (4 restarts: mean and spread), plus ``--encoder-steps``
+  refinement steps (default 0); ``latent-encoder-1``: the same with one restart;
+- ``latent``: latent optimisation from noise through the one-step generator (``LATENT_OPTIMISATION``: 30 Adam
+  steps x 4 restarts, the serving path).
+``dps`` and ``latent`` run on the first ``--slow-images`` images. Scores: PSNR and SSIM against the clean images
+([0, 1] scale; MRI: magnitudes, range per image), and seconds per image (wall time of the method on the same
+images, same run, batched, ``--threads`` torch threads). Each row carries ``n_images`` and, against the best
+baseline of its task (``vs``: the highest mean PSNR among the baselines), the mean differences and their paired
+bootstrap 95% intervals over the images both ran on (``psnr_diff`` / ``ci95``, ``ssim_diff`` / ``ssim_ci95``);
+``default`` is true on the rows of the method ``rsd restore`` runs by default for the task's operator.
 Models are read from ``DIR/<task>/{teacher,generator}`` (the layout of benchmarks/restoration.py's work
 folder); with ``--train``, missing ones are trained there with
 ``--budget`` / ``--distill-budget`` minutes (``mri-r4``: benchmarks/mri.py's R = 4 training with
 ``--mri-budget`` / ``--mri-distill-budget``; a task without models is skipped and listed).
 Each method's restorations are kept in ``OUT/<task>/<method>.safetensors`` with its timing, so an
 interrupted run resumes. Writes benchmarks/results/restore.json (also the last stdout line),
-docs/figures/restore_<task>.png (rows: observation, then each method, the generator's spread (scaled to its
-maximum), clean) and a section of docs/results.md; ``--no-publish`` writes
-only OUT/restore.json.
+docs/figures/restore_<task>.png (rows: observation, then each method, the default's spread (scaled to its
+maximum), clean) and a section of docs/results.md; ``--no-publish`` writes only OUT/restore.json.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -58,6 +62,7 @@ from benchmarks.mri import train_mri_models
 from benchmarks.report import emit
 from benchmarks.restoration import TASKS as TRAINING_TASKS
 from benchmarks.restoration import train_models
+from benchmarks.statistics import paired_bootstrap_ci
 from rsd_core.data.reader import open_dataset
 from rsd_core.data.sources import brain_mri, fashion_mnist
 from rsd_core.kinds import build_operator, classical_estimate
@@ -73,9 +78,11 @@ from rsd_core.restore.baselines import (
 )
 from rsd_core.restore.encoder import EncoderConfig, load_encoder, save_encoder
 from rsd_core.restore.estimate import (
+    CONSISTENCY_ITERS,
     LATENT_OPTIMISATION,
     LATENT_RESTARTS,
     RestoreConfig,
+    data_consistency,
     fit_restore_encoder,
     load_generator,
     restore_observations,
@@ -94,13 +101,20 @@ TASKS = ("inpaint-0.6", "inpaint-0.8", "blur-noise-0.2", "superres-x2", "mri-r4"
 # MRI tasks and their coil maps (benchmarks/mri.py): mri-r4-estimated simulates each test scan through smooth
 # random coils of its own and restores it with ESPIRiT's estimates of them, as a team's own scans are.
 MRI_TASKS = {"mri-r4": "bank", "mri-r4-estimated": "estimated"}
-METHODS = ("classical", "compressed-sensing", "teacher-dps", "ambient-posterior-net", "generator-posterior-net",
-           "generator-encoder", "generator-single-pass", "generator-latent-opt")
-FAST_METHODS = METHODS[3:]  # timed against DPS
-LABELS = {"classical": "classical", "compressed-sensing": "L1-wavelet CS", "teacher-dps": "teacher DPS",
-          "ambient-posterior-net": "net on observations",
-          "generator-posterior-net": "net on generator", "generator-encoder": "latent encoder",
-          "generator-single-pass": "single pass", "generator-latent-opt": "latent opt."}
+# Rows named for what they run: the baselines (no learnt prior), DPS with the teacher, then the learnt restorers.
+METHODS = ("classical", "classical-projected", "compressed-sensing", "projection", "dps",
+           "posterior-net-observations", "posterior-net-generator", "latent-encoder", "latent-encoder-1", "latent")
+BASELINES = METHODS[:4]  # the best of these is what every row's interval is measured against
+FAST_METHODS = METHODS[5:]  # timed against DPS
+SLOW_METHODS = ("dps", "latent")  # run on the first --slow-images images only
+LABELS = {"classical": "classical", "classical-projected": "classical + projection", "compressed-sensing":
+          "L1-wavelet CS", "projection": "projection", "dps": "teacher DPS",
+          "posterior-net-observations": "net on observations", "posterior-net-generator": "net on generator",
+          "latent-encoder": "latent encoder", "latent-encoder-1": "latent encoder, 1 pass", "latent": "latent opt."}
+# The names the published rows had before the rows were named for what they run.
+FORMER_NAMES = {"teacher-dps": "dps", "ambient-posterior-net": "posterior-net-observations",
+                "generator-posterior-net": "posterior-net-generator", "generator-encoder": "latent-encoder",
+                "generator-single-pass": "latent-encoder-1", "generator-latent-opt": "latent"}
 OBSERVATION_SEED = 1234
 # DPS returns the teacher's x0 prediction at the first level >= this one: tuned on validation images with
 # zeta' = 1 (docs/algorithms.md §10.2); lower levels, down to the cards' own (0.05), scored lower.
@@ -108,12 +122,11 @@ DPS_SIGMA_STOP = 1.0
 
 
 def default_method(operator) -> str:
-    """The method that RestoreConfig() is for ``operator``: its rows are repeated as method "generator", what
-    rsd restore runs."""
+    """The method that RestoreConfig() is for ``operator``, what rsd restore runs (its rows say ``default``)."""
     encoder = RestoreConfig().encoder
     if encoder.target == "latent":
-        return "generator-encoder"
-    return {"observations": "ambient-posterior-net", "generator": "generator-posterior-net"}[
+        return "latent-encoder"
+    return {"observations": "posterior-net-observations", "generator": "posterior-net-generator"}[
         encoder.image_pairs(operator)]
 
 
@@ -143,12 +156,38 @@ def observe(operator, clean: torch.Tensor) -> tuple[torch.Tensor, dict]:
     return y, operator.recorded_state(y, state)
 
 
-def scores(restored: torch.Tensor, clean: torch.Tensor) -> tuple[float, float]:
-    """Mean PSNR and SSIM: [0, 1] images with range 1; complex (MRI) images as magnitudes, range per image."""
+def scores(restored: torch.Tensor, clean: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image PSNR and SSIM: [0, 1] images with range 1; complex (MRI) images as magnitudes, range per image."""
     if clean.shape[1] == 2:
-        return psnr(restored, clean).mean, ssim(restored, clean).mean
+        return psnr(restored, clean).values, ssim(restored, clean).values
     a, b = to_display(restored), to_display(clean)
-    return psnr(a, b, 1.0).mean, ssim(a, b, 1.0).mean
+    return psnr(a, b, 1.0).values, ssim(a, b, 1.0).values
+
+
+def projection(operator, y: torch.Tensor, state: dict, image_shape: tuple[int, ...],
+               start: torch.Tensor | None = None) -> torch.Tensor:
+    """The learnt methods' data-consistency step alone, from a zero image (the minimum-norm image that reproduces
+    y) or from ``start``: what the projection contributes before any prior does."""
+    x = torch.zeros((len(y), *image_shape)) if start is None else start
+    return data_consistency(operator, x, y, state, CONSISTENCY_ITERS, keep_noise=start is None).clamp(-1.0, 1.0)
+
+
+def compared_rows(task: str, per_image: dict, seconds: dict, default: str) -> list[dict]:
+    """One row per method: mean PSNR / SSIM on the images it ran on, and the paired bootstrap 95% interval of its
+    difference to the best baseline (highest mean PSNR of BASELINES on all images) on those same images."""
+    best = max((m for m in BASELINES if m in per_image), key=lambda m: per_image[m][0].mean())
+    rows = []
+    for method, (p, s) in per_image.items():
+        n = len(p)
+        row = {"task": task, "method": method, "default": method == default, "psnr": float(p.mean()),
+               "ssim": float(s.mean()), "n_images": n, **seconds[method], "vs": best}
+        if method != best:
+            row |= {"psnr_diff": float((p - per_image[best][0][:n]).mean()),
+                    "ci95": paired_bootstrap_ci(p, per_image[best][0][:n]),
+                    "ssim_diff": float((s - per_image[best][1][:n]).mean()),
+                    "ssim_ci95": paired_bootstrap_ci(s, per_image[best][1][:n])}
+        rows.append(row)
+    return rows
 
 
 def run_method(folder: Path, method: str, settings: dict, work: Callable[[], tuple], n: int) -> dict:
@@ -206,17 +245,17 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
                                               encoder=EncoderConfig(**fit, target="latent"), **restarts)
     steps = {"steps": args.steps} if args.steps is not None else {}
     image_net = RestoreConfig().updated(batch_size=args.batch_size, steps=0)
-    configs = {**({"ambient-posterior-net": image_net.updated(
+    configs = {**({"posterior-net-observations": image_net.updated(
                       encoder=EncoderConfig(**fit, target="image", fit_on="observations"))}
                   if operator.splits_observations else {}),
-               "generator-posterior-net": image_net.updated(
+               "posterior-net-generator": image_net.updated(
                    encoder=EncoderConfig(**fit, target="image", fit_on="generator")),
-               "generator-encoder": encoder_config,
-               "generator-single-pass": encoder_config.updated(restarts=1),
-               "generator-latent-opt": LATENT_OPTIMISATION.updated(batch_size=args.batch_size, **restarts, **steps)}
+               "latent-encoder": encoder_config,
+               "latent-encoder-1": encoder_config.updated(restarts=1),
+               "latent": LATENT_OPTIMISATION.updated(batch_size=args.batch_size, **restarts, **steps)}
     dps_config = DPSConfig(batch_size=args.batch_size)
 
-    def through_generator(method: str):
+    def through_generator(method: str, y: torch.Tensor, state: dict):
         config = configs[method]
         encoder, fit = None, None
         if config.encoder is not None:  # the fit is cached apart: time only what each image costs
@@ -229,37 +268,45 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
         result = restore_observations(generator, y, state, config, progress=not args.quiet, encoder=encoder)
         return result.mean, result.spread, {"seconds": time.perf_counter() - start, "fit": fit}
 
-    def teacher_dps():
+    def teacher_dps(y: torch.Tensor, state: dict):
         net, objective, _ = load_model(teacher_dir)
         return dps_restore(net, objective, card.image_shape, y, state, dps_config, DPS_SIGMA_STOP,
                            progress=not args.quiet), None
 
-    work = {"classical": lambda: (classical_estimate(operator, y, state), None), "teacher-dps": teacher_dps,
-            **{m: functools.partial(through_generator, m) for m in configs}}
+    work = {"classical": lambda y, state: (classical_estimate(operator, y, state), None),
+            "projection": lambda y, state: (projection(operator, y, state, card.image_shape), None),
+            "dps": teacher_dps, **{m: functools.partial(through_generator, m) for m in configs}}
+    if operator.sigma_n == 0:  # noiseless: the classical estimate moved onto the measurements, as the nets are
+        work["classical-projected"] = lambda y, state: (
+            projection(operator, y, state, card.image_shape, classical_estimate(operator, y, state)), None)
     if isinstance(operator, MRI):  # the compressed-sensing baseline of the MRI literature
-        work["compressed-sensing"] = lambda: (compressed_sensing_mri(operator, y, state), None)
-    settings = {"classical": {"operator": card.operator.model_dump(),  # and the estimates' own constants
-                              "constants": [WIENER_NSR_PER_VARIANCE, LSQ_LAMBDA_PER_VARIANCE, LSQ_LAMBDA_FLOOR,
-                                            LSQ_ITERS]},
+        work["compressed-sensing"] = lambda y, state: (compressed_sensing_mri(operator, y, state), None)
+    classical = {"operator": card.operator.model_dump(),  # and the estimates' own constants
+                 "constants": [WIENER_NSR_PER_VARIANCE, LSQ_LAMBDA_PER_VARIANCE, LSQ_LAMBDA_FLOOR, LSQ_ITERS]}
+    settings = {"classical": classical, "classical-projected": {**classical, "iters": CONSISTENCY_ITERS},
+                "projection": {"operator": card.operator.model_dump(), "iters": CONSISTENCY_ITERS},
                 "compressed-sensing": {"operator": card.operator.model_dump(), "lambdas": list(CS_LAMBDAS),
                                        "iters": CS_ITERS},
-                "teacher-dps": {"model": read_card(teacher_dir).model_dump(), "config": dps_config.model_dump(),
-                                "sigma_stop": DPS_SIGMA_STOP},
+                "dps": {"model": read_card(teacher_dir).model_dump(), "config": dps_config.model_dump(),
+                        "sigma_stop": DPS_SIGMA_STOP},
                 **{m: {"model": card.model_dump(), "config": cache_settings(c)} for m, c in configs.items()}}
-    rows, outputs, default = [], {}, default_method(operator)
+    outputs, per_image, seconds, default = {}, {}, {}, default_method(operator)
     for method in [m for m in args.methods if m in work]:  # the ambient net only where the operator splits
-        outputs[method] = run_method(out / task, method, settings[method], work[method], len(y))
-        p, s = scores(outputs[method]["restored"], clean)
-        rows.append({"task": task, "method": method, "psnr": p, "ssim": s,
-                     "seconds_per_image": outputs[method]["seconds_per_image"],
-                     **({"fit_seconds": outputs[method]["fit_seconds"]} if "fit_seconds" in outputs[method] else {})})
-        print(f"   {method:12} PSNR {p:6.2f} dB  SSIM {s:.3f}  {rows[-1]['seconds_per_image']:.3g} s/image", flush=True)
-        if method == default:
-            rows.append({**rows[-1], "method": "generator", "alias_of": method})
+        n = min(len(y), args.slow_images) if method in SLOW_METHODS else len(y)
+        head = {k: v[:n] for k, v in state.items()}
+        outputs[method] = run_method(out / task, method, settings[method],
+                                     functools.partial(work[method], y[:n], head), n)
+        per_image[method] = scores(outputs[method]["restored"], clean[:n])
+        seconds[method] = {"seconds_per_image": outputs[method]["seconds_per_image"],
+                           **({"fit_seconds": outputs[method]["fit_seconds"]} if "fit_seconds" in outputs[method]
+                              else {})}
+        print(f"   {method:28} PSNR {per_image[method][0].mean():6.2f} dB  SSIM {per_image[method][1].mean():.3f}  "
+              f"{seconds[method]['seconds_per_image']:.3g} s/image ({n} images)", flush=True)
+    rows = compared_rows(task, per_image, seconds, default)
     grid = save_task_grid(task, operator.image_view(y, state), outputs, default, clean, out, args.publish)
-    return rows, {"task": task, "operator": card.operator.model_dump(), "grid": grid,
+    return rows, {"task": task, "operator": card.operator.model_dump(), "grid": grid, "default": default,
                   **{f"{m}_config": c.model_dump() for m, c in configs.items()}, "dps_config": dps_config.model_dump(),
-                  "dps_sigma_stop": DPS_SIGMA_STOP, "n_images": len(y)}
+                  "dps_sigma_stop": DPS_SIGMA_STOP, "n_images": len(y), "slow_images": min(len(y), args.slow_images)}
 
 
 def save_task_grid(task: str, observed: torch.Tensor, outputs: dict, default: str, clean: torch.Tensor,
@@ -280,7 +327,8 @@ def save_task_grid(task: str, observed: torch.Tensor, outputs: dict, default: st
 
 
 def with_published_tasks(result: dict) -> dict:
-    """``result`` with the published rows and settings of the tasks it did not run (each task keeps its date)."""
+    """``result`` with the published rows and settings of the tasks it did not run (each task keeps its date; rows
+    published under the former method names are renamed, their ``generator`` alias becomes ``default``)."""
     published = ROOT / "benchmarks" / "results" / "restore.json"
     if not published.exists():
         return result
@@ -289,8 +337,24 @@ def with_published_tasks(result: dict) -> dict:
     if not kept:
         return result
     dated = [{"date": old["date"], **s} for s in old["task_settings"] if s["task"] in kept]
-    return {**result, "rows": [r for r in old["rows"] if r["task"] in kept] + result["rows"],
-            "tasks": kept + result["tasks"], "task_settings": dated + result["task_settings"]}
+    aliased = {(r["task"], FORMER_NAMES.get(r["alias_of"], r["alias_of"])) for r in old["rows"]
+               if r["method"] == "generator"}
+    rows = [{**r, "method": FORMER_NAMES.get(r["method"], r["method"])} for r in old["rows"]
+            if r["task"] in kept and r["method"] != "generator"]
+    rows = [{**r, "default": r.get("default", (r["task"], r["method"]) in aliased)} for r in rows]
+    return {**result, "rows": rows + result["rows"], "tasks": kept + result["tasks"],
+            "task_settings": dated + result["task_settings"]}
+
+
+def _interval(row: dict | None, key: str = "psnr") -> str:
+    """A cell of the difference table: the mean difference to the task's best baseline and its 95% interval."""
+    if row is None:
+        return "n/a"
+    if f"{key}_diff" not in row:
+        return "(best)" if "vs" in row else "-"
+    lo, hi = row["ci95" if key == "psnr" else f"{key}_ci95"]
+    digits = 2 if key == "psnr" else 3
+    return f"{row[f'{key}_diff']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 def write_doc(result: dict, command: str) -> None:
@@ -298,22 +362,24 @@ def write_doc(result: dict, command: str) -> None:
     by = {(r["task"], r["method"]): r for r in result["rows"]}
     shown = [m for m in METHODS if any(method == m for _, method in by)]  # the grids hold only these rows
     timed = [m for m in FAST_METHODS if m in shown]
-    defaults = {r["task"]: r["alias_of"] for r in result["rows"] if r["method"] == "generator"}
     dates = {s["task"]: s.get("date", result["date"]) for s in result["task_settings"]}
     lines = [SECTION_START, "", "# Restoring observations (CPU)", "",
              f"Command: `{command}`  ", f"Machine: {result['machine']}  ", f"Date: {result['date']}  ",
              f"Images: the first {result['n_images']} Fashion-MNIST test images per task (mri-r4*: brain-MRI test "
              "slices of the held-out subject; mri-r4-estimated: each slice through smooth random coils of its own, "
              "restored with ESPIRiT's estimates of them), never used in training, "
-             f"corrupted with seed {OBSERVATION_SEED}; models from `{result['models']}`.", "",
+             f"corrupted with seed {OBSERVATION_SEED}; {', '.join(LABELS[m] for m in SLOW_METHODS)} on the first "
+             f"{result['slow_images']} of them; models from `{result['models']}`.", "",
              "PSNR / SSIM on the [0, 1] scale against the clean images (mri-r4: magnitudes, peak = the clean "
              "image's maximum; higher is better); seconds per image on "
              f"{result['threads']} torch thread(s), batches of {result['batch_size']} observations.", "",
-             "PSNR / SSIM per method (* marks what `rsd restore` runs by default for the task's operator, the "
-             "`generator` rows of the JSON; n/a: the method does not apply), then seconds per image in the same "
-             "order, then the DPS's time over each fast method's (>= 10 is the issue's goal). The net on "
-             "observations is fitted on the training observations' own held-out measurements (operators with a "
-             "further mask: inpainting, MRI), the net on generator on the generator's samples.", "",
+             "PSNR / SSIM per method (* marks what `rsd restore` runs by default for the task's operator, the rows "
+             "with `default: true` in the JSON; n/a: the method does not apply), then seconds per image in the same "
+             "order, then the DPS's time over each learnt method's. The net on observations is fitted on the "
+             "training observations' own held-out measurements (operators with a further mask: inpainting, MRI), "
+             "the net on generator on the generator's samples. Projection: the learnt methods' data-consistency "
+             "step alone, from a zero image; classical + projection: the same step from the classical estimate "
+             "(noiseless operators).", "",
              "| task | " + " | ".join(LABELS[m] for m in shown) + " | s/image | DPS time / "
              + " / ".join(LABELS[m] for m in timed) + " time | default's fit s | date |",
              "|---" * (len(shown) + 5) + "|"]
@@ -321,16 +387,26 @@ def write_doc(result: dict, command: str) -> None:
         cells, speeds = [], []
         for method in shown:
             r = by.get((task, method))
-            mark = "*" if defaults.get(task) == method else ""
+            mark = "*" if r and r.get("default") else ""
             cells.append(f"{r['psnr']:.2f} / {r['ssim']:.3f}{mark}" if r else "n/a")
             speeds.append(f"{r['seconds_per_image']:.3g}" if r else "n/a")
-        dps = by.get((task, "teacher-dps"))
+        dps = by.get((task, "dps"))
         ratios = [f"{dps['seconds_per_image'] / r['seconds_per_image']:.3g}x" if dps and r else "n/a"
                   for r in (by.get((task, m)) for m in timed)]
-        fit = by.get((task, "generator"), {}).get("fit_seconds")
+        fit = next((r.get("fit_seconds") for r in result["rows"] if r["task"] == task and r.get("default")), None)
         fit_cell = f"{fit:.0f}" if fit is not None else "n/a"
         lines.append(f"| {task} | " + " | ".join(cells) + f" | {' / '.join(speeds)} | " + " / ".join(ratios)
                      + f" | {fit_cell} | {dates.get(task, result['date'])} |")
+    lines += ["", "Difference to the task's best baseline (the best mean PSNR of "
+              + ", ".join(LABELS[m] for m in BASELINES) + "), PSNR dB then SSIM, with the paired bootstrap 95% "
+              "interval over the images both ran on (rows published before the intervals existed show -):", "",
+              "| task | best baseline | " + " | ".join(LABELS[m] for m in shown) + " |",
+              "|---" * (len(shown) + 2) + "|"]
+    for task in result["tasks"]:
+        best = next((r["vs"] for r in result["rows"] if r["task"] == task and "vs" in r), "-")
+        lines.append(f"| {task} | {LABELS.get(best, best)} | "
+                     + " | ".join(f"{_interval(by.get((task, m)))}; {_interval(by.get((task, m)), 'ssim')}"
+                                  for m in shown) + " |")
     if result["skipped"]:
         lines += ["", "Not run: " + "; ".join(f"{t} ({why})" for t, why in result["skipped"].items()) + "."]
     lines += ["", "Grids (rows: observation, " + ", ".join(LABELS[m] for m in shown) + " (those that apply), "
@@ -352,20 +428,22 @@ def main(argv: list[str] | None = None) -> dict:
                         help="folder with <task>/teacher and <task>/generator model folders")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    parser.add_argument("--n-images", type=int, default=64, help="held-out test images per task (default: 64)")
+    parser.add_argument("--n-images", type=int, default=256, help="held-out test images per task (default: 256)")
+    parser.add_argument("--slow-images", type=int, default=32,
+                        help=f"{' and '.join(SLOW_METHODS)}: the first N of those images (default: 32)")
     parser.add_argument("--batch-size", type=int, default=64, help="observations per batch (default: 64)")
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"generator-latent-opt: Adam steps (default: {LATENT_OPTIMISATION.steps})")
+                        help=f"latent: Adam steps (default: {LATENT_OPTIMISATION.steps})")
     parser.add_argument("--restarts", type=int, default=None,
-                        help=f"generator-encoder, generator-latent-opt: restarts (default: {LATENT_RESTARTS})")
+                        help=f"latent-encoder, latent: restarts (default: {LATENT_RESTARTS})")
     parser.add_argument("--encoder-steps", type=int, default=RestoreConfig().steps,
-                        help=f"generator-encoder, generator-single-pass: refinement steps after the encoder "
+                        help=f"latent-encoder, latent-encoder-1: refinement steps after the encoder "
                         f"(default: {RestoreConfig().steps})")
     parser.add_argument("--encoder-fit-steps", type=int, default=None,
-                        help="generator-posterior-net, generator-encoder, generator-single-pass: encoder fit steps "
+                        help="posterior-net-*, latent-encoder*: the network's fit steps "
                         f"(default: EncoderConfig's, {EncoderConfig().steps})")
     parser.add_argument("--encoder-width", type=int, default=None,
-                        help="generator-posterior-net, generator-encoder, generator-single-pass: channels of the "
+                        help="posterior-net-*, latent-encoder*: channels of the "
                         f"encoder's first level (default: EncoderConfig's, {EncoderConfig().width})")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, also for timing (default: 1)")
     parser.add_argument("--train", action="store_true",
@@ -414,6 +492,7 @@ def main(argv: list[str] | None = None) -> dict:
         "skipped": skipped,
         "task_settings": settings,
         "n_images": args.n_images,
+        "slow_images": args.slow_images,
         "batch_size": args.batch_size,
         "threads": args.threads,
         "models": str(models),

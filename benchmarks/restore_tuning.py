@@ -1,8 +1,8 @@
-"""Tuning evidence for the restore benchmark: generator latent optimisation and DPS settings, swept on
+"""Tuning evidence for the restore benchmark: latent optimisation and DPS settings, swept on
 validation images (Fashion-MNIST training images 59,000 onwards; the models saw only the first 20,000
 and the benchmark scores test images).
 
-    python -m benchmarks.restore_tuning --task inpaint-0.8 --method generator \
+    python -m benchmarks.restore_tuning --task inpaint-0.8 --method latent \
         --grid '{"steps": [10, 30], "lr": [0.1, 0.3]}' [--base '{"restarts": 1}'] [--n-images 16]
 
 Every combination of the ``--grid`` values (over ``--base``, over the defaults) is run on the same
@@ -35,7 +35,7 @@ VALIDATION_START = 59_000
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", required=True, help="task folder name under --models")
-    parser.add_argument("--method", choices=("generator", "teacher-dps"), required=True)
+    parser.add_argument("--method", choices=("latent", "dps"), required=True)
     parser.add_argument("--grid", default="{}", help="JSON {setting: [values]} swept as a product")
     parser.add_argument("--base", default="{}", help="JSON settings applied to every run")
     parser.add_argument("--models", default=str(ROOT / "outputs" / "restore-models"))
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    folder = Path(args.models) / args.task / ("generator" if args.method == "generator" else "teacher")
+    folder = Path(args.models) / args.task / ("generator" if args.method == "latent" else "teacher")
     net, objective, card = load_model(folder)
     operator = build_operator(card.operator)
     clean = fashion_mnist("train").load(VALIDATION_START, VALIDATION_START + args.n_images)[0]
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for values in itertools.product(*grid.values()):
         settings = {**base, **dict(zip(grid, values, strict=True)), "batch_size": args.n_images}
         start = time.perf_counter()
-        if args.method == "generator":
+        if args.method == "latent":
             config = LATENT_OPTIMISATION.updated(**settings)
             generator = OneStepSampler(net, objective, tuple(card.image_shape), card.sigma_init)
             restored = restore_observations(generator, y, state, config).mean
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             restored = dps_restore(net, objective, card.image_shape, y, state, config, sigma_stop)
             settings["sigma_stop"] = sigma_stop
         seconds = (time.perf_counter() - start) / len(y)
-        p, s = scores(restored, clean)
+        p, s = (float(v.mean()) for v in scores(restored, clean))
         settings = {**settings, **config.model_dump()}
         records.append({"task": args.task, "method": args.method, "settings": settings, "psnr": p,
                         "ssim": s, "seconds_per_image": seconds, "n_images": len(y), "threads": args.threads})

@@ -1,6 +1,8 @@
 """Restoration of observations: latent optimisation against the closed-form MAP of a linear Gaussian
 generator, data consistency, the spread over restarts, the classical baselines and DPS."""
 
+import json
+
 import pytest
 import torch
 
@@ -239,29 +241,53 @@ def test_restore_with_model_folder(tmp_path):
 
 
 def test_restore_benchmark_end_to_end_and_resumes(tmp_path):
-    """A toy run of benchmarks/restore.py: one row per method with the issue's keys, the missing task
-    listed, and a second run served from the work folder (same numbers, same timings)."""
+    """A toy run of benchmarks/restore.py: one row per method named for what it runs, the issue's keys, the
+    default marked, every interval against the best baseline, the slow methods on their subset, the missing
+    task listed, and a second run served from the work folder (same numbers, same timings)."""
     from benchmarks import restore
 
-    argv = ["--budget", "0.02", "--distill-budget", "0.05", "--limit", "64", "--n-images", "2", "--batch-size", "2",
-            "--steps", "3", "--restarts", "2", "--encoder-fit-steps", "3", "--models", str(tmp_path / "models"),
-            "--out", str(tmp_path / "out"), "--quiet", "--no-publish"]
+    argv = ["--budget", "0.02", "--distill-budget", "0.05", "--limit", "64", "--n-images", "4", "--slow-images", "2",
+            "--batch-size", "2", "--steps", "3", "--restarts", "2", "--encoder-fit-steps", "3",
+            "--models", str(tmp_path / "models"), "--out", str(tmp_path / "out"), "--quiet", "--no-publish"]
     result = restore.main([*argv, "--train", "--tasks", "inpaint-0.8"])
     default_name = restore.default_method(build_operator({"kind": "inpaint", "p": 0.8}))
-    assert default_name == "ambient-posterior-net"  # inpainting splits its observations
+    assert default_name == "posterior-net-observations"  # inpainting splits its observations
     applies = [m for m in restore.METHODS if m != "compressed-sensing"]  # MRI only
-    methods = [m for m in applies for m in ([m, "generator"] if m == default_name else [m])]
-    assert [(r["task"], r["method"]) for r in result["rows"]] == [("inpaint-0.8", m) for m in methods]
-    for row in result["rows"]:
+    rows = result["rows"]
+    assert [(r["task"], r["method"]) for r in rows] == [("inpaint-0.8", m) for m in applies]
+    assert [r["method"] for r in rows if r["default"]] == [default_name]  # rsd restore's method
+    best = max((r for r in rows if r["method"] in restore.BASELINES), key=lambda r: r["psnr"])
+    for row in rows:
         assert row["psnr"] > 0 and 0 < row["ssim"] <= 1 and row["seconds_per_image"] > 0
-    default = next(r for r in result["rows"] if r["method"] == "generator")
-    repeated = {k: v for k, v in default.items() if k != "alias_of"} | {"method": default["alias_of"]}
-    assert default["alias_of"] == default_name and repeated in result["rows"]  # rsd restore's method
-    # the four encoder rows (two posterior nets, latent encoder, its single pass) and the default's repeat
-    assert [r["fit_seconds"] > 0 for r in result["rows"] if "fit_seconds" in r] == [True] * 5
+        assert row["n_images"] == (2 if row["method"] in restore.SLOW_METHODS else 4)
+        assert row["vs"] == best["method"]
+        if row is not best:
+            lo, hi = row["ci95"]
+            assert lo <= row["psnr_diff"] <= hi and row["ssim_ci95"][0] <= row["ssim_diff"] <= row["ssim_ci95"][1]
+    assert "ci95" not in best
+    # the four encoder rows: two posterior nets, the latent encoder and its single pass
+    assert [r["fit_seconds"] > 0 for r in rows if "fit_seconds" in r] == [True] * 4
     rerun = restore.main([*argv, "--tasks", "inpaint-0.8,mri-r4"])  # no --train: the MRI models are missing
     assert list(rerun["skipped"]) == ["mri-r4"]
-    assert rerun["rows"] == result["rows"]
+    assert rerun["rows"] == rows
+
+
+def test_published_rows_under_former_names_are_renamed(tmp_path, monkeypatch):
+    """Rows published before the rows were named for what they run keep their numbers under the new names, the
+    former ``generator`` alias row becoming ``default`` on the method it repeated."""
+    from benchmarks import restore
+
+    old = {"date": "2026-12-03", "tasks": ["superres-x2"], "task_settings": [{"task": "superres-x2"}], "rows": [
+        {"task": "superres-x2", "method": "classical", "psnr": 20.4},
+        {"task": "superres-x2", "method": "generator-posterior-net", "psnr": 20.7},
+        {"task": "superres-x2", "method": "generator", "alias_of": "generator-posterior-net", "psnr": 20.7}]}
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "restore.json").write_text(json.dumps(old))
+    monkeypatch.setattr(restore, "ROOT", tmp_path)
+    merged = restore.with_published_tasks({"rows": [], "tasks": ["inpaint-0.8"], "task_settings": []})
+    assert [(r["method"], r["default"]) for r in merged["rows"]] == [("classical", False),
+                                                                     ("posterior-net-generator", True)]
+    assert merged["tasks"] == ["superres-x2", "inpaint-0.8"]
 
 
 def test_an_updated_config_is_validated_like_a_new_one():
