@@ -11,7 +11,8 @@ then restored by each method, rows named for what they run:
   the same estimate moved onto the measurements by the learnt methods' data-consistency step, e.g. bicubic +
   projection), ``compressed-sensing`` (MRI only: L1-wavelet, sigpy, its weight chosen likewise) and
   ``projection`` (that data-consistency step alone from a zero image: the minimum-norm image reproducing y);
-- ``dps``: diffusion posterior sampling with the teacher (rsd_core.restore.posterior);
+- ``dps``: diffusion posterior sampling with the teacher (rsd_core.restore.posterior; the ancestral schedule at
+  DPS_STEPS levels), one posterior sample; ``dps-mean``: the mean of DPS_SAMPLES of them (the same run);
 - ``posterior-net-observations``: the amortised posterior-mean network (rsd_core.restore.encoder, target "image")
   fitted once on the task's *training* observations (``DIR/<task>/data``: corrupted, no clean image), each
   split into an input and held-out measurements by the operator's further mask (operators that have one:
@@ -24,9 +25,9 @@ then restored by each method, rows named for what they run:
   refinement steps (default 0); ``latent-encoder-1``: the same with one restart;
 - ``latent``: latent optimisation from noise through the one-step generator (``LATENT_OPTIMISATION``: 30 Adam
   steps x 4 restarts, the serving path).
-``dps`` and ``latent`` run on the first ``--slow-images`` images. Scores: PSNR and SSIM against the clean images
-([0, 1] scale; MRI: magnitudes, range per image), and seconds per image (wall time of the method on the same
-images, same run, batched, ``--threads`` torch threads). Each row carries ``n_images`` and, against the best
+``dps``, ``dps-mean`` and ``latent`` run on the first ``--slow-images`` images. Scores: PSNR and SSIM against the
+clean images ([0, 1] scale; MRI: magnitudes, range per image), and seconds per image (wall time of the method on
+the same images, same run, batched, ``--threads`` torch threads). Each row carries ``n_images`` and, against the best
 baseline of its task (``vs``: the highest mean PSNR among the baselines), the mean differences and their paired
 bootstrap 95% intervals over the images both ran on (``psnr_diff`` / ``ci95``, ``ssim_diff`` / ``ssim_ci95``);
 ``default`` is true on the rows of the method ``rsd restore`` runs by default for the task's operator.
@@ -102,13 +103,14 @@ TASKS = ("inpaint-0.6", "inpaint-0.8", "blur-noise-0.2", "superres-x2", "mri-r4"
 # random coils of its own and restores it with ESPIRiT's estimates of them, as a team's own scans are.
 MRI_TASKS = {"mri-r4": "bank", "mri-r4-estimated": "estimated"}
 # Rows named for what they run: the baselines (no learnt prior), DPS with the teacher, then the learnt restorers.
-METHODS = ("classical", "classical-projected", "compressed-sensing", "projection", "dps",
+METHODS = ("classical", "classical-projected", "compressed-sensing", "projection", "dps", "dps-mean",
            "posterior-net-observations", "posterior-net-generator", "latent-encoder", "latent-encoder-1", "latent")
 BASELINES = METHODS[:4]  # the best of these is what every row's interval is measured against
-FAST_METHODS = METHODS[5:]  # timed against DPS
-SLOW_METHODS = ("dps", "latent")  # run on the first --slow-images images only
+FAST_METHODS = METHODS[6:]  # timed against DPS
+SLOW_METHODS = ("dps", "dps-mean", "latent")  # run on the first --slow-images images only
 LABELS = {"classical": "classical", "classical-projected": "classical + projection", "compressed-sensing":
-          "L1-wavelet CS", "projection": "projection", "dps": "teacher DPS",
+          "L1-wavelet CS", "projection": "projection", "dps": "DPS, 1 sample",
+          "dps-mean": "DPS, mean of samples",
           "posterior-net-observations": "net on observations", "posterior-net-generator": "net on generator",
           "latent-encoder": "latent encoder", "latent-encoder-1": "latent encoder, 1 pass", "latent": "latent opt."}
 # The names the published rows had before the rows were named for what they run.
@@ -116,9 +118,14 @@ FORMER_NAMES = {"teacher-dps": "dps", "ambient-posterior-net": "posterior-net-ob
                 "generator-posterior-net": "posterior-net-generator", "generator-encoder": "latent-encoder",
                 "generator-single-pass": "latent-encoder-1", "generator-latent-opt": "latent"}
 OBSERVATION_SEED = 1234
-# DPS returns the teacher's x0 prediction at the first level >= this one: tuned on validation images with
-# zeta' = 1 (docs/algorithms.md §10.2); lower levels, down to the cards' own (0.05), scored lower.
-DPS_SIGMA_STOP = 1.0
+# DPS: the ancestral schedule at DPS_STEPS levels, DPS_SAMPLES posterior samples per observation (the dps row is the
+# first, dps-mean their mean), the guidance constant and the level whose x0 prediction it returns chosen per
+# task on validation images (benchmarks/restore_tuning.py; docs/results.md says which runs chose them).
+DPS_STEPS = 100
+DPS_SAMPLES = 4
+DPS_TUNED = {"inpaint-0.6": {"zeta": 1.0, "sigma_stop": 1.0}, "inpaint-0.8": {"zeta": 1.0, "sigma_stop": 1.0},
+             "blur-noise-0.2": {"zeta": 1.0, "sigma_stop": 1.0}, "superres-x2": {"zeta": 1.0, "sigma_stop": 1.0},
+             "mri-r4": {"zeta": 1.0, "sigma_stop": 1.0}, "mri-r4-estimated": {"zeta": 1.0, "sigma_stop": 1.0}}
 
 
 def default_method(operator) -> str:
@@ -141,10 +148,29 @@ def cache_settings(config: RestoreConfig) -> dict:
     return dump
 
 
+# Validation images, where settings are tuned (benchmarks/restore_tuning.py), never scored here: Fashion-MNIST
+# training images from 59,000 on (the models saw the first 20,000); for MRI, no third subject ships, so the held-out
+# subject's last slices (the test images are its first ones, at most MRI_TEST_MAX of them).
+FMNIST_VALIDATION_START = 59_000
+MRI_TEST_MAX = 256
+
+
 def clean_images(task: str, n: int, image_shape: tuple[int, ...]) -> torch.Tensor:
     """The first ``n`` held-out clean test images of the task's source, in [-1, 1]."""
-    source = brain_mri("test", image_shape[-1]) if task in MRI_TASKS else fashion_mnist("test")
+    if task in MRI_TASKS:
+        source = brain_mri("test", image_shape[-1])
+        return source.load(0, min(n, MRI_TEST_MAX))[0]
+    source = fashion_mnist("test")
     return source.load(0, min(n, source.count))[0]
+
+
+def validation_images(task: str, n: int, image_shape: tuple[int, ...]) -> torch.Tensor:
+    """``n`` clean validation images of the task's source, disjoint from every test image, in [-1, 1]."""
+    if task.startswith("mri"):
+        source = brain_mri("test", image_shape[-1])
+        n = min(n, source.count - MRI_TEST_MAX)
+        return source.load(source.count - n, source.count)[0]
+    return fashion_mnist("train").load(FMNIST_VALIDATION_START, FMNIST_VALIDATION_START + n)[0]
 
 
 def observe(operator, clean: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -253,7 +279,9 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
                "latent-encoder": encoder_config,
                "latent-encoder-1": encoder_config.updated(restarts=1),
                "latent": LATENT_OPTIMISATION.updated(batch_size=args.batch_size, **restarts, **steps)}
-    dps_config = DPSConfig(batch_size=args.batch_size)
+    dps_tuned = DPS_TUNED[task]
+    dps_config = DPSConfig(batch_size=args.batch_size, num_steps=DPS_STEPS, samples=DPS_SAMPLES,
+                           zeta=dps_tuned["zeta"])
 
     def through_generator(method: str, y: torch.Tensor, state: dict):
         config = configs[method]
@@ -268,14 +296,26 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
         result = restore_observations(generator, y, state, config, progress=not args.quiet, encoder=encoder)
         return result.mean, result.spread, {"seconds": time.perf_counter() - start, "fit": fit}
 
-    def teacher_dps(y: torch.Tensor, state: dict):
+    @functools.cache
+    def posterior_samples(n: int) -> tuple:  # one DPS run serves both rows: its first sample and its mean
         net, objective, _ = load_model(teacher_dir)
-        return dps_restore(net, objective, card.image_shape, y, state, dps_config, DPS_SIGMA_STOP,
-                           progress=not args.quiet), None
+        start = time.perf_counter()
+        samples = dps_restore(net, objective, card.image_shape, y[:n], {k: v[:n] for k, v in state.items()},
+                              dps_config, dps_tuned["sigma_stop"], progress=not args.quiet)
+        return samples, time.perf_counter() - start
+
+    def teacher_dps(y: torch.Tensor, state: dict):
+        samples, seconds = posterior_samples(len(y))
+        return samples.sample, None, {"seconds": seconds / DPS_SAMPLES}
+
+    def teacher_dps_mean(y: torch.Tensor, state: dict):
+        samples, seconds = posterior_samples(len(y))
+        return samples.mean, samples.spread, {"seconds": seconds}
 
     work = {"classical": lambda y, state: (classical_estimate(operator, y, state), None),
             "projection": lambda y, state: (projection(operator, y, state, card.image_shape), None),
-            "dps": teacher_dps, **{m: functools.partial(through_generator, m) for m in configs}}
+            "dps": teacher_dps, "dps-mean": teacher_dps_mean,
+            **{m: functools.partial(through_generator, m) for m in configs}}
     if operator.sigma_n == 0:  # noiseless: the classical estimate moved onto the measurements, as the nets are
         work["classical-projected"] = lambda y, state: (
             projection(operator, y, state, card.image_shape, classical_estimate(operator, y, state)), None)
@@ -287,8 +327,8 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
                 "projection": {"operator": card.operator.model_dump(), "iters": CONSISTENCY_ITERS},
                 "compressed-sensing": {"operator": card.operator.model_dump(), "lambdas": list(CS_LAMBDAS),
                                        "iters": CS_ITERS},
-                "dps": {"model": read_card(teacher_dir).model_dump(), "config": dps_config.model_dump(),
-                        "sigma_stop": DPS_SIGMA_STOP},
+                **{m: {"model": read_card(teacher_dir).model_dump(), "config": dps_config.model_dump(),
+                       "sigma_stop": dps_tuned["sigma_stop"]} for m in ("dps", "dps-mean")},
                 **{m: {"model": card.model_dump(), "config": cache_settings(c)} for m, c in configs.items()}}
     outputs, per_image, seconds, default = {}, {}, {}, default_method(operator)
     for method in [m for m in args.methods if m in work]:  # the ambient net only where the operator splits
@@ -306,7 +346,8 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
     grid = save_task_grid(task, operator.image_view(y, state), outputs, default, clean, out, args.publish)
     return rows, {"task": task, "operator": card.operator.model_dump(), "grid": grid, "default": default,
                   **{f"{m}_config": c.model_dump() for m, c in configs.items()}, "dps_config": dps_config.model_dump(),
-                  "dps_sigma_stop": DPS_SIGMA_STOP, "n_images": len(y), "slow_images": min(len(y), args.slow_images)}
+                  "dps_sigma_stop": dps_tuned["sigma_stop"], "n_images": len(y),
+                  "slow_images": min(len(y), args.slow_images)}
 
 
 def save_task_grid(task: str, observed: torch.Tensor, outputs: dict, default: str, clean: torch.Tensor,

@@ -1,6 +1,6 @@
 """Tuning evidence for the restore benchmark: latent optimisation and DPS settings, swept on
-validation images (Fashion-MNIST training images 59,000 onwards; the models saw only the first 20,000
-and the benchmark scores test images).
+validation images (benchmarks.restore.validation_images: Fashion-MNIST training images 59,000 onwards, the models
+saw only the first 20,000; for MRI the held-out subject's last slices, the benchmark scoring its first ones).
 
     python -m benchmarks.restore_tuning --task inpaint-0.8 --method latent \
         --grid '{"steps": [10, 30], "lr": [0.1, 0.3]}' [--base '{"restarts": 1}'] [--n-images 16]
@@ -21,15 +21,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.report import RESULTS_DIR
-from benchmarks.restore import ROOT, observe, scores
-from rsd_core.data.sources import fashion_mnist
+from benchmarks.restore import ROOT, observe, scores, validation_images
 from rsd_core.kinds import build_operator
 from rsd_core.restore.estimate import LATENT_OPTIMISATION, restore_observations
 from rsd_core.restore.posterior import DPSConfig, dps_restore
 from rsd_core.stages import load_model
 from rsd_core.train.sampling import OneStepSampler
-
-VALIDATION_START = 59_000
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -46,7 +43,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     folder = Path(args.models) / args.task / ("generator" if args.method == "latent" else "teacher")
     net, objective, card = load_model(folder)
     operator = build_operator(card.operator)
-    clean = fashion_mnist("train").load(VALIDATION_START, VALIDATION_START + args.n_images)[0]
+    clean = validation_images(args.task, args.n_images, tuple(card.image_shape))
     y, state = observe(operator, clean)
     grid, base = json.loads(args.grid), json.loads(args.base)
     records = []
@@ -60,13 +57,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             sigma_stop = settings.pop("sigma_stop", card.sigma_stop)
             config = DPSConfig(**settings)
-            restored = dps_restore(net, objective, card.image_shape, y, state, config, sigma_stop)
+            samples = dps_restore(net, objective, card.image_shape, y, state, config, sigma_stop)
+            restored, one = samples.mean, samples.sample
             settings["sigma_stop"] = sigma_stop
         seconds = (time.perf_counter() - start) / len(y)
         p, s = (float(v.mean()) for v in scores(restored, clean))
         settings = {**settings, **config.model_dump()}
         records.append({"task": args.task, "method": args.method, "settings": settings, "psnr": p,
-                        "ssim": s, "seconds_per_image": seconds, "n_images": len(y), "threads": args.threads})
+                        "ssim": s, "seconds_per_image": seconds, "n_images": len(y), "threads": args.threads,
+                        "split": "validation"})
+        if args.method == "dps":  # psnr / ssim: the mean of the samples; these: the first sample alone
+            records[-1] |= dict(zip(("psnr_sample", "ssim_sample"),
+                                    (float(v.mean()) for v in scores(one, clean)), strict=True))
         print(json.dumps(records[-1]), flush=True)
     path = RESULTS_DIR / "restore_tuning.json"
     previous = json.loads(path.read_text()) if path.exists() else []

@@ -21,7 +21,7 @@ from rsd_core.restore.posterior import DPSConfig, dps_guidance, dps_restore
 from rsd_core.stages import ModelCard, save_model
 from rsd_core.train.objectives import Objective
 from rsd_core.train.pretrain import build_teacher
-from rsd_core.train.sampling import OneStepSampler
+from rsd_core.train.sampling import OneStepSampler, ancestral_sample
 from tests.gaussian import gaussian_denoiser, random_covariance
 
 SHAPE = (1, 4, 4)
@@ -190,7 +190,7 @@ def test_dps_reduces_the_misfit_of_the_teacher_samples():
     objective, teacher = Objective(operator), GaussianTeacher()
 
     def misfit(zeta):
-        x = dps_restore(teacher, objective, SHAPE, y, state, DPSConfig(zeta=zeta, data_consistency=False))
+        x = dps_restore(teacher, objective, SHAPE, y, state, DPSConfig(zeta=zeta, data_consistency=False)).sample
         return float((operator.forward(x, state) - y).square().sum())
 
     unguided, guided = misfit(1e-9), misfit(1.0)
@@ -216,6 +216,48 @@ def test_the_dps_step_is_the_papers_in_ve_coordinates(t):
     expected = 0.7 * (1.0 + t**2) / norm * (-2.0 * a) * operator.adjoint(r, state)
     torch.testing.assert_close(x0.float(), a * x)
     torch.testing.assert_close(correction.float(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_one_ancestral_dps_step_by_hand():
+    """The ancestral schedule's first step from t = 2 to t' = 0.5 with D(x; t) = x / (1 + t^2), computed by hand:
+    t_up^2 = t'^2 (t^2 - t'^2) / t^2, t_down^2 = t'^2 - t_up^2, x' = x + (t_down - t) (x - D) / t + t_up z - c, the
+    guide's correction c subtracted after the step; the last level returns D(x'; t')."""
+    latents = torch.randn((3, 1, 4, 4), generator=torch.Generator().manual_seed(1))
+    correction = torch.full((3, 1, 4, 4), 0.3, dtype=torch.float64)
+
+    def denoise(x, t):
+        return x / (1.0 + t**2)
+
+    def guide(x, t):
+        return denoise(x, t), correction
+
+    out, nfe = ancestral_sample(denoise, latents, torch.Generator().manual_seed(7), num_steps=2, sigma_min=0.5,
+                                sigma_max=2.0, guide=guide)
+    t, t_next = 2.0, 0.5
+    x = latents.double() * t
+    t_up = (t_next**2 * (t**2 - t_next**2) / t**2) ** 0.5
+    t_down = (t_next**2 - t_up**2) ** 0.5
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    x_next = x + (t_down - t) * (x - denoise(x, t)) / t + t_up * z - correction
+    torch.testing.assert_close(out, denoise(x_next, t_next))
+    assert nfe == 2
+    # truncated at the first level: its x0 prediction, one evaluation, no step taken
+    first, nfe = ancestral_sample(denoise, latents, torch.Generator().manual_seed(7), num_steps=2, sigma_min=0.5,
+                                  sigma_max=2.0, sigma_stop=1.0)
+    torch.testing.assert_close(first, denoise(x, t))
+    assert nfe == 1
+
+
+def test_dps_samples_average_into_their_mean():
+    """K posterior samples per observation: the mean is their average, the sample the first, and with more than
+    one sample the spread is positive (the ancestral steps draw fresh noise)."""
+    operator, _, state, y = observe({"kind": "inpaint", "p": 0.5}, n=3)
+    config = DPSConfig(num_steps=10, samples=3, data_consistency=False)
+    result = dps_restore(GaussianTeacher(), Objective(operator), SHAPE, y, state, config)
+    assert result.mean.shape == result.sample.shape == result.spread.shape == (3, *SHAPE)
+    assert float(result.spread.mean()) > 0
+    one = dps_restore(GaussianTeacher(), Objective(operator), SHAPE, y, state, config.updated(samples=1))
+    torch.testing.assert_close(one.mean, one.sample)
 
 
 def test_restore_with_model_folder(tmp_path):

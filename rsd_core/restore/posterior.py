@@ -1,12 +1,17 @@
 """Diffusion posterior sampling with the teacher as the prior: the slow, strong baseline of restoration.
 
-DPS (Chung et al. 2023) along the teacher's own Heun trajectory (``heun_sample``): at every level
-t_i, with x0_hat = D(x_i; t_i) evaluated with gradients, the sampler's Heun update is followed by
+DPS (Chung et al. 2023) along a trajectory of the teacher: the stochastic ancestral schedule the paper
+states (``ancestral_sample``, DDPM's step in variance-exploding form; the default) or the teacher's own
+deterministic Heun grid (``heun_sample``). At every level t_i, with x0_hat = D(x_i; t_i) evaluated with
+gradients, the sampler's update is followed by
 
     x_{i+1} <- x_{i+1} - zeta_t * grad_{x_i} ||y - A(x0_hat)||^2,   zeta_t = zeta (1 + t_i^2) / ||y - A(x0_hat)||,
 
 per sample, the gradient going through the denoiser (one forward and one backward pass per level,
-plus the Heun correction's forward pass). DPS is stated for the variance-preserving process; our
+plus, on the Heun grid, the correction's forward pass). ``samples`` > 1 draws K posterior samples per
+observation; their mean estimates E[x | y], their spread the posterior's.
+
+DPS is stated for the variance-preserving process; our
 trajectory is EDM's variance-exploding one, x_VE = x_VP / sqrt(abar) with 1 / abar = 1 + t^2, and
 the paper's step zeta / ||r|| in VP coordinates is zeta (1 + t^2) / ||r|| in VE coordinates. The
 teacher is queried through its objective, so an Ambient teacher keeps one input mask (or MRI
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import Field
@@ -33,14 +39,17 @@ from rsd_core.operators import Operator, State
 from rsd_core.restore.estimate import CONSISTENCY_ITERS, check_observations, data_consistency
 from rsd_core.stages import load_model
 from rsd_core.train.objectives import Objective
-from rsd_core.train.sampling import heun_sample
+from rsd_core.train.sampling import ancestral_sample, heun_sample
 
 
 class DPSConfig(Spec):
-    """DPS settings: the guidance constant zeta' and the Heun grid (18 levels = the teacher's sampler)."""
+    """DPS settings: the guidance constant zeta', the schedule and its levels (ancestral: DPS's own, at >= 100
+    levels; heun: the teacher's deterministic sampler, 18 levels), and the posterior samples per observation."""
 
     zeta: float = Field(default=1.0, gt=0)
-    num_steps: int = Field(default=18, ge=2)
+    schedule: Literal["ancestral", "heun"] = "ancestral"
+    num_steps: int = Field(default=100, ge=2)
+    samples: int = Field(default=1, ge=1)
     data_consistency: bool = True
     consistency_iters: int = Field(default=CONSISTENCY_ITERS, ge=1)
     batch_size: int = Field(default=64, ge=1)
@@ -77,9 +86,12 @@ def dps_batch(
     rng: torch.Generator,
     sigma_stop: float | None = None,
 ) -> torch.Tensor:
-    """One posterior sample per observation of one batch (on the device of y), in [-1, 1]."""
+    """``config.samples`` posterior samples per observation of one batch, (B, K, C, H, W) on the device of y, in
+    [-1, 1]."""
     operator = objective.operator
-    b, device = len(y), y.device
+    k = config.samples
+    y, state = y.repeat_interleave(k, dim=0), {key: v.repeat_interleave(k, dim=0) for key, v in state.items()}
+    b, device = len(y), y.device  # b = observations x samples
     latents = torch.randn((b, *image_shape), generator=rng, device=device)
     input_state = objective.draw_input_state(b, tuple(image_shape), rng, device)
 
@@ -89,11 +101,22 @@ def dps_batch(
     def guide(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return dps_guidance(denoise, operator, y, state, x, t, config.zeta)
 
-    x, _ = heun_sample(denoise, latents, config.num_steps, sigma_stop=sigma_stop, guide=guide)
+    if config.schedule == "ancestral":
+        x, _ = ancestral_sample(denoise, latents, rng, config.num_steps, sigma_stop=sigma_stop, guide=guide)
+    else:
+        x, _ = heun_sample(denoise, latents, config.num_steps, sigma_stop=sigma_stop, guide=guide)
     x = x.float()
     if config.data_consistency:
         x = data_consistency(operator, x, y, state, config.consistency_iters)
-    return x.clamp(-1.0, 1.0)
+    return x.clamp(-1.0, 1.0).view(b // k, k, *x.shape[1:])
+
+
+class PosteriorSamples(NamedTuple):
+    """DPS's output per observation: the mean of its K samples, the first sample, and the samples' spread."""
+
+    mean: torch.Tensor
+    sample: torch.Tensor
+    spread: torch.Tensor
 
 
 def dps_restore(
@@ -105,8 +128,8 @@ def dps_restore(
     config: DPSConfig,
     sigma_stop: float | None = None,
     progress: bool = False,
-) -> torch.Tensor:
-    """DPS restorations (N, C, H, W) on the CPU, ``config.batch_size`` observations at a time."""
+) -> PosteriorSamples:
+    """DPS restorations, each (N, C, H, W) on the CPU, ``config.batch_size`` observations at a time."""
     check_observations(objective.operator, image_shape, y, state)
     device = next(net.parameters()).device
     rng = torch.Generator(device=device).manual_seed(config.seed)
@@ -116,12 +139,13 @@ def dps_restore(
         y_b = y[start:stop].to(device=device, dtype=torch.float32)
         state_b = {k: v[start:stop].to(device) for k, v in state.items()}
         out.append(dps_batch(net, objective, image_shape, y_b, state_b, config, rng, sigma_stop).cpu())
-    return torch.cat(out)
+    samples = torch.cat(out)
+    return PosteriorSamples(samples.mean(1), samples[:, 0], samples.std(1, unbiased=False))
 
 
 def dps_with_model(
     model_dir: str | Path, y: torch.Tensor, state: State, config: DPSConfig, device: str | torch.device = "cpu"
-) -> torch.Tensor:
+) -> PosteriorSamples:
     """DPS with a saved teacher folder, truncated where its card says its sampler stops."""
     net, objective, card = load_model(model_dir, device)
     if card.kind != "teacher":

@@ -104,6 +104,46 @@ def heun_sample(
     return x, nfe
 
 
+def ancestral_sample(
+    denoise: Denoiser,
+    latents: torch.Tensor,
+    rng: torch.Generator,
+    num_steps: int = 100,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    rho: float = RHO,
+    sigma_stop: float | None = None,
+    guide: Guide | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Stochastic ancestral sampler on EDM's grid: DDPM's ancestral step in variance-exploding form, the schedule
+    DPS is stated with. From level t to t' < t, with D = D(x; t),
+
+        x' = x + (t_down - t) (x - D) / t + t_up z,   t_up^2 = t'^2 (t^2 - t'^2) / t^2,   t_down^2 = t'^2 - t_up^2,
+
+    z ~ N(0, I) from ``rng``: one denoiser call per level, fresh noise at each. ``guide`` and ``sigma_stop`` as in
+    :func:`heun_sample` (the correction is subtracted after the step; the x0 prediction at the truncation level
+    is returned). Returns the sample and the number of denoiser evaluations.
+    """
+    t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
+    stop_at = truncation_index(sigma_stop, t_steps)
+    x = latents.to(torch.float64) * t_steps[0]
+    for i in range(num_steps):
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        if guide is None:
+            denoised, correction = denoise(x, t_cur).to(torch.float64), None
+        else:
+            denoised, correction = guide(x, t_cur)
+        if i == stop_at or t_next == 0:
+            return denoised, i + 1
+        t_up = torch.sqrt(t_next**2 * (t_cur**2 - t_next**2) / t_cur**2)
+        t_down = torch.sqrt(t_next**2 - t_up**2)
+        z = torch.randn(x.shape, generator=rng, device=x.device, dtype=torch.float64)
+        x = x + (t_down - t_cur) * (x - denoised) / t_cur + t_up * z
+        if correction is not None:
+            x = x - correction
+    return x, num_steps
+
+
 class Sampler:
     """Anything that turns (n, seed) into n images (or vectors) in the data range."""
 
