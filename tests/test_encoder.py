@@ -226,11 +226,11 @@ def test_the_observation_fit_reaches_the_gaussian_posterior_mean_given_the_furth
 
 def test_a_network_fitted_on_observations_restores_with_the_measurements_it_was_given(ambient_fit):
     """Never scored on the measurements its input has, the network's own output there is arbitrary; the
-    restoration puts the (noisy) measurements back even with data_consistency off, and keeps the
-    network's estimate elsewhere."""
+    restoration puts the measurements back even with data_consistency off (with held_out_passes 0, as they
+    are, noise included), and keeps the network's estimate elsewhere."""
     operator, net, encoder, _ = ambient_fit
     _, state, y = _generator_draws(net, operator, 64, seed=13)
-    config = RestoreConfig(steps=0, data_consistency=False,
+    config = RestoreConfig(steps=0, data_consistency=False, held_out_passes=0,
                            encoder=EncoderConfig(target="image", fit_on="observations", width=16))
     got = restore_observations(one_step(net, operator), y, state, config, encoder=encoder)
     with torch.no_grad():
@@ -238,6 +238,34 @@ def test_a_network_fitted_on_observations_restores_with_the_measurements_it_was_
     measured = state["mask"].expand_as(y) > 0
     torch.testing.assert_close(got.mean[measured], y[measured].clamp(-1, 1), atol=1e-5, rtol=0)
     torch.testing.assert_close(got.mean[~measured], mean.clamp(-1, 1)[~measured], atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def noisy_fit():
+    """The observation fit of ``ambient_fit`` on noisier measurements (sigma_n 0.2), where pasting them back
+    costs as much as the network's own error."""
+    operator = build_operator({**INPAINT, "sigma_n": 0.2})
+    net = LinearGenerator()
+    net.W.data = 0.5 * torch.ones(D, D) / D**0.5 + 0.2 * torch.eye(D)
+    _, state, y = _generator_draws(net, operator, 4096, seed=3)
+    config = EncoderConfig(steps=1000, batch_size=64, lr=3e-3, width=16, target="image", fit_on="observations")
+    encoder, _ = fit_encoder(None, operator, SHAPE, y, state, config, prior_weight=0.1, sigma_floor=0.05)
+    return operator, net, encoder
+
+
+def test_noisy_measurements_are_shrunk_toward_their_prediction_from_the_others(noisy_fit):
+    """On measured pixels of noisy masked data the restoration is closer to E[x | y] (the Gaussian closed form,
+    all of y) than the noisy measurements are: under half their squared error. Pasting y back
+    (held_out_passes 0) fails this."""
+    operator, net, encoder = noisy_fit
+    _, state, y = _generator_draws(net, operator, 256, seed=21)
+    want, _ = _masked_posterior(net, y, state["mask"], operator.sigma_n)
+    config = RestoreConfig(steps=0, encoder=EncoderConfig(target="image", fit_on="observations", width=16))
+    got = restore_observations(one_step(net, operator), y, state, config, encoder=encoder).mean
+    measured = state["mask"].expand_as(y) > 0
+    error = (got - want)[measured].square().mean()
+    pasted = (y.clamp(-1, 1) - want)[measured].square().mean()
+    assert error < 0.5 * pasted, (float(error), float(pasted))
 
 
 def test_fit_on_resolves_by_operator_and_refuses_what_cannot_be_done():

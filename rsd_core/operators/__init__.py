@@ -41,6 +41,9 @@ class Operator:
     # The forward model is itself an estimate (coil maps estimated per scan): exact inversion would amplify its
     # error, so least squares and data consistency take the weight held-out measurements choose.
     estimated_model: bool = False
+    # Each measurement is one pixel of the image (a 0/1 mask): the image's per-pixel variance is the
+    # measurements' own, so a measured value can be weighed against a prediction of it pixel by pixel.
+    pointwise: bool = False
 
     # State keys an operator draws fresh values of from observed data rather than from a law of its own
     # (per-scan coil maps): such an operator needs a pool of observed states (attach_pool), taken from
@@ -226,6 +229,7 @@ class Inpaint(Operator):
     """Each pixel erased with probability p (mask broadcast over channels; 1 = observed)."""
 
     state_keys = ("mask",)
+    pointwise = True
 
     def __init__(self, spec: InpaintSpec):
         super().__init__(spec)

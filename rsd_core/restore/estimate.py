@@ -74,6 +74,10 @@ class RestoreConfig(Spec):
     # Project onto the measurements (noiseless data); a network fitted on observations always is (encoder.py).
     data_consistency: bool = True
     consistency_iters: int = Field(default=CONSISTENCY_ITERS, ge=1)
+    # Noisy pointwise observations (masked pixels with sigma_n > 0) restored by a network fitted on them: the
+    # further-mask draws over which each measured value is predicted from the others and shrunk toward that
+    # prediction (held_out_measurements); 0 puts the noisy measurements back as they are.
+    held_out_passes: int = Field(default=16, ge=0)
     batch_size: int = Field(default=64, ge=1)
     seed: int = 0
     encoder: EncoderConfig | None = Field(default_factory=EncoderConfig)
@@ -150,6 +154,31 @@ def data_consistency(operator: Operator, x: torch.Tensor, y: torch.Tensor, state
     return x + solve_normal(operator, y - operator.forward(x, state), state, lam, iters)
 
 
+def held_out_measurements(encoder: AmortisedEncoder, operator: Operator, y: torch.Tensor, state: State,
+                          image_shape: tuple[int, ...], rng: torch.Generator, passes: int) -> torch.Tensor:
+    """Noisy pointwise measurements shrunk toward what the network predicts of each from the others.
+
+    A network fitted on observations predicts a held-out measurement from y~ with mean m and variance
+    v_net = Var[x | y~] + sigma_n^2 (it is scored against noisy values). Over ``passes`` further-mask draws, every
+    measurement held out at least once gets m and v = v_net - sigma_n^2 averaged over the draws that held it; with
+    its own value y it becomes (v y + sigma_n^2 m) / (v + sigma_n^2), the Gaussian posterior mean of x given y~ and
+    y: the value never enters its own prediction (J-invariance, Batson & Royer 2019), so the noise is not pasted
+    back. Measurements never held out keep y."""
+    s2 = operator.sigma_n**2
+    total, variance, count = (torch.zeros_like(y) for _ in range(3))
+    with torch.no_grad():
+        for _ in range(passes):
+            y_in, state_in, held = operator.split_observation(y, state, rng)
+            mean, log_var = posterior_moments(encoder(encoder_inputs(operator, y_in, state_in, image_shape)))
+            held = held.expand_as(y)
+            total += held * operator.forward(mean, state)
+            variance += held * operator.forward(log_var.exp(), state)
+            count += held
+    seen = count > 0
+    prediction, v = total / count.clamp_min(1), (variance / count.clamp_min(1) - s2).clamp_min(1e-6)
+    return torch.where(seen, (v * y + s2 * prediction) / (v + s2), y)
+
+
 def _repeat(state: State, times: int) -> State:
     return {k: v.repeat_interleave(times, dim=0) for k, v in state.items()}
 
@@ -181,11 +210,17 @@ def _restore_batch(
     if encoder is not None and encoder.target == "image":
         with torch.no_grad():
             mean, log_var = posterior_moments(encoder(encoder_inputs(operator, y, state, image_shape)))
-            # Fitted on observations, the network was scored only on measurements its input lacked: the
-            # measurements it is given are its estimate there, so they are always put back.
+            # Fitted on observations, the network was scored only on measurements its input lacked: its own
+            # output on the ones it is given is arbitrary, so the measurements are always put back (noisy pointwise
+            # ones first shrunk toward its prediction of each from the others).
             on_observations = config.encoder.image_pairs(operator) == "observations"
+            measured = y
+            if on_observations and operator.sigma_n > 0 and operator.pointwise and config.held_out_passes:
+                measured = held_out_measurements(encoder, operator, y, state, image_shape, rng,
+                                                 config.held_out_passes)
             if config.data_consistency or on_observations:
-                mean = data_consistency(operator, mean, y, state, config.consistency_iters, keep_noise=on_observations)
+                mean = data_consistency(operator, mean, measured, state, config.consistency_iters,
+                                        keep_noise=on_observations)
         return mean.clamp(-1.0, 1.0), torch.exp(0.5 * log_var)
     b, r = len(y), config.latent_restarts
     device = y.device
