@@ -71,17 +71,25 @@ def test_wall_clock_resumes_from_the_last_checkpoints_seconds(tmp_path):
 
 def test_the_generated_table_replaces_its_block_and_keeps_the_reading(tmp_path, monkeypatch):
     doc = tmp_path / "results.md"
-    doc.write_text(f"# Other section\n\n{long_run.DOC_BEGIN}\nold table\n{long_run.DOC_END}\nthe reading\n")
+    profile = long_run.PROFILES["cpu"]
+    begin, end = profile.doc_markers
+    doc.write_text(f"# Other section\n\n{begin}\nold table\n{end}\nthe reading\n")
     monkeypatch.setattr(long_run, "DOC", doc)
     row = {"minutes": 10.0, "teacher_fd": 300.0, "teacher_kid": 2.0, "teacher_kid_std": 0.5, "teacher_steps": 700,
-           "clean_fd": 80.0, "clean_kid": 1.0, "clean_kid_std": 0.2, "clean_steps": 710}
+           "teacher_images": 44_800, "clean_fd": 80.0, "clean_kid": 1.0, "clean_kid_std": 0.2, "clean_steps": 710,
+           "clean_images": 45_440}
     task = {"n_eval": 1000, "extractor": "classifier", "floor_against": "test split", "floor_fd": 1.5,
             "distilled_from_teacher_minutes": 10, "clean_reference_minutes": 10,
-            "floor_kid": 0.1, "floor_kid_std": 0.05, "rows": [row]}
-    long_run.write_doc({"command": "c", "date": "d", "machine": "m", "minutes": "x", "tasks": {"inpaint-0.8": task}})
+            "floor_kid": 0.1, "floor_kid_std": 0.05, "trained_on": "x86_64 CPU", "batch_sizes": {"teacher": 64,
+                                                                                             "student": 32},
+            "rows": [row]}
+    long_run.write_doc({"command": "c", "date": "d", "machine": "m", "minutes": "x", "tasks": {"inpaint-0.8": task}},
+                       profile)
     text = doc.read_text()
     assert text.startswith("# Other section") and text.endswith("the reading\n") and "old table" not in text
-    assert "| 10 | 300.0 (2 +- 0.5; 700 steps) | - | 80.0 (1 +- 0.2; 710 steps) | - | - |" in text
+    cells = "| 10 | 300.0 (2 +- 0.5; 700 steps, 45k images) | - | 80.0 (1 +- 0.2; 710 steps, 45k images) | - | - |"
+    assert cells in text
+    assert "Trained on x86_64 CPU, batch 64 (teacher) and 32 (distillation)" in text
 
 
 def test_the_clean_mri_reference_is_scored_with_the_mri_models_features(tmp_path):
