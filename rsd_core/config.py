@@ -23,6 +23,8 @@ __all__ = ["EXPORT_FORMATS", "OperatorSpec", "OperatorSpecBase", "Spec"]  # re-e
 class NetworkConfig(Spec):
     """EDM-preconditioned U-Net. The defaults are the ~1.9 M-parameter CPU model."""
 
+    # Informational in the pipeline: pretraining takes the image shape from the dataset (a model must fit its
+    # data) and the saved model card records it; they act where a network is rebuilt from a card.
     img_resolution: int = 32
     img_channels: int = 1
     model_channels: int = 32
