@@ -123,9 +123,9 @@ OBSERVATION_SEED = 1234
 # task on validation images (benchmarks/restore_tuning.py; docs/results.md says which runs chose them).
 DPS_STEPS = 100
 DPS_SAMPLES = 4
-DPS_TUNED = {"inpaint-0.6": {"zeta": 1.0, "sigma_stop": 1.0}, "inpaint-0.8": {"zeta": 1.0, "sigma_stop": 1.0},
+DPS_TUNED = {"inpaint-0.6": {"zeta": 1.0, "sigma_stop": 1.0}, "inpaint-0.8": {"zeta": 1.0, "sigma_stop": 0.3},
              "blur-noise-0.2": {"zeta": 1.0, "sigma_stop": 1.0}, "superres-x2": {"zeta": 1.0, "sigma_stop": 1.0},
-             "mri-r4": {"zeta": 1.0, "sigma_stop": 1.0}, "mri-r4-estimated": {"zeta": 1.0, "sigma_stop": 1.0}}
+             "mri-r4": {"zeta": 0.3, "sigma_stop": 0.05}, "mri-r4-estimated": {"zeta": 1.0, "sigma_stop": 0.3}}
 
 
 def default_method(operator) -> str:
