@@ -124,3 +124,16 @@ def test_a_method_needing_the_teacher_is_refused_on_a_generator_and_back(folders
         restore_with_model(generator, y, state, CONFIGS["dps"])
     with pytest.raises(ValueError, match="restoration needs a one-step generator"):
         restore_with_model(teacher, y, state, LATENT_OPTIMISATION.updated(steps=1))
+
+
+def test_classical_is_projected_onto_the_measurements_with_data_consistency(tmp_path):
+    """Bicubic up-sampling does not keep the block means it was given; with data_consistency it does."""
+    network = NetworkConfig(img_resolution=8, model_channels=8, channel_mult=(1, 2), attn_resolutions=())
+    operator = build_operator({"kind": "superres", "factor": 2})
+    card = ModelCard(kind="generator", network=network, operator=operator.spec, image_shape=SHAPE, objective="x")
+    folder = save_model(tmp_path / "generator", build_teacher(network, objective_for(operator)), card)
+    y = operator.forward(torch.rand((3, *SHAPE), generator=torch.Generator().manual_seed(0)) * 2 - 1, {})
+    projected = restore_with_model(folder, y, {}, CONFIGS["classical"]).mean
+    plain = restore_with_model(folder, y, {}, CONFIGS["classical"].updated(data_consistency=False)).mean
+    torch.testing.assert_close(operator.forward(projected, {}), y)
+    assert (operator.forward(plain, {}) - y).abs().max() > 1e-2
