@@ -5,26 +5,34 @@
 
 For every task, the first ``--n-images`` Fashion-MNIST *test* images (never seen in training;
 brain-MRI test slices for ``mri-r4*``) are corrupted by the task's operator with a fixed seed,
-then restored by each method, rows named for what they run:
-- baselines (no learnt prior): ``classical`` (the operator's classical estimate, rsd_core.restore.baselines; for
-  MRI, SENSE with the weight the held-out k-space lines choose), ``classical-projected`` (noiseless operators:
-  the same estimate moved onto the measurements by the learnt methods' data-consistency step, e.g. bicubic +
-  projection), ``compressed-sensing`` (MRI only: L1-wavelet, sigpy, its weight chosen likewise) and
-  ``projection`` (that data-consistency step alone from a zero image: the minimum-norm image reproducing y);
+then restored by each method, rows named for what they run; where a row is a registered restoration method
+(rsd_core.restore.methods, ``RestoreConfig.method``) it runs through the registry, some rows finer-grained than
+the method (which fit, how many restarts, whether projected):
+- baselines (no learnt prior): ``classical`` (method ``classical`` without data consistency: the operator's
+  classical estimate, rsd_core.restore.baselines; for MRI, SENSE with the weight the held-out k-space lines
+  choose), ``classical-projected`` (noiseless operators: method ``classical`` as configured by default, the same
+  estimate moved onto the measurements by the learnt methods' data-consistency step, e.g. bicubic +
+  projection), ``compressed-sensing`` (MRI only: L1-wavelet, sigpy, its weight chosen likewise; not a method) and
+  ``projection`` (method ``projection``: that data-consistency step alone from a zero image, the minimum-norm
+  image reproducing y);
 - ``dps``: diffusion posterior sampling with the teacher (rsd_core.restore.posterior; the ancestral schedule at
-  DPS_STEPS levels), one posterior sample; ``dps-mean``: the mean of DPS_SAMPLES of them (the same run);
-- ``posterior-net-observations``: the amortised posterior-mean network (rsd_core.restore.encoder, target "image")
+  DPS_STEPS levels), one posterior sample; ``dps-mean``: the mean of DPS_SAMPLES of them (the same run). These
+  call posterior.dps_restore directly, not method ``dps``: they run the guidance and the truncation level tuned
+  per task (DPS_TUNED), which RestoreConfig does not carry;
+- ``posterior-net-observations``: method ``posterior-net`` with ``encoder.fit_on`` "observations", the amortised
+  posterior-mean network (rsd_core.restore.encoder, target "image")
   fitted once on the task's *training* observations (``DIR/<task>/data``: corrupted, no clean image), each
   split into an input and held-out measurements by the operator's further mask (operators that have one:
   inpainting, MRI), then one pass per image (mean and spread); its fit time is reported apart
   (``fit_seconds``), as it is paid once per dataset, not per image;
-- ``posterior-net-generator``: the same network fitted instead on the generator's samples seen through the
+- ``posterior-net-generator``: method ``posterior-net`` with ``fit_on`` "generator", the same network fitted
+  instead on the generator's samples seen through the
   operator with the states of the training observations;
-- ``latent-encoder``: the amortised latent encoder (target "latent"), fitted on the same training observations'
-  misfit, then one generator pass per restart (4 restarts: mean and spread), plus ``--encoder-steps``
-  refinement steps (default 0); ``latent-encoder-1``: the same with one restart;
-- ``latent``: latent optimisation from noise through the one-step generator (``LATENT_OPTIMISATION``: 30 Adam
-  steps x 4 restarts, the serving path).
+- ``latent-encoder``: method ``latent`` with an encoder, the amortised latent encoder (target "latent"), fitted
+  on the same training observations' misfit, then one generator pass per restart (4 restarts: mean and spread),
+  plus ``--encoder-steps`` refinement steps (default 0); ``latent-encoder-1``: the same with one restart;
+- ``latent``: method ``latent`` without an encoder, latent optimisation from noise through the one-step generator
+  (``LATENT_OPTIMISATION``: 30 Adam steps x 4 restarts, the serving path).
 ``dps``, ``dps-mean`` and ``latent`` run on the first ``--slow-images`` images. Scores: PSNR and SSIM against the
 clean images ([0, 1] scale; MRI: magnitudes, range per image), and seconds per image (wall time of the method on
 the same images, same run, batched, ``--threads`` torch threads). Each row carries ``n_images`` and, against the best
@@ -66,7 +74,7 @@ from benchmarks.restoration import train_models
 from benchmarks.statistics import paired_bootstrap_ci
 from rsd_core.data.reader import open_dataset
 from rsd_core.data.sources import brain_mri, fashion_mnist
-from rsd_core.kinds import build_operator, classical_estimate
+from rsd_core.kinds import build_operator
 from rsd_core.operators.mri import MRI
 from rsd_core.restore.baselines import (
     CS_ITERS,
@@ -83,12 +91,11 @@ from rsd_core.restore.estimate import (
     LATENT_OPTIMISATION,
     LATENT_RESTARTS,
     RestoreConfig,
-    data_consistency,
     fit_restore_encoder,
     load_generator,
-    restore_observations,
 )
 from rsd_core.restore.image_metrics import psnr, ssim
+from rsd_core.restore.methods import RestoreModels, get_method
 from rsd_core.restore.posterior import DPSConfig, dps_restore
 from rsd_core.stages import load_model, read_card
 from rsd_core.viz import save_grid, to_display
@@ -138,10 +145,10 @@ def default_method(operator) -> str:
 
 
 def cache_settings(config: RestoreConfig) -> dict:
-    """``config`` as the caches digest it: fit_on is left out where it means what every fit did before the
-    field existed (image target on the generator's samples; the latent target, which ignores it), so
+    """``config`` as the caches digest it: ``method`` is left out, and fit_on where it means what every fit did
+    before the field existed (image target on the generator's samples; the latent target, which ignores it), so
     those caches stay valid."""
-    dump = config.model_dump()
+    dump = config.model_dump(exclude={"method"})  # named by the encoder in every cached config: nothing new
     encoder = dump.get("encoder")
     if encoder and (encoder["target"] == "latent" or encoder["fit_on"] == "generator"):
         del encoder["fit_on"]
@@ -188,14 +195,6 @@ def scores(restored: torch.Tensor, clean: torch.Tensor) -> tuple[np.ndarray, np.
         return psnr(restored, clean).values, ssim(restored, clean).values
     a, b = to_display(restored), to_display(clean)
     return psnr(a, b, 1.0).values, ssim(a, b, 1.0).values
-
-
-def projection(operator, y: torch.Tensor, state: dict, image_shape: tuple[int, ...],
-               start: torch.Tensor | None = None) -> torch.Tensor:
-    """The learnt methods' data-consistency step alone, from a zero image (the minimum-norm image that reproduces
-    y) or from ``start``: what the projection contributes before any prior does."""
-    x = torch.zeros((len(y), *image_shape)) if start is None else start
-    return data_consistency(operator, x, y, state, CONSISTENCY_ITERS, keep_noise=start is None).clamp(-1.0, 1.0)
 
 
 def compared_rows(task: str, per_image: dict, seconds: dict, default: str) -> list[dict]:
@@ -289,12 +288,15 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
         if config.encoder is not None:  # the fit is cached apart: time only what each image costs
             path, fit = fitted_encoder(out / task, models, task, config, progress=not args.quiet)
             encoder = load_encoder(path)[0]
-        generator = load_generator(generator_dir)
+        restorer, loaded = get_method(config.method), RestoreModels(generator_dir, encoder=encoder)
         head = {k: v[:2] for k, v in state.items()}  # an untimed warm-up: first calls allocate and dispatch
-        restore_observations(generator, y[:2], head, config, progress=False, encoder=encoder)
+        restorer.restore(loaded, y[:2], head, config)
         start = time.perf_counter()
-        result = restore_observations(generator, y, state, config, progress=not args.quiet, encoder=encoder)
+        result = restorer.restore(loaded, y, state, config)
         return result.mean, result.spread, {"seconds": time.perf_counter() - start, "fit": fit}
+
+    def baseline(config: RestoreConfig, y: torch.Tensor, state: dict):
+        return get_method(config.method).restore(RestoreModels(generator_dir), y, state, config).mean, None
 
     @functools.cache
     def posterior_samples(n: int) -> tuple:  # one DPS run serves both rows: its first sample and its mean
@@ -312,13 +314,12 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
         samples, seconds = posterior_samples(len(y))
         return samples.mean, samples.spread, {"seconds": seconds}
 
-    work = {"classical": lambda y, state: (classical_estimate(operator, y, state), None),
-            "projection": lambda y, state: (projection(operator, y, state, card.image_shape), None),
+    work = {"classical": functools.partial(baseline, RestoreConfig(method="classical", data_consistency=False)),
+            "projection": functools.partial(baseline, RestoreConfig(method="projection")),
             "dps": teacher_dps, "dps-mean": teacher_dps_mean,
             **{m: functools.partial(through_generator, m) for m in configs}}
     if operator.sigma_n == 0:  # noiseless: the classical estimate moved onto the measurements, as the nets are
-        work["classical-projected"] = lambda y, state: (
-            projection(operator, y, state, card.image_shape, classical_estimate(operator, y, state)), None)
+        work["classical-projected"] = functools.partial(baseline, RestoreConfig(method="classical"))
     if isinstance(operator, MRI):  # the compressed-sensing baseline of the MRI literature
         work["compressed-sensing"] = lambda y, state: (compressed_sensing_mri(operator, y, state), None)
     classical = {"operator": card.operator.model_dump(),  # and the estimates' own constants

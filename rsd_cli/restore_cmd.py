@@ -19,8 +19,10 @@ from pydantic import ValidationError
 
 from rsd_cli.local import DEFAULT_OUT, HelpFormatter, prepare_outputs, raw_outputs
 from rsd_core.restore.estimate import LATENT_RESTARTS, RestoreConfig
+from rsd_core.restore.methods import registered_methods
 
 _SETTING_HELP = {
+    "method": "what restores: " + "; ".join(f"'{m.name}': {m.summary}" for m in registered_methods().values()),
     "steps": "Adam steps on the latents (after a latent encoder's start, or from noise with --encoder none)",
     "lr": "Adam learning rate on the latents",
     "restarts": "latents per observation (latent encoder or --encoder none): their mean is the restoration, "
@@ -37,7 +39,7 @@ _SETTING_HELP = {
     "else on the generator's samples seen through the dataset's operator), a YAML mapping of its settings, "
     "e.g. '{steps: 500, width: 32}', '{fit_on: generator}' or '{target: latent}' (a latent encoder whose "
     "G(z) starts every restart), or "
-    "'none' (latent optimisation from noise, with --steps >= 1; slower per image)",
+    "'none' (latent optimisation from noise, with --steps >= 1; slower per image); its target follows --method",
 }
 
 
@@ -90,6 +92,9 @@ def _restorer_config(args: argparse.Namespace, model) -> RestoreConfig:
 
 def _restore(args: argparse.Namespace) -> int:
     config = _config(args)
+    from tasks.restore import check_inputs, check_method
+
+    check_method(config)
     model_uri, dataset_uri, out_uri = args.model, _uri(args.dataset), _uri(args.out)
     prepare_outputs(args.out_dir, cache=False)
     if not args.verbose:  # as in `rsd run`: flytekit's schema warnings, MLflow's run URLs and download bars
@@ -98,7 +103,6 @@ def _restore(args: argparse.Namespace) -> int:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from rsd_core.stages import read_card
     from tasks import tracking
-    from tasks.restore import check_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
         model, ds = check_inputs(model_uri, dataset_uri, out_uri, Path(tmp))
@@ -121,8 +125,9 @@ def _restore(args: argparse.Namespace) -> int:
     print(f"\nrestored {result.count} observations in {(time.perf_counter() - start) / 60:.1f} min "
           f"({m['seconds_per_image']:.3g} s per image)")
     print(f"restored dataset  {result.uri}")
-    print(f"spread            {result.spread_uri}")
-    print(f"data misfit       {m['misfit']:.4g} (mean squared residual)   spread {m['spread']:.4g} (mean std)")
+    print(f"spread            {result.spread_uri or f'none (method {config.method} gives none)'}")
+    spread = f"   spread {m['spread']:.4g} (mean std)" if "spread" in m else ""
+    print(f"data misfit       {m['misfit']:.4g} (mean squared residual){spread}")
     if "eval/images" in m:
         ssim = f", SSIM {m['eval/ssim']:.4f}" if "eval/ssim" in m else ""
         print(f"evaluation        PSNR {m['eval/psnr']:.2f} dB{ssim} on the {int(m['eval/images'])} rows "
@@ -139,7 +144,8 @@ def add_restore_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `rsd restore`; each RestoreConfig field becomes a flag (default: RestoreConfig's)."""
     p = subparsers.add_parser(
         "restore", help="restore a corrupted dataset with a registered generator", formatter_class=HelpFormatter,
-        description="Clean versions of your own observations: fit a network that maps an observation y to the "
+        description="Clean versions of your own observations, by --method (default posterior-net): fit a network "
+        "that maps an observation y to the "
         "posterior mean and per-pixel std of its clean image (no clean data): on the dataset's own observations "
         "with measurements held out (inpaint, mri), else on pairs the registered generator simulates through "
         "the dataset's operator and sampling patterns; then restore shard by shard "
@@ -160,6 +166,10 @@ def add_restore_parser(subparsers: argparse._SubParsersAction) -> None:
         if name == "encoder":
             p.add_argument("--encoder", dest=name, default=argparse.SUPPRESS, type=_encoder_setting,
                            metavar="SETTINGS", help=f"{_SETTING_HELP[name]} (default: 'default')")
+            continue
+        if name == "method":
+            p.add_argument("--method", dest=name, default=argparse.SUPPRESS, choices=list(registered_methods()),
+                           help=f"{_SETTING_HELP[name]} (default: {default})")
             continue
         shown = f"{LATENT_RESTARTS} on the latent paths" if name == "restarts" else default
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,

@@ -32,6 +32,7 @@ from rsd_core.restore.dataset import (
     write_restored,
 )
 from rsd_core.restore.estimate import RestoreConfig
+from rsd_core.restore.methods import get_method
 from rsd_core.stages import read_card
 from tasks import decks, tracking
 from tasks.deploy import DEPLOYMENT, image, requests
@@ -133,6 +134,14 @@ def check_inputs(model_uri: str, dataset_uri: str, out_uri: str, dst: Path) -> t
     return model, ds
 
 
+def check_method(config: RestoreConfig) -> None:
+    """Refuse a method that cannot restore with a registered model: the registry holds generators, and DPS needs
+    the teacher."""
+    if get_method(config.method).model == "teacher":
+        raise ValueError(f"method {config.method!r} restores with the teacher, and registered models are one-step "
+                         "generators: run it on a teacher folder with rsd_core.restore.methods.restore_with_model")
+
+
 def _provenance(model: ResolvedModel, ds: CorruptedDataset, config: RestoreConfig, run_id: str) -> dict:
     card = read_card(model.folder)
     return {
@@ -152,6 +161,7 @@ def _provenance(model: ResolvedModel, ds: CorruptedDataset, config: RestoreConfi
 def plan_restoration(model_uri: str, dataset_uri: str, out_uri: str, config: RestoreConfig,
                      experiment: str) -> RestorePlan:
     """Check the inputs (one-line errors before any work), then open the restoration's MLflow run."""
+    check_method(config)
     model, ds = check_inputs(model_uri, dataset_uri, out_uri, workdir("restore-model"))
     run_id = tracking.start_parent_run(
         experiment, run_name=f"rsd_restore-{execution_name()}",
@@ -230,7 +240,8 @@ def _log_restorer(run_id: str, model_dir: str, encoder_file: Path, config: Resto
 
 @task(cache=False, retries=1, container_image=image(gpu=True), requests=requests(_RES.distill))
 def restore_one_shard(plan: RestorePlan, config: RestoreConfig, encoder: FlyteFile | None, shard: int) -> FlyteFile:
-    """Restore one shard of the dataset (one map-task element) into a safetensors file of results."""
+    """Restore one shard of the dataset (one map-task element) by ``config.method`` into a safetensors file of
+    results."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = workdir("restore") / f"shard-{shard:05d}.safetensors"
     with tracking.child_run(plan.run_id, f"restore_shard-{shard:05d}", {"shard": shard, "device": device}) as (

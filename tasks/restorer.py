@@ -11,7 +11,8 @@ generator version it was fitted for, the dataset's fingerprint and a hash of the
 * its ``python_function`` flavour (this module is the ``loader_module``; the generator folder, the
   network's safetensors and the settings are its data, no pickled code) serves it:
   ``{"observations": ..., <state>: ...}`` -> ``{"mean", "spread"}``, the same function
-  (:func:`rsd_core.restore.estimate.restore_observations`) and settings as ``rsd restore``'s shards.
+  (:func:`rsd_core.restore.methods.restore`, by the settings' ``method``) and settings as ``rsd restore``'s
+  shards.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from mlflow.types import Schema, TensorSpec
 from rsd_core.data.manifest import expected_state
 from rsd_core.kinds import build_operator
 from rsd_core.restore.encoder import load_encoder
-from rsd_core.restore.estimate import RestoreConfig, load_generator, restore_observations
+from rsd_core.restore.estimate import RestoreConfig
+from rsd_core.restore.methods import RestoreModels, restore
 from rsd_core.stages import MODEL_FILES, read_card
 from tasks.request_limits import RequestLimits
 from tasks.serving import answers_errors, observation_inputs
@@ -60,8 +62,10 @@ def restorer_name(generator_name: str, dataset_name: str) -> str:
 
 
 def settings_hash(config: RestoreConfig) -> str:
-    """A short hash of every restore setting: a registered restorer is reused only with the same ones."""
-    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+    """A short hash of every restore setting: a registered restorer is reused only with the same ones. ``method``
+    is left out: a restorer's network fixes it (``encoder.target``), and restorers registered before the field
+    existed are still found."""
+    return hashlib.sha256(config.model_dump_json(exclude={"method"}).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -188,8 +192,7 @@ class RestorerModel:
 
     def __init__(self, folder: Path):
         self.card = read_card(folder)
-        self.generator = load_generator(folder)
-        self.encoder = load_encoder(folder / ENCODER_FILE)[0]
+        self.models = RestoreModels(folder, encoder=load_encoder(folder / ENCODER_FILE)[0])
         self.config = read_settings(folder)
         self.limits = RequestLimits.from_env()
 
@@ -199,5 +202,5 @@ class RestorerModel:
             raise ValueError("inputs must be named arrays: {'observations': ..., <state>: ...}")
         y, state = observation_inputs(data, self.card, self.limits)
         config = self.config.updated(batch_size=min(self.config.batch_size, self.limits.max_batch))
-        restored = restore_observations(self.generator, y, state, config, encoder=self.encoder)
+        restored = restore(self.models, y, state, config)
         return {"mean": restored.mean.numpy(), "spread": restored.spread.numpy()}

@@ -12,10 +12,12 @@ generator.onnx). :class:`GeneratorModel.predict` takes a dict of arrays (the JSO
 * ``{"eps": ..., "u": ...}``: the images of given latents (``u`` only for inpainting generators;
   shapes and laws in card.json);
 * ``{"observations": ..., <state>: ...}``: restorations of observations with their per-sample
-  operator state (e.g. ``mask``), by :func:`rsd_core.restore.estimate.restore_with_model`; returns
-  ``mean`` and ``spread``. The params are :class:`~rsd_core.restore.estimate.RestoreConfig`'s scalar fields, with
-  the defaults of latent optimisation (:data:`~rsd_core.restore.estimate.LATENT_OPTIMISATION`): one request has no
-  dataset to fit the amortised encoder on.
+  operator state (e.g. ``mask``), by :func:`rsd_core.restore.methods.restore_with_model`; returns
+  ``mean`` and ``spread`` (none from the ``classical`` and ``projection`` methods). The params are
+  :class:`~rsd_core.restore.estimate.RestoreConfig`'s scalar fields (``method`` included), with the defaults of
+  latent optimisation (:data:`~rsd_core.restore.estimate.LATENT_OPTIMISATION`): one request has no dataset to fit
+  a network on, so the methods that fit one (``posterior-net``, and ``latent``'s encoder) are refused, as is
+  ``dps``, which needs the teacher.
 
 The model's signature therefore describes these params, not tensor inputs (a tensor signature
 would make MLflow drop every input but ``eps``/``u``); the pt2 program's tensor inputs are in
@@ -48,7 +50,8 @@ from rsd_core.data.manifest import expected_state
 from rsd_core.export.onestep import CARD_FILE, ONNX_FILE, draw_card_inputs, draw_inputs, load_exportable
 from rsd_core.kinds import build_operator
 from rsd_core.operators import State
-from rsd_core.restore.estimate import LATENT_OPTIMISATION, RestoreConfig, restore_with_model
+from rsd_core.restore.estimate import LATENT_OPTIMISATION, RestoreConfig
+from rsd_core.restore.methods import get_method, restore_with_model
 from rsd_core.stages import MODEL_FILES, ModelCard, read_card
 from tasks.request_limits import RequestLimits
 
@@ -203,6 +206,11 @@ class GeneratorModel:
                                    for rows in self.limits.chunks(len(latents[0]))])
 
     def _restore(self, data: dict[str, Any], config: RestoreConfig) -> dict[str, np.ndarray]:
+        if config.encoder is not None or get_method(config.method).model == "teacher":
+            raise ValueError(f"method {config.method!r} needs " + ("a network fitted on a whole dataset (rsd restore)"
+                             if config.encoder is not None else "the teacher") + "; a request to the generator "
+                             "restores with method 'latent', 'classical' or 'projection'")
         y, state = observation_inputs(data, self.model_card, self.limits)
         restored = restore_with_model(self.folder, y, state, config)
-        return {"mean": restored.mean.numpy(), "spread": restored.spread.numpy()}
+        spread = {} if restored.spread is None else {"spread": restored.spread.numpy()}
+        return {"mean": restored.mean.numpy(), **spread}

@@ -30,7 +30,8 @@ from rsd_core.kinds import (
 )
 from rsd_core.operators import Operator, parse_operator_spec
 from rsd_core.presets import ConfigError, build_config
-from rsd_core.restore.estimate import RestoreConfig, restore_with_model
+from rsd_core.restore.estimate import RestoreConfig
+from rsd_core.restore.methods import restore_with_model
 from rsd_core.select.selection import corrupted_view
 from rsd_core.stages import ModelCard, save_model
 from rsd_core.train.distill import distill

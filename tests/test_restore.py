@@ -14,9 +14,9 @@ from rsd_core.restore.estimate import (
     RestoreConfig,
     data_consistency,
     restore_observations,
-    restore_with_model,
 )
 from rsd_core.restore.image_metrics import psnr
+from rsd_core.restore.methods import restore_with_model
 from rsd_core.restore.posterior import DPSConfig, dps_guidance, dps_restore
 from rsd_core.stages import ModelCard, save_model
 from rsd_core.train.objectives import Objective

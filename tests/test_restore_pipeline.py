@@ -291,6 +291,35 @@ def test_a_bad_setting_names_its_flag(monkeypatch, capsys, tmp_path):
     assert refusal("--encoder", "none") == ("error: --steps 0 restores nothing without an encoder: drop "
                                             "'--encoder none' (or --steps >= 1)\n")
     assert refusal("--encoder", "{stepz: 3}") == "error: --encoder-stepz: Extra inputs are not permitted\n"
+    assert refusal("--method", "classical", "--encoder", "{steps: 3}") == (
+        "error: --method 'classical' fits no network for the dataset: drop encoder\n")
+    assert refusal("--method", "dps").startswith("error: method 'dps' restores with the teacher, and registered "
+                                                 "models are one-step generators")
+    with pytest.raises(SystemExit):
+        refusal("--method", "wiener")
+    assert "invalid choice: 'wiener'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["classical", "projection"])
+def test_rsd_restore_runs_the_method_it_is_given(trained, scratch, method):
+    """No network is fitted, no spread is written (none claimed), and the rows are the method's: for inpainting
+    the projection is the zero-filled observation, the classical estimate fills the holes and keeps the rest."""
+    out, dataset = trained
+    root, env = scratch
+    target = root / f"restored-{method}"
+    stdout = _rsd(env, "restore", "--model", CHAMPION, "--dataset", dataset, "--out", str(target), "--out-dir",
+                  str(out), "--method", method).stdout
+    assert f"method={method} " in stdout and "encoder fitted" not in stdout
+    assert f"spread            none (method {method} gives none)" in stdout
+    restored = open_dataset(str(target))
+    assert restored.manifest.provenance["settings"]["method"] == method and not (target / "spread").exists()
+    mean, y, mask = restored.read_all()[0], *open_dataset(dataset).read_all()[:2]
+    filled = (y * mask["mask"]).clamp(-1, 1)
+    torch.testing.assert_close(mean * mask["mask"], filled)
+    if method == "projection":
+        torch.testing.assert_close(mean, filled)
+    else:
+        assert (mean - filled).abs()[mask["mask"].expand_as(mean) == 0].mean() > 1e-3
 
 
 def test_the_dataset_default_is_the_encoder_and_latent_optimisation_is_one_flag_away(tmp_path):

@@ -16,8 +16,9 @@ What gets written, and why in this shape:
   source's clean split, whose rows are the clean versions of the first rows, so the restored
   dataset can be evaluated like the source.
 * ``OUT/spread/`` is a second identity dataset, row for row: the per-pixel standard deviation of
-  the restarts (``value_range`` [0, 1]: restorations are clipped to [-1, 1]). The format has one
-  image column per row, and a second dataset keeps both checksummed and readable with
+  the restarts (``value_range`` [0, 1]: restorations are clipped to [-1, 1]); methods without a posterior
+  (``classical``, ``projection``) write none rather than a spread of zeros that would claim certainty.
+  The format has one image column per row, and a second dataset keeps both checksummed and readable with
   :func:`rsd_core.data.reader.open_dataset`.
 
 Each shard's result is a safetensors file (no pickle) with the rows' index, mean, spread, data
@@ -43,8 +44,9 @@ from rsd_core.data.storage import resolve_relative
 from rsd_core.data.writer import write_dataset
 from rsd_core.kinds import build_operator
 from rsd_core.restore.encoder import load_encoder, save_encoder
-from rsd_core.restore.estimate import RestoreConfig, fit_restore_encoder, load_generator, restore_observations
+from rsd_core.restore.estimate import RestoreConfig, fit_restore_encoder, load_generator
 from rsd_core.restore.image_metrics import psnr, ssim
+from rsd_core.restore.methods import RestoreModels, restore
 from rsd_core.stages import ModelCard
 from rsd_core.viz import observations_for_display, save_grid
 
@@ -102,7 +104,7 @@ class ShardSummary:
     rows: int
     seconds: float
     misfit_sum: float
-    spread_sum: float
+    spread_sum: float | None  # None: the method gives no spread
 
 
 def fit_dataset_encoder(model_dir: str | Path, dataset_uri: str, config: RestoreConfig, out_file: str | Path,
@@ -130,25 +132,27 @@ def fit_dataset_encoder(model_dir: str | Path, dataset_uri: str, config: Restore
 
 def restore_shard(model_dir: str | Path, dataset_uri: str, shard: int, config: RestoreConfig, out_file: str | Path,
                   device: str = "cpu", encoder_file: str | Path | None = None) -> ShardSummary:
-    """Restore shard ``shard`` of the dataset, one row group at a time, into ``out_file`` (safetensors).
+    """Restore shard ``shard`` of the dataset by ``config.method``, one row group at a time, into ``out_file``
+    (safetensors).
 
-    Per row: ``mean``, ``spread``, ``misfit`` (the mean squared residual A(mean) - y over the
-    observation's entries, with the dataset's operator and state) and the source ``label``.
+    Per row: ``mean``, ``spread`` (where the method gives one), ``misfit`` (the mean squared residual A(mean) - y
+    over the observation's entries, with the dataset's operator and state) and the source ``label``.
     ``encoder_file`` (from :func:`fit_dataset_encoder`) is needed exactly when ``config.encoder`` is set.
     """
     ds = open_dataset(dataset_uri)
-    generator = load_generator(model_dir, device)
     encoder = None if encoder_file is None else load_encoder(encoder_file, device)[0]  # checked against config
+    models = RestoreModels(Path(model_dir), device, encoder)
     units = [(shard, g) for g in range(ds.manifest.shards[shard].row_groups)]
     start = time.perf_counter()
     parts: dict[str, list[torch.Tensor]] = {"index": [], "mean": [], "spread": [], "misfit": [], "label": []}
     for batch in ds.iter_batches(batch_size=ds.manifest.shards[shard].rows, units=units):
         seeded = config.model_copy(update={"seed": config.seed + int(batch.index[0])})
-        restored = restore_observations(generator, batch.observation, batch.state, seeded, encoder=encoder)
+        restored = restore(models, batch.observation, batch.state, seeded)
         residual = ds.operator.forward(restored.mean, batch.state) - batch.observation
         parts["index"].append(batch.index)
         parts["mean"].append(restored.mean)
-        parts["spread"].append(restored.spread)
+        if restored.spread is not None:
+            parts["spread"].append(restored.spread)
         parts["misfit"].append(residual.square().flatten(1).mean(1))
         if batch.label is not None:
             parts["label"].append(batch.label)
@@ -160,9 +164,9 @@ def restore_shard(model_dir: str | Path, dataset_uri: str, shard: int, config: R
 def _summary(part: str | Path) -> ShardSummary:
     """The :class:`ShardSummary` of a shard's result file."""
     with safe_open(str(part), "pt") as f:
-        misfit, spread = f.get_tensor("misfit"), f.get_tensor("spread")
-        return ShardSummary(len(misfit), float(f.metadata()["seconds"]), float(misfit.sum()),
-                            float(spread.mean(dim=(1, 2, 3)).sum()))
+        misfit = f.get_tensor("misfit")
+        spread = float(f.get_tensor("spread").mean(dim=(1, 2, 3)).sum()) if "spread" in f.keys() else None  # noqa: SIM118
+        return ShardSummary(len(misfit), float(f.metadata()["seconds"]), float(misfit.sum()), spread)
 
 
 def _load(part: str | Path, keys: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -226,7 +230,7 @@ def quality(restored: torch.Tensor, clean: torch.Tensor, value_range: tuple[floa
 
 @dataclass(frozen=True)
 class RestoredDataset:
-    """Where the restoration went and what it measured."""
+    """Where the restoration went and what it measured (``spread_uri`` empty: the method gives no spread)."""
 
     uri: str
     spread_uri: str
@@ -236,26 +240,31 @@ class RestoredDataset:
 
 def write_restored(out_uri: str, parts: Sequence[str | Path], source: CorruptedDataset,
                    provenance: Mapping[str, Any]) -> RestoredDataset:
-    """Stream the shard results into ``out_uri`` (means) and ``out_uri/spread``, and measure them.
+    """Stream the shard results into ``out_uri`` (means) and ``out_uri/spread`` (where the method gives a spread),
+    and measure them.
 
     ``metrics``: ``images``, ``seconds`` (summed over shards), ``misfit`` and ``spread`` (means
-    over images), and, when the source has a clean split, ``eval/psnr``, ``eval/ssim`` and
+    over images; no ``spread`` without one), and, when the source has a clean split, ``eval/psnr``, ``eval/ssim`` and
     ``eval/images`` over the rows it covers.
     """
     m = source.manifest
-    spread_uri = resolve_relative(out_uri, SPREAD_DIR)
+    summaries = [_summary(p) for p in parts]
+    has_spread = all(s.spread_sum is not None for s in summaries)
+    spread_uri = resolve_relative(out_uri, SPREAD_DIR) if has_spread else ""
     clean_uri = resolve_relative(source.uri, m.clean_eval_uri) if m.clean_eval_uri else None
     common = {"image_shape": m.image_shape, "operator": {"kind": "identity"}, "value_range": m.value_range}
     manifest = write_dataset(out_uri, _batches(parts, "mean"), name=f"{m.name}-restored", seed=m.seed,
-                              provenance={**provenance, "spread_uri": SPREAD_DIR}, clean_eval_uri=clean_uri, **common)
-    write_dataset(spread_uri, _batches(parts, "spread"), name=f"{m.name}-restored-spread",
-                   provenance={"role": "per-pixel std over restarts", "of": f"{m.name}-restored"},
-                   **{**common, "value_range": (0.0, 1.0)})
-    summaries = [_summary(p) for p in parts]
+                              provenance={**provenance, **({"spread_uri": SPREAD_DIR} if has_spread else {})},
+                              clean_eval_uri=clean_uri, **common)
+    if has_spread:
+        write_dataset(spread_uri, _batches(parts, "spread"), name=f"{m.name}-restored-spread",
+                       provenance={"role": "per-pixel std over restarts", "of": f"{m.name}-restored"},
+                       **{**common, "value_range": (0.0, 1.0)})
     count = sum(s.rows for s in summaries)
     metrics = {"images": float(count), "seconds": sum(s.seconds for s in summaries),
-               "misfit": sum(s.misfit_sum for s in summaries) / count,
-               "spread": sum(s.spread_sum for s in summaries) / count}
+               "misfit": sum(s.misfit_sum for s in summaries) / count}
+    if has_spread:
+        metrics["spread"] = sum(s.spread_sum for s in summaries) / count
     metrics.update(_evaluate(parts, source, m.value_range))
     return RestoredDataset(out_uri, spread_uri, manifest, metrics)
 
@@ -276,10 +285,13 @@ def _evaluate(parts: Sequence[str | Path], source: CorruptedDataset, value_range
         reference = clean.take(len(loaded["mean"]))
         if reference is None:
             break
-        mean, spread = loaded["mean"][: len(reference)], loaded["spread"][: len(reference)]
+        mean = loaded["mean"][: len(reference)]
         for key, values in quality(mean, reference, value_range).items():
             sums[key] = sums.get(key, 0.0) + float(values.sum())
         covered += len(reference)
+        if "spread" not in loaded:
+            continue
+        spread = loaded["spread"][: len(reference)]
         open_pixels = spread > 0
         inside += int(((reference - mean).abs() <= 2 * spread)[open_pixels].sum())
         uncertain += int(open_pixels.sum())
@@ -290,7 +302,8 @@ def _evaluate(parts: Sequence[str | Path], source: CorruptedDataset, value_range
 
 
 def restoration_grid(source: CorruptedDataset, restored_uri: str, path: str | Path, n: int = GRID_COLUMNS) -> Path:
-    """A PNG of the first ``n`` rows: observation (as an image) / restoration / spread / clean when known.
+    """A PNG of the first ``n`` rows: observation (as an image) / restoration / spread (where there is one) /
+    clean when known.
 
     The spread row is scaled to its own maximum (black = no spread), so it shows where the
     restarts disagree whatever their scale.
@@ -298,8 +311,10 @@ def restoration_grid(source: CorruptedDataset, restored_uri: str, path: str | Pa
     batch = next(source.iter_batches(batch_size=n))
     restored = open_dataset(restored_uri)
     mean = next(restored.iter_batches(batch_size=n)).observation
-    spread = next(open_dataset(resolve_relative(restored_uri, SPREAD_DIR)).iter_batches(batch_size=n)).observation
-    rows = [observations_for_display(batch.observation, source.operator, batch.state), mean, _spread_view(spread)]
+    rows = [observations_for_display(batch.observation, source.operator, batch.state), mean]
+    if "spread_uri" in restored.manifest.provenance:
+        spread_uri = resolve_relative(restored_uri, restored.manifest.provenance["spread_uri"])
+        rows.append(_spread_view(next(open_dataset(spread_uri).iter_batches(batch_size=n)).observation))
     clean = _Rows(source.clean_eval()).take(len(mean))
     if clean is not None and len(clean) == len(mean):
         rows.append(clean)

@@ -34,6 +34,7 @@ from rsd_core.config import Spec
 from rsd_core.operators import Operator, State
 from rsd_core.train.progress import TrainingProgress
 
+# The header's format name, from when the only network was the latent encoder: kept, so stored restorers load.
 _FORMAT = "rsd-latent-encoder"
 
 
@@ -278,7 +279,8 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     with safe_open(str(path), "pt") as f:
         header = f.metadata() or {}
     if header.get("format") != _FORMAT:
-        raise ValueError(f"{path}: not a latent encoder written by rsd (header format {header.get('format')!r})")
+        raise ValueError(f"{path}: not a restorer network (posterior-mean network or latent encoder) written by rsd "
+                         f"(header format {header.get('format')!r})")
     # Files written before the image target existed hold latent encoders.
     encoder = AmortisedEncoder(int(header["channels"]), int(header["width"]), header.get("target", "latent"))
     encoder.load_state_dict(load_file(str(path)))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, Self, get_args
 
 import torch
 from pydantic import Field, model_validator
@@ -49,6 +50,12 @@ from rsd_core.train.sampling import OneStepSampler
 # four-coil image on one CPU thread) keeps the restoration >= 10x faster than DPS (docs/algorithms.md §10.1).
 CONSISTENCY_ITERS = 100
 
+# The restoration methods (rsd_core.restore.methods registers one module per name).
+MethodName = Literal["posterior-net", "latent", "dps", "classical", "projection"]
+METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
+# The target of the network a method fits for the dataset first; methods not named here fit none.
+METHOD_ENCODER_TARGET = {"posterior-net": "image", "latent": "latent"}
+
 
 class RestoreConfig(Spec):
     """How observations are restored; the defaults restore a whole dataset (docs/algorithms.md §10.1).
@@ -62,8 +69,17 @@ class RestoreConfig(Spec):
     generator pass each; ``steps`` adds Adam steps on them, and with ``encoder`` None they start from
     noise (:data:`LATENT_OPTIMISATION`, for a handful of observations without a dataset to fit on,
     e.g. one serving request).
+
+    ``method`` names what restores (:mod:`rsd_core.restore.methods`): ``posterior-net`` (the image-target
+    network above), ``latent`` (a latent encoder, or latent optimisation with ``encoder`` None), ``dps``
+    (the teacher's posterior samples, ``restarts`` of them), ``classical`` (the kind's estimate without a
+    learnt prior, projected onto the measurements with ``data_consistency``) or ``projection`` (that
+    projection alone, from a zero image). Configs written before the field existed name their method by
+    ``encoder`` alone, so where ``method`` is not given it is read from there; where ``encoder`` is not given it
+    is the method's own (its target, or none).
     """
 
+    method: MethodName = "posterior-net"
     steps: int = Field(default=0, ge=0)
     lr: float = Field(default=0.3, gt=0)
     # Latents per observation of the latent paths (None: LATENT_RESTARTS); the posterior-mean network has none.
@@ -82,9 +98,36 @@ class RestoreConfig(Spec):
     seed: int = 0
     encoder: EncoderConfig | None = Field(default_factory=EncoderConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_and_encoder(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if "method" not in data:
+            encoder = data.get("encoder", {})
+            target = (encoder.get("target") if isinstance(encoder, dict)
+                      else "latent" if encoder is None else encoder.target)
+            return {**data, "method": "latent" if target == "latent" else "posterior-net"}
+        target = METHOD_ENCODER_TARGET.get(data["method"])
+        if "encoder" not in data:
+            return {**data, "encoder": None if target is None else {"target": target}}
+        if isinstance(data["encoder"], dict) and target is not None and "target" not in data["encoder"]:
+            return {**data, "encoder": {**data["encoder"], "target": target}}
+        return data
+
     @model_validator(mode="after")
     def _something_to_do(self) -> RestoreConfig:
-        if self.steps == 0 and self.encoder is None:
+        target = METHOD_ENCODER_TARGET.get(self.method)
+        if target is None and self.encoder is not None:
+            raise ValueError(f"method {self.method!r} fits no network for the dataset: drop encoder")
+        if target == "image" and self.encoder is None:
+            raise ValueError("method 'posterior-net' restores with the posterior-mean network fitted for the dataset: "
+                             "set encoder (or method 'latent' for latent optimisation from noise)")
+        if self.encoder is not None and self.encoder.target != target:
+            raise ValueError(f"method {self.method!r} fits a network of target {target!r}, not encoder.target "
+                             f"{self.encoder.target!r}: drop encoder.target or set method "
+                             f"{'latent' if self.encoder.target == 'latent' else 'posterior-net'!r}")
+        if self.steps == 0 and self.method == "latent" and self.encoder is None:
             raise ValueError("steps 0 restores nothing without an encoder: set encoder (or steps >= 1)")
         if self.steps and self.encoder is not None and self.encoder.target == "image":
             raise ValueError("steps refine G's latent, which an encoder with target 'image' does not give: "
@@ -94,6 +137,17 @@ class RestoreConfig(Spec):
                              "(it gives the mean and spread in one pass): drop restarts or set encoder.target "
                              "'latent'")
         return self
+
+    def updated(self, **changes: Any) -> Self:
+        """As :meth:`Spec.updated`, but a change of ``encoder`` alone reads the method from it again, and a change
+        of ``method`` alone gives the new method its own encoder: the two name one choice, and a copy that kept
+        the other one would contradict itself."""
+        base = self.model_dump()
+        if "encoder" in changes and "method" not in changes:
+            del base["method"]
+        if changes.get("method", self.method) != self.method and "encoder" not in changes:
+            del base["encoder"]
+        return type(self).model_validate({**base, **changes})
 
     @property
     def latent_restarts(self) -> int:
@@ -112,10 +166,11 @@ LATENT_OPTIMISATION = RestoreConfig(steps=30, restarts=LATENT_RESTARTS, encoder=
 
 @dataclass
 class Restoration:
-    """Per-observation posterior-mean estimate and per-pixel std over restarts, both (N, C, H, W)."""
+    """Per-observation posterior-mean estimate and per-pixel std over restarts, both (N, C, H, W); methods without
+    a posterior (the classical estimate, the projection) give no spread."""
 
     mean: torch.Tensor
-    spread: torch.Tensor
+    spread: torch.Tensor | None
 
 
 def check_observations(operator: Operator, image_shape: tuple[int, ...], y: torch.Tensor, state: State) -> None:
@@ -332,16 +387,3 @@ def load_generator(model_dir: str | Path, device: str | torch.device = "cpu") ->
                          "(the teacher's posterior sampler is rsd_core.restore.posterior)")
     return OneStepSampler(net, objective, tuple(card.image_shape), card.sigma_init)
 
-
-def restore_with_model(
-    model_dir: str | Path,
-    y: torch.Tensor,
-    state: State,
-    config: RestoreConfig,
-    device: str | torch.device = "cpu",
-) -> Restoration:
-    """Restore with a saved one-step generator folder; with ``config.encoder`` set, the encoder is fitted on
-    ``y`` first."""
-    generator = load_generator(model_dir, device)
-    encoder = None if config.encoder is None else fit_restore_encoder(generator, y, state, config)[0]
-    return restore_observations(generator, y, state, config, encoder=encoder)
