@@ -18,7 +18,7 @@ the method (which fit, how many restarts, whether projected):
 - ``dps``: diffusion posterior sampling with the teacher (rsd_core.restore.posterior; the ancestral schedule at
   DPS_STEPS levels), one posterior sample; ``dps-mean``: the mean of DPS_SAMPLES of them (the same run). These
   call posterior.dps_restore directly, not method ``dps``: they run the guidance and the truncation level tuned
-  per task (DPS_TUNED), which RestoreConfig does not carry;
+  per task (dps_settings), which RestoreConfig does not carry;
 - ``posterior-net-observations``: method ``posterior-net`` with ``encoder.fit_on`` "observations", the amortised
   posterior-mean network (rsd_core.restore.encoder, target "image")
   fitted once on the task's *training* observations (``DIR/<task>/data``: corrupted, no clean image), each
@@ -126,13 +126,26 @@ FORMER_NAMES = {"teacher-dps": "dps", "ambient-posterior-net": "posterior-net-ob
                 "generator-single-pass": "latent-encoder-1", "generator-latent-opt": "latent"}
 OBSERVATION_SEED = 1234
 # DPS: the ancestral schedule at DPS_STEPS levels, DPS_SAMPLES posterior samples per observation (the dps row is the
-# first, dps-mean their mean), the guidance constant and the level whose x0 prediction it returns chosen per
-# task on validation images (benchmarks/restore_tuning.py; docs/results.md says which runs chose them).
+# first, dps-mean their mean), the guidance constant and the level whose x0 prediction it returns chosen per task
+# on validation images (dps_settings).
 DPS_STEPS = 100
 DPS_SAMPLES = 4
-DPS_TUNED = {"inpaint-0.6": {"zeta": 1.0, "sigma_stop": 1.0}, "inpaint-0.8": {"zeta": 1.0, "sigma_stop": 0.3},
-             "blur-noise-0.2": {"zeta": 1.0, "sigma_stop": 1.0}, "superres-x2": {"zeta": 1.0, "sigma_stop": 1.0},
-             "mri-r4": {"zeta": 0.3, "sigma_stop": 0.05}, "mri-r4-estimated": {"zeta": 1.0, "sigma_stop": 0.3}}
+DPS_UNTUNED = {"zeta": 1.0, "sigma_stop": 1.0}
+
+
+def dps_settings(task: str) -> dict:
+    """DPS's zeta' and truncation level for ``task``: those of the validation run of benchmarks/restore_tuning.py
+    (ancestral schedule, DPS_STEPS levels) with the best PSNR of the samples' mean, with the run's size; without
+    one, DPS_UNTUNED marked untuned. The test images never choose them."""
+    path = ROOT / "benchmarks" / "results" / "restore_tuning.json"
+    records = [r for r in (json.loads(path.read_text()) if path.exists() else [])
+               if r["task"] == task and r["method"] == "dps" and r.get("split") == "validation"
+               and r["settings"].get("schedule") == "ancestral" and r["settings"].get("num_steps") == DPS_STEPS]
+    if not records:
+        return {**DPS_UNTUNED, "tuned_on": None}
+    best = max(records, key=lambda r: r["psnr"])
+    return {"zeta": best["settings"]["zeta"], "sigma_stop": best["settings"]["sigma_stop"],
+            "tuned_on": f"{best['n_images']} validation images, {len(records)} settings"}
 
 
 def default_method(operator) -> str:
@@ -278,7 +291,7 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
                "latent-encoder": encoder_config,
                "latent-encoder-1": encoder_config.updated(restarts=1),
                "latent": LATENT_OPTIMISATION.updated(batch_size=args.batch_size, **restarts, **steps)}
-    dps_tuned = DPS_TUNED[task]
+    dps_tuned = dps_settings(task)
     dps_config = DPSConfig(batch_size=args.batch_size, num_steps=DPS_STEPS, samples=DPS_SAMPLES,
                            zeta=dps_tuned["zeta"])
 
@@ -347,7 +360,7 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
     grid = save_task_grid(task, operator.image_view(y, state), outputs, default, clean, out, args.publish)
     return rows, {"task": task, "operator": card.operator.model_dump(), "grid": grid, "default": default,
                   **{f"{m}_config": c.model_dump() for m, c in configs.items()}, "dps_config": dps_config.model_dump(),
-                  "dps_sigma_stop": dps_tuned["sigma_stop"], "n_images": len(y),
+                  "dps_sigma_stop": dps_tuned["sigma_stop"], "dps_tuned_on": dps_tuned["tuned_on"], "n_images": len(y),
                   "slow_images": min(len(y), args.slow_images)}
 
 
