@@ -58,6 +58,21 @@ def truncation_nfe(sigma_stop: float | None) -> int:
 
 
 @torch.no_grad()
+def _start(latents: torch.Tensor, num_steps: int, sigma_min: float, sigma_max: float, rho: float,
+           sigma_stop: float | None) -> tuple[torch.Tensor, int | None, torch.Tensor]:
+    """A trajectory's levels, the index it stops at, and its start x = latents * t_0 in float64."""
+    t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
+    return t_steps, truncation_index(sigma_stop, t_steps), latents.to(torch.float64) * t_steps[0]
+
+
+def _first_call(denoise: Denoiser, guide: Guide | None, x: torch.Tensor,
+                t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A level's denoiser call: D(x; t) alone, or through the guide with its correction."""
+    if guide is None:
+        return denoise(x, t).to(torch.float64), None
+    return guide(x, t)
+
+
 def heun_sample(
     denoise: Denoiser,
     latents: torch.Tensor,
@@ -78,16 +93,11 @@ def heun_sample(
     of every step and returns a correction that is subtracted after the Heun update (DPS
     guidance); it enables gradients itself, the rest of the sampler runs without them.
     """
-    t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
-    stop_at = truncation_index(sigma_stop, t_steps)
-    x = latents.to(torch.float64) * t_steps[0]
+    t_steps, stop_at, x = _start(latents, num_steps, sigma_min, sigma_max, rho, sigma_stop)
     nfe = 0
     for i in range(num_steps):
         t_cur, t_next = t_steps[i], t_steps[i + 1]
-        if guide is None:
-            denoised, correction = denoise(x, t_cur).to(torch.float64), None
-        else:
-            denoised, correction = guide(x, t_cur)
+        denoised, correction = _first_call(denoise, guide, x, t_cur)
         nfe += 1
         if on_level is not None:
             on_level(float(t_cur), denoised)
@@ -124,15 +134,10 @@ def ancestral_sample(
     :func:`heun_sample` (the correction is subtracted after the step; the x0 prediction at the truncation level
     is returned). Returns the sample and the number of denoiser evaluations.
     """
-    t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
-    stop_at = truncation_index(sigma_stop, t_steps)
-    x = latents.to(torch.float64) * t_steps[0]
+    t_steps, stop_at, x = _start(latents, num_steps, sigma_min, sigma_max, rho, sigma_stop)
     for i in range(num_steps):
         t_cur, t_next = t_steps[i], t_steps[i + 1]
-        if guide is None:
-            denoised, correction = denoise(x, t_cur).to(torch.float64), None
-        else:
-            denoised, correction = guide(x, t_cur)
+        denoised, correction = _first_call(denoise, guide, x, t_cur)
         if i == stop_at or t_next == 0:
             return denoised, i + 1
         t_up = torch.sqrt(t_next**2 * (t_cur**2 - t_next**2) / t_cur**2)
