@@ -1,28 +1,11 @@
-"""Export a saved one-step generator for serving: ONNX, a ``torch.export`` program (.pt2),
-safetensors weights and a model card JSON.
+"""Export a saved one-step generator for serving: ONNX, a ``torch.export`` program (.pt2), safetensors
+weights and a model card JSON.
 
-The exported graph is one network evaluation, ``x = G(sigma_init * eps)``. Randomness stays
-*outside* the graph so every runtime gives the same image for the same inputs:
-
-* operators without an input state (identity, blur, super-resolution): one input ``eps``
-  (B, C, H, W) ~ N(0, I);
-* inpainting generators, whose network sees a random input mask with survival
-  ``keep = (1 - p)(1 - delta)``: a second input ``u`` (B, 1, H, W) ~ U[0, 1) and the graph
-  computes ``mask = (u < keep)``, exactly as :func:`rsd_core.operators.bernoulli_mask` does.
-  Feeding ``u`` rather than a mask keeps the mask law inside the model, so a caller cannot get
-  the survival rate wrong;
-* multi-coil MRI generators, whose input is P_M~(z) with a random further mask M~ and random coil
-  maps: ``u`` (B, 1, 1, W) ~ U[0, 1) scores the phase-encode columns (M~ = the ACS block plus the
-  lowest-scoring other columns, as many as the further mask has) and ``v`` (B,) ~ U[0, 1) picks
-  the coil-map bank entry floor(v * K) (the birdcage bank, or the observed scans' maps saved with the
-  model, as constants); the projection's centred FFTs are inside the graph. ``torch.export`` (.pt2)
-  holds them exactly; the ONNX exporter (torch 2.14, onnxscript 0.7) has no lowering for complex
-  tensors (``aten.index``, ``aten.unsqueeze`` on complex64),
-  so MRI kinds declare .pt2 only (:mod:`rsd_core.kinds`).
-
-Which formats a kind's generator exports to is declared in the operator registry
-(:mod:`rsd_core.kinds`); ``build_config`` refuses a pipeline whose kind cannot be exported as
-asked before anything trains, and :func:`load_exportable` refuses it here too.
+The graph is one network evaluation, ``x = G(sigma_init * eps)``, with the randomness outside it: ``eps`` and
+the uniform inputs of the kind's input law (the objective's, e.g. ``u`` for an inpainting mask, ``u`` and ``v``
+for MRI's further mask and coil maps), so every runtime gives the same image for the same inputs and a caller
+cannot get the law wrong. Which formats a kind exports to is declared in its registration (MRI: .pt2 only;
+docs/pipeline.md, "Exported model").
 """
 
 from __future__ import annotations

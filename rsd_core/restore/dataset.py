@@ -1,29 +1,10 @@
 """Restoring a whole corrupted dataset with a saved one-step generator, shard by shard.
 
-The ``rsd_restore`` Flyte workflow (``tasks/restore.py``) wraps these functions: a compatibility
-check before any work, one :func:`restore_shard` per parquet shard (a map task), and
-:func:`write_restored`, which streams the per-shard results into datasets of the project's format.
-
-What gets written, and why in this shape:
-
-* ``OUT/`` is a dataset of **identity-operator observations** (noiseless, ``sigma_n = 0``) whose
-  rows are the posterior means, in the source's row order, with its labels. An identity dataset
-  is what the format calls clean images, so a restored dataset feeds everything that takes a
-  dataset (training with ``kind: identity``, FID references, ``rsd data`` tools) with no new
-  format. Its manifest's ``provenance`` records the model (registry name, version, run, the
-  fingerprint of the data it was trained on), the source dataset (URI, name, fingerprint,
-  operator), the restoration settings and the code version; ``clean_eval_uri`` points at the
-  source's clean split, whose rows are the clean versions of the first rows, so the restored
-  dataset can be evaluated like the source.
-* ``OUT/spread/`` is a second identity dataset, row for row: the per-pixel standard deviation of
-  the restarts (``value_range`` [0, 1]: restorations are clipped to [-1, 1]); methods without a posterior
-  (``classical``, ``projection``) write none rather than a spread of zeros that would claim certainty.
-  The format has one image column per row, and a second dataset keeps both checksummed and readable with
-  :func:`rsd_core.data.reader.open_dataset`.
-
-Each shard's result is a safetensors file (no pickle) with the rows' index, mean, spread, data
-misfit and labels; restoration is seeded per row group (``seed + first row index``), so a
-shard's result does not depend on which worker restores it.
+The ``rsd_restore`` Flyte workflow (``tasks/restore.py``) wraps these functions: a compatibility check before
+any work, one :func:`restore_shard` per parquet shard (a map task, seeded per row group so a shard's result does
+not depend on its worker; results as safetensors, no pickle), and :func:`write_restored`, which streams them into
+``OUT/`` (the posterior means as identity-operator observations: the format's clean images, with provenance)
+and ``OUT/spread/`` (the per-pixel spread, where the method gives one). docs/pipeline.md, "Output format".
 """
 
 from __future__ import annotations

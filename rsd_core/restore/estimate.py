@@ -1,23 +1,11 @@
-"""Restoring a data team's own observations with the one-step generator.
+"""Restoring a data team's own observations y = A(x) + sigma_n * eps, with their per-sample operator state.
 
-For observations y = A(x) + sigma_n * eps with their per-sample operator state, three estimators,
-all through the operator's own forward model and the observations' state, so any operator kind
-(MRI included) is restored without kind-specific code:
-
-- the default: a posterior-mean network (rsd_core.restore.encoder, target "image") trained on pairs the
-  generator simulates, (G(eps), A(G(eps)) + sigma_n * noise) with the dataset's states, gives
-  E[x | y] under the generator's distribution and a per-pixel posterior std in one pass;
-- G inverted by minimising, over its standard-normal latent eps,
-
-      L(eps) = ||A(G(eps)) - y||^2 / (2 s^2) + prior_weight * ||eps||^2 / 2,   s = max(sigma_n, sigma_floor),
-
-  either by an amortised latent encoder (target "latent") that proposes eps in one pass, one
-  generator pass per restart, or by Adam steps on eps per observation (latent optimisation, each
-  step a forward and a backward pass of G); steps may also refine the encoder's start. Several
-  restarts (different eps and, for generators with an input state such as Ambient inpainting masks
-  or MRI projections, a different input state) give the posterior-mean estimate and a spread.
-
-The choice of defaults and the evidence are in docs/algorithms.md §10.1.
+:class:`RestoreConfig` says how; :func:`restore_observations` runs the estimators that go through the operator's
+own forward model, so any kind (MRI included) restores without kind-specific code: a posterior-mean network
+(rsd_core.restore.encoder, target "image") fitted on the observations themselves or on the generator's samples,
+one pass per observation; or the generator inverted over its latent, by a latent encoder and/or Adam steps, over
+restarts. Both end with the data-consistency projection. Named methods: rsd_core.restore.methods; the choices
+and their evidence: docs/algorithms.md §10.1.
 """
 
 from __future__ import annotations

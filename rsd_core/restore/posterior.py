@@ -1,27 +1,11 @@
-"""Diffusion posterior sampling with the teacher as the prior: the slow, strong baseline of restoration.
+"""Diffusion posterior sampling (DPS, Chung et al. 2023) with the teacher as the prior: the slow baseline.
 
-DPS (Chung et al. 2023) along a trajectory of the teacher: the stochastic ancestral schedule the paper
-states (``ancestral_sample``, DDPM's step in variance-exploding form; the default) or the teacher's own
-deterministic Heun grid (``heun_sample``). At every level t_i, with x0_hat = D(x_i; t_i) evaluated with
-gradients, the sampler's update is followed by
-
-    x_{i+1} <- x_{i+1} - zeta_t * grad_{x_i} ||y - A(x0_hat)||^2,   zeta_t = zeta (1 + t_i^2) / ||y - A(x0_hat)||,
-
-per sample, the gradient going through the denoiser (one forward and one backward pass per level,
-plus, on the Heun grid, the correction's forward pass). ``samples`` > 1 draws K posterior samples per
-observation; their mean estimates E[x | y], their spread the posterior's.
-
-DPS is stated for the variance-preserving process; our
-trajectory is EDM's variance-exploding one, x_VE = x_VP / sqrt(abar) with 1 / abar = 1 + t^2, and
-the paper's step zeta / ||r|| in VP coordinates is zeta (1 + t^2) / ||r|| in VE coordinates. The
-teacher is queried through its objective, so an Ambient teacher keeps one input mask (or MRI
-projection) per sample along the whole trajectory; with ``sigma_stop`` the trajectory is truncated
-as the teacher's sampler truncates (the x0 prediction at the first level >= sigma_stop).
-
-Caveat: for blur and super-resolution the teacher was trained on the observations (the standard
-and Ambient-Tweedie objectives learn the distribution of A(x)), so it is a prior on A(x), not on
-x; DPS with it is mis-specified there. Only the Ambient teachers (inpainting, MRI) are priors on
-clean images.
+Along the stochastic ancestral schedule the paper states (default) or the teacher's deterministic Heun grid,
+each level's update is followed by the guidance step zeta (1 + t^2) / ||r|| * grad_x ||r||^2, r = y - A(D(x; t)):
+the paper's variance-preserving step in EDM's variance-exploding coordinates. K samples per observation give a
+posterior mean and spread. An Ambient teacher keeps one input mask (MRI: projection) per sample along the
+trajectory; blur and super-resolution teachers are priors on A(x), so DPS with them is mis-specified.
+docs/algorithms.md §10.2.
 """
 
 from __future__ import annotations

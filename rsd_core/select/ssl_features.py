@@ -1,25 +1,10 @@
 """Proximal FD features learnt from the corrupted dataset alone: no labels, no clean images.
 
-A data team selecting checkpoints by Proximal FID has only its corrupted observations, and its
-images need not look like any dataset a feature network was trained on. Clean-label features
-(a Fashion-MNIST classifier) would both assume data the team does not have and describe another
-domain. So the default Proximal FD extractor of the CPU presets is a small conv encoder trained,
-once per dataset, on that dataset's own observations (their image views, as Proximal FD's
-reference side sees them) with a contrastive objective (SimCLR's NT-Xent): two augmented views
-of one observation should map close, views of different observations apart.
-
-The augmentations are chosen for corrupted data: a small random shift and a horizontal flip, and
-a fresh random erasure of a quarter of the pixels. The erasure teaches invariance to *which*
-pixels a corruption removed, which is what differs between a generated sample re-corrupted with a
-fresh operator state and a dataset observation of the same content; the features then describe
-content, the part of the distribution Proximal FD should compare.
-
-Training is deterministic given the recipe's seed (a forked RNG, fixed data order) and takes at
-most 300 steps (minutes on one CPU thread); the weights
-are cached under ``<cache>/extractors/ssl-<key16>.safetensors`` (plus a ``.json`` with the
-recipe, the data's fingerprint, the final loss and the training time), ``key`` being the sha256
-of the recipe and the dataset fingerprint, so every later use in any process sharing the cache
-just loads them (as the reference statistics are cached).
+A small conv encoder trained once per dataset on its own observations' image views with SimCLR's NT-Xent: two
+augmented views of one observation map close. The augmentations (a small shift, a flip, a fresh random erasure
+of a quarter of the pixels) teach invariance to which pixels a corruption removed, so the features describe
+content, what Proximal FD should compare. Training is deterministic given the recipe's seed; the weights are
+cached under ``<cache>/extractors/ssl-<key16>.safetensors``, keyed by the recipe and the data's fingerprint.
 """
 
 from __future__ import annotations
