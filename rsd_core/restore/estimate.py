@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Self, get_args
+from typing import Any, Self
 
 import torch
 from pydantic import Field, model_validator
@@ -38,9 +38,10 @@ from rsd_core.train.sampling import OneStepSampler
 # four-coil image on one CPU thread) keeps the restoration >= 10x faster than DPS (docs/algorithms.md §10.1).
 CONSISTENCY_ITERS = 100
 
-# The restoration methods (rsd_core.restore.methods registers one module per name).
-MethodName = Literal["posterior-net", "latent", "dps", "classical", "projection"]
-METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
+# The restoration methods' names, the default first: the built-in ones (rsd_core.restore.methods registers a module
+# for each; the configs below name them at import), then any a module registers elsewhere, which is all such a
+# method takes.
+METHOD_NAMES: list[str] = ["posterior-net", "latent", "dps", "classical", "projection"]
 # The target of the network a method fits for the dataset first; methods not named here fit none.
 METHOD_ENCODER_TARGET = {"posterior-net": "image", "latent": "latent"}
 
@@ -67,7 +68,7 @@ class RestoreConfig(Spec):
     is the method's own (its target, or none).
     """
 
-    method: MethodName = "posterior-net"
+    method: str = "posterior-net"
     steps: int = Field(default=0, ge=0)
     lr: float = Field(default=0.3, gt=0)
     # Latents per observation of the latent paths (None: LATENT_RESTARTS); the posterior-mean network has none.
@@ -105,6 +106,8 @@ class RestoreConfig(Spec):
 
     @model_validator(mode="after")
     def _something_to_do(self) -> RestoreConfig:
+        if self.method not in METHOD_NAMES:
+            raise ValueError(f"unknown restoration method {self.method!r}: choose one of {', '.join(METHOD_NAMES)}")
         target = METHOD_ENCODER_TARGET.get(self.method)
         if target is None and self.encoder is not None:
             raise ValueError(f"method {self.method!r} fits no network for the dataset: drop encoder")

@@ -1,8 +1,8 @@
 """The registry of restoration methods: one name of ``RestoreConfig.method`` per registered function.
 
 Every caller (``rsd restore``, the Flyte task's shards, the registered restorer, the served generator, the
-benchmark) restores through :func:`restore`, so a method is added by one module that registers itself, and a
-name the config accepts but no module registers (or a module registering a name twice) is found at import.
+benchmark) restores through :func:`restore`, so a method is added by one module that registers itself (the config
+then accepts its name), and a module registering a name twice is refused at import.
 """
 
 from __future__ import annotations
@@ -72,23 +72,22 @@ _METHODS: dict[str, Method] = {}
 
 def register_method(name: str, summary: str,
                     model: Literal["generator", "teacher"] | None = "generator") -> Callable[[RestoreFn], RestoreFn]:
-    """Register the decorated function as method ``name``, one of ``RestoreConfig.method``'s names, once."""
+    """Register the decorated function as method ``name`` (once): from then on ``RestoreConfig.method`` accepts it."""
 
     def register(fn: RestoreFn) -> RestoreFn:
-        if name not in METHOD_NAMES:
-            raise ValueError(f"restoration method {name!r} is not a RestoreConfig.method name "
-                             f"({', '.join(METHOD_NAMES)}): add it there first")
         if name in _METHODS:
             raise ValueError(f"restoration method {name!r} is registered twice: by {_METHODS[name].restore.__module__} "
                              f"and by {fn.__module__}")
         _METHODS[name] = Method(name, summary, model, fn)
+        if name not in METHOD_NAMES:
+            METHOD_NAMES.append(name)
         return fn
 
     return register
 
 
 def registered_methods() -> dict[str, Method]:
-    """Every registered method by name, in the order ``RestoreConfig.method`` lists them (the default first)."""
+    """Every registered method by name, the built-in ones first in ``METHOD_NAMES``'s order (the default first)."""
     return {name: _METHODS[name] for name in METHOD_NAMES if name in _METHODS}
 
 
