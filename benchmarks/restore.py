@@ -462,6 +462,10 @@ def write_doc(result: dict, command: str) -> None:
         lines.append(f"| {task} | {LABELS.get(best, best)} | "
                      + " | ".join(f"{_interval(by.get((task, m)))}; {_interval(by.get((task, m)), 'ssim')}"
                                   for m in shown) + " |")
+    dps = [f"{s['task']} zeta' {s['dps_config']['zeta']:g}, x0 at sigma {s['dps_sigma_stop']:g} "
+           f"({s.get('dps_tuned_on') or 'untuned'})" for s in result["task_settings"] if "dps_config" in s]
+    lines += ["", "DPS per task (ancestral schedule; chosen on validation images, never on these): "
+              + "; ".join(dps) + "."]
     if result["skipped"]:
         lines += ["", "Not run: " + "; ".join(f"{t} ({why})" for t, why in result["skipped"].items()) + "."]
     lines += ["", "Grids (rows: observation, " + ", ".join(LABELS[m] for m in shown) + " (those that apply), "
