@@ -21,26 +21,35 @@ from pathlib import Path
 import torch
 
 from benchmarks.report import RESULTS_DIR
-from benchmarks.restore import ROOT, observe, scores, validation_images
+from benchmarks.restore import ROOT, fitted_encoder, observe, scores, validation_images
 from rsd_core.kinds import build_operator
-from rsd_core.restore.estimate import LATENT_OPTIMISATION, restore_observations
+from rsd_core.restore.encoder import EncoderConfig, load_encoder
+from rsd_core.restore.estimate import LATENT_OPTIMISATION, RestoreConfig, restore_observations
 from rsd_core.restore.posterior import DPSConfig, dps_restore
 from rsd_core.stages import load_model
 from rsd_core.train.sampling import OneStepSampler
 
 
+def settings_without_batch(settings: dict) -> dict:
+    """The grid's settings for the network's fit: the sweep's batch size is the restoration's, not the fit's."""
+    return {k: v for k, v in settings.items() if k != "batch_size"}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", required=True, help="task folder name under --models")
-    parser.add_argument("--method", choices=("latent", "dps"), required=True)
+    parser.add_argument("--method", choices=("latent", "dps", "posterior-net"), required=True,
+                        help="posterior-net: the grid's settings are the network's fit (EncoderConfig: steps, width, "
+                        "...), fitted on the task's training observations (cached in --out) and scored here")
     parser.add_argument("--grid", default="{}", help="JSON {setting: [values]} swept as a product")
     parser.add_argument("--base", default="{}", help="JSON settings applied to every run")
     parser.add_argument("--models", default=str(ROOT / "outputs" / "restore-models"))
     parser.add_argument("--n-images", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "restore"), help="posterior-net: fits cached here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    folder = Path(args.models) / args.task / ("generator" if args.method == "latent" else "teacher")
+    folder = Path(args.models) / args.task / ("teacher" if args.method == "dps" else "generator")
     net, objective, card = load_model(folder)
     operator = build_operator(card.operator)
     clean = validation_images(args.task, args.n_images, tuple(card.image_shape))
@@ -50,7 +59,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for values in itertools.product(*grid.values()):
         settings = {**base, **dict(zip(grid, values, strict=True)), "batch_size": args.n_images}
         start = time.perf_counter()
-        if args.method == "latent":
+        if args.method == "posterior-net":
+            config = RestoreConfig(batch_size=args.n_images, encoder=EncoderConfig(**settings_without_batch(settings)))
+            path, _ = fitted_encoder(Path(args.out) / args.task, Path(args.models), args.task, config)
+            start = time.perf_counter()  # the fit is cached apart: time only the restoration
+            generator = OneStepSampler(net, objective, tuple(card.image_shape), card.sigma_init)
+            restored = restore_observations(generator, y, state, config, encoder=load_encoder(path)[0]).mean
+        elif args.method == "latent":
             config = LATENT_OPTIMISATION.updated(**settings)
             generator = OneStepSampler(net, objective, tuple(card.image_shape), card.sigma_init)
             restored = restore_observations(generator, y, state, config).mean
@@ -62,7 +77,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             settings["sigma_stop"] = sigma_stop
         seconds = (time.perf_counter() - start) / len(y)
         p, s = (float(v.mean()) for v in scores(restored, clean))
-        settings = {**settings, **config.model_dump()}
+        settings = {**config.model_dump(), **settings}
         records.append({"task": args.task, "method": args.method, "settings": settings, "psnr": p,
                         "ssim": s, "seconds_per_image": seconds, "n_images": len(y), "threads": args.threads,
                         "split": "validation"})
