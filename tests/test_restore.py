@@ -314,6 +314,23 @@ def test_restore_benchmark_end_to_end_and_resumes(tmp_path):
     assert rerun["rows"] == rows
 
 
+def test_tuning_sweeps_the_posterior_net_fit_on_validation_images(tmp_path, monkeypatch):
+    """benchmarks/restore_tuning.py on the posterior-mean network: one fit per grid value (the value recorded as
+    swept, not overwritten by the restoration's own fields), scored on validation images, appended to its file."""
+    from benchmarks import restore, restore_tuning
+
+    restore.main(["--budget", "0.02", "--distill-budget", "0.02", "--limit", "64", "--n-images", "2",
+                  "--methods", "classical", "--models", str(tmp_path / "models"), "--out", str(tmp_path / "out"),
+                  "--quiet", "--no-publish", "--train", "--tasks", "inpaint-0.8"])
+    monkeypatch.setattr(restore_tuning, "RESULTS_DIR", tmp_path)
+    records = restore_tuning.main(["--task", "inpaint-0.8", "--method", "posterior-net", "--models",
+                                   str(tmp_path / "models"), "--n-images", "2", "--grid", '{"steps": [2, 3]}',
+                                   "--base", '{"width": 8}', "--out", str(tmp_path / "out")])
+    assert [(r["settings"]["steps"], r["settings"]["encoder"]["steps"]) for r in records] == [(2, 2), (3, 3)]
+    assert all(r["split"] == "validation" and r["psnr"] > 0 for r in records)
+    assert json.loads((tmp_path / "restore_tuning.json").read_text()) == records
+
+
 def test_published_rows_under_former_names_are_renamed(tmp_path, monkeypatch):
     """Rows published before the rows were named for what they run keep their numbers under the new names, the
     former ``generator`` alias row becoming ``default`` on the method it repeated."""
