@@ -338,7 +338,8 @@ def test_the_observation_fit_feeds_the_network_only_what_the_further_mask_kept(m
     state, y = _smooth_mri(operator, shape, 2, torch.Generator().manual_seed(0))(8)
     splits, inputs = [], []
     split = operator.split_observation
-    monkeypatch.setattr(operator, "split_observation", lambda *a: splits.append(split(*a)) or splits[-1])
+    monkeypatch.setattr(operator, "split_observation",
+                        lambda *a, **kw: splits.append(split(*a, **kw)) or splits[-1])
     forward = AmortisedEncoder.forward
     monkeypatch.setattr(AmortisedEncoder, "forward", lambda self, x, **kw: inputs.append(x) or forward(self, x, **kw))
     fit_encoder(None, operator, shape, y, state, EncoderConfig(steps=1, batch_size=8, width=8, target="image",
@@ -348,6 +349,72 @@ def test_the_observation_fit_feeds_the_network_only_what_the_further_mask_kept(m
     assert held.any() and not (held * state_in["mask"]).any()  # held lines are not among the kept ones
     assert not (y_in * held).any()
     torch.testing.assert_close(given, encoder_inputs(operator, y_in, state_in, shape))
+
+
+@pytest.mark.parametrize("score_on", ["held", "all"])
+def test_score_on_chooses_which_measurements_the_fit_is_scored_on(monkeypatch, score_on):
+    """'held' scores the measurements the network's input lacks, none of those it has; 'all' scores every
+    measurement of y (Ambient Diffusion's full objective), the input's included."""
+    operator = build_operator(INPAINT)
+    _, state, y = _generator_draws(LinearGenerator(), operator, 16, seed=4)
+    splits, weights = [], []
+    split = operator.split_observation
+    monkeypatch.setattr(operator, "split_observation",
+                        lambda *a, **kw: splits.append(split(*a, **kw)) or splits[-1])
+    monkeypatch.setattr("rsd_core.restore.encoder.held_out_loss",
+                        lambda op, out, y_b, state_b, held: weights.append((held, state_b)) or out.sum((1, 2, 3)))
+    config = EncoderConfig(steps=1, batch_size=16, width=8, target="image", fit_on="observations", score_on=score_on)
+    fit_encoder(None, operator, SHAPE, y, state, config, prior_weight=0.1, sigma_floor=0.05)
+    (_, state_in, _), (held, state_b) = splits[0], weights[0]
+    kept = (held * state_in["mask"]).sum()
+    if score_on == "held":
+        assert held.any() and kept == 0
+    else:
+        torch.testing.assert_close(held, state_b["mask"].to(held.dtype))
+        assert kept > 0
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_a_detached_variance_head_leaves_the_features_to_the_mean(detach):
+    """The variance half of the output, differentiated alone: detached, it reaches only the head's own last layer
+    (the features get no gradient from it); shared, the features get one."""
+    encoder = AmortisedEncoder(1, 8, "image")
+    torch.nn.init.normal_(encoder.out[-1].weight, std=0.1)  # zero-initialised: no gradient would flow either way
+    out = encoder(torch.randn(4, 2, *SHAPE[1:]), detach_variance=detach)
+    out[:, 1:].square().sum().backward()
+    feature_grad = encoder.inp.weight.grad
+    assert encoder.out[-1].weight.grad.abs().sum() > 0
+    assert (feature_grad is None or feature_grad.abs().sum() == 0) == detach
+
+
+@pytest.mark.parametrize(("detach", "fit_on", "want"), [(None, "observations", True), (None, "generator", False),
+                                                     (False, "observations", False), (True, "generator", True)])
+def test_detach_variance_reaches_the_network_as_configured(monkeypatch, detach, fit_on, want):
+    operator = build_operator(INPAINT)
+    net = LinearGenerator()
+    _, state, y = _generator_draws(net, operator, 8, seed=4)
+    calls = []
+    forward = AmortisedEncoder.forward
+    monkeypatch.setattr(AmortisedEncoder, "forward",
+                        lambda self, x, **kw: calls.append(kw.get("detach_variance", False)) or forward(self, x, **kw))
+    config = EncoderConfig(steps=1, batch_size=8, width=8, fit_on=fit_on, detach_variance=detach)
+    fit_encoder(lambda eps, n: net(eps, torch.ones(n)), operator, SHAPE, y, state, config, prior_weight=0.1,
+                sigma_floor=0.05)
+    assert calls == [want]
+
+
+def test_fit_choices_that_cannot_apply_are_refused_by_name():
+    """The observation split's choices on a generator fit or on the latent encoder, and ACS lines on inpainting."""
+    blur = build_operator(BLUR)
+    with pytest.raises(ValueError, match="score_on 'all' / acs_holdout 0.0 choose how observations are split"):
+        EncoderConfig(score_on="all").image_pairs(blur)
+    with pytest.raises(ValueError, match="acs_holdout set the fit of target 'image'"):
+        EncoderConfig(target="latent", acs_holdout=0.5)
+    operator = build_operator(INPAINT)
+    _, state, y = _generator_draws(LinearGenerator(), operator, 8, seed=4)
+    with pytest.raises(ValueError, match="inpainting has no always-sampled"):
+        fit_encoder(None, operator, SHAPE, y, state, EncoderConfig(steps=1, width=8, acs_holdout=0.5),
+                    prior_weight=0.1, sigma_floor=0.05)
 
 
 def test_the_spread_is_bounded_by_the_data_range_whatever_the_network_outputs():

@@ -312,6 +312,25 @@ def test_cpu_mri_preset_follows_the_spec_rules():
     assert config.selection.extractor == "self-supervised"
 
 
+def test_acs_holdout_makes_the_acs_lines_droppable_in_that_share_of_the_draws():
+    """The further mask with ``acs_holdout`` q: every row keeps the same number of lines inside M; its ACS lines
+    can be dropped in about a share q of the rows (never at q = 0, which draws exactly the default's masks)."""
+    op = build_operator(build_config("cpu-mri").data.operator)
+    state = op.sample_state(4000, (2, 32, 32), torch.Generator().manual_seed(0))
+    default = op.further_mask(state["mask"], torch.Generator().manual_seed(1))
+    torch.testing.assert_close(op.further_mask(state["mask"], torch.Generator().manual_seed(1), 0.0), default)
+    further = op.further_mask(state["mask"], torch.Generator().manual_seed(1), 0.5).view(4000, 32)
+    assert (further.sum(1) == 6).all() and not (further * (1 - state["mask"].view(4000, 32))).any()
+    acs = op.acs_block(32)
+    lost_acs = (further[:, acs] == 0).any(1).float().mean()
+    # a freed row drops 2 of its 8 lines: both ACS lines kept with probability (6 * 5) / (8 * 7) = 0.536
+    assert abs(float(lost_acs) - 0.5 * (1 - 30 / 56)) < 0.03, float(lost_acs)
+    assert (default.view(4000, 32)[:, acs] == 1).all()
+    with pytest.raises(ValueError, match="inpainting has no always-sampled"):
+        build_operator({"kind": "inpaint", "p": 0.5, "delta": 0.2}).split_observation(
+            torch.zeros(1, 1, 4, 4), {"mask": torch.ones(1, 1, 4, 4)}, None, acs_holdout=0.5)
+
+
 @pytest.mark.slow  # 3.4-6.3 minutes measured on a shared 2-core machine: Inception features on a CPU, the SSL encoder
 @pytest.mark.parametrize("maps", ["bank", "estimated"])
 def test_mri_benchmark_at_a_toy_budget(tmp_path, capsys, maps):

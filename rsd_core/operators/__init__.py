@@ -87,7 +87,7 @@ class Operator:
         return value_range
 
     def split_observation(
-        self, y: torch.Tensor, state: State, rng: torch.Generator | None
+        self, y: torch.Tensor, state: State, rng: torch.Generator | None, acs_holdout: float = 0.0
     ) -> tuple[torch.Tensor, State, torch.Tensor]:
         """Ambient Diffusion's further corruption applied to the data: (y~, state~, held).
 
@@ -96,11 +96,12 @@ class Operator:
         scored on the held measurements, ||held * (A(R(y~)) - y)||^2, learns E[x | y~] wherever held
         measurements can fall (B is random, so it cannot tell them from the ones A never took), with no
         clean image: the self-supervision of Ambient Diffusion (Daras et al. 2023) at the data's own
-        noise level.
+        noise level. ``acs_holdout``: the probability that an observation's always-sampled measurements (MRI's
+        ACS lines) may be held out too; operators without such measurements refuse a nonzero one.
         """
         if not self.splits_observations:
             raise NotImplementedError(f"{type(self).__name__} observations have no further mask to split by")
-        further = self.further_mask(state["mask"], rng)
+        further = self.further_mask(state["mask"], rng, acs_holdout)
         held = (state["mask"] - further).to(y.dtype)
         return y * further.to(y.dtype), {**state, "mask": further}, held
 
@@ -240,8 +241,11 @@ class Inpaint(Operator):
     def sample_state(self, batch, image_shape, rng=None, device="cpu") -> State:
         return {"mask": bernoulli_mask(batch, _mask_shape(image_shape), 1.0 - self.p, rng, device)}
 
-    def further_mask(self, mask: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+    def further_mask(self, mask: torch.Tensor, rng: torch.Generator | None, acs_holdout: float = 0.0) -> torch.Tensor:
         """Ambient Diffusion's A~ = B A: erase each surviving pixel again with probability delta."""
+        if acs_holdout:
+            raise ValueError(f"acs_holdout {acs_holdout}: inpainting has no always-sampled (ACS) measurements to "
+                             "hold out; leave it 0")
         keep = torch.rand(mask.shape, generator=rng, device=mask.device) >= self.delta
         return mask * keep.to(mask.dtype)
 

@@ -230,14 +230,20 @@ class MRI(Operator):
         b, _, h, w = y.shape
         return torch.view_as_complex(y.float().reshape(b, self.n_coils, 2, h, w).permute(0, 1, 3, 4, 2).contiguous())
 
-    def further_mask(self, mask: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
-        """M~ within M: keep ACS, drop random non-ACS lines down to floor(W / (R + delta_R)) lines."""
+    def further_mask(self, mask: torch.Tensor, rng: torch.Generator | None, acs_holdout: float = 0.0) -> torch.Tensor:
+        """M~ within M: keep ACS, drop random non-ACS lines down to floor(W / (R + delta_R)) lines.
+
+        With ``acs_holdout`` > 0 each row's ACS lines, with that probability, are droppable like the others (a
+        further draw, so the default's random stream is unchanged)."""
         batch, width = mask.shape[0], mask.shape[-1]
         target = max(self.n_acs(width), math.floor(width / (self.R + self.delta_R)))
         sampled = mask.reshape(batch, width) > 0
         optional = sampled & ~self.acs_block(width).to(mask.device)
         n_drop = (sampled.sum(1, keepdim=True) - target).clamp_min(0)
         u = torch.rand((batch, width), generator=rng, device=rng_device(rng)).to(mask.device)
+        if acs_holdout:
+            free = torch.rand((batch, 1), generator=rng, device=rng_device(rng)).to(mask.device) < acs_holdout
+            optional = torch.where(free, sampled, optional)
         out = mask.reshape(batch, width) * ~(optional & lowest(torch.where(optional, u, 2.0), n_drop))
         return out.view_as(mask)
 

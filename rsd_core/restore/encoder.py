@@ -65,6 +65,15 @@ class EncoderConfig(Spec):
     target: Literal["latent", "image"] = Field(
         default="image", description="what the encoder outputs: G's latent (fitted on the observations' misfit), "
         "or the posterior mean and std of the image (fitted as fit_on says)")
+    score_on: Literal["held", "all"] = Field(
+        default="held", description="fit on observations: score the measurements the input lacks ('held'), or "
+        "all of them as Ambient Diffusion's objective does ('all': the network also learns to copy its input)")
+    detach_variance: bool | None = Field(
+        default=None, description="target 'image': the variance head's last layer sees the features detached, so "
+        "its loss leaves them to the mean's; None: detached on observation fits, shared on generator fits")
+    acs_holdout: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="fit on MRI observations: the probability, per observation and "
+        "draw, that its ACS lines may be held out too (SSDU's loss set drawn from every sampled line)")
     seed: int = 0
 
     @model_validator(mode="before")
@@ -80,18 +89,28 @@ class EncoderConfig(Spec):
         if self.target == "latent" and self.fit_on != "auto":
             raise ValueError(f"fit_on {self.fit_on!r} chooses the training pairs of target 'image'; the latent "
                              "encoder is always fitted on the observations' misfit through G: drop fit_on")
+        changed = [name for name in ("score_on", "detach_variance", "acs_holdout")
+                   if getattr(self, name) != type(self).model_fields[name].default]
+        if self.target == "latent" and changed:
+            raise ValueError(f"{', '.join(changed)} set the fit of target 'image'; the latent encoder has no "
+                             "held-out measurements or variance head: drop them")
         return self
 
     def image_pairs(self, operator: Operator) -> Literal["observations", "generator"]:
         """What an image-target fit trains on for ``operator``: ``fit_on`` resolved, with a clear error where
         the operator cannot split its observations."""
-        if self.fit_on == "auto":
-            return "observations" if operator.splits_observations else "generator"
-        if self.fit_on == "observations" and not operator.splits_observations:
+        pairs = self.fit_on
+        if pairs == "auto":
+            pairs = "observations" if operator.splits_observations else "generator"
+        if pairs == "observations" and not operator.splits_observations:
             raise ValueError(f"fit_on 'observations' needs an operator whose further mask holds measurements out "
                              f"(inpaint with delta > 0, mri); {type(operator).__name__} {operator.spec.model_dump()} "
                              "has none: use fit_on 'generator' or 'auto'")
-        return self.fit_on
+        if pairs == "generator" and (self.score_on != "held" or self.acs_holdout > 0):
+            raise ValueError(f"score_on {self.score_on!r} / acs_holdout {self.acs_holdout} choose how observations "
+                             f"are split, and {type(operator).__name__} restorers are fitted on the generator's "
+                             "samples: drop them")
+        return pairs
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -234,17 +253,22 @@ def fit_encoder(
             loss = restoration_loss(operator, generate(eps, len(idx)), eps, y_b, state_b, inv_two_s2, prior_weight)
         elif pairs == "observations":
             y_b = y[idx]
-            y_in, state_in, held = operator.split_observation(y_b, state_b, rng)
+            y_in, state_in, held = operator.split_observation(y_b, state_b, rng, acs_holdout=config.acs_holdout)
             if not losses and not held.any():  # e.g. MRI whose ACS block leaves no line for the further mask to drop
                 raise ValueError(f"the further mask of {operator.spec.model_dump()} held out no measurement of "
                                  f"{len(idx)} observations: nothing to fit on; use fit_on 'generator'")
-            output = encoder(encoder_inputs(operator, y_in, state_in, image_shape), detach_variance=True)
+            if config.score_on == "all":
+                held = state_b["mask"].to(y_b.dtype)
+            output = encoder(encoder_inputs(operator, y_in, state_in, image_shape),
+                             detach_variance=config.detach_variance is not False)
             loss = held_out_loss(operator, output, y_b, state_b, held)
         else:
             with torch.no_grad():
                 x = generate(torch.randn((len(idx), *image_shape), generator=rng, device=device), len(idx))
                 y_b = operator.observe(x, state_b, rng)
-            loss = posterior_loss(encoder(encoder_inputs(operator, y_b, state_b, image_shape)), x)
+            output = encoder(encoder_inputs(operator, y_b, state_b, image_shape),
+                             detach_variance=bool(config.detach_variance))
+            loss = posterior_loss(output, x)
         loss = loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
