@@ -18,7 +18,8 @@ the method (which fit, how many restarts, whether projected):
 - ``dps``: diffusion posterior sampling with the teacher (rsd_core.restore.posterior; the ancestral schedule at
   DPS_STEPS levels), one posterior sample; ``dps-mean``: the mean of DPS_SAMPLES of them (the same run). These
   call posterior.dps_restore directly, not method ``dps``: they run the guidance and the truncation level tuned
-  per task (dps_settings), which RestoreConfig does not carry;
+  per task (dps_settings), which RestoreConfig does not carry; ``dps-1000``: one sample at DPS_LONG_STEPS levels (the
+  reference's 1,000), only on tasks with a validation run at that many levels (its own zeta' and level);
 - ``posterior-net-observations``: method ``posterior-net`` with ``encoder.fit_on`` "observations", the amortised
   posterior-mean network (rsd_core.restore.encoder, target "image")
   fitted once on the task's *training* observations (``DIR/<task>/data``: corrupted, no clean image), each
@@ -33,11 +34,12 @@ the method (which fit, how many restarts, whether projected):
   plus ``--encoder-steps`` refinement steps (default 0); ``latent-encoder-1``: the same with one restart;
 - ``latent``: method ``latent`` without an encoder, latent optimisation from noise through the one-step generator
   (``LATENT_OPTIMISATION``: 30 Adam steps x 4 restarts, the serving path).
-``dps``, ``dps-mean`` and ``latent`` run on the first ``--slow-images`` images. Scores: PSNR and SSIM against the
-clean images ([0, 1] scale; MRI: magnitudes, range per image), and seconds per image (wall time of the method on
-the same images, same run, batched, ``--threads`` torch threads). Each row carries ``n_images`` and, against the best
-baseline of its task (``vs``: the highest mean PSNR among the baselines), the mean differences and their paired
-bootstrap 95% intervals over the images both ran on (``psnr_diff`` / ``ci95``, ``ssim_diff`` / ``ssim_ci95``);
+``dps``, ``dps-mean``, ``dps-1000`` and ``latent`` run on the first ``--slow-images`` images. Scores: PSNR and SSIM
+against the clean images ([0, 1] scale; MRI: magnitudes, range per image), and seconds per image (wall time of the
+method on the same images, same run, batched, ``--threads`` torch threads). Each row carries ``n_images`` and,
+against the best baseline of its task (``vs``: the highest mean PSNR among the baselines), the mean differences and
+their paired bootstrap 95% intervals over the images both ran on (``psnr_diff`` / ``ci95``, ``ssim_diff`` /
+``ssim_ci95``);
 ``default`` is true on the rows of the method ``rsd restore`` runs by default for the task's operator.
 Models are read from ``DIR/<task>/{teacher,generator}`` (the layout of benchmarks/restoration.py's work
 folder); with ``--train``, missing ones are trained there with
@@ -110,14 +112,15 @@ TASKS = ("inpaint-0.6", "inpaint-0.8", "blur-noise-0.2", "superres-x2", "mri-r4"
 # random coils of its own and restores it with ESPIRiT's estimates of them, as a team's own scans are.
 MRI_TASKS = {"mri-r4": "bank", "mri-r4-estimated": "estimated"}
 # Rows named for what they run: the baselines (no learnt prior), DPS with the teacher, then the learnt restorers.
-METHODS = ("classical", "classical-projected", "compressed-sensing", "projection", "dps", "dps-mean",
-           "posterior-net-observations", "posterior-net-generator", "latent-encoder", "latent-encoder-1", "latent")
-BASELINES = METHODS[:4]  # the best of these is what every row's interval is measured against
-FAST_METHODS = METHODS[6:]  # timed against DPS
-SLOW_METHODS = ("dps", "dps-mean", "latent")  # run on the first --slow-images images only
+BASELINES = ("classical", "classical-projected", "compressed-sensing", "projection")  # intervals are against the best
+DPS_METHODS = ("dps", "dps-mean", "dps-1000")
+FAST_METHODS = ("posterior-net-observations", "posterior-net-generator", "latent-encoder", "latent-encoder-1",
+                "latent")  # timed against DPS
+METHODS = BASELINES + DPS_METHODS + FAST_METHODS
+SLOW_METHODS = (*DPS_METHODS, "latent")  # run on the first --slow-images images only
 LABELS = {"classical": "classical", "classical-projected": "classical + projection", "compressed-sensing":
           "L1-wavelet CS", "projection": "projection", "dps": "DPS, 1 sample",
-          "dps-mean": "DPS, mean of samples",
+          "dps-mean": "DPS, mean of samples", "dps-1000": "DPS, 1,000 levels",
           "posterior-net-observations": "net on observations", "posterior-net-generator": "net on generator",
           "latent-encoder": "latent encoder", "latent-encoder-1": "latent encoder, 1 pass", "latent": "latent opt."}
 # The names the published rows had before the rows were named for what they run.
@@ -130,17 +133,18 @@ OBSERVATION_SEED = 1234
 # on validation images (dps_settings).
 DPS_STEPS = 100
 DPS_SAMPLES = 4
+DPS_LONG_STEPS = 1000
 DPS_UNTUNED = {"zeta": 1.0, "sigma_stop": 1.0}
 
 
-def dps_settings(task: str) -> dict:
+def dps_settings(task: str, num_steps: int = DPS_STEPS) -> dict:
     """DPS's zeta' and truncation level for ``task``: those of the validation run of benchmarks/restore_tuning.py
-    (ancestral schedule, DPS_STEPS levels) with the best PSNR of the samples' mean, with the run's size; without
+    (ancestral schedule, ``num_steps`` levels) with the best PSNR of the samples' mean, with the run's size; without
     one, DPS_UNTUNED marked untuned. The test images never choose them."""
     path = ROOT / "benchmarks" / "results" / "restore_tuning.json"
     records = [r for r in (json.loads(path.read_text()) if path.exists() else [])
                if r["task"] == task and r["method"] == "dps" and r.get("split") == "validation"
-               and r["settings"].get("schedule") == "ancestral" and r["settings"].get("num_steps") == DPS_STEPS]
+               and r["settings"].get("schedule") == "ancestral" and r["settings"].get("num_steps") == num_steps]
     if not records:
         return {**DPS_UNTUNED, "tuned_on": None}
     best = max(records, key=lambda r: r["psnr"])
@@ -298,9 +302,10 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
                "latent-encoder": encoder_config,
                "latent-encoder-1": encoder_config.updated(restarts=1),
                "latent": LATENT_OPTIMISATION.updated(batch_size=args.batch_size, **restarts, **steps)}
-    dps_tuned = dps_settings(task)
+    dps_tuned, long_tuned = dps_settings(task), dps_settings(task, DPS_LONG_STEPS)
     dps_config = DPSConfig(batch_size=args.batch_size, num_steps=DPS_STEPS, samples=DPS_SAMPLES,
                            zeta=dps_tuned["zeta"])
+    long_config = DPSConfig(batch_size=args.batch_size, num_steps=DPS_LONG_STEPS, zeta=long_tuned["zeta"])
 
     def through_generator(method: str, y: torch.Tensor, state: dict):
         config = configs[method]
@@ -319,11 +324,12 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
         return get_method(config.method).restore(RestoreModels(generator_dir), y, state, config).mean, None
 
     @functools.cache
-    def posterior_samples(n: int) -> tuple:  # one DPS run serves both rows: its first sample and its mean
+    def posterior_samples(n: int, long: bool = False) -> tuple:  # one DPS run serves dps and dps-mean
         net, objective, _ = load_model(teacher_dir)
+        config, tuned = (long_config, long_tuned) if long else (dps_config, dps_tuned)
         start = time.perf_counter()
         samples = dps_restore(net, objective, card.image_shape, y[:n], {k: v[:n] for k, v in state.items()},
-                              dps_config, dps_tuned["sigma_stop"], progress=not args.quiet)
+                              config, tuned["sigma_stop"], progress=not args.quiet)
         return samples, time.perf_counter() - start
 
     def teacher_dps(y: torch.Tensor, state: dict):
@@ -334,10 +340,16 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
         samples, seconds = posterior_samples(len(y))
         return samples.mean, samples.spread, {"seconds": seconds}
 
+    def teacher_dps_long(y: torch.Tensor, state: dict):
+        samples, seconds = posterior_samples(len(y), long=True)
+        return samples.sample, None, {"seconds": seconds}
+
     work = {"classical": functools.partial(baseline, RestoreConfig(method="classical", data_consistency=False)),
             "projection": functools.partial(baseline, RestoreConfig(method="projection")),
             "dps": teacher_dps, "dps-mean": teacher_dps_mean,
             **{m: functools.partial(through_generator, m) for m in configs}}
+    if long_tuned["tuned_on"]:  # 1,000 levels cost 10x: run where validation has chosen their settings
+        work["dps-1000"] = teacher_dps_long
     if operator.sigma_n == 0:  # noiseless: the classical estimate moved onto the measurements, as the nets are
         work["classical-projected"] = functools.partial(baseline, RestoreConfig(method="classical"))
     if isinstance(operator, MRI):  # the compressed-sensing baseline of the MRI literature
@@ -350,6 +362,8 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
                                        "iters": CS_ITERS},
                 **{m: {"model": read_card(teacher_dir).model_dump(), "config": dps_config.model_dump(),
                        "sigma_stop": dps_tuned["sigma_stop"]} for m in ("dps", "dps-mean")},
+                "dps-1000": {"model": read_card(teacher_dir).model_dump(), "config": long_config.model_dump(),
+                             "sigma_stop": long_tuned["sigma_stop"]},
                 **{m: {"model": card.model_dump(), "config": cache_settings(c)} for m, c in configs.items()}}
     outputs, per_image, seconds, default = {}, {}, {}, default_method(operator)
     for method in [m for m in args.methods if m in work]:  # the ambient net only where the operator splits
@@ -368,7 +382,9 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
     return rows, {"task": task, "operator": card.operator.model_dump(), "grid": grid, "default": default,
                   **{f"{m}_config": c.model_dump() for m, c in configs.items()}, "dps_config": dps_config.model_dump(),
                   "dps_sigma_stop": dps_tuned["sigma_stop"], "dps_tuned_on": dps_tuned["tuned_on"], "n_images": len(y),
-                  "slow_images": min(len(y), args.slow_images)}
+                  "slow_images": min(len(y), args.slow_images),
+                  **({"dps_1000_config": long_config.model_dump(), "dps_1000_sigma_stop": long_tuned["sigma_stop"],
+                      "dps_1000_tuned_on": long_tuned["tuned_on"]} if "dps-1000" in work else {})}
 
 
 def save_task_grid(task: str, observed: torch.Tensor, outputs: dict, default: str, clean: torch.Tensor,
@@ -471,8 +487,13 @@ def write_doc(result: dict, command: str) -> None:
                                   for m in shown) + " |")
     dps = [f"{s['task']} zeta' {s['dps_config']['zeta']:g}, x0 at sigma {s['dps_sigma_stop']:g} "
            f"({s.get('dps_tuned_on') or 'untuned'})" for s in result["task_settings"] if "dps_config" in s]
-    lines += ["", "DPS per task (ancestral schedule; chosen on validation images, never on these): "
-              + "; ".join(dps) + "."]
+    long = [f"{s['task']} zeta' {s['dps_1000_config']['zeta']:g}, x0 at sigma {s['dps_1000_sigma_stop']:g} "
+            f"({s['dps_1000_tuned_on']})" for s in result["task_settings"] if "dps_1000_config" in s]
+    lines += ["", f"DPS per task (ancestral schedule, {DPS_STEPS} levels; chosen on validation images, never on "
+              "these): " + "; ".join(dps) + "."]
+    if long:
+        lines += ["", f"DPS at {DPS_LONG_STEPS} levels, one sample, where a validation run chose its settings: "
+                  + "; ".join(long) + "; the other tasks have no such row."]
     if result["skipped"]:
         lines += ["", "Not run: " + "; ".join(f"{t} ({why})" for t, why in result["skipped"].items()) + "."]
     lines += ["", "Grids (rows: observation, " + ", ".join(LABELS[m] for m in shown) + " (those that apply), "

@@ -282,11 +282,17 @@ def test_restore_with_model_folder(tmp_path):
         restore_with_model(tmp_path / "generator", y, {}, RestoreConfig(steps=2, encoder=None))
 
 
-def test_restore_benchmark_end_to_end_and_resumes(tmp_path):
+def test_restore_benchmark_end_to_end_and_resumes(tmp_path, monkeypatch):
     """A toy run of benchmarks/restore.py: one row per method named for what it runs, the issue's keys, the
     default marked, every interval against the best baseline, the slow methods on their subset, the missing
-    task listed, and a second run served from the work folder (same numbers, same timings)."""
+    task listed, and a second run served from the work folder (same numbers, same timings). The long DPS runs
+    where validation settings exist for its length (here: stubbed, at 120 levels to keep the toy short)."""
     from benchmarks import restore
+
+    tuned = []
+    monkeypatch.setattr(restore, "DPS_LONG_STEPS", 120)
+    monkeypatch.setattr(restore, "dps_settings", lambda task, num_steps=restore.DPS_STEPS: tuned.append(num_steps)
+                        or {"zeta": 1.0, "sigma_stop": 1.0, "tuned_on": f"stub at {num_steps} levels"})
 
     argv = ["--budget", "0.02", "--distill-budget", "0.05", "--limit", "64", "--n-images", "4", "--slow-images", "2",
             "--batch-size", "2", "--steps", "3", "--restarts", "2", "--encoder-fit-steps", "3",
@@ -307,6 +313,7 @@ def test_restore_benchmark_end_to_end_and_resumes(tmp_path):
             lo, hi = row["ci95"]
             assert lo <= row["psnr_diff"] <= hi and row["ssim_ci95"][0] <= row["ssim_diff"] <= row["ssim_ci95"][1]
     assert "ci95" not in best
+    assert tuned == [restore.DPS_STEPS, 120] and result["task_settings"][0]["dps_1000_config"]["num_steps"] == 120
     # the four encoder rows: two posterior nets, the latent encoder and its single pass
     assert [r["fit_seconds"] > 0 for r in rows if "fit_seconds" in r] == [True] * 4
     rerun = restore.main([*argv, "--tasks", "inpaint-0.8,mri-r4"])  # no --train: the MRI models are missing
