@@ -29,10 +29,17 @@ from rsd_core.restore.posterior import DPSConfig, dps_restore
 from rsd_core.stages import load_model
 from rsd_core.train.sampling import OneStepSampler
 
+# posterior-net settings that belong to the restoration, not to the network's fit (steps, lr, seed: the fit's; the
+# sweep's batch size is the restoration's)
+RESTORE_ONLY = set(RestoreConfig.model_fields) - set(EncoderConfig.model_fields) - {"encoder"} | {"batch_size"}
 
-def settings_without_batch(settings: dict) -> dict:
-    """The grid's settings for the network's fit: the sweep's batch size is the restoration's, not the fit's."""
-    return {k: v for k, v in settings.items() if k != "batch_size"}
+
+def posterior_net_config(settings: dict) -> RestoreConfig:
+    """A posterior-net sweep's settings as a RestoreConfig: the restoration's own fields (data_consistency,
+    consistency_iters, held_out_passes, batch_size, ...) on it, every other one on its network's fit."""
+    restore = {k: v for k, v in settings.items() if k in RESTORE_ONLY}
+    fit = {k: v for k, v in settings.items() if k not in RESTORE_ONLY}
+    return RestoreConfig(**restore, encoder=EncoderConfig(**fit))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -40,7 +47,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--task", required=True, help="task folder name under --models")
     parser.add_argument("--method", choices=("latent", "dps", "posterior-net"), required=True,
                         help="posterior-net: the grid's settings are the network's fit (EncoderConfig: steps, width, "
-                        "...), fitted on the task's training observations (cached in --out) and scored here")
+                        "...), fitted on the task's training observations (cached in --out) and scored here, or the "
+                        "restoration's own (RestoreConfig: consistency_iters, held_out_passes, ...)")
     parser.add_argument("--grid", default="{}", help="JSON {setting: [values]} swept as a product")
     parser.add_argument("--base", default="{}", help="JSON settings applied to every run")
     parser.add_argument("--models", default=str(ROOT / "outputs" / "restore-models"))
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         settings = {**base, **dict(zip(grid, values, strict=True)), "batch_size": args.n_images}
         start = time.perf_counter()
         if args.method == "posterior-net":
-            config = RestoreConfig(batch_size=args.n_images, encoder=EncoderConfig(**settings_without_batch(settings)))
+            config = posterior_net_config(settings)
             path, _ = fitted_encoder(Path(args.out) / args.task, Path(args.models), args.task, config)
             start = time.perf_counter()  # the fit is cached apart: time only the restoration
             generator = OneStepSampler(net, objective, tuple(card.image_shape), card.sigma_init)

@@ -336,6 +336,12 @@ def test_tuning_sweeps_the_posterior_net_fit_on_validation_images(tmp_path, monk
     assert [(r["settings"]["steps"], r["settings"]["encoder"]["steps"]) for r in records] == [(2, 2), (3, 3)]
     assert all(r["split"] == "validation" and r["psnr"] > 0 for r in records)
     assert json.loads((tmp_path / "restore_tuning.json").read_text()) == records
+    # the restoration's own fields land on the restoration, the fit's on the fit (here: the cached 3-step one)
+    again = restore_tuning.main(["--task", "inpaint-0.8", "--method", "posterior-net", "--models",
+                                 str(tmp_path / "models"), "--n-images", "2", "--grid", '{"consistency_iters": [1, 7]}',
+                                 "--base", '{"width": 8, "steps": 3}', "--out", str(tmp_path / "out")])
+    assert [(r["settings"]["consistency_iters"], r["settings"]["encoder"]["steps"], r["settings"]["batch_size"],
+             r["settings"]["encoder"]["batch_size"]) for r in again] == [(1, 3, 2, 32), (7, 3, 2, 32)]
 
 
 def test_published_rows_under_former_names_are_renamed(tmp_path, monkeypatch):
