@@ -31,7 +31,14 @@ def solve_normal(operator: Operator, y: torch.Tensor, state: State, lam: float |
     least-squares solution A^+ y (the pseudo-inverse), not just any x with A(x) = y. At most
     ``iters`` iterations; it stops early once every sample's normal-equation residual is below
     ``rtol`` of its start (a mask or block average converges after one).
+
+    The iterations run in float64 whatever ``y``'s dtype (the result comes back in it): the multi-coil
+    normal map is ill-conditioned, and in float32 CG loses the conjugacy of its directions and diverges after
+    some hundreds of iterations (docs/results.md, "Restoring observations").
     """
+    dtype = y.dtype
+    y = y.double()
+    state = {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
     rhs = operator.adjoint(y, state)
     if isinstance(lam, torch.Tensor):  # one weight per sample
         lam = lam.to(rhs.dtype).view(-1, *([1] * (rhs.ndim - 1)))
@@ -50,7 +57,7 @@ def solve_normal(operator: Operator, y: torch.Tensor, state: State, lam: float |
         rr_new = _dot(r, r)
         p = r + rr_new / rr.clamp_min(1e-30) * p
         rr = rr_new
-    return x
+    return x.to(dtype)
 
 
 # Tikhonov weights the measurements choose from (lambda_by_held_out).
