@@ -17,16 +17,16 @@ import torch.nn.functional as F
 
 from rsd_core.operators import Blur, Operator, State, SuperRes
 from rsd_core.operators.mri import MRI, to_real
-from rsd_core.restore.least_squares import lambda_by_held_out, solve_normal
+from rsd_core.restore.least_squares import CG_ITERS, lambda_by_held_out, solve_normal
 
 # Wiener noise-to-signal ratio per unit noise variance, for the Laplacian regulariser below
 # (tuned on training observations of blur-noise-0.2; docs/algorithms.md §10.3).
 WIENER_NSR_PER_VARIANCE = 1.25
-# Tikhonov weight of least squares, its floor for noiseless data and the CG iterations, tuned on training
-# slices of mri-r4 (docs/algorithms.md §10.3).
+# Tikhonov weight of least squares and its floor for noiseless data, tuned on training slices of mri-r4
+# (docs/algorithms.md §10.3); the CG iterations match the data-consistency step's.
 LSQ_LAMBDA_PER_VARIANCE = 1.0
 LSQ_LAMBDA_FLOOR = 1e-5
-LSQ_ITERS = 400
+LSQ_ITERS = CG_ITERS
 
 
 def biharmonic_inpaint(y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -29,14 +29,12 @@ from rsd_core.restore.encoder import (
     posterior_moments,
     restoration_loss,
 )
-from rsd_core.restore.least_squares import lambda_by_held_out, solve_normal
+from rsd_core.restore.least_squares import CG_ITERS, lambda_by_held_out, solve_normal
 from rsd_core.stages import load_model
 from rsd_core.train.sampling import OneStepSampler
 
-# Conjugate-gradient iterations (at most) of the data-consistency projection: one suffices for masks
-# and block means; for MRI R = 4 the misfit keeps falling slowly, and 100 (about 13 ms per 32 x 32
-# four-coil image on one CPU thread) keeps the restoration >= 10x faster than DPS (docs/algorithms.md §10.1).
-CONSISTENCY_ITERS = 100
+# Conjugate-gradient iterations (at most) of the data-consistency projection (least_squares.CG_ITERS).
+CONSISTENCY_ITERS = CG_ITERS
 
 # The restoration methods' names, the default first: the built-in ones (rsd_core.restore.methods registers a module
 # for each; the configs below name them at import), then any a module registers elsewhere, which is all such a

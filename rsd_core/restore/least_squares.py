@@ -16,6 +16,11 @@ import torch
 
 from rsd_core.operators import Operator, State
 
+# Conjugate-gradient iterations at most, for both users: masks and block means converge after one; multi-coil
+# MRI R = 4 converges by about 2,000 (chosen on validation slices, docs/results.md "Which split chose what"),
+# and CG stops early once converged.
+CG_ITERS = 2000
+
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample inner products, shaped to broadcast against a batch."""
