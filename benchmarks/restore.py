@@ -162,7 +162,7 @@ def default_method(operator) -> str:
 
 
 # The network fit's choices that became fields after caches were written, at the value those fits had.
-FIT_CHOICE_DEFAULTS = {"score_on": "held", "detach_variance": None, "acs_holdout": 0.0}
+FIT_CHOICE_DEFAULTS = {"score_on": "held", "detach_variance": None, "acs_holdout": 0.0, "holdout_delta": None}
 
 
 def cache_settings(config: RestoreConfig) -> dict:

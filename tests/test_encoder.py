@@ -374,6 +374,23 @@ def test_score_on_chooses_which_measurements_the_fit_is_scored_on(monkeypatch, s
         assert kept > 0
 
 
+def test_holdout_delta_sets_the_share_of_measurements_the_fit_holds_out(monkeypatch):
+    """The split's strength: inpainting with holdout_delta 0.6 holds out about 60% of the measured pixels per draw
+    (the operator's own delta 0.3 about 30%); the operator the data were made with is left as it was."""
+    operator = build_operator(INPAINT)
+    _, state, y = _generator_draws(LinearGenerator(), operator, 256, seed=4)
+    shares = []
+    monkeypatch.setattr("rsd_core.restore.encoder.held_out_loss", lambda op, out, y_b, state_b, held: shares.append(
+        float(held.sum() / state_b["mask"].sum())) or out.sum((1, 2, 3)))
+    for delta in (None, 0.6):
+        config = EncoderConfig(steps=1, batch_size=256, width=8, fit_on="observations", holdout_delta=delta)
+        fit_encoder(None, operator, SHAPE, y, state, config, prior_weight=0.1, sigma_floor=0.05)
+    assert abs(shares[0] - 0.3) < 0.03 and abs(shares[1] - 0.6) < 0.03, shares
+    assert operator.delta == 0.3
+    with pytest.raises(ValueError, match="delta"):
+        build_operator(INPAINT).with_further(1.5)
+
+
 @pytest.mark.parametrize("detach", [True, False])
 def test_a_detached_variance_head_leaves_the_features_to_the_mean(detach):
     """The variance half of the output, differentiated alone: detached, it reaches only the head's own last layer
@@ -406,7 +423,7 @@ def test_detach_variance_reaches_the_network_as_configured(monkeypatch, detach, 
 def test_fit_choices_that_cannot_apply_are_refused_by_name():
     """The observation split's choices on a generator fit or on the latent encoder, and ACS lines on inpainting."""
     blur = build_operator(BLUR)
-    with pytest.raises(ValueError, match="score_on 'all' / acs_holdout 0.0 choose how observations are split"):
+    with pytest.raises(ValueError, match="score_on 'all' / acs_holdout 0.0 / holdout_delta None choose how"):
         EncoderConfig(score_on="all").image_pairs(blur)
     with pytest.raises(ValueError, match="acs_holdout set the fit of target 'image'"):
         EncoderConfig(target="latent", acs_holdout=0.5)

@@ -38,6 +38,8 @@ class Operator:
     # Measurements selected by a 0/1 state "mask" with a further_mask (Ambient Diffusion's A~ = B A): such
     # observations can be split into a network input and held-out measurements (split_observation).
     splits_observations: bool = False
+    # The spec field that sets the further mask's strength (inpainting: delta; MRI: delta_R), if any.
+    further_field: str | None = None
     # The forward model is itself an estimate (coil maps estimated per scan): exact inversion would amplify its
     # error, so least squares and data consistency take the weight held-out measurements choose.
     estimated_model: bool = False
@@ -54,6 +56,14 @@ class Operator:
         self.spec = spec
         self.sigma_n = float(spec.sigma_n)
         self.pool: State | None = None
+
+    def with_further(self, value: float) -> Operator:
+        """This operator with its further mask's strength (``further_field``) set to ``value``: a split of
+        another strength, validated as the spec validates it."""
+        if self.further_field is None:
+            raise ValueError(f"{type(self).__name__} has no further mask whose strength could be set")
+        spec = type(self.spec).model_validate({**self.spec.model_dump(), self.further_field: value})
+        return type(self)(spec)
 
     def attach_pool(self, state: State) -> None:
         """Keep observed states (the ``pool_keys`` of up to :data:`POOL_SIZE` rows) to draw fresh ones from."""
@@ -231,6 +241,7 @@ class Inpaint(Operator):
 
     state_keys = ("mask",)
     pointwise = True
+    further_field = "delta"
 
     def __init__(self, spec: InpaintSpec):
         super().__init__(spec)

@@ -113,6 +113,7 @@ class MRI(Operator):
     """
 
     splits_observations = True
+    further_field = "delta_R"
 
     def __init__(self, spec: MRISpec):
         super().__init__(spec)

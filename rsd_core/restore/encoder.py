@@ -74,6 +74,9 @@ class EncoderConfig(Spec):
     acs_holdout: float = Field(
         default=0.0, ge=0.0, le=1.0, description="fit on MRI observations: the probability, per observation and "
         "draw, that its ACS lines may be held out too (SSDU's loss set drawn from every sampled line)")
+    holdout_delta: float | None = Field(
+        default=None, gt=0, description="fit on observations: the further mask's strength for the split "
+        "(inpainting: delta; MRI: delta_R); None: the operator's own (the teacher's)")
     seed: int = 0
 
     @model_validator(mode="before")
@@ -89,7 +92,7 @@ class EncoderConfig(Spec):
         if self.target == "latent" and self.fit_on != "auto":
             raise ValueError(f"fit_on {self.fit_on!r} chooses the training pairs of target 'image'; the latent "
                              "encoder is always fitted on the observations' misfit through G: drop fit_on")
-        changed = [name for name in ("score_on", "detach_variance", "acs_holdout")
+        changed = [name for name in ("score_on", "detach_variance", "acs_holdout", "holdout_delta")
                    if getattr(self, name) != type(self).model_fields[name].default]
         if self.target == "latent" and changed:
             raise ValueError(f"{', '.join(changed)} set the fit of target 'image'; the latent encoder has no "
@@ -106,10 +109,10 @@ class EncoderConfig(Spec):
             raise ValueError(f"fit_on 'observations' needs an operator whose further mask holds measurements out "
                              f"(inpaint with delta > 0, mri); {type(operator).__name__} {operator.spec.model_dump()} "
                              "has none: use fit_on 'generator' or 'auto'")
-        if pairs == "generator" and (self.score_on != "held" or self.acs_holdout > 0):
-            raise ValueError(f"score_on {self.score_on!r} / acs_holdout {self.acs_holdout} choose how observations "
-                             f"are split, and {type(operator).__name__} restorers are fitted on the generator's "
-                             "samples: drop them")
+        if pairs == "generator" and (self.score_on != "held" or self.acs_holdout > 0 or self.holdout_delta):
+            raise ValueError(f"score_on {self.score_on!r} / acs_holdout {self.acs_holdout} / holdout_delta "
+                             f"{self.holdout_delta} choose how observations are split, and "
+                             f"{type(operator).__name__} restorers are fitted on the generator's samples: drop them")
         return pairs
 
 
@@ -241,6 +244,8 @@ def fit_encoder(
     rng = torch.Generator(device=device).manual_seed(config.seed)
     inv_two_s2 = 1.0 / (2.0 * max(operator.sigma_n, sigma_floor) ** 2)
     pairs = config.image_pairs(operator) if config.target == "image" else None
+    splitter = operator if pairs != "observations" or config.holdout_delta is None else \
+        operator.with_further(config.holdout_delta)
     losses = []
     # a bar on a terminal, a plain line every 30 s in logs: a fit takes minutes on a CPU
     report = TrainingProgress("fit restorer", 0, config.steps, min(config.batch_size, n), None, enabled=progress)
@@ -253,7 +258,7 @@ def fit_encoder(
             loss = restoration_loss(operator, generate(eps, len(idx)), eps, y_b, state_b, inv_two_s2, prior_weight)
         elif pairs == "observations":
             y_b = y[idx]
-            y_in, state_in, held = operator.split_observation(y_b, state_b, rng, acs_holdout=config.acs_holdout)
+            y_in, state_in, held = splitter.split_observation(y_b, state_b, rng, acs_holdout=config.acs_holdout)
             if not losses and not held.any():  # e.g. MRI whose ACS block leaves no line for the further mask to drop
                 raise ValueError(f"the further mask of {operator.spec.model_dump()} held out no measurement of "
                                  f"{len(idx)} observations: nothing to fit on; use fit_on 'generator'")
