@@ -87,7 +87,7 @@ from rsd_core.restore.baselines import (
     WIENER_NSR_PER_VARIANCE,
     compressed_sensing_mri,
 )
-from rsd_core.restore.encoder import EncoderConfig, load_encoder, save_encoder
+from rsd_core.restore.encoder import FIT_CHOICES, EncoderConfig, load_encoder, save_encoder
 from rsd_core.restore.estimate import (
     CONSISTENCY_ITERS,
     LATENT_OPTIMISATION,
@@ -161,21 +161,19 @@ def default_method(operator) -> str:
         encoder.image_pairs(operator)]
 
 
-# The network fit's choices that became fields after caches were written, at the value those fits had.
-FIT_CHOICE_DEFAULTS = {"score_on": "held", "detach_variance": None, "acs_holdout": 0.0, "holdout_delta": None}
-
-
 def cache_settings(config: RestoreConfig) -> dict:
     """``config`` as the caches digest it: ``method`` is left out, and fit_on where it means what every fit did
     before the field existed (image target on the generator's samples; the latent target, which ignores it), and
-    the fields of FIT_CHOICE_DEFAULTS at those values, so those caches stay valid."""
+    the fit choices added later (encoder.FIT_CHOICES) at their defaults, so those caches stay valid."""
     dump = config.model_dump(exclude={"method"})  # named by the encoder in every cached config: nothing new
     encoder = dump.get("encoder")
     if encoder and (encoder["target"] == "latent" or encoder["fit_on"] == "generator"):
         del encoder["fit_on"]
-    for name, default in FIT_CHOICE_DEFAULTS.items():  # fields added later, at the value every earlier fit had
-        if encoder and encoder.get(name, default) == default:
-            encoder.pop(name, None)
+    if encoder:  # fields added later, at the value every earlier fit had
+        changed = config.encoder.changed_fit_choices()
+        for name in FIT_CHOICES:
+            if name not in changed:
+                encoder.pop(name, None)
     return dump
 
 

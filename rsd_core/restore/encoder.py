@@ -42,6 +42,11 @@ _FORMAT = "rsd-latent-encoder"
 # image-to-image map and does better with more steps of a narrower network; the latent encoder keeps the
 # settings it was tuned at (docs/algorithms.md §10.1).
 TARGET_DEFAULTS = {"image": {"steps": 1200, "width": 32}, "latent": {"steps": 300, "width": 64}}
+# The image fit's choices beyond length and width: how an observation is split (SPLIT_CHOICES, fits on observations
+# only) and the variance head's features. Fields added after fits were cached (benchmarks/restore.py digests them
+# only where they differ from their defaults).
+SPLIT_CHOICES = ("score_on", "acs_holdout", "holdout_delta")
+FIT_CHOICES = (*SPLIT_CHOICES, "detach_variance")
 
 
 class EncoderConfig(Spec):
@@ -92,12 +97,15 @@ class EncoderConfig(Spec):
         if self.target == "latent" and self.fit_on != "auto":
             raise ValueError(f"fit_on {self.fit_on!r} chooses the training pairs of target 'image'; the latent "
                              "encoder is always fitted on the observations' misfit through G: drop fit_on")
-        changed = [name for name in ("score_on", "detach_variance", "acs_holdout", "holdout_delta")
-                   if getattr(self, name) != type(self).model_fields[name].default]
+        changed = self.changed_fit_choices()
         if self.target == "latent" and changed:
             raise ValueError(f"{', '.join(changed)} set the fit of target 'image'; the latent encoder has no "
                              "held-out measurements or variance head: drop them")
         return self
+
+    def changed_fit_choices(self, names: tuple[str, ...] = FIT_CHOICES) -> list[str]:
+        """Those of the image fit's choices ``names`` that differ from their defaults."""
+        return [name for name in names if getattr(self, name) != type(self).model_fields[name].default]
 
     def image_pairs(self, operator: Operator) -> Literal["observations", "generator"]:
         """What an image-target fit trains on for ``operator``: ``fit_on`` resolved, with a clear error where
@@ -109,7 +117,7 @@ class EncoderConfig(Spec):
             raise ValueError(f"fit_on 'observations' needs an operator whose further mask holds measurements out "
                              f"(inpaint with delta > 0, mri); {type(operator).__name__} {operator.spec.model_dump()} "
                              "has none: use fit_on 'generator' or 'auto'")
-        if pairs == "generator" and (self.score_on != "held" or self.acs_holdout > 0 or self.holdout_delta):
+        if pairs == "generator" and self.changed_fit_choices(SPLIT_CHOICES):
             raise ValueError(f"score_on {self.score_on!r} / acs_holdout {self.acs_holdout} / holdout_delta "
                              f"{self.holdout_delta} choose how observations are split, and "
                              f"{type(operator).__name__} restorers are fitted on the generator's samples: drop them")

@@ -39,7 +39,7 @@ def solve_normal(operator: Operator, y: torch.Tensor, state: State, lam: float |
 
     The iterations run in float64 whatever ``y``'s dtype (the result comes back in it): the multi-coil
     normal map is ill-conditioned, and in float32 CG loses the conjugacy of its directions and diverges after
-    some hundreds of iterations (docs/results.md, "Restoring observations").
+    some hundreds of iterations (docs/algorithms.md, "Data consistency").
     """
     dtype = y.dtype
     y = y.double()
