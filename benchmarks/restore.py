@@ -77,6 +77,7 @@ from benchmarks.statistics import paired_bootstrap_ci
 from rsd_core.data.reader import open_dataset
 from rsd_core.data.sources import brain_mri, fashion_mnist
 from rsd_core.kinds import build_operator
+from rsd_core.operators import Operator
 from rsd_core.operators.mri import MRI
 from rsd_core.restore.baselines import (
     CS_ITERS,
@@ -161,10 +162,12 @@ def default_method(operator) -> str:
         encoder.image_pairs(operator)]
 
 
-def cache_settings(config: RestoreConfig) -> dict:
+def cache_settings(config: RestoreConfig, operator: Operator) -> dict:
     """``config`` as the caches digest it: ``method`` is left out, and fit_on where it means what every fit did
     before the field existed (image target on the generator's samples; the latent target, which ignores it), and
-    the fit choices added later (encoder.FIT_CHOICES) at their defaults, so those caches stay valid."""
+    the fit choices added later (encoder.FIT_CHOICES) at their defaults, so those caches stay valid; a fit on
+    ``operator``'s observations digests the split strength it resolves to, so an operator's default for restorers
+    (``restorer_further``) keys its fits apart from those made with the operator's own."""
     dump = config.model_dump(exclude={"method"})  # named by the encoder in every cached config: nothing new
     encoder = dump.get("encoder")
     if encoder and (encoder["target"] == "latent" or encoder["fit_on"] == "generator"):
@@ -174,6 +177,9 @@ def cache_settings(config: RestoreConfig) -> dict:
         for name in FIT_CHOICES:
             if name not in changed:
                 encoder.pop(name, None)
+        if config.encoder.target == "image" and config.encoder.image_pairs(operator) == "observations" and \
+                (strength := config.encoder.split_strength(operator)) is not None:
+            encoder["holdout_delta"] = strength
     return dump
 
 
@@ -265,7 +271,8 @@ def fitted_encoder(folder: Path, models: Path, task: str, config: RestoreConfig,
                    progress: bool = True) -> tuple[Path, dict]:
     """The task's encoder fitted on its training observations, cached in ``folder`` by settings digest."""
     generator_dir, data = models / task / "generator", open_dataset(str(models / task / "data"))
-    fit = {"encoder": cache_settings(config)["encoder"], "prior_weight": config.prior_weight,
+    operator = build_operator(read_card(generator_dir).operator)
+    fit = {"encoder": cache_settings(config, operator)["encoder"], "prior_weight": config.prior_weight,
            "sigma_floor": config.sigma_floor}  # what the fit depends on: restoration settings may vary
     digest = hashlib.sha256(json.dumps({"model": read_card(generator_dir).model_dump(), "data": data.fingerprint,
                                         "config": fit}, sort_keys=True, default=str).encode())
@@ -362,7 +369,7 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
                        "sigma_stop": dps_tuned["sigma_stop"]} for m in ("dps", "dps-mean")},
                 "dps-1000": {"model": read_card(teacher_dir).model_dump(), "config": long_config.model_dump(),
                              "sigma_stop": long_tuned["sigma_stop"]},
-                **{m: {"model": card.model_dump(), "config": cache_settings(c)} for m, c in configs.items()}}
+                **{m: {"model": card.model_dump(), "config": cache_settings(c, operator)} for m, c in configs.items()}}
     outputs, per_image, seconds, default = {}, {}, {}, default_method(operator)
     for method in [m for m in args.methods if m in work]:  # the ambient net only where the operator splits
         n = min(len(y), args.slow_images) if method in SLOW_METHODS else len(y)

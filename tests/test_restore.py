@@ -344,6 +344,23 @@ def test_tuning_sweeps_the_posterior_net_fit_on_validation_images(tmp_path, monk
              r["settings"]["encoder"]["batch_size"]) for r in again] == [(1, 3, 2, 32), (7, 3, 2, 32)]
 
 
+def test_the_fit_cache_key_names_the_split_strength_the_fit_uses(monkeypatch):
+    """The benchmark caches fits by their settings: a default fit on inpainting observations splits with the
+    operator's default for restorers, so its key says so and matches the same value given explicitly; where an
+    operator has no such default (or the fit is on generator samples), the key is what it was before."""
+    from benchmarks.restore import cache_settings
+    from rsd_core.restore.encoder import EncoderConfig
+
+    inpaint, blur = build_operator({"kind": "inpaint", "p": 0.8}), build_operator({"kind": "blur", "sigma_n": 0.2})
+    default = RestoreConfig()
+    key = cache_settings(default, inpaint)["encoder"]
+    assert key["holdout_delta"] == inpaint.restorer_further == 0.2
+    assert key == cache_settings(RestoreConfig(encoder=EncoderConfig(holdout_delta=0.2)), inpaint)["encoder"]
+    assert "holdout_delta" not in cache_settings(default, blur)["encoder"]
+    monkeypatch.setattr(inpaint, "restorer_further", None)
+    assert "holdout_delta" not in cache_settings(default, inpaint)["encoder"]
+
+
 def test_published_rows_under_former_names_are_renamed(tmp_path, monkeypatch):
     """Rows published before the rows were named for what they run keep their numbers under the new names, the
     former ``generator`` alias row becoming ``default`` on the method it repeated."""

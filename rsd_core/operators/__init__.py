@@ -40,6 +40,10 @@ class Operator:
     splits_observations: bool = False
     # The spec field that sets the further mask's strength (inpainting: delta; MRI: delta_R), if any.
     further_field: str | None = None
+    # The strength (a value of further_field) a restorer fitted on observations splits them with where its fit
+    # does not say; None: the operator's own, the teacher's. Chosen per operator on validation images
+    # (docs/results.md, "Which split chose what").
+    restorer_further: float | None = None
     # The forward model is itself an estimate (coil maps estimated per scan): exact inversion would amplify its
     # error, so least squares and data consistency take the weight held-out measurements choose.
     estimated_model: bool = False
@@ -242,6 +246,7 @@ class Inpaint(Operator):
     state_keys = ("mask",)
     pointwise = True
     further_field = "delta"
+    restorer_further = 0.2  # chosen on validation over the teachers' 0.1 (docs/results.md)
 
     def __init__(self, spec: InpaintSpec):
         super().__init__(spec)

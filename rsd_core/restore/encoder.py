@@ -81,7 +81,8 @@ class EncoderConfig(Spec):
         "draw, that its ACS lines may be held out too (SSDU's loss set drawn from every sampled line)")
     holdout_delta: float | None = Field(
         default=None, gt=0, description="fit on observations: the further mask's strength for the split "
-        "(inpainting: delta; MRI: delta_R); None: the operator's own (the teacher's)")
+        "(inpainting: delta; MRI: delta_R); None: the operator's default for restorers (restorer_further), else "
+        "its own (the teacher's)")
     seed: int = 0
 
     @model_validator(mode="before")
@@ -122,6 +123,11 @@ class EncoderConfig(Spec):
                              f"{self.holdout_delta} choose how observations are split, and "
                              f"{type(operator).__name__} restorers are fitted on the generator's samples: drop them")
         return pairs
+
+    def split_strength(self, operator: Operator) -> float | None:
+        """The further mask's strength an observation fit splits with: ``holdout_delta``, else the operator's
+        default for restorers; None: the operator's own."""
+        return self.holdout_delta if self.holdout_delta is not None else operator.restorer_further
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -252,8 +258,8 @@ def fit_encoder(
     rng = torch.Generator(device=device).manual_seed(config.seed)
     inv_two_s2 = 1.0 / (2.0 * max(operator.sigma_n, sigma_floor) ** 2)
     pairs = config.image_pairs(operator) if config.target == "image" else None
-    splitter = operator if pairs != "observations" or config.holdout_delta is None else \
-        operator.with_further(config.holdout_delta)
+    strength = config.split_strength(operator) if pairs == "observations" else None
+    splitter = operator if strength is None else operator.with_further(strength)
     losses = []
     # a bar on a terminal, a plain line every 30 s in logs: a fit takes minutes on a CPU
     report = TrainingProgress("fit restorer", 0, config.steps, min(config.batch_size, n), None, enabled=progress)
