@@ -138,14 +138,21 @@ DPS_LONG_STEPS = 1000
 DPS_UNTUNED = {"zeta": 1.0, "sigma_stop": 1.0}
 
 
-def dps_settings(task: str, num_steps: int = DPS_STEPS) -> dict:
+def model_digest(folder: Path) -> str:
+    """The first 16 hex digits of the sha256 of a model folder's weights: what a tuning record was tuned on."""
+    return hashlib.sha256((Path(folder) / "model.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def dps_settings(task: str, num_steps: int = DPS_STEPS, model: str | None = None) -> dict:
     """DPS's zeta' and truncation level for ``task``: those of the validation run of benchmarks/restore_tuning.py
     (ancestral schedule, ``num_steps`` levels) with the best PSNR of the samples' mean, with the run's size; without
-    one, DPS_UNTUNED marked untuned. The test images never choose them."""
+    one, DPS_UNTUNED marked untuned. The test images never choose them. With ``model`` (a teacher's
+    :func:`model_digest`), only runs on that teacher count: settings tuned on another model do not carry over."""
     path = ROOT / "benchmarks" / "results" / "restore_tuning.json"
     records = [r for r in (json.loads(path.read_text()) if path.exists() else [])
                if r["task"] == task and r["method"] == "dps" and r.get("split") == "validation"
-               and r["settings"].get("schedule") == "ancestral" and r["settings"].get("num_steps") == num_steps]
+               and r["settings"].get("schedule") == "ancestral" and r["settings"].get("num_steps") == num_steps
+               and (model is None or r.get("model_sha256") == model)]
     if not records:
         return {**DPS_UNTUNED, "tuned_on": None}
     best = max(records, key=lambda r: r["psnr"])
@@ -307,7 +314,8 @@ def run_task(task: str, models: Path, out: Path, args) -> tuple[list[dict], dict
                "latent-encoder": encoder_config,
                "latent-encoder-1": encoder_config.updated(restarts=1),
                "latent": LATENT_OPTIMISATION.updated(batch_size=args.batch_size, **restarts, **steps)}
-    dps_tuned, long_tuned = dps_settings(task), dps_settings(task, DPS_LONG_STEPS)
+    teacher = model_digest(teacher_dir)
+    dps_tuned, long_tuned = dps_settings(task, model=teacher), dps_settings(task, DPS_LONG_STEPS, teacher)
     dps_config = DPSConfig(batch_size=args.batch_size, num_steps=DPS_STEPS, samples=DPS_SAMPLES,
                            zeta=dps_tuned["zeta"])
     long_config = DPSConfig(batch_size=args.batch_size, num_steps=DPS_LONG_STEPS, zeta=long_tuned["zeta"])

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.report import RESULTS_DIR
-from benchmarks.restore import ROOT, fitted_encoder, observe, scores, validation_images
+from benchmarks.restore import ROOT, fitted_encoder, model_digest, observe, scores, validation_images
 from rsd_core.kinds import build_operator
 from rsd_core.restore.encoder import EncoderConfig, load_encoder
 from rsd_core.restore.estimate import LATENT_OPTIMISATION, RestoreConfig, restore_observations
@@ -84,11 +84,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             restored, one = samples.mean, samples.sample
             settings["sigma_stop"] = sigma_stop
         seconds = (time.perf_counter() - start) / len(y)
-        p, s = (float(v.mean()) for v in scores(restored, clean))
+        per_image, per_image_ssim = scores(restored, clean)
         settings = {**config.model_dump(), **settings}
-        records.append({"task": args.task, "method": args.method, "settings": settings, "psnr": p,
-                        "ssim": s, "seconds_per_image": seconds, "n_images": len(y), "threads": args.threads,
-                        "split": "validation"})
+        records.append({"task": args.task, "method": args.method, "settings": settings,
+                        "psnr": float(per_image.mean()), "ssim": float(per_image_ssim.mean()),
+                        "seconds_per_image": seconds, "n_images": len(y), "threads": args.threads,
+                        "split": "validation", "model_sha256": model_digest(folder),
+                        "psnr_per_image": [round(float(v), 4) for v in per_image]})
         if args.method == "dps":  # psnr / ssim: the mean of the samples; these: the first sample alone
             records[-1] |= dict(zip(("psnr_sample", "ssim_sample"),
                                     (float(v.mean()) for v in scores(one, clean)), strict=True))

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from rsd_core.config import NetworkConfig
 from rsd_core.kinds import build_operator
@@ -291,7 +292,8 @@ def test_restore_benchmark_end_to_end_and_resumes(tmp_path, monkeypatch):
 
     tuned = []
     monkeypatch.setattr(restore, "DPS_LONG_STEPS", 120)
-    monkeypatch.setattr(restore, "dps_settings", lambda task, num_steps=restore.DPS_STEPS: tuned.append(num_steps)
+    monkeypatch.setattr(restore, "dps_settings", lambda task, num_steps=restore.DPS_STEPS, model=None:
+                        tuned.append(num_steps)
                         or {"zeta": 1.0, "sigma_stop": 1.0, "tuned_on": f"stub at {num_steps} levels"})
 
     argv = ["--budget", "0.02", "--distill-budget", "0.05", "--limit", "64", "--n-images", "4", "--slow-images", "2",
@@ -359,6 +361,30 @@ def test_the_fit_cache_key_names_the_split_strength_the_fit_uses(monkeypatch):
     assert "holdout_delta" not in cache_settings(default, blur)["encoder"]
     monkeypatch.setattr(inpaint, "restorer_further", None)
     assert "holdout_delta" not in cache_settings(default, inpaint)["encoder"]
+
+
+def test_dps_settings_come_from_validation_runs_on_the_same_teacher(tmp_path, monkeypatch):
+    """The best validation run of the task and length, counted only where it was tuned on the teacher at hand:
+    runs on another teacher (or recorded before records named theirs) leave the settings untuned."""
+    from benchmarks import restore
+
+    def run(zeta, psnr, model, split="validation", num_steps=restore.DPS_STEPS):
+        return {"task": "inpaint-0.8", "method": "dps", "split": split, "psnr": psnr, "n_images": 16,
+                "settings": {"schedule": "ancestral", "num_steps": num_steps, "zeta": zeta, "sigma_stop": 0.3},
+                **({"model_sha256": model} if model else {})}
+
+    records = [run(0.3, 19.0, "a"), run(1.0, 19.5, "a"), run(3.0, 25.0, "b"), run(10.0, 30.0, None),
+               run(0.1, 40.0, "a", split="test"), run(0.03, 40.0, "a", num_steps=1000)]
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "restore_tuning.json").write_text(json.dumps(records))
+    monkeypatch.setattr(restore, "ROOT", tmp_path)
+    assert restore.dps_settings("inpaint-0.8", model="a")["zeta"] == 1.0
+    assert restore.dps_settings("inpaint-0.8", model="b")["zeta"] == 3.0
+    assert restore.dps_settings("inpaint-0.8", model="c")["tuned_on"] is None
+    assert restore.dps_settings("inpaint-0.8", 1000, "a")["zeta"] == 0.03
+    weights = tmp_path / "teacher"
+    save_file({"w": torch.ones(2)}, str((weights.mkdir(), weights / "model.safetensors")[1]))
+    assert len(restore.model_digest(weights)) == 16
 
 
 def test_published_rows_under_former_names_are_renamed(tmp_path, monkeypatch):
