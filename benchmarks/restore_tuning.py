@@ -4,10 +4,14 @@ saw only the first 20,000; for MRI the held-out subject's last slices, the bench
 
     python -m benchmarks.restore_tuning --task inpaint-0.8 --method latent \
         --grid '{"steps": [10, 30], "lr": [0.1, 0.3]}' [--base '{"restarts": 1}'] [--n-images 16]
+    python -m benchmarks.restore_tuning --task inpaint-0.8 --method posterior-net \
+        --compare '{"holdout_delta": 0.1}' '{"holdout_delta": 0.2}'
 
 Every combination of the ``--grid`` values (over ``--base``, over the defaults) is run on the same
 observations; PSNR, SSIM and seconds per image are appended to benchmarks/results/restore_tuning.json
-(one record per run, with its settings) and printed, one JSON line each.
+(one record per run, with its settings, the model's digest and the per-image PSNRs) and printed, one JSON line
+each. ``--compare A B`` runs nothing: it prints the paired bootstrap 95% interval of B's PSNR minus A's from the
+last records whose settings contain A and B.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from benchmarks.report import RESULTS_DIR
 from benchmarks.restore import ROOT, fitted_encoder, model_digest, observe, scores, validation_images
+from benchmarks.statistics import paired_bootstrap_ci
 from rsd_core.kinds import build_operator
 from rsd_core.restore.encoder import EncoderConfig, load_encoder
 from rsd_core.restore.estimate import LATENT_OPTIMISATION, RestoreConfig, restore_observations
@@ -42,6 +48,26 @@ def posterior_net_config(settings: dict) -> RestoreConfig:
     return RestoreConfig(**restore, encoder=EncoderConfig(**fit))
 
 
+def compare(records: list[dict], task: str, method: str, a: dict, b: dict) -> dict:
+    """B's PSNR minus A's on the same validation images, with its paired bootstrap 95% interval: A and B select the
+    last record of ``task`` and ``method`` whose settings contain them (records carrying per-image PSNRs)."""
+    def last(want: dict) -> dict:
+        found = [r for r in records if r["task"] == task and r["method"] == method and "psnr_per_image" in r
+                 and all(r["settings"].get(k) == v for k, v in want.items())]
+        if not found:
+            raise SystemExit(f"no {method} record of {task} with settings {want} and per-image PSNRs in "
+                             "restore_tuning.json: run the sweep first")
+        return found[-1]
+
+    ra, rb = last(a), last(b)
+    if (ra["n_images"], ra.get("model_sha256")) != (rb["n_images"], rb.get("model_sha256")):
+        raise SystemExit(f"{a} and {b} were not run on the same images and model ({ra['n_images']} / "
+                         f"{rb['n_images']} images, models {ra.get('model_sha256')} / {rb.get('model_sha256')})")
+    pa, pb = np.array(ra["psnr_per_image"]), np.array(rb["psnr_per_image"])
+    return {"task": task, "method": method, "a": a, "b": b, "psnr_a": float(pa.mean()), "psnr_b": float(pb.mean()),
+            "diff": float((pb - pa).mean()), "ci95": paired_bootstrap_ci(pb, pa), "n_images": len(pa)}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", required=True, help="task folder name under --models")
@@ -55,7 +81,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--n-images", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "outputs" / "restore"), help="posterior-net: fits cached here")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                        help="run nothing; print B's PSNR minus A's (JSON settings selecting recorded runs) with its "
+                        "paired bootstrap 95%% interval")
     args = parser.parse_args(argv)
+    results = RESULTS_DIR / "restore_tuning.json"
+    if args.compare:
+        result = compare(json.loads(results.read_text()) if results.exists() else [], args.task, args.method,
+                         *(json.loads(text) for text in args.compare))
+        print(json.dumps(result))
+        return [result]
     torch.set_num_threads(args.threads)
     folder = Path(args.models) / args.task / ("teacher" if args.method == "dps" else "generator")
     net, objective, card = load_model(folder)
@@ -95,9 +130,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             records[-1] |= dict(zip(("psnr_sample", "ssim_sample"),
                                     (float(v.mean()) for v in scores(one, clean)), strict=True))
         print(json.dumps(records[-1]), flush=True)
-    path = RESULTS_DIR / "restore_tuning.json"
-    previous = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(previous + records, indent=1))
+    previous = json.loads(results.read_text()) if results.exists() else []
+    results.write_text(json.dumps(previous + records, indent=1))
     return records
 
 

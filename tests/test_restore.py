@@ -338,6 +338,15 @@ def test_tuning_sweeps_the_posterior_net_fit_on_validation_images(tmp_path, monk
     assert [(r["settings"]["steps"], r["settings"]["encoder"]["steps"]) for r in records] == [(2, 2), (3, 3)]
     assert all(r["split"] == "validation" and r["psnr"] > 0 for r in records)
     assert json.loads((tmp_path / "restore_tuning.json").read_text()) == records
+    # each record names its model and keeps its per-image PSNRs, so that two runs compare as pairs
+    assert {r["model_sha256"] for r in records} == {restore.model_digest(tmp_path / "models/inpaint-0.8/generator")}
+    assert all(abs(sum(r["psnr_per_image"]) / 2 - r["psnr"]) < 1e-3 for r in records)
+    compare = ["--task", "inpaint-0.8", "--method", "posterior-net", "--compare", '{"steps": 2}']
+    [diff] = restore_tuning.main([*compare, '{"steps": 3}'])
+    assert diff["diff"] == pytest.approx(records[1]["psnr"] - records[0]["psnr"], abs=1e-3)
+    assert diff["ci95"][0] <= diff["diff"] <= diff["ci95"][1] and diff["n_images"] == 2
+    with pytest.raises(SystemExit, match="no posterior-net record"):
+        restore_tuning.main([*compare, '{"steps": 4}'])
     # the restoration's own fields land on the restoration, the fit's on the fit (here: the cached 3-step one)
     again = restore_tuning.main(["--task", "inpaint-0.8", "--method", "posterior-net", "--models",
                                  str(tmp_path / "models"), "--n-images", "2", "--grid", '{"consistency_iters": [1, 7]}',
