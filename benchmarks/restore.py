@@ -419,22 +419,25 @@ def save_task_grid(task: str, observed: torch.Tensor, outputs: dict, default: st
 
 def with_published_tasks(result: dict) -> dict:
     """``result`` with the published rows and settings of the tasks it did not run (each task keeps its date; rows
-    published under the former method names are renamed, their ``generator`` alias becomes ``default``)."""
+    published under the former method names are renamed, their ``generator`` alias becomes ``default``), the tasks
+    in :data:`TASKS`' order however they ran."""
     published = ROOT / "benchmarks" / "results" / "restore.json"
-    if not published.exists():
-        return result
-    old = json.loads(published.read_text())
+    old = json.loads(published.read_text()) if published.exists() else {"tasks": [], "task_settings": [], "rows": []}
     kept = [t for t in old["tasks"] if t not in result["tasks"]]
-    if not kept:
-        return result
     dated = [{"date": old["date"], **s} for s in old["task_settings"] if s["task"] in kept]
     aliased = {(r["task"], FORMER_NAMES.get(r["alias_of"], r["alias_of"])) for r in old["rows"]
                if r["method"] == "generator"}
     rows = [{**r, "method": FORMER_NAMES.get(r["method"], r["method"])} for r in old["rows"]
             if r["task"] in kept and r["method"] != "generator"]
     rows = [{**r, "default": r.get("default", (r["task"], r["method"]) in aliased)} for r in rows]
-    return {**result, "rows": rows + result["rows"], "tasks": kept + result["tasks"],
-            "task_settings": dated + result["task_settings"]}
+    order = {task: i for i, task in enumerate(TASKS)}
+
+    def by_task(items: list, task=lambda item: item) -> list:
+        return sorted(items, key=lambda item: order.get(task(item), len(order)))
+
+    return {**result, "rows": by_task(rows + result["rows"], lambda r: r["task"]),
+            "tasks": by_task(kept + result["tasks"]),
+            "task_settings": by_task(dated + result["task_settings"], lambda s: s["task"])}
 
 
 def _interval(row: dict | None, key: str = "psnr") -> str:

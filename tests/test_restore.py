@@ -411,7 +411,7 @@ def test_published_rows_under_former_names_are_renamed(tmp_path, monkeypatch):
     merged = restore.with_published_tasks({"rows": [], "tasks": ["inpaint-0.8"], "task_settings": []})
     assert [(r["method"], r["default"]) for r in merged["rows"]] == [("classical", False),
                                                                      ("posterior-net-generator", True)]
-    assert merged["tasks"] == ["superres-x2", "inpaint-0.8"]
+    assert merged["tasks"] == ["inpaint-0.8", "superres-x2"]  # TASKS' order, not the order they ran in
 
 
 def test_an_updated_config_is_validated_like_a_new_one():
