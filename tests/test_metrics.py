@@ -8,6 +8,7 @@ of images). The in-domain classifier is trained once (about 25 s on one idle thr
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -222,15 +223,31 @@ def classifier() -> classifier_module.ClassifierExtractor:
     return classifier_module.ClassifierExtractor(device="cpu")
 
 
-def test_classifier_is_accurate_and_cached(classifier: classifier_module.ClassifierExtractor) -> None:
+def test_classifier_is_accurate_and_ships(classifier: classifier_module.ClassifierExtractor, tmp_path,
+                                         monkeypatch) -> None:
+    """The clean classifier loads the weights that ship with the package (checked against their recorded sha256),
+    never a machine's own retraining, which would give other features; an altered file is refused."""
     assert classifier.test_accuracy > 0.88
-    assert classifier.weights_path.is_file() and classifier.weights_path.parent.name == "extractors"
+    assert classifier.weights_path.parent == classifier_module.SHIPPED_DIR
+    assert hashlib.sha256(classifier.weights_path.read_bytes()).hexdigest() == classifier.info["weights_sha256"]
     assert "not Inception" in classifier.label
-    again = classifier_module.ClassifierExtractor(cache_dir=classifier.weights_path.parent.parent, device="cpu")
+    monkeypatch.setattr(classifier_module, "_train_classifier", lambda *a, **kw: pytest.fail("retrained"))
+    again = classifier_module.ClassifierExtractor(cache_dir=tmp_path, device="cpu")  # an empty cache
     x = _fashion_test_images(8)
     np.testing.assert_array_equal(again.features(x), classifier.features(x))
     f_rgb = classifier.features(x.expand(-1, 3, -1, -1))
     np.testing.assert_allclose(f_rgb, classifier.features(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_altered_shipped_classifier_is_refused(tmp_path, monkeypatch) -> None:
+    shipped = classifier_module.SHIPPED_DIR
+    for f in shipped.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    weights = next(tmp_path.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    monkeypatch.setattr(classifier_module, "SHIPPED_DIR", tmp_path)
+    with pytest.raises(ValueError, match="sha256 differs"):
+        classifier_module.ClassifierExtractor(device="cpu")
 
 
 def test_classifier_fd_ranks_corruption_severity(classifier: classifier_module.ClassifierExtractor) -> None:

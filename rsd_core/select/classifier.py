@@ -5,6 +5,7 @@ selecting checkpoints does not have (selection defaults to :mod:`rsd_core.select
 true FD of the Fashion-MNIST benchmarks and comparisons of Proximal FD features. Given a ``view`` (a
 corruption), the same CNN is trained on corrupted views of the training images instead, so that its
 features stay discriminative on corrupted images. Images come from :func:`rsd_core.data.sources.fashion_mnist`.
+The clean classifier's weights ship in ``weights/`` (:data:`SHIPPED_DIR`), so its FD is the same on every machine.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ _FASHION_MNIST_TRAIN_SHA256 = (
     "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
     "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
 )
+
+
+# Weights that ship with the package, by extractor id: retrained on another machine (or thread count) the same
+# recipe gives other weights, and FD / KID numbers that do not compare; the clean classifier's ship.
+SHIPPED_DIR = Path(__file__).parent / "weights"
 
 
 def _train_digest(root: Path) -> str:
@@ -202,14 +208,19 @@ class ClassifierExtractor:
                 "(small CNN, 128-d penultimate features; not Inception FID)"
             )
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.weights_path = root / "extractors" / f"{self.id}.safetensors"
+        shipped = SHIPPED_DIR / f"{self.id}.safetensors"
+        self.weights_path = shipped if shipped.is_file() else root / "extractors" / f"{self.id}.safetensors"
         self.info_path = self.weights_path.with_suffix(".json")
         self.device = feature_device(device)
 
         if self.weights_path.is_file() and self.info_path.is_file():
             net = _SmallCNN(self.recipe.channels, self.recipe.feature_dim)
-            net.load_state_dict(load_file(str(self.weights_path)))
             self.info: dict[str, object] = json.loads(self.info_path.read_text())
+            recorded = self.info.get("weights_sha256")
+            if recorded and hashlib.sha256(self.weights_path.read_bytes()).hexdigest() != recorded:
+                raise ValueError(f"{self.weights_path}: sha256 differs from the weights_sha256 in {self.info_path}; "
+                                 "the shipped classifier was altered (a Git LFS pointer?): restore it from the repo")
+            net.load_state_dict(load_file(str(self.weights_path)))
         else:
             net, results = _train_classifier(self.recipe, Path(data_dir), view)
             self.info = {
