@@ -278,10 +278,11 @@ def fitted_encoder(folder: Path, models: Path, task: str, config: RestoreConfig,
                    progress: bool = True) -> tuple[Path, dict]:
     """The task's encoder fitted on its training observations, cached in ``folder`` by settings digest."""
     generator_dir, data = models / task / "generator", open_dataset(str(models / task / "data"))
-    operator = build_operator(read_card(generator_dir).operator)
-    fit = {"encoder": cache_settings(config, operator)["encoder"], "prior_weight": config.prior_weight,
+    card = read_card(generator_dir)
+    fit = {"encoder": cache_settings(config, build_operator(card.operator))["encoder"],
+           "prior_weight": config.prior_weight,
            "sigma_floor": config.sigma_floor}  # what the fit depends on: restoration settings may vary
-    digest = hashlib.sha256(json.dumps({"model": read_card(generator_dir).model_dump(), "data": data.fingerprint,
+    digest = hashlib.sha256(json.dumps({"model": card.model_dump(), "data": data.fingerprint,
                                         "config": fit}, sort_keys=True, default=str).encode())
     path = folder / f"encoder-{digest.hexdigest()[:12]}.safetensors"
     if not path.exists():

@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     clean = validation_images(args.task, args.n_images, tuple(card.image_shape))
     y, state = observe(operator, clean)
     grid, base = json.loads(args.grid), json.loads(args.base)
+    model = model_digest(folder)
     records = []
     for values in itertools.product(*grid.values()):
         settings = {**base, **dict(zip(grid, values, strict=True)), "batch_size": args.n_images}
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         records.append({"task": args.task, "method": args.method, "settings": settings,
                         "psnr": float(per_image.mean()), "ssim": float(per_image_ssim.mean()),
                         "seconds_per_image": seconds, "n_images": len(y), "threads": args.threads,
-                        "split": "validation", "model_sha256": model_digest(folder),
+                        "split": "validation", "model_sha256": model,
                         "psnr_per_image": [round(float(v), 4) for v in per_image]})
         if args.method == "dps":  # psnr / ssim: the mean of the samples; these: the first sample alone
             records[-1] |= dict(zip(("psnr_sample", "ssim_sample"),

@@ -391,9 +391,9 @@ def test_dps_settings_come_from_validation_runs_on_the_same_teacher(tmp_path, mo
     assert restore.dps_settings("inpaint-0.8", model="b")["zeta"] == 3.0
     assert restore.dps_settings("inpaint-0.8", model="c")["tuned_on"] is None
     assert restore.dps_settings("inpaint-0.8", 1000, "a")["zeta"] == 0.03
-    weights = tmp_path / "teacher"
-    save_file({"w": torch.ones(2)}, str((weights.mkdir(), weights / "model.safetensors")[1]))
-    assert len(restore.model_digest(weights)) == 16
+    (tmp_path / "teacher").mkdir()
+    save_file({"w": torch.ones(2)}, str(tmp_path / "teacher" / "model.safetensors"))
+    assert len(restore.model_digest(tmp_path / "teacher")) == 16
 
 
 def test_published_rows_under_former_names_are_renamed(tmp_path, monkeypatch):

@@ -209,7 +209,8 @@ class ClassifierExtractor:
             )
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         shipped = SHIPPED_DIR / f"{self.id}.safetensors"
-        self.weights_path = shipped if shipped.is_file() else root / "extractors" / f"{self.id}.safetensors"
+        ships = shipped.is_file() and shipped.with_suffix(".json").is_file()
+        self.weights_path = shipped if ships else root / "extractors" / f"{self.id}.safetensors"
         self.info_path = self.weights_path.with_suffix(".json")
         self.device = feature_device(device)
 
