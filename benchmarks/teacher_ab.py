@@ -8,7 +8,9 @@ they share the machine's conditions), and is scored like the benchmark's teacher
 35-NFE sampler and the truncation Proximal FD chose, FD and KID on the in-domain classifier's features
 (evaluation only) against the same 1,000 clean images, with images per second of training. A variant is a
 name from ``VARIANTS`` or ``name:section.field=value;...`` (sections ``train`` and ``network``, values as
-YAML). Finished variants are reused (their folders are kept), so variants can be added to a run later.
+YAML; section ``operator`` changes the task's operator spec, e.g. ``operator.delta=0.3``: such a variant trains
+on its own copy of the corrupted dataset, made with the same seed, and is scored against the base dataset's
+references). Finished variants are reused (their folders are kept), so variants can be added to a run later.
 Writes OUT/teacher_ab.json and, unless ``--no-publish``, benchmarks/results/teacher_ab.json and the generated
 table of the "Teacher A/B" section of docs/results.md.
 """
@@ -30,6 +32,7 @@ from benchmarks.report import add_work_args, emit, replace_block
 from benchmarks.restoration import DOC, TASKS, TEACHER_TRAIN, read_times, timed_phase
 from benchmarks.scoring import Scorer, score_teacher
 from rsd_core.config import NetworkConfig
+from rsd_core.data.manifest import parse_spec
 from rsd_core.data.sources import corrupt, fashion_mnist
 from rsd_core.stages import pretrain_stage
 
@@ -56,15 +59,15 @@ def parse_variant(text: str) -> tuple[str, dict[str, dict]]:
                                              "name:section.field=value;...")
         return text, VARIANTS[text]
     name, _, body = text.partition(":")
-    changes: dict[str, dict] = {"train": {}, "network": {}}
+    changes: dict[str, dict] = {"train": {}, "network": {}, "operator": {}}
     for item in filter(None, (p.strip() for p in body.split(";"))):
         key, sep, value = item.partition("=")
         section, _, field = key.partition(".")
         if not sep or section not in changes or not field:
-            raise argparse.ArgumentTypeError(f"variant {name}: {item!r} is not train.FIELD=VALUE or "
-                                             "network.FIELD=VALUE")
+            raise argparse.ArgumentTypeError(f"variant {name}: {item!r} is not train.FIELD=VALUE, "
+                                             "network.FIELD=VALUE or operator.FIELD=VALUE")
         changes[section][field] = yaml.safe_load(value)
-    return name, changes
+    return name, {section: fields for section, fields in changes.items() if fields}
 
 
 def parse_variants(text: str) -> list[tuple[str, dict[str, dict]]]:
@@ -80,16 +83,29 @@ def parse_variants(text: str) -> list[tuple[str, dict[str, dict]]]:
     return [parse_variant(v.strip()) for v in [*items, current] if v.strip()]
 
 
+def corrupted_data(task: str, operator_changes: dict, out: Path, args) -> Path:
+    """The task's corrupted training images at ``out`` (made once): the first ``args.limit`` Fashion-MNIST
+    training images, seed 0, with ``operator_changes`` applied to the task's operator spec."""
+    if not (out / "manifest.json").exists():
+        corrupt(fashion_mnist("train"), {**TASKS[task], **operator_changes}, seed=0, out_uri=str(out),
+                limit=args.limit, clean_eval_count=args.n_eval)
+    return out
+
+
 def run_variant(name: str, changes: dict, data: Path, out: Path, args) -> dict:
-    """Train (or reuse) one variant's teacher for the budget and score it."""
+    """Train (or reuse) one variant's teacher for the budget and score it against ``data``'s references (the
+    base dataset's, also for a variant that trains on its own corrupted copy)."""
+    operator_changes = changes.get("operator", {})
     try:
         train = TEACHER_TRAIN.updated(time_budget_s=args.minutes * 60, seed=args.seed, **changes.get("train", {}))
         network = NetworkConfig().updated(**changes.get("network", {}))
+        parse_spec({**TASKS[args.task], **operator_changes})
     except ValueError as err:
         raise SystemExit(f"variant {name}: {err}") from None
+    train_data = corrupted_data(args.task, operator_changes, out / "data", args) if operator_changes else data
     times = read_times(out)
     timed_phase(out, times, "teacher_s", (out / "teacher" / "model.json").exists(),
-                lambda: pretrain_stage(str(data), network, train, out, progress=not args.quiet))
+                lambda: pretrain_stage(str(train_data), network, train, out, progress=not args.quiet))
     scores_file = out / "scores.json"
     if not scores_file.exists():
         scores_file.write_text(json.dumps(score_teacher(out / "teacher", Scorer(str(data), args.n_eval, args.seed,
@@ -130,10 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     root = Path(args.out) / args.task
-    data = root / "data"
-    if not (data / "manifest.json").exists():
-        corrupt(fashion_mnist("train"), TASKS[args.task], seed=0, out_uri=str(data), limit=args.limit,
-                clean_eval_count=args.n_eval)
+    data = corrupted_data(args.task, {}, root / "data", args)
     rows = []
     for name, changes in args.variants:
         rows.append(run_variant(name, changes, data, root / name, args))

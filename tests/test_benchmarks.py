@@ -4,6 +4,7 @@ phase reuse on a second run, and that ``--no-publish`` leaves the committed resu
 import json
 
 import pytest
+import torch
 
 from benchmarks import distill_ab, extractors, restoration, teacher_ab
 from benchmarks.report import RESULTS_DIR
@@ -121,6 +122,28 @@ def test_teacher_ab_trains_each_variant_for_the_budget_and_scores_it(tmp_path):
     with pytest.raises(SystemExit, match="variant bad"):
         teacher_ab.main(["--variants", "bad:train.batch_size=0", "--limit", "256", "--n-eval", "48", "--no-publish",
                          "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="variant bad.*delta"):
+        teacher_ab.main(["--variants", "bad:operator.delta=1.5", "--limit", "256", "--n-eval", "48", "--no-publish",
+                         "--out", str(tmp_path)])
+
+
+def test_a_teacher_ab_operator_variant_trains_on_its_own_corruption_of_the_same_images(tmp_path):
+    """An ``operator.`` change must reach the teacher (its card's operator), while the observations stay the
+    base's (the same seed) and the scores use the base dataset's references."""
+    from rsd_core.data.reader import open_dataset
+
+    result = teacher_ab.main(["--task", "inpaint-0.8", "--minutes", "0.02", "--limit", "64", "--n-eval", "32",
+                              "--variants", "base,d3:operator.delta=0.3", "--quiet", "--no-publish",
+                              "--out", str(tmp_path)])
+    root = tmp_path / "inpaint-0.8"
+    assert result["rows"][1]["changes"]["operator"] == {"delta": 0.3}
+    card = json.loads((root / "d3" / "teacher" / "model.json").read_text())
+    assert card["operator"]["delta"] == 0.3
+    base_card = json.loads((root / "base" / "teacher" / "model.json").read_text())
+    assert base_card["operator"]["delta"] == 0.1
+    base_obs, base_state, _ = open_dataset(str(root / "data")).read_all()
+    obs, state, _ = open_dataset(str(root / "d3" / "data")).read_all()
+    assert torch.equal(obs, base_obs) and torch.equal(state["mask"], base_state["mask"])
 
 
 def test_the_data_teams_down_sampling_made_in_numpy_is_the_superres_operator():
