@@ -26,11 +26,11 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from benchmarks.report import add_work_args, emit, replace_block
 from benchmarks.restoration import DOC, TASKS, TEACHER_TRAIN, read_times, timed_phase
 from benchmarks.scoring import Scorer, score_teacher
+from benchmarks.variants import parse_variants
 from rsd_core.config import NetworkConfig
 from rsd_core.data.manifest import parse_spec
 from rsd_core.data.sources import corrupt, fashion_mnist
@@ -51,36 +51,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
 }
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, dict]]:
-    """A named variant, or ``name:section.field=value;...``."""
-    if ":" not in text:
-        if text not in VARIANTS:
-            raise argparse.ArgumentTypeError(f"unknown variant {text!r}: one of {', '.join(VARIANTS)} or "
-                                             "name:section.field=value;...")
-        return text, VARIANTS[text]
-    name, _, body = text.partition(":")
-    changes: dict[str, dict] = {"train": {}, "network": {}, "operator": {}}
-    for item in filter(None, (p.strip() for p in body.split(";"))):
-        key, sep, value = item.partition("=")
-        section, _, field = key.partition(".")
-        if not sep or section not in changes or not field:
-            raise argparse.ArgumentTypeError(f"variant {name}: {item!r} is not train.FIELD=VALUE, "
-                                             "network.FIELD=VALUE or operator.FIELD=VALUE")
-        changes[section][field] = yaml.safe_load(value)
-    return name, {section: fields for section, fields in changes.items() if fields}
-
-
-def parse_variants(text: str) -> list[tuple[str, dict[str, dict]]]:
-    """Comma-separated variants; commas inside brackets belong to a value (``network.channel_mult=[1, 2, 2]``)."""
-    items, depth, current = [], 0, ""
-    for ch in text:
-        depth += (ch in "[{") - (ch in "]}")
-        if ch == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += ch
-    return [parse_variant(v.strip()) for v in [*items, current] if v.strip()]
+SECTIONS = ("train", "network", "operator")
 
 
 def corrupted_data(task: str, operator_changes: dict, out: Path, args) -> Path:
@@ -136,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=list(TASKS), default="inpaint-0.8")
     parser.add_argument("--minutes", type=float, default=10.0, help="teacher wall time per variant (default: 10)")
-    parser.add_argument("--variants", type=parse_variants,
+    parser.add_argument("--variants", type=lambda text: parse_variants(text, VARIANTS, SECTIONS),
                         default=[("base", {})], help=f"comma-separated; the first is the base. Named: "
                         f"{', '.join(VARIANTS)}; or name:section.field=value;...")
     parser.add_argument("--limit", type=int, default=20_000, help="corrupted training images (default: 20000)")

@@ -67,11 +67,15 @@ def test_restoration_benchmark_at_a_toy_budget(tmp_path):
     assert _published() == before
 
     # the distillation A/B distils that teacher once per variant at equal steps, and scores each
-    ab = distill_ab.main(["--models", str(tmp_path), "--tasks", "inpaint-0.6", "--variants", "observed,further",
-                          "--steps", "2", "--n-eval", "64", "--out", str(tmp_path / "ab"), "--quiet", "--no-publish"])
+    ab = distill_ab.main(["--models", str(tmp_path), "--tasks", "inpaint-0.6", "--variants",
+                          "observed,further,lr:distill.lr_generator=1e-4", "--steps", "2", "--n-eval", "64",
+                          "--out", str(tmp_path / "ab"), "--quiet", "--no-publish"])
     assert [(r["variant"], r["fake_loss_mask"], r["steps"], r["seed"]) for r in ab["rows"]] == [
-        ("observed", "observed", 2, 0), ("further", "further", 2, 0)]
-    assert [(s["variant"], s["over_observed"]) for s in ab["summary"]][0] == ("observed", 1.0)
+        ("observed", "observed", 2, 0), ("further", "further", 2, 0), ("lr", None, 2, 0)]
+    generator_lr = json.loads((tmp_path / "ab" / "inpaint-0.6" / "lr" / "seed-0" / "timing.json").read_text())
+    assert generator_lr["distill"]["lr_generator"] == 1e-4 and ab["rows"][2]["changes"] == {
+        "distill": {"lr_generator": 1e-4}}
+    assert [(s["variant"], s["over_base"]) for s in ab["summary"]][0] == ("observed", 1.0)
     assert all(r["true_fd"] > 0 for r in ab["rows"]) and len(ab["rows"][0]["true_fd_other_samples"]) == 1
     assert "evaluation only" in ab["extractor"] and (tmp_path / "ab" / "distill_ab.json").exists()
     assert _published() == before
