@@ -13,8 +13,8 @@ For every task (random inpainting: the only operator where the two settings act)
 - ``reference``: both of the reference's choices;
 - ``default``: ``DistillConfig``'s defaults; any other variant is a change of them, as
   ``name:distill.FIELD=VALUE;train.FIELD=VALUE`` (``DistillConfig`` and ``DistillTrainConfig`` fields, e.g.
-  ``lr1e-4:distill.lr_generator=1e-4``). ``--minutes``
-gives every variant the same wall time instead of the same steps (an A/B of quality per CPU-minute).
+  ``lr1e-4:distill.lr_generator=1e-4``).
+``--minutes`` gives every variant the same wall time instead of the same steps (an A/B of quality per CPU-minute).
 Each EMA generator is scored by its FD to the first ``--n-eval`` clean Fashion-MNIST *test* images with the
 clean-trained classifier's features: an evaluation of a design choice, which needs clean images (model
 selection never does). The first variant (the base) is also scored with a second sample seed, so the table shows
@@ -61,8 +61,8 @@ EXTRACTOR = "classifier (clean Fashion-MNIST, evaluation only)"
 def distil_variant(teacher_dir: Path, out: Path, changes: Changes, steps: int, minutes: float | None, seed: int,
                    progress: bool) -> dict:
     """Distil (or resume) one variant: the CPU settings (lr 5e-5, batch 32, the CPU EMA) and DistillConfig's
-    defaults with ``changes``, for ``steps`` steps or, given,
-    ``minutes`` of wall time; returns its wall time, steps and settings."""
+    defaults with ``changes``, for ``steps`` steps or, given, ``minutes`` of wall time; returns its wall time,
+    steps and settings."""
     timing = out / "timing.json"
     if (out / "generator" / "model.json").exists() and timing.exists():
         return json.loads(timing.read_text())
