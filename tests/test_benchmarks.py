@@ -133,7 +133,7 @@ def test_teacher_ab_trains_each_variant_for_the_budget_and_scores_it(tmp_path):
 
 def test_a_teacher_ab_operator_variant_trains_on_its_own_corruption_of_the_same_images(tmp_path):
     """An ``operator.`` change must reach the teacher (its card's operator), while the observations stay the
-    base's (the same seed) and the scores use the base dataset's references."""
+    base's (the same seed), so the arms differ in the operator alone."""
     from rsd_core.data.reader import open_dataset
 
     result = teacher_ab.main(["--task", "inpaint-0.8", "--minutes", "0.02", "--limit", "64", "--n-eval", "32",
