@@ -58,6 +58,7 @@ from rsd_core.presets import (
     CPU_MRI_DISTILL_TRAIN,
     CPU_MRI_NETWORK,
     CPU_MRI_TEACHER,
+    CPU_NETWORK_ATTENTION_8,
     cpu_mri_operator,
 )
 from rsd_core.stages import (
@@ -101,7 +102,7 @@ FMNIST_DISTILL_TRAIN = DistillTrainConfig(steps=10_000_000, batch_size=32,
                                           ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0,
                                           checkpoint_every=50, keep_checkpoints=1)
 TASKS = {
-    "inpaint-0.8": Task(source="fashion-mnist", operator=InpaintSpec(p=0.8, delta=0.1), network=NetworkConfig(),
+    "inpaint-0.8": Task(source="fashion-mnist", operator=InpaintSpec(p=0.8, delta=0.1), network=CPU_NETWORK_ATTENTION_8,
                         teacher=FMNIST_TEACHER, distill_train=FMNIST_DISTILL_TRAIN,
                         distill=DistillConfig(lr_fake=5e-5, lr_generator=5e-5), n_eval=1000, floor_split="test"),
     "mri-r4": Task(source="brain-mri", operator=cpu_mri_operator(4.0), network=CPU_MRI_NETWORK,

@@ -51,6 +51,7 @@ from rsd_core.presets import (
     CPU_MRI_DISTILL_TRAIN,
     CPU_MRI_NETWORK,
     CPU_MRI_TEACHER,
+    CPU_NETWORK_ATTENTION_8,
     cpu_mri_operator,
 )
 from rsd_core.select.classifier import ClassifierExtractor
@@ -98,7 +99,7 @@ class Domain:
 
 
 DOMAINS = {
-    "fashion-mnist/inpaint-0.6": Domain("fashion-mnist", InpaintSpec(p=0.6, delta=0.1), NetworkConfig(),
+    "fashion-mnist/inpaint-0.6": Domain("fashion-mnist", InpaintSpec(p=0.6, delta=0.1), CPU_NETWORK_ATTENTION_8,
                                         FMNIST_TEACHER, _FMNIST_DISTILL,
                                         DistillConfig(lr_fake=5e-5, lr_generator=5e-5), "classifier"),
     "brain-mri/mri-r4": Domain("brain-mri", cpu_mri_operator(4.0), CPU_MRI_NETWORK,
@@ -107,7 +108,7 @@ DOMAINS = {
                                                              keep_checkpoints=1000, lr_drop_at=None,
                                                              time_budget_s=None),
                                CPU_MRI_DISTILL, "inception"),
-    "skimage-patches/superres-2": Domain("skimage-patches", SuperResSpec(factor=2), NetworkConfig(),
+    "skimage-patches/superres-2": Domain("skimage-patches", SuperResSpec(factor=2), CPU_NETWORK_ATTENTION_8,
                                          FMNIST_TEACHER, _FMNIST_DISTILL,
                                          DistillConfig(lr_fake=5e-5, lr_generator=5e-5), "inception"),
 }
