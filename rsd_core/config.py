@@ -31,8 +31,8 @@ class NetworkConfig(Spec):
     # Lists, not tuples: Flyte types list fields of the configs its tasks pass, and warns about tuple ones.
     channel_mult: list[int] = Field([1, 2, 4], min_length=1)
     num_blocks: int = 1
-    # No self-attention by default: at 32x32 on a CPU core, attention at 8x8 costs ~14% of the images/s and never
-    # won an equal-wall-time A/B (docs/results.md, "Teacher A/B").
+    # No self-attention by default: at 32x32 on a CPU core, attention at 8x8 slows every step and never won an
+    # equal-wall-time A/B (docs/results.md, "Teacher A/B").
     attn_resolutions: list[int] = []
     dropout: float = 0.0
     sigma_data: float = 0.5
