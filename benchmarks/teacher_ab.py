@@ -56,10 +56,11 @@ SECTIONS = ("train", "network", "operator")
 
 def corrupted_data(task: str, operator_changes: dict, out: Path, args) -> Path:
     """The task's corrupted training images at ``out`` (made once): the first ``args.limit`` Fashion-MNIST
-    training images, seed 0, with ``operator_changes`` applied to the task's operator spec."""
+    training images, seed 0, with ``operator_changes`` applied to the task's operator spec. Only the base dataset
+    (no changes) writes the clean evaluation split: every variant is scored against it."""
     if not (out / "manifest.json").exists():
         corrupt(fashion_mnist("train"), {**TASKS[task], **operator_changes}, seed=0, out_uri=str(out),
-                limit=args.limit, clean_eval_count=args.n_eval)
+                limit=args.limit, clean_eval_count=0 if operator_changes else args.n_eval)
     return out
 
 
