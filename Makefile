@@ -5,7 +5,7 @@ SCRATCH := $(CURDIR)/.flyte-tmp
 
 .PHONY: help setup demo test test-slow lint bench-throughput bench-sampling bench-frechet bench-eigenspace bench-restoration \
 	bench-faults bench-streaming bench-restore bench-distill-ab teacher-smoke \
-	bench-long-run bench-teacher-ab bench-references bench-serving bench-selection-domains
+	bench-long-run bench-teacher-ab bench-posthoc-ema bench-references bench-serving bench-selection-domains
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -56,6 +56,9 @@ bench-references: setup  ## the clean model and the floor beside the restoration
 
 bench-teacher-ab: setup  ## teacher variants at equal wall time (10 min each) on inpainting p = 0.8
 	$(PY) -m benchmarks.teacher_ab --task inpaint-0.8 --minutes 10 --variants base,batch32-rampup50 --threads 1
+
+bench-posthoc-ema: setup  ## the teacher's EMA length chosen after training by Proximal FD (10 min, then six teachers scored)
+	$(PY) -m benchmarks.posthoc_ema --task inpaint-0.8 --minutes 10 --threads 1
 
 bench-long-run: setup  ## inpainting p = 0.8 teacher + student and the clean reference, 10-60 min points (~2.5 h, 2 cores)
 	$(PY) -m benchmarks.long_run --task inpaint-0.8 --variant clean --distill-minutes "" --threads 1 --quiet & \

@@ -67,6 +67,10 @@ class LoopConfig(Spec):
     lr_drop_factor: float = 0.25
     ema_halflife_nimg: float = 50_000.0
     ema_rampup_ratio: float | None = 0.05
+    # Power-function EMAs kept beside the EMA above, one per relative standard deviation, saved with every
+    # checkpoint, so that any other EMA length can be reconstructed after training (EDM2's post-hoc EMA,
+    # rsd_core.train.posthoc_ema). Empty = none; EDM2 keeps [0.05, 0.10].
+    power_ema_sigma_rels: list[float] = []
     checkpoint_every: int = 250
     keep_checkpoints: int = 0
     max_nonfinite_in_row: int = 20
@@ -90,6 +94,16 @@ class LoopConfig(Spec):
     def _check_lr_drop_at(cls, value: float | None) -> float | None:
         if value is not None and not 0.0 < value < 1.0:
             raise ValueError(f"lr_drop_at is a fraction of the run and must be in (0, 1), got {value}")
+        return value
+
+    @field_validator("power_ema_sigma_rels")
+    @classmethod
+    def _check_sigma_rels(cls, value: list[float]) -> list[float]:
+        for sigma_rel in value:
+            if not 0.0 < sigma_rel < 12 ** -0.5:
+                raise ValueError(f"power_ema_sigma_rels: each must be in (0, 0.288), got {sigma_rel}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"power_ema_sigma_rels has repeated values: {value}")
         return value
 
     @field_validator("lr_drop_factor")

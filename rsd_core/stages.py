@@ -23,9 +23,16 @@ from rsd_core.data.streaming import StreamSource
 from rsd_core.kinds import build_operator, default_sigma_stop, objective_for
 from rsd_core.operators import Operator
 from rsd_core.train.distill import DistillPhase, OneStepGenerator, distill
-from rsd_core.train.loop import CheckpointCallback, MetricsCallback, TrainResult, load_module_weights, world
+from rsd_core.train.loop import (
+    CheckpointCallback,
+    MetricsCallback,
+    TrainResult,
+    load_module_weights,
+    world,
+)
 from rsd_core.train.networks import EDMPrecond
 from rsd_core.train.objectives import Objective
+from rsd_core.train.posthoc_ema import SNAPSHOT_DIR, list_snapshots, reconstruct_ema
 from rsd_core.train.pretrain import build_teacher, pretrain_teacher
 from rsd_core.train.sampling import OneStepSampler, Sampler, TeacherSampler
 
@@ -134,6 +141,18 @@ def pretrain_stage(
                      objective=objective.name, sigma_stop=default_sigma_stop(spec), dataset_fingerprint=fingerprint,
                      steps=result.steps, metrics=result.metrics, code_version=code_version)
     return save_model(Path(out_dir) / "teacher", phase.ema, card, objective.operator), result
+
+
+def posthoc_ema_teacher(out_dir: str | Path, sigma_rel: float, folder: str | Path, at_step: int | None = None) -> Path:
+    """The teacher that :func:`pretrain_stage` trained in ``out_dir`` (with ``power_ema_sigma_rels``), averaged
+    after training with another EMA length ``sigma_rel`` (EDM2's post-hoc EMA), saved as a model in ``folder``;
+    its card's metrics record the length and the step."""
+    net, objective, card = load_model(Path(out_dir) / "teacher")
+    snapshots = list_snapshots(Path(out_dir) / PRETRAIN_DIR / SNAPSHOT_DIR)
+    state, made_from = reconstruct_ema(snapshots, "ema", sigma_rel, at_step)
+    net.load_state_dict(state)
+    metrics = {**card.metrics, "posthoc_sigma_rel": sigma_rel, "posthoc_step": float(made_from["step"])}
+    return save_model(folder, net, card.model_copy(update={"metrics": metrics}), objective.operator)
 
 
 def distill_stage(

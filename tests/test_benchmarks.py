@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import distill_ab, extractors, restoration, teacher_ab
+from benchmarks import distill_ab, extractors, posthoc_ema, restoration, teacher_ab
 from benchmarks.report import RESULTS_DIR
 
 ISSUE_KEYS = {"task", "teacher_fd", "teacher_sampler", "teacher_fd_full", "teacher_fd_truncated", "student_fd",
@@ -148,6 +148,33 @@ def test_a_teacher_ab_operator_variant_trains_on_its_own_corruption_of_the_same_
     base_obs, base_state, _ = open_dataset(str(root / "data")).read_all()
     obs, state, _ = open_dataset(str(root / "d3" / "data")).read_all()
     assert torch.equal(obs, base_obs) and torch.equal(state["mask"], base_state["mask"])
+    # only the base dataset carries the clean evaluation split the scores use
+    assert json.loads((root / "data" / "manifest.json").read_text()).get("clean_eval_uri")
+    assert not json.loads((root / "d3" / "data" / "manifest.json").read_text()).get("clean_eval_uri")
+
+
+def test_posthoc_ema_benchmark_scores_each_reconstructed_length(tmp_path):
+    """Each length is a model of its own, made from the run's snapshots (not the ordinary EMA copied), scored, and
+    the choice is the lowest Proximal FD; nothing published moves."""
+    from safetensors.torch import load_file
+
+    before = _published()
+    # 24 s: the first step alone takes seconds (the data readers start), and one step makes every average the same
+    result = posthoc_ema.main(["--task", "inpaint-0.8", "--minutes", "0.4", "--limit", "64", "--n-eval", "32",
+                               "--sigma-rels", "0.05,0.2", "--snapshot-every", "2", "--quiet", "--no-publish",
+                               "--out", str(tmp_path)])
+    run = tmp_path / "inpaint-0.8" / "run"
+    assert result["steps"] >= 4, "too few steps for the averages to differ"
+    assert [r["candidate"] for r in result["rows"]] == ["ema", "post-hoc 0.05", "post-hoc 0.2"]
+    chosen = min(result["rows"][1:], key=lambda r: r["proximal_fd_truncated"])
+    assert result["chosen"] == chosen["candidate"] and result["chosen_fd"] == chosen["fd"]
+    assert "no labels, no clean images" in result["proximal_extractor"]
+    card = json.loads((run / "posthoc-0.05" / "model.json").read_text())
+    assert card["metrics"]["posthoc_sigma_rel"] == 0.05 and card["metrics"]["posthoc_step"] == result["steps"]
+    weights = [load_file(str(run / name / "model.safetensors")) for name in ("teacher", "posthoc-0.05", "posthoc-0.2")]
+    key = max(weights[0], key=lambda k: weights[0][k].numel())
+    assert not torch.equal(weights[0][key], weights[1][key]) and not torch.equal(weights[1][key], weights[2][key])
+    assert _published() == before
 
 
 def test_the_data_teams_down_sampling_made_in_numpy_is_the_superres_operator():

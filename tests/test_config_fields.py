@@ -2,7 +2,8 @@
 
 Training sections (``teacher_train``, ``distill_train``, ``distill``, ``network``): each leaf field is changed
 alone from a tiny baseline, the stage (pretraining or distillation) runs for a few steps, and something it
-produces must differ from the baseline run: the saved weights, the number of steps, or the checkpoints kept.
+produces must differ from the baseline run: the saved weights, the number of steps, the checkpoints kept, or
+the post-hoc EMA snapshots saved.
 A field whose effect a seconds-scale CPU run cannot show is listed in :data:`NOT_SEEN_IN_A_TINY_RUN` with
 its reason and a cheaper check of what the loop does with it. A field in neither table fails.
 
@@ -42,6 +43,7 @@ from rsd_core.kinds import build_operator, get_kind, objective_for, registered_k
 from rsd_core.presets import ConfigError, build_config
 from rsd_core.stages import DISTILL_DIR, PRETRAIN_DIR, distill_stage, pretrain_stage, read_card
 from rsd_core.train.loop import Phase, StepContext, Trainer, TrainingDivergedError, list_checkpoints
+from rsd_core.train.posthoc_ema import SNAPSHOT_DIR, list_snapshots
 
 # --------------------------------------------------------------------------- training sections
 
@@ -75,6 +77,7 @@ LOOP_CHANGES: dict[str, tuple[Any, str]] = {
     "seed": (1, "weights"),
     "precision": ("bf16", "weights"),  # emulated bf16 autocast on a CPU without it: slow, but it runs
     "time_budget_s": (1e-9, "steps"),  # over budget after the first step
+    "power_ema_sigma_rels": ([0.1], "snapshots"),
 }
 CHANGES: dict[str, tuple[Any, str]] = {
     **{f"teacher_train.{name}": change for name, change in LOOP_CHANGES.items()},
@@ -110,11 +113,13 @@ CHANGES: dict[str, tuple[Any, str]] = {
 
 @dataclass(frozen=True)
 class Run:
-    """What a stage produced: the saved model's weights, the steps it ran, the checkpoints it kept."""
+    """What a stage produced: the saved model's weights, the steps it ran, the checkpoints it kept, the post-hoc
+    EMA snapshots it saved."""
 
     weights: dict[str, torch.Tensor]
     steps: int
     checkpoints: tuple[str, ...]
+    snapshots: tuple[str, ...]
     model_dir: Path
 
 
@@ -160,7 +165,8 @@ class Stages:
 
 def _run(model_dir: Path, steps: int, stage_dir: Path) -> Run:
     weights = load_file(str(model_dir / "model.safetensors"))
-    return Run(weights, steps, tuple(p.name for p in list_checkpoints(stage_dir / "checkpoints")), model_dir)
+    return Run(weights, steps, tuple(p.name for p in list_checkpoints(stage_dir / "checkpoints")),
+               tuple(p.name for p in list_snapshots(stage_dir / SNAPSHOT_DIR)), model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +259,7 @@ TRAINING_FIELDS = [f"{section}.{name}" for section, base in BASELINES.items() fo
 def test_the_baseline_runs_are_reproducible(stages: Stages, baselines: dict[str, Run]):
     """An exact comparison means something only if the same config gives the same run to the bit."""
     for again, first in ((stages.pretrain(), baselines["teacher_train"]), (stages.distill(), baselines["distill"])):
-        for observed in ("weights", "steps", "checkpoints"):
+        for observed in ("weights", "steps", "checkpoints", "snapshots"):
             assert not _differs(getattr(again, observed), getattr(first, observed)), observed
 
 

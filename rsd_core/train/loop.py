@@ -1,7 +1,8 @@
 """The training loop that teacher pretraining and distillation share.
 
 A *phase* owns its networks, optimisers and the math of one step; the :class:`Trainer` owns
-everything around it: device and precision, seeding and the RNG stream, lr ramp-up, EMA,
+everything around it: device and precision, seeding and the RNG stream, lr ramp-up, EMA (and, optionally,
+the power-function EMAs of post-hoc EMA with their snapshots),
 gradient clipping and the non-finite guard (through :meth:`StepContext.optimizer_step`),
 checkpoints (safetensors + JSON, atomic) with exact resume, progress reports (rsd_core.train.progress), a time budget,
 and a metrics callback (no tracking library is imported here).
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rsd_core.config import LoopConfig
+from rsd_core.train.posthoc_ema import SNAPSHOT_DIR, gamma_of_sigma_rel, power_ema_beta, power_ema_name, save_snapshot
 from rsd_core.train.progress import TrainingProgress
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -108,6 +110,19 @@ def make_ema(net: nn.Module) -> nn.Module:
     ema = copy.deepcopy(net).eval()
     ema.requires_grad_(False)
     return ema
+
+
+def add_power_emas(phase: Phase, sigma_rels: list[float]) -> dict[str, tuple[nn.Module, nn.Module, float]]:
+    """Beside each of ``phase``'s EMAs, one power-function EMA per ``sigma_rel``, registered as a module of the
+    phase (so checkpoints save and restore it); returns {name: (net, power EMA, gamma)}."""
+    names = {id(module): name for name, module in phase.modules.items()}
+    added = {}
+    for net, ema in phase.ema_pairs:
+        for sigma_rel in sigma_rels:
+            name, power = power_ema_name(names[id(ema)], sigma_rel), make_ema(net)
+            phase.modules[name] = power
+            added[name] = (net, power, gamma_of_sigma_rel(sigma_rel))
+    return added
 
 
 @dataclass
@@ -311,6 +326,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callback = callback
         self.progress = progress
+        self.power_emas = add_power_emas(phase, cfg.power_ema_sigma_rels)
         init_distributed_from_env()
         self.device = resolve_device(cfg.device)
         self.bf16 = use_bf16(cfg.precision, self.device)
@@ -353,6 +369,8 @@ class Trainer:
             result.checkpoints.append(str(path))
             return
         extra = {"metrics": metrics, "nonfinite_skipped": result.nonfinite_skipped, "lr_scale": self.lr_scale}
+        if self.power_emas:  # before the checkpoint: a run resumed from it has every snapshot up to its step
+            save_snapshot(self.out_dir / SNAPSHOT_DIR, step, {n: m for n, (_, m, _) in self.power_emas.items()})
         save_checkpoint(path, self.phase, step, self.rng, extra)
         result.checkpoints.append(str(path))
         if self.cfg.keep_checkpoints > 0:
@@ -387,7 +405,7 @@ class Trainer:
         t0 = time.perf_counter()
         report = TrainingProgress(self.phase.name, start_step, cfg.steps, cfg.batch_size, cfg.time_budget_s,
                                   enabled=self.progress and self.rank == 0)
-        emas = {id(e) for _, e in self.phase.ema_pairs}
+        emas = {id(e) for _, e in self.phase.ema_pairs} | {id(e) for _, e, _ in self.power_emas.values()}
         for module in self.phase.modules.values():
             module.train(id(module) not in emas)
         done = start_step
@@ -411,6 +429,8 @@ class Trainer:
                 beta = ema_beta(cfg.batch_size, seen, cfg.ema_halflife_nimg, cfg.ema_rampup_ratio)
                 for net, ema in self.phase.ema_pairs:
                     ema_update(ema, net, beta)
+                for net, power, gamma in self.power_emas.values():  # t counts steps, skipped ones included
+                    ema_update(power, net, power_ema_beta(step + 1, gamma))
             metrics = {**metrics, "nonfinite_skipped": float(result.nonfinite_skipped), "lr_scale": self.lr_scale}
             if self.callback is not None and self.rank == 0:
                 self.callback(step + 1, metrics)
