@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 from rsd_core.presets import PRESETS, ConfigError, build_config  # noqa: E402
-from rsd_core.train.loop import ema_beta  # noqa: E402
+from rsd_core.train.ema import ema_beta  # noqa: E402
 from tests.cli import BIN, rsd, rsd_streams  # noqa: E402
 
 

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from rsd_core.config import TrainConfig
-from rsd_core.train.loop import ema_update, list_checkpoints
+from rsd_core.train.ema import ema_update
+from rsd_core.train.loop import list_checkpoints
 from rsd_core.train.posthoc_ema import (
     SNAPSHOT_DIR,
     gamma_of_sigma_rel,

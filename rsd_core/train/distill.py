@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from rsd_core.config import DistillConfig, DistillTrainConfig
-from rsd_core.train.loop import CheckpointCallback, MetricsCallback, Phase, StepContext, Trainer, TrainResult, make_ema
+from rsd_core.train.ema import make_ema
+from rsd_core.train.loop import CheckpointCallback, MetricsCallback, Phase, StepContext, Trainer, TrainResult
 from rsd_core.train.networks import EDMPrecond
 from rsd_core.train.objectives import AmbientDiffusionObjective, FourierAmbientObjective, Objective
 from rsd_core.train.sampling import RHO, SIGMA_MAX, SIGMA_MIN, generate

@@ -1,8 +1,7 @@
 """The training loop that teacher pretraining and distillation share.
 
 A *phase* owns its networks, optimisers and the math of one step; the :class:`Trainer` owns
-everything around it: device and precision, seeding and the RNG stream, lr ramp-up, EMA (and, optionally,
-the power-function EMAs of post-hoc EMA with their snapshots),
+everything around it: device and precision, seeding and the RNG stream, lr ramp-up, EMAs (rsd_core.train.ema),
 gradient clipping and the non-finite guard (through :meth:`StepContext.optimizer_step`),
 checkpoints (safetensors + JSON, atomic) with exact resume, progress reports (rsd_core.train.progress), a time budget,
 and a metrics callback (no tracking library is imported here).
@@ -10,7 +9,6 @@ and a metrics callback (no tracking library is imported here).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -26,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rsd_core.config import LoopConfig
-from rsd_core.train.posthoc_ema import SNAPSHOT_DIR, gamma_of_sigma_rel, power_ema_beta, power_ema_name, save_snapshot
+from rsd_core.train.ema import add_power_emas, ema_beta, ema_update
+from rsd_core.train.posthoc_ema import SNAPSHOT_DIR, power_ema_beta, save_snapshot
 from rsd_core.train.progress import TrainingProgress
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -88,41 +87,6 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return cpu_supports_bf16()
-
-
-def ema_beta(batch_size: int, images_seen: int, halflife_nimg: float, rampup_ratio: float | None) -> float:
-    """EMA decay per step for a half-life in images, with EDM's ramp-up (halflife <= ratio * seen)."""
-    halflife = halflife_nimg
-    if rampup_ratio is not None:
-        halflife = min(halflife, images_seen * rampup_ratio)
-    return 0.5 ** (batch_size / max(halflife, 1e-8))
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, net: nn.Module, beta: float) -> None:
-    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
-        p_ema.lerp_(p.detach(), 1.0 - beta)
-    for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
-        b_ema.copy_(b)
-
-
-def make_ema(net: nn.Module) -> nn.Module:
-    ema = copy.deepcopy(net).eval()
-    ema.requires_grad_(False)
-    return ema
-
-
-def add_power_emas(phase: Phase, sigma_rels: list[float]) -> dict[str, tuple[nn.Module, nn.Module, float]]:
-    """Beside each of ``phase``'s EMAs, one power-function EMA per ``sigma_rel``, registered as a module of the
-    phase (so checkpoints save and restore it); returns {name: (net, power EMA, gamma)}."""
-    names = {id(module): name for name, module in phase.modules.items()}
-    added = {}
-    for net, ema in phase.ema_pairs:
-        for sigma_rel in sigma_rels:
-            name, power = power_ema_name(names[id(ema)], sigma_rel), make_ema(net)
-            phase.modules[name] = power
-            added[name] = (net, power, gamma_of_sigma_rel(sigma_rel))
-    return added
 
 
 @dataclass
@@ -326,7 +290,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callback = callback
         self.progress = progress
-        self.power_emas = add_power_emas(phase, cfg.power_ema_sigma_rels)
+        self.power_emas = add_power_emas(phase.modules, phase.ema_pairs, cfg.power_ema_sigma_rels)
         init_distributed_from_env()
         self.device = resolve_device(cfg.device)
         self.bf16 = use_bf16(cfg.precision, self.device)

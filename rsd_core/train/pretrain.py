@@ -10,7 +10,8 @@ import torch
 
 from rsd_core.config import NetworkConfig, TrainConfig
 from rsd_core.operators import State
-from rsd_core.train.loop import CheckpointCallback, MetricsCallback, Phase, StepContext, Trainer, TrainResult, make_ema
+from rsd_core.train.ema import make_ema
+from rsd_core.train.loop import CheckpointCallback, MetricsCallback, Phase, StepContext, Trainer, TrainResult
 from rsd_core.train.networks import EDMPrecond, build_unet
 from rsd_core.train.objectives import Objective
 
