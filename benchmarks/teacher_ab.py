@@ -104,34 +104,49 @@ def write_doc(result: dict) -> None:
     replace_block(DOC, BEGIN, END, lines, "## Teacher A/B at equal wall time")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_teacher_run_args(parser: argparse.ArgumentParser, name: str, minutes_help: str) -> None:
+    """The arguments of a benchmark that trains teachers on one task's corrupted images (this one, the post-hoc
+    EMA's): the task, the minutes, the training images, the samples per score and the work arguments."""
     parser.add_argument("--task", choices=list(TASKS), default="inpaint-0.8")
-    parser.add_argument("--minutes", type=float, default=10.0, help="teacher wall time per variant (default: 10)")
-    parser.add_argument("--variants", type=lambda text: parse_variants(text, VARIANTS, SECTIONS),
-                        default=[("base", {})], help=f"comma-separated; the first is the base. Named: "
-                        f"{', '.join(VARIANTS)}; or name:section.field=value;...")
+    parser.add_argument("--minutes", type=float, default=10.0, help=minutes_help)
     parser.add_argument("--limit", type=int, default=20_000, help="corrupted training images (default: 20000)")
     parser.add_argument("--n-eval", type=int, default=1000, help="samples per score (default: 1000)")
-    add_work_args(parser, ROOT / "outputs" / "teacher_ab", "benchmarks/results, docs/results.md")
-    args = parser.parse_args(argv)
+    add_work_args(parser, ROOT / "outputs" / name, "benchmarks/results, docs/results.md")
+
+
+def task_data(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(the task's work folder, its corrupted training images), with ``--threads`` applied first."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     root = Path(args.out) / args.task
-    data = corrupted_data(args.task, {}, root / "data", args)
+    return root, corrupted_data(args.task, {}, root / "data", args)
+
+
+def run_header(name: str, args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """What every result of such a benchmark starts with: the run's settings, features, date, machine, command."""
+    from rsd_core.select.classifier import ClassifierExtractor
+
+    return {"task": args.task, "minutes": args.minutes, "n_eval": args.n_eval, "limit": args.limit,
+            "extractor": ClassifierExtractor().label, "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
+            "command": f"python -m benchmarks.{name} " + " ".join(argv if argv is not None else sys.argv[1:])}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_teacher_run_args(parser, "teacher_ab", "teacher wall time per variant (default: 10)")
+    parser.add_argument("--variants", type=lambda text: parse_variants(text, VARIANTS, SECTIONS),
+                        default=[("base", {})], help=f"comma-separated; the first is the base. Named: "
+                        f"{', '.join(VARIANTS)}; or name:section.field=value;...")
+    args = parser.parse_args(argv)
+    root, data = task_data(args)
     rows = []
     for name, changes in args.variants:
         rows.append(run_variant(name, changes, data, root / name, args))
         r = rows[-1]
         print(f"[teacher_ab] {name}: {r['steps']} steps, {r['images_per_s']:.1f} images/s, FD {r['fd']:.1f} "
               f"({r['sampler']}), KID {r['kid']:.3f} +- {r['kid_std']:.3f}", flush=True)
-    from rsd_core.select.classifier import ClassifierExtractor
-
-    result = {"task": args.task, "minutes": args.minutes, "n_eval": args.n_eval, "limit": args.limit,
-              "extractor": ClassifierExtractor().label, "date": datetime.date.today().isoformat(),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}",
-              "command": "python -m benchmarks.teacher_ab " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "rows": rows}
+    result = {**run_header("teacher_ab", args, argv), "rows": rows}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "teacher_ab.json").write_text(json.dumps(result, indent=1))
     if not args.publish:
