@@ -59,6 +59,10 @@ VARIANT_TASKS = {"blur-noise-0.2-reflect": {**TASKS["blur-noise-0.2"], "kernel":
 # The teacher's training settings of every Fashion-MNIST task (the time budget is set per run).
 TEACHER_TRAIN = TrainConfig(steps=1_000_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, grad_clip=1.0,
                             ema_halflife_nimg=10_000, checkpoint_every=500, keep_checkpoints=1)
+# The distillation's (time budget, checkpoint interval, lr drop and seed set per run).
+DISTILL_TRAIN = DistillTrainConfig(steps=1_000_000, batch_size=32, ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
+                                   ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0)
+DISTILL = DistillConfig(lr_fake=5e-5, lr_generator=5e-5)
 
 
 def read_times(out: Path) -> dict:
@@ -97,13 +101,10 @@ def train_models(spec: dict, out: Path, *, budget: float, distill_budget: float 
                 lambda: pretrain_stage(str(data), NetworkConfig(), teacher_train, out, progress=progress))
     if distill_budget is None:
         return times
-    distill_train = DistillTrainConfig(steps=1_000_000, batch_size=32, ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
-                                ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0,
-                                checkpoint_every=checkpoint_every, time_budget_s=distill_budget * 60,
-                                lr_drop_at=lr_drop_at, lr_drop_factor=lr_drop_factor, seed=seed)
+    distill_train = DISTILL_TRAIN.updated(checkpoint_every=checkpoint_every, time_budget_s=distill_budget * 60,
+                                          lr_drop_at=lr_drop_at, lr_drop_factor=lr_drop_factor, seed=seed)
     timed_phase(out, times, "distill_s", (out / "generator" / "model.json").exists(),
-                lambda: distill_stage(teacher_dir, distill_train, DistillConfig(lr_fake=5e-5, lr_generator=5e-5),
-                                      out, progress=progress))
+                lambda: distill_stage(teacher_dir, distill_train, DISTILL, out, progress=progress))
     return times
 
 

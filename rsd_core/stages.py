@@ -143,14 +143,21 @@ def pretrain_stage(
     return save_model(Path(out_dir) / "teacher", phase.ema, card, objective.operator), result
 
 
-def posthoc_ema_teacher(out_dir: str | Path, sigma_rel: float, folder: str | Path, at_step: int | None = None) -> Path:
-    """The teacher that :func:`pretrain_stage` trained in ``out_dir`` (with ``power_ema_sigma_rels``), averaged
-    after training with another EMA length ``sigma_rel`` (EDM2's post-hoc EMA), saved as a model in ``folder``;
-    its card's metrics record the length and the step."""
-    net, objective, card = load_model(Path(out_dir) / "teacher")
-    snapshots = list_snapshots(Path(out_dir) / PRETRAIN_DIR / SNAPSHOT_DIR)
-    state, made_from = reconstruct_ema(snapshots, "ema", sigma_rel, at_step)
-    net.load_state_dict(state)
+# What a post-hoc EMA of each saved model is made from: the stage's folder under ``out_dir``, the name of the EMA
+# whose power-function EMAs the snapshots hold, and the prefix of the saved network's weights in that module.
+POSTHOC_SOURCES = {"teacher": (PRETRAIN_DIR, "ema", ""), "generator": (DISTILL_DIR, "generator_ema", "net.")}
+
+
+def posthoc_ema(out_dir: str | Path, sigma_rel: float, folder: str | Path, kind: Literal["teacher", "generator"]
+                = "teacher", at_step: int | None = None) -> Path:
+    """The teacher that :func:`pretrain_stage`, or the generator that :func:`distill_stage`, trained in ``out_dir``
+    (with ``power_ema_sigma_rels``), averaged after training with another EMA length ``sigma_rel`` (EDM2's post-hoc
+    EMA), saved as a model in ``folder``; its card's metrics record the length and the step."""
+    stage_dir, ema_name, prefix = POSTHOC_SOURCES[kind]
+    net, objective, card = load_model(Path(out_dir) / kind)
+    snapshots = list_snapshots(Path(out_dir) / stage_dir / SNAPSHOT_DIR)
+    state, made_from = reconstruct_ema(snapshots, ema_name, sigma_rel, at_step)
+    net.load_state_dict({key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)})
     metrics = {**card.metrics, "posthoc_sigma_rel": sigma_rel, "posthoc_step": float(made_from["step"])}
     return save_model(folder, net, card.model_copy(update={"metrics": metrics}), objective.operator)
 

@@ -155,25 +155,31 @@ def test_a_teacher_ab_operator_variant_trains_on_its_own_corruption_of_the_same_
 
 def test_posthoc_ema_benchmark_scores_each_reconstructed_length(tmp_path):
     """Each length is a model of its own, made from the run's snapshots (not the ordinary EMA copied), scored, and
-    the choice is the lowest Proximal FD; nothing published moves."""
+    the choice is the lowest Proximal FD, for the teacher and for the generator distilled from it; nothing
+    published moves."""
     from safetensors.torch import load_file
 
     before = _published()
     # 24 s: the first step alone takes seconds (the data readers start), and one step makes every average the same
     result = posthoc_ema.main(["--task", "inpaint-0.8", "--minutes", "0.4", "--limit", "64", "--n-eval", "32",
-                               "--sigma-rels", "0.05,0.2", "--snapshot-every", "2", "--quiet", "--no-publish",
-                               "--out", str(tmp_path)])
+                               "--sigma-rels", "0.05,0.2", "--snapshot-every", "2", "--distill-minutes", "0.3",
+                               "--quiet", "--no-publish", "--out", str(tmp_path)])
     run = tmp_path / "inpaint-0.8" / "run"
-    assert result["steps"] >= 4, "too few steps for the averages to differ"
-    assert [r["candidate"] for r in result["rows"]] == ["ema", "post-hoc 0.05", "post-hoc 0.2"]
-    chosen = min(result["rows"][1:], key=lambda r: r["proximal_fd_truncated"])
-    assert result["chosen"] == chosen["candidate"] and result["chosen_fd"] == chosen["fd"]
     assert "no labels, no clean images" in result["proximal_extractor"]
-    card = json.loads((run / "posthoc-0.05" / "model.json").read_text())
-    assert card["metrics"]["posthoc_sigma_rel"] == 0.05 and card["metrics"]["posthoc_step"] == result["steps"]
-    weights = [load_file(str(run / name / "model.safetensors")) for name in ("teacher", "posthoc-0.05", "posthoc-0.2")]
-    key = max(weights[0], key=lambda k: weights[0][k].numel())
-    assert not torch.equal(weights[0][key], weights[1][key]) and not torch.equal(weights[1][key], weights[2][key])
+    for kind, part, proximal in (("teacher", result, "proximal_fd_truncated"),
+                                 ("generator", result["distill"], "proximal_fd")):
+        folders = ["posthoc-0.05", "posthoc-0.2"] if kind == "teacher" else ["generator-posthoc-0.05",
+                                                                           "generator-posthoc-0.2"]
+        assert part["steps"] >= 4, f"{kind}: too few steps for the averages to differ"
+        assert [r["candidate"] for r in part["rows"]] == ["ema", "post-hoc 0.05", "post-hoc 0.2"]
+        chosen = min(part["rows"][1:], key=lambda r: r[proximal])
+        assert part["chosen"] == chosen["candidate"] and part["chosen_fd"] == chosen["fd"]
+        card = json.loads((run / folders[0] / "model.json").read_text())
+        assert card["kind"] == kind
+        assert card["metrics"]["posthoc_sigma_rel"] == 0.05 and card["metrics"]["posthoc_step"] == part["steps"]
+        weights = [load_file(str(run / name / "model.safetensors")) for name in (kind, *folders)]
+        key = max(weights[0], key=lambda k: weights[0][k].numel())
+        assert not torch.equal(weights[0][key], weights[1][key]) and not torch.equal(weights[1][key], weights[2][key])
     assert _published() == before
 
 
