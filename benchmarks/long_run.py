@@ -47,13 +47,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.report import add_work_args, replace_block
+from benchmarks.restoration import DISTILL, DISTILL_TRAIN, TEACHER_TRAIN
 from benchmarks.scoring import Scorer, floor_distances, score_student, score_teacher
 from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, OperatorSpec, TrainConfig
 from rsd_core.data.sources import corrupt
 from rsd_core.operators import IdentitySpec, InpaintSpec
 from rsd_core.presets import (
-    CPU_DISTILL_EMA_HALFLIFE_NIMG,
-    CPU_DISTILL_EMA_RAMPUP_RATIO,
     CPU_MRI_DISTILL,
     CPU_MRI_DISTILL_TRAIN,
     CPU_MRI_NETWORK,
@@ -95,16 +94,12 @@ class Task:
 # The restoration benchmark's settings (inpainting) and the cpu-mri preset's (MRI), with two changes a run cut
 # into segments needs: no time-based lr drop (it is measured per segment, so it would fire in the first one),
 # and frequent checkpoints (a kill loses at most one interval).
-FMNIST_TEACHER = TrainConfig(steps=10_000_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, grad_clip=1.0,
-                              ema_halflife_nimg=10_000, checkpoint_every=100, keep_checkpoints=1)
-FMNIST_DISTILL_TRAIN = DistillTrainConfig(steps=10_000_000, batch_size=32,
-                                          ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
-                                          ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0,
-                                          checkpoint_every=50, keep_checkpoints=1)
+FMNIST_TEACHER = TEACHER_TRAIN.updated(steps=10_000_000, checkpoint_every=100)
+FMNIST_DISTILL_TRAIN = DISTILL_TRAIN.updated(steps=10_000_000, checkpoint_every=50, keep_checkpoints=1)
 TASKS = {
     "inpaint-0.8": Task(source="fashion-mnist", operator=InpaintSpec(p=0.8, delta=0.1), network=CPU_NETWORK_ATTENTION_8,
                         teacher=FMNIST_TEACHER, distill_train=FMNIST_DISTILL_TRAIN,
-                        distill=DistillConfig(lr_fake=5e-5, lr_generator=5e-5), n_eval=1000, floor_split="test"),
+                        distill=DISTILL, n_eval=1000, floor_split="test"),
     "mri-r4": Task(source="brain-mri", operator=cpu_mri_operator(4.0), network=CPU_MRI_NETWORK,
                    teacher=CPU_MRI_TEACHER.updated(steps=10_000_000, checkpoint_every=100, keep_checkpoints=1,
                                                    time_budget_s=None),

@@ -42,6 +42,7 @@ import torch
 
 from benchmarks.long_run import FMNIST_DISTILL_TRAIN, FMNIST_TEACHER
 from benchmarks.report import add_work_args, emit, replace_block
+from benchmarks.restoration import DISTILL
 from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, OperatorSpec, TrainConfig
 from rsd_core.data.reader import open_dataset
 from rsd_core.data.sources import corrupt
@@ -101,7 +102,7 @@ class Domain:
 DOMAINS = {
     "fashion-mnist/inpaint-0.6": Domain("fashion-mnist", InpaintSpec(p=0.6, delta=0.1), CPU_NETWORK_ATTENTION_8,
                                         FMNIST_TEACHER, _FMNIST_DISTILL,
-                                        DistillConfig(lr_fake=5e-5, lr_generator=5e-5), "classifier"),
+                                        DISTILL, "classifier"),
     "brain-mri/mri-r4": Domain("brain-mri", cpu_mri_operator(4.0), CPU_MRI_NETWORK,
                                CPU_MRI_TEACHER.updated(steps=10_000_000, time_budget_s=None),
                                CPU_MRI_DISTILL_TRAIN.updated(steps=10_000_000, checkpoint_every=10,
@@ -110,7 +111,7 @@ DOMAINS = {
                                CPU_MRI_DISTILL, "inception"),
     "skimage-patches/superres-2": Domain("skimage-patches", SuperResSpec(factor=2), CPU_NETWORK_ATTENTION_8,
                                          FMNIST_TEACHER, _FMNIST_DISTILL,
-                                         DistillConfig(lr_fake=5e-5, lr_generator=5e-5), "inception"),
+                                         DISTILL, "inception"),
 }
 
 
