@@ -115,15 +115,15 @@ def build_operator(spec: OperatorSpecBase | dict) -> Operator:
     return get_kind(spec.kind).operator(spec)
 
 
-def objective_for(operator: Operator, **noise_law: float) -> Objective:
-    """The corruption-aware objective of ``operator``'s kind (the one teacher and fake share); ``noise_law``
-    (P_mean, P_std) sets its training noise levels where they differ from EDM's."""
+def objective_for(operator: Operator, **loss_law: float) -> Objective:
+    """The corruption-aware objective of ``operator``'s kind (the one teacher and fake share); ``loss_law``
+    (P_mean, P_std, heldout_sigma_floor) sets its training noise levels and weights where they differ from EDM's."""
     kind = get_kind(operator.spec.kind)
     if operator.sigma_n == 0:
-        return kind.objective(operator, **noise_law)
+        return kind.objective(operator, **loss_law)
     if kind.noisy_objective is None:
         raise ValueError(f"operator kind '{kind.name}' with sigma_n > 0 is not supported (sigma_n must be 0)")
-    return kind.noisy_objective(operator, **noise_law)
+    return kind.noisy_objective(operator, **loss_law)
 
 
 def default_sigma_stop(spec: OperatorSpecBase) -> float | None:

@@ -131,7 +131,8 @@ def pretrain_stage(
     source = StreamSource(ds, seed=train.seed, shuffle_buffer=train.shuffle_buffer, workers=train.data_workers)
     if network.img_channels != image_shape[0] or network.img_resolution != image_shape[-1]:
         network = network.model_copy(update={"img_channels": image_shape[0], "img_resolution": image_shape[-1]})
-    objective = objective_for(ds.operator, P_mean=train.P_mean, P_std=train.P_std)
+    objective = objective_for(ds.operator, P_mean=train.P_mean, P_std=train.P_std,
+                              heldout_sigma_floor=train.heldout_sigma_floor)
     torch.manual_seed(train.seed)
     net = build_teacher(network, objective)
     config = {"network": network.model_dump(), "train": train.model_dump(), "dataset_uri": dataset_uri}

@@ -45,11 +45,14 @@ class Objective:
 
     name = "edm"
 
-    def __init__(self, operator: Operator, P_mean: float = P_MEAN, P_std: float = P_STD, sigma_data: float = 0.5):
+    def __init__(self, operator: Operator, P_mean: float = P_MEAN, P_std: float = P_STD, sigma_data: float = 0.5,
+                 heldout_sigma_floor: float = 0.0):
         self.operator = operator
         self.P_mean = P_mean
         self.P_std = P_std
         self.sigma_data = sigma_data
+        # Read by the Ambient objectives only: see AmbientDiffusionObjective.loss.
+        self.heldout_sigma_floor = heldout_sigma_floor
 
     def cond_channels(self, shape: tuple[int, ...]) -> int:
         """Extra network input channels (features, for vectors) for data of ``shape``."""
@@ -150,8 +153,17 @@ class AmbientDiffusionObjective(Objective):
         sigma = self.sample_sigma(y.shape[0], rng, y.device)
         n = torch.randn(y.shape, generator=rng, device=y.device, dtype=y.dtype)
         h = self.denoise(net, y + _bcast(sigma, y) * n, sigma, {"mask": further})
-        on = further.to(y.dtype) if loss_mask == "further" else mask
-        return edm_weight(sigma, self.sigma_data) * _per_sample_sum((on * (h - y)) ** 2)
+        err = (h - y) ** 2
+        seen = further.to(y.dtype)
+        loss = edm_weight(sigma, self.sigma_data) * _per_sample_sum(seen * err)
+        if loss_mask == "further":
+            return loss
+        # The held-out pixels (in A, not in A~) are hidden from the network, so their error does not shrink with
+        # sigma and EDM's 1/sigma^2 weight makes a few low-sigma draws dominate a batch's gradient; the floor holds
+        # their weight at its value there. The weight is a function of sigma and A~ only, so the minimiser is still
+        # E[x0 | A~ x_t, A~].
+        heldout_weight = edm_weight(sigma.clamp_min(self.heldout_sigma_floor), self.sigma_data)
+        return loss + heldout_weight * _per_sample_sum((mask - seen) * err)
 
 
 class FourierAmbientObjective(Objective):
