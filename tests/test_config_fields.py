@@ -87,6 +87,7 @@ CHANGES: dict[str, tuple[Any, str]] = {
     "teacher_train.grad_clip": (None, "weights"),
     "teacher_train.P_mean": (0.5, "weights"),
     "teacher_train.P_std": (0.5, "weights"),
+    "teacher_train.heldout_sigma_floor": (5.0, "weights"),
     # Two readers deal the row groups between them: the batches come in another order (0 and 1 give one order).
     "teacher_train.data_workers": (2, "weights"),
     "teacher_train.shuffle_buffer": (1, "weights"),  # a buffer of one row does not shuffle

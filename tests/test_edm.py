@@ -230,14 +230,17 @@ class MaskIndexedLinearNet(torch.nn.Module):
         return torch.einsum("bij,bj->bi", self.W[self.pattern(cond)], x.double())
 
 
-def test_ambient_diffusion_minimiser_is_the_posterior_mean_given_the_further_mask():
+@pytest.mark.parametrize("heldout_sigma_floor", [0.0, 2.0])
+def test_ambient_diffusion_minimiser_is_the_posterior_mean_given_the_further_mask(heldout_sigma_floor):
+    """With a held-out weight floor above sigma the held-out pixels weigh less than the seen ones (the weight is
+    a function of sigma and A~ only), and the minimiser must not move."""
     d, n, sigma = 3, 60_000, 0.5
     x0, cov, _ = _gaussian_data(n, d, seed=3)
     op = build_operator({"kind": "inpaint", "p": 0.3, "delta": 0.3})
     gen = torch.Generator().manual_seed(4)
     state = op.sample_state(n, (d,), gen)
     y = op.observe(x0, state, gen)
-    obj = AmbientDiffusionObjective(op)
+    obj = AmbientDiffusionObjective(op, heldout_sigma_floor=heldout_sigma_floor)
     FixedSigma(obj, sigma)
     net = MaskIndexedLinearNet(d)
     fit(net, lambda: obj.loss(net, y, state, torch.Generator().manual_seed(5)).mean(), steps=100)
@@ -266,6 +269,37 @@ def test_ambient_diffusion_minimiser_is_the_posterior_mean_given_the_further_mas
     fit(naive, lambda: naive_obj.loss(naive, y, state, torch.Generator().manual_seed(5)).mean(), steps=100)
     W_naive = naive.W.detach()[naive.pattern(mask[None])[0]]
     assert (W_naive - analytic(mask)).abs().max() > 0.1
+
+
+def test_ambient_heldout_floor_caps_only_the_heldout_pixels_weight():
+    """Below the floor the held-out pixels (in A, not in A~) keep the EDM weight of the floor; the pixels the
+    network sees keep EDM's weight at sigma; at or above the floor (or with no floor) both are EDM's."""
+    from rsd_core.train.objectives import edm_weight
+
+    op = build_operator({"kind": "inpaint", "p": 0.2, "delta": 0.4})
+    y = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    state = op.sample_state(3, (1, 4, 4), torch.Generator().manual_seed(1))
+    y = y * state["mask"]
+    sigma = torch.tensor([0.02, 0.3, 1.5])
+    prediction = torch.full_like(y, 0.7)
+
+    def loss(floor):
+        obj = AmbientDiffusionObjective(op, heldout_sigma_floor=floor)
+        obj.sample_sigma = lambda batch, generator, device: sigma
+        return obj.loss(lambda x, s, cond: prediction, y, state, torch.Generator().manual_seed(2))
+
+    further = op.further_mask(state["mask"], torch.Generator().manual_seed(2))
+    err = (prediction - y) ** 2
+    seen = (further * err).flatten(1).sum(1)
+    heldout = ((state["mask"] - further) * err).flatten(1).sum(1)
+    assert float(heldout.min()) > 0 and float(seen.min()) > 0  # both kinds of pixel are in every sample
+    floor = torch.tensor(0.3)
+    expected = edm_weight(sigma) * seen + edm_weight(torch.maximum(sigma, floor)) * heldout
+    torch.testing.assert_close(loss(0.3), expected)
+    torch.testing.assert_close(loss(0.0), edm_weight(sigma) * (seen + heldout))
+    capped, uncapped = loss(0.3), loss(0.0)
+    assert float(capped[0]) < 0.5 * float(uncapped[0])  # only the sample below the floor moves
+    torch.testing.assert_close(capped[1:], uncapped[1:])
 
 
 def test_edm_weight_balances_the_loss_at_init():
