@@ -151,12 +151,45 @@ def test_fourier_ambient_minimiser_is_the_posterior_mean_given_the_projected_inp
     assert float(torch.linalg.norm(hidden @ analytic @ C_half) / torch.linalg.norm(analytic @ C_half)) > 0.3
 
     errors = {}
-    for objective in (FourierAmbientObjective(op), UnprojectedLoss(op), NoiseAfterProjection(op)):
+    objectives = {"ambient": FourierAmbientObjective(op),
+                  "floored": FourierAmbientObjective(op, heldout_sigma_floor=2.0),
+                  "unprojected": UnprojectedLoss(op), "noise after projection": NoiseAfterProjection(op)}
+    for name, objective in objectives.items():
         FixedSigma(objective, sigma)
-        errors[type(objective).__name__] = _relative_error(least_squares_predictor(objective, y, state), analytic,
-                                                           C_half)
-    assert errors.pop("FourierAmbientObjective") < 0.05, errors
+        errors[name] = _relative_error(least_squares_predictor(objective, y, state), analytic, C_half)
+    # the held-out weight floor (above sigma here, so it acts) reweights the lines by what the network is given
+    # only, and must not move the minimiser
+    assert errors.pop("ambient") < 0.05 and errors.pop("floored") < 0.05, errors
     assert min(errors.values()) > 0.2, errors
+
+
+def test_fourier_ambient_heldout_floor_weighs_the_held_out_lines_by_the_floors_weight():
+    """lambda_h ||P_M h - P_M x0||^2 + (lambda - lambda_h) ||P_M~ h - P_M~ x0||^2 with lambda_h = lambda(floor)
+    below the floor (docs/algorithms.md); no floor is EDM's lambda ||P_M h - P_M x0||^2."""
+    op = build_operator(SAMPLING_SPEC)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, *IMAGE, generator=gen)
+    state = op.sample_state(3, IMAGE, gen)
+    y = op.forward(x0, state)
+    h = torch.randn(3, *IMAGE, generator=gen)
+
+    def loss(floor):
+        objective = FourierAmbientObjective(op, heldout_sigma_floor=floor)
+        objective.sample_sigma = lambda batch, generator, device: torch.tensor([0.02, 0.3, 1.5])
+        return objective.loss(lambda u, sigma, cond: h, y, state, torch.Generator().manual_seed(1))
+
+    objective = FourierAmbientObjective(op)
+    objective.sample_sigma = lambda batch, generator, device: torch.tensor([0.02, 0.3, 1.5])
+    further, sigma, x0_acq, x0_further, _ = _draws(objective, y, state, torch.Generator().manual_seed(1))
+    assert bool((further["mask"] != state["mask"]).any())  # lines are held out
+    observed = ((op.normal(h, state) - x0_acq) ** 2).flatten(1).sum(1)
+    seen = ((op.normal(h, further) - x0_further) ** 2).flatten(1).sum(1)
+    lam, lam_h = edm_weight(sigma), edm_weight(sigma.clamp_min(0.3))
+    torch.testing.assert_close(loss(0.3), lam_h * observed + (lam - lam_h) * seen)
+    torch.testing.assert_close(loss(0.0), lam * observed)
+    capped, uncapped = loss(0.3), loss(0.0)
+    assert float(capped[0]) < 0.9 * float(uncapped[0])  # only the sample below the floor moves
+    torch.testing.assert_close(capped[1:], uncapped[1:])
 
 
 # 8x8 images, 2 coils, ACS = columns 3 and 4; M = ACS + 2 random lines (R = 2), M~ = floor(8 / 2.5) = 3 lines:

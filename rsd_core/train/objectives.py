@@ -51,7 +51,7 @@ class Objective:
         self.P_mean = P_mean
         self.P_std = P_std
         self.sigma_data = sigma_data
-        # Read by the Ambient objectives only: see AmbientDiffusionObjective.loss.
+        # Read by the Ambient objectives only: see heldout_floored.
         self.heldout_sigma_floor = heldout_sigma_floor
 
     def cond_channels(self, shape: tuple[int, ...]) -> int:
@@ -85,6 +85,21 @@ class Objective:
     def score_mask(self, input_state: State) -> torch.Tensor | None:
         """Where the generator-step loss is evaluated (None = everywhere)."""
         return None
+
+    def heldout_floored(self, sigma: torch.Tensor, observed: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """An Ambient loss from its squared errors on every observation (A) and on those the network saw (A~).
+
+        The held-out observations (in A, not in A~) are hidden from the network, so their error does not shrink
+        with sigma, and EDM's weight lambda(sigma) ~ 1/sigma^2 lets a few low-sigma draws dominate a batch's
+        gradient. Below ``heldout_sigma_floor`` they keep the weight lambda_h = lambda(floor):
+        lambda_h ||e_A||^2 + (lambda - lambda_h) ||e_A~||^2, both weights >= 0, so the loss stays a positive
+        quadratic in the prediction (also where the two errors are not orthogonal, as in multi-coil k-space),
+        and with orthogonal errors (pixels) it is lambda on A~ plus lambda_h on the held-out rest. Every weight
+        is a function of sigma and A~, which the network is given: the minimiser is still E[x0 | A~ x_t, A~].
+        Floor 0 is EDM's lambda ||e_A||^2."""
+        weight = edm_weight(sigma, self.sigma_data)
+        heldout_weight = edm_weight(sigma.clamp_min(self.heldout_sigma_floor), self.sigma_data)
+        return heldout_weight * observed + (weight - heldout_weight) * seen
 
     def loss(self, net, y: torch.Tensor, state: State, rng: torch.Generator | None = None) -> torch.Tensor:
         sigma = self.sample_sigma(y.shape[0], rng, y.device)
@@ -154,16 +169,10 @@ class AmbientDiffusionObjective(Objective):
         n = torch.randn(y.shape, generator=rng, device=y.device, dtype=y.dtype)
         h = self.denoise(net, y + _bcast(sigma, y) * n, sigma, {"mask": further})
         err = (h - y) ** 2
-        seen = further.to(y.dtype)
-        loss = edm_weight(sigma, self.sigma_data) * _per_sample_sum(seen * err)
+        seen = _per_sample_sum(further.to(y.dtype) * err)
         if loss_mask == "further":
-            return loss
-        # The held-out pixels (in A, not in A~) are hidden from the network, so their error does not shrink with
-        # sigma and EDM's 1/sigma^2 weight makes a few low-sigma draws dominate a batch's gradient; the floor holds
-        # their weight at its value there. The weight is a function of sigma and A~ only, so the minimiser is still
-        # E[x0 | A~ x_t, A~].
-        heldout_weight = edm_weight(sigma.clamp_min(self.heldout_sigma_floor), self.sigma_data)
-        return loss + heldout_weight * _per_sample_sum((mask - seen) * err)
+            return edm_weight(sigma, self.sigma_data) * seen
+        return self.heldout_floored(sigma, _per_sample_sum(mask * err), seen)
 
 
 class FourierAmbientObjective(Objective):
@@ -209,6 +218,12 @@ class FourierAmbientObjective(Objective):
         n = torch.randn(x0_acq.shape, generator=rng, device=y.device, dtype=x0_acq.dtype)
         u = x0_further + _bcast(sigma, n) * op.normal(n, further_state)
         h = net(u, sigma, self._cond(u, further_state["mask"]))
-        on, target = (further_state, x0_further) if loss_mask == "further" else (state, x0_acq)
-        err = op.normal(h, on) - target
-        return edm_weight(sigma, self.sigma_data) * _per_sample_sum(err**2)
+        def squared_error(on: State, target: torch.Tensor) -> torch.Tensor:
+            return _per_sample_sum((op.normal(h, on) - target) ** 2)
+
+        if loss_mask == "further":
+            return edm_weight(sigma, self.sigma_data) * squared_error(further_state, x0_further)
+        observed = squared_error(state, x0_acq)
+        if not self.heldout_sigma_floor:  # EDM's weight everywhere: the seen part's error is not needed
+            return edm_weight(sigma, self.sigma_data) * observed
+        return self.heldout_floored(sigma, observed, squared_error(further_state, x0_further))
