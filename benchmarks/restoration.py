@@ -57,8 +57,9 @@ VARIANT_TASKS = {"blur-noise-0.2-reflect": {**TASKS["blur-noise-0.2"], "kernel":
 
 
 # The teacher's training settings of every Fashion-MNIST task (the time budget is set per run).
+# heldout_sigma_floor 0.1: docs/results.md, "Teacher A/B" (0.65x the FD of no floor at equal wall time).
 TEACHER_TRAIN = TrainConfig(steps=1_000_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, grad_clip=1.0,
-                            ema_halflife_nimg=10_000, checkpoint_every=500, keep_checkpoints=1)
+                            ema_halflife_nimg=10_000, checkpoint_every=500, keep_checkpoints=1, heldout_sigma_floor=0.1)
 # The distillation's (time budget, checkpoint interval, lr drop and seed set per run).
 DISTILL_TRAIN = DistillTrainConfig(steps=1_000_000, batch_size=32, ema_halflife_nimg=CPU_DISTILL_EMA_HALFLIFE_NIMG,
                                    ema_rampup_ratio=CPU_DISTILL_EMA_RAMPUP_RATIO, lr_rampup_steps=0)
@@ -85,7 +86,8 @@ def timed_phase(out: Path, times: dict, key: str, done: bool, work) -> None:
 
 def train_models(spec: dict, out: Path, *, budget: float, distill_budget: float | None, limit: int, n_eval: int,
                  seed: int, checkpoint_every: int = 50, lr_drop_at: float | None = None,
-                 lr_drop_factor: float = 0.25, progress: bool = True) -> dict:
+                 lr_drop_factor: float = 0.25, progress: bool = True,
+                 teacher_train: TrainConfig = TEACHER_TRAIN) -> dict:
     """Corrupt Fashion-MNIST, pretrain the teacher and distil the student into ``out`` (budgets in
     minutes; no distillation when ``distill_budget`` is None); phases whose outputs exist are skipped.
     Returns the wall times recorded in ``out/times.json`` (shared by the restoration and restore benchmarks)."""
@@ -96,7 +98,7 @@ def train_models(spec: dict, out: Path, *, budget: float, distill_budget: float 
                                 clean_eval_count=n_eval))
 
     teacher_dir = out / "teacher"
-    teacher_train = TEACHER_TRAIN.updated(time_budget_s=budget * 60, seed=seed)
+    teacher_train = teacher_train.updated(time_budget_s=budget * 60, seed=seed)
     timed_phase(out, times, "teacher_s", (teacher_dir / "model.json").exists(),
                 lambda: pretrain_stage(str(data), NetworkConfig(), teacher_train, out, progress=progress))
     if distill_budget is None:
@@ -206,6 +208,13 @@ def write_doc(result: dict, command: str) -> None:
         "student / clean | Proximal FD | Spearman | chosen vs best true FD | teacher / distill steps |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    reruns = {}
+    for r in result["rows"]:
+        if "rerun" in r:
+            reruns.setdefault((r["rerun"]["date"], r["rerun"]["command"]), []).append(r["task"])
+    for (date, rerun_command), tasks in reruns.items():
+        lines[3:3] = [f"Rows {', '.join(tasks)} rerun {date} (the others and the references as above): "
+                      f"`{rerun_command}`  "]
     for r in result["rows"]:
         sp = "n/a" if r["selection_spearman"] is None else f"{r['selection_spearman']:.2f}"
         over_clean = f"{r['student_over_clean']:.2f}" if "student_over_clean" in r else "n/a"
@@ -340,15 +349,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--references-only", action="store_true",
                         help="train and score only the clean model and the floor (in OUT/clean-reference), then add "
                         "them to the published rows of benchmarks/results/restoration.json and docs/results.md")
+    parser.add_argument("--replace-rows", action="store_true",
+                        help="run only --tasks and put their rows in place of the same tasks' published rows of "
+                        "benchmarks/results/restoration.json (which must have this call's budgets, training images, "
+                        "samples and features; its clean model and floor stay), then republish the table")
     add_run_args(parser, "restoration", checkpoint_every=50)
     args = parse_run_args(parser, argv)
     if args.references_only:
         return add_references(args)
+    command = "python -m benchmarks.restoration " + " ".join(argv if argv is not None else sys.argv[1:])
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     known = TASKS | VARIANT_TASKS
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; choose from {list(known)}")
+    # refused before any training: a mismatch found after hours of it would lose them
+    published = published_for_rows(args, names) if args.replace_rows else None
 
     rows = []
     for name in names:
@@ -358,6 +374,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"   teacher FD {r['teacher_fd']:.1f} ({r['teacher_sampler']}), full {r['teacher_fd_full']:.1f}; "
               f"student FD {r['student_fd']:.1f} ({r['student_over_teacher']:.2f}x); proximal {r['proximal_fid']:.2f}",
               flush=True)
+    if published is not None:
+        return replace_rows(args, published, rows, command)
     from rsd_core.select.classifier import ClassifierExtractor
 
     refs = {**references(args), "date": datetime.date.today().isoformat()}
@@ -374,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
         f"{torch.get_num_threads()}, Python {platform.python_version()}",
         "date": datetime.date.today().isoformat(),
-        "command": "python -m benchmarks.restoration " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "references": refs,
         "rows": rows,
     }
@@ -387,24 +405,57 @@ def main(argv: list[str] | None = None) -> dict:
     return write_result(args, "restoration", result)
 
 
-def add_references(args) -> dict:
-    """The clean model and the floor, trained and scored with ``args``' budget, added to the published rows.
-
-    The published rows' settings (budget, training images, samples) must be the ones of ``args``: the clean
-    model is compute-matched only then."""
+def published_matching(args) -> dict:
+    """The published result, refused unless it was made with ``args``' budgets, training images, samples and
+    features: rows and references are comparable (and the clean model compute-matched) only then."""
     published = json.loads((RESULTS_DIR / "restoration.json").read_text())
-    for key, value in (("budget_minutes", args.budget), ("limit", args.limit), ("n_eval", args.n_eval)):
-        if published[key] != value:
-            raise SystemExit(f"benchmarks/results/restoration.json has {key} {published[key]}, this call {value}: "
-                             f"pass --{key.replace('_minutes', '').replace('_', '-')} {published[key]}")
-    refs = {**references(args), "date": datetime.date.today().isoformat()}
-    published = {**published, "references": refs, "rows": with_references(published["rows"], refs)}
+    settings = {"budget_minutes": ("--budget", args.budget), "distill_budget_minutes": ("--distill-budget",
+                args.distill_budget), "distill_lr_drop_at": ("--distill-lr-drop-at", args.distill_lr_drop_at),
+                "limit": ("--limit", args.limit), "n_eval": ("--n-eval", args.n_eval),
+                "proximal_extractor": ("--proximal-extractor", args.proximal_extractor)}
+    for key, (flag, value) in settings.items():
+        if published.get(key) != value:
+            raise SystemExit(f"benchmarks/results/restoration.json has {key} {published.get(key)}, this call "
+                             f"{value}: pass {flag} {published.get(key)}")
+    return published
+
+
+def publish_published(args, published: dict) -> dict:
+    """Print (``--no-publish``) or republish an updated published result under its own command."""
     if not args.publish:
         print(json.dumps(published))
         return published
     command = published.get("command") or DOC.read_text().split("Command: `", 1)[1].split("`", 1)[0]
     write_doc(published, command)
     return emit("restoration", published)
+
+
+def add_references(args) -> dict:
+    """The clean model and the floor, trained and scored with ``args``' budget, added to the published rows."""
+    published = published_matching(args)
+    refs = {**references(args), "date": datetime.date.today().isoformat()}
+    published = {**published, "references": refs, "rows": with_references(published["rows"], refs)}
+    return publish_published(args, published)
+
+
+def published_for_rows(args, tasks: list[str]) -> dict:
+    """The published result whose rows of ``tasks`` a ``--replace-rows`` call replaces."""
+    published = published_matching(args)
+    missing = sorted(set(tasks) - {r["task"] for r in published["rows"]})
+    if missing:
+        raise SystemExit(f"benchmarks/results/restoration.json has no rows for {missing}: --replace-rows only "
+                         "replaces published rows")
+    return published
+
+
+def replace_rows(args, published: dict, rows: list[dict], command: str) -> dict:
+    """``rows`` (this call's tasks) in place of the published rows of the same tasks, each marked with its date
+    and command; the other rows, the clean model and the floor stay as published."""
+    today = datetime.date.today().isoformat()
+    fresh = {r["task"]: {**r, "rerun": {"date": today, "command": command}} for r in rows}
+    merged = [fresh.get(r["task"], r) for r in published["rows"]]
+    published = {**published, "rows": with_references(merged, published["references"])}
+    return publish_published(args, published)
 
 
 if __name__ == "__main__":

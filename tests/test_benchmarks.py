@@ -19,7 +19,7 @@ def _published() -> dict:
     return {f: f.read_bytes() for f in files if f.exists()}
 
 
-def test_restoration_benchmark_at_a_toy_budget(tmp_path):
+def test_restoration_benchmark_at_a_toy_budget(tmp_path, monkeypatch):
     before = _published()
     argv = ["--budget", "0.05", "--distill-budget", "0.2", "--distill-lr-drop-at", "0.5", "--n-eval", "64",
             "--limit", "256", "--tasks", "inpaint-0.6", "--checkpoint-every", "2", "--quiet", "--no-publish",
@@ -51,6 +51,32 @@ def test_restoration_benchmark_at_a_toy_budget(tmp_path):
 
     again = restoration.main(argv)  # every phase is reused: same figures, same recorded wall times
     assert again["rows"] == result["rows"]
+    assert _published() == before
+
+    # --replace-rows: this call's rows in place of the same tasks' published rows; the others and the references
+    # stay; refused before any training where the published table was made otherwise
+    results = tmp_path / "published"
+    results.mkdir()
+    other = {**result["rows"][0], "task": "blur-noise-0.2", "student_fd": 1.0}
+    (results / "restoration.json").write_text(json.dumps({**result, "rows": [other, result["rows"][0]]}))
+    monkeypatch.setattr(restoration, "RESULTS_DIR", results)
+    merged = restoration.main([*argv, "--replace-rows"])
+    assert [r["task"] for r in merged["rows"]] == ["blur-noise-0.2", "inpaint-0.6"]
+    assert merged["rows"][0]["student_fd"] == 1.0 and "rerun" not in merged["rows"][0]
+    assert merged["rows"][1]["rerun"]["command"].endswith("--replace-rows")
+    assert merged["rows"][1]["student_fd"] == result["rows"][0]["student_fd"]
+    assert merged["references"] == result["references"] and merged["command"] == result["command"]
+    with monkeypatch.context() as patched:
+        patched.setattr(restoration, "DOC", tmp_path / "results.md")
+        restoration.write_doc(merged, merged["command"])
+        rerun = merged["rows"][1]["rerun"]
+        assert f"Rows inpaint-0.6 rerun {rerun['date']} (the others and the references as above): " \
+               f"`{rerun['command']}`" in restoration.DOC.read_text()
+    monkeypatch.setattr(restoration, "run_task", lambda *a: pytest.fail("trained before refusing"))
+    with pytest.raises(SystemExit, match="n_eval 64, this call 32: pass --n-eval 64"):
+        restoration.main([*argv[:-2], "--out", str(tmp_path / "other"), "--replace-rows", "--n-eval", "32"])
+    with pytest.raises(SystemExit, match=r"no rows for \['superres-x2'\]"):
+        restoration.main([*argv, "--replace-rows", "--tasks", "superres-x2"])
     assert _published() == before
 
     # every extractor scores the same candidates of that work folder: the checkpoints, then the teacher's levels
