@@ -41,6 +41,7 @@ from benchmarks.restoration import (
     timed_phase,
     write_result,
 )
+from benchmarks.scoring import Scorer, score_student, score_teacher
 from rsd_core.data.sources import brain_mri, corrupt
 from rsd_core.operators.mri import MRISpec
 from rsd_core.presets import (
@@ -81,11 +82,11 @@ def benchmark_operator(R: float, maps: str = "bank") -> MRISpec:
 
 def train_mri_models(R: float, out: Path, *, budget: float, distill_budget: float, seed: int = 0,
                      limit: int | None = None, checkpoint_every: int = 40, progress: bool = True,
-                     maps: str = "bank") -> dict:
+                     maps: str = "bank", heldout_sigma_floor: float | None = None) -> dict:
     """Corrupt the brain slices at acceleration ``R`` (coil ``maps`` as :func:`benchmark_operator`), pretrain
     the teacher and distil the student into ``out`` with the cpu-mri preset's settings and these budgets
     (minutes); phases whose outputs exist are skipped. Returns the wall times recorded in ``out/times.json``
-    (shared by the MRI and restore benchmarks)."""
+    (shared by the MRI and restore benchmarks). ``heldout_sigma_floor`` replaces the preset's (for A/Bs)."""
     data, teacher_dir = out / "data", out / "teacher"
     times = read_times(out)
     clean_eval = brain_mri("test", IMAGE_SIZE).count  # the held-out subject, all of it
@@ -93,8 +94,9 @@ def train_mri_models(R: float, out: Path, *, budget: float, distill_budget: floa
                 lambda: corrupt("brain-mri", benchmark_operator(R, maps), seed=seed, out_uri=str(data),
                                 limit=limit, clean_eval_count=clean_eval, image_size=IMAGE_SIZE,
                                 clean_eval_split="test"))
+    floor = CPU_MRI_TEACHER.heldout_sigma_floor if heldout_sigma_floor is None else heldout_sigma_floor
     teacher_train = CPU_MRI_TEACHER.model_copy(update={"time_budget_s": budget * 60, "seed": seed,
-                                                       "keep_checkpoints": 1})
+                                                       "keep_checkpoints": 1, "heldout_sigma_floor": floor})
     timed_phase(out, times, "teacher_s", (teacher_dir / "model.json").exists(),
                 lambda: pretrain_stage(str(data), CPU_MRI_NETWORK, teacher_train, out, progress=progress))
     distill_train = CPU_MRI_DISTILL_TRAIN.model_copy(update={
@@ -109,17 +111,19 @@ def run_acceleration(R: int, args, out: Path) -> dict:
     data, teacher_dir = out / "data", out / "teacher"
     times = train_mri_models(R, out, budget=args.budget, distill_budget=args.distill_budget, seed=args.seed,
                              limit=args.limit, checkpoint_every=args.checkpoint_every, progress=not args.quiet,
-                             maps=args.maps)
+                             maps=args.maps, heldout_sigma_floor=args.heldout_sigma_floor)
     sel_dir = out / f"selection-{args.proximal_extractor}"
     figure = f"mri_R{R}.png" if args.maps == "bank" else f"mri_R{R}_{args.maps}.png"
     sel, grid, full, truncated, teacher_best, chosen = select_and_pick(args, out, data, teacher_dir, times, sel_dir,
                                                                        "select_s", figure)
     paper_teacher, paper_rsd = PAPER_FID.get(R, (None, None))
     spec = benchmark_operator(R, args.maps)
-    return {
+    return {**kid_scores(args, out),
         "R": R,
         "maps": args.maps,
         "acs_lines": round(spec.acs_fraction * IMAGE_SIZE),
+        "heldout_sigma_floor": args.heldout_sigma_floor if args.heldout_sigma_floor is not None
+        else CPU_MRI_TEACHER.heldout_sigma_floor,
         "date": datetime.date.today().isoformat(),
         "teacher_fd": teacher_best.true_fd,
         "teacher_sampler": f"truncated at sigma {truncated.sigma_stop} ({truncated.nfe} NFE)"
@@ -140,6 +144,21 @@ def run_acceleration(R: int, args, out: Path) -> dict:
         **times,
         "grid": str(grid.relative_to(ROOT)) if args.publish else str(grid),
     }
+
+
+def kid_scores(args, out: Path) -> dict:
+    """KID (unbiased; mean and std over subsets) beside the rows' FDs, which at ~100 samples are mostly bias: of
+    the teacher's best sampler (truncation chosen by Proximal FD, as the selection does) and of the last EMA
+    generator, on the true FD's features. Cached in OUT/kid.json."""
+    file = out / "kid.json"
+    if not file.exists():
+        scorer = Scorer(str(out / "data"), args.n_eval, args.seed, out)
+        teacher = score_teacher(out / "teacher", scorer, out / "kid_teacher.png")
+        student = score_student(out / "generator", scorer, out / "kid_student.png")
+        file.write_text(json.dumps({"teacher_kid": teacher["kid"], "teacher_kid_std": teacher["kid_std"],
+                                    "teacher_kid_sampler": teacher["sampler"], "student_kid": student["kid"],
+                                    "student_kid_std": student["kid_std"]}))
+    return json.loads(file.read_text())
 
 
 def kept_rows(new_rows: list[dict]) -> list[dict]:
@@ -178,15 +197,16 @@ def section(result: dict, command: str) -> str:
         "bank rows' 2, of the 8 lines a scan keeps at R = 4).",
         "",
         "| R | maps (ACS lines) | teacher FD (sampler) | full 35-NFE | truncated | student FD (1 NFE) | "
-        "student / teacher | Proximal FD | Spearman | chosen vs best true FD | teacher / distill steps | "
-        "budgets (min) | date | paper teacher | paper RSD |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "student / teacher | KID teacher / last generator | Proximal FD | Spearman | chosen vs best true FD | "
+        "teacher / distill steps | budgets (min) | date | paper teacher | paper RSD |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['R']} | {r.get('maps', 'bank')} ({r.get('acs_lines', 2)}) | {_fmt(r['teacher_fd'])} "
             f"({r['teacher_sampler']}) | {_fmt(r['teacher_fd_full'])} | "
-            f"{_fmt(r['teacher_fd_truncated'])} | {_fmt(r['student_fd'])} | {_fmt(r['student_over_teacher'], 2)} | "
+            f"{_fmt(r['teacher_fd_truncated'])} | {_fmt(r['student_fd'])} | "
+            f"{_fmt(r['student_over_teacher'], 2)} | {_kid(r, 'teacher')} / {_kid(r, 'student')} | "
             f"{_fmt(r['proximal_fd'], 3)} | {_fmt(r['selection_spearman'], 2)} | "
             f"{_fmt(r['chosen_true_fd'])} vs {_fmt(r['best_true_fd'])} | {r['teacher_steps']} / {r['distill_steps']} "
             f"| {r['budget_minutes']:g} + {r['distill_budget_minutes']:g} | {r.get('date', result['date'])} "
@@ -202,6 +222,13 @@ def section(result: dict, command: str) -> str:
     lines += [f"- R = {r['R']}, {r.get('maps', 'bank')} maps: ![mri R={r['R']}](../{r['grid']})"
               for r in result["rows"]]
     return "\n".join(lines + ["", END])
+
+
+def _kid(row: dict, model: str) -> str:
+    """``model``'s KID +- std, or n/a in rows made before KID was scored."""
+    if f"{model}_kid" not in row:
+        return "n/a"
+    return f"{row[f'{model}_kid']:.1f} +- {row[f'{model}_kid_std']:.1f}"
 
 
 def write_doc(result: dict, command: str) -> None:
@@ -231,6 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "the true FD uses Inception on magnitudes")
     parser.add_argument("--limit", type=int, default=None, help="corrupted training slices (default: all 1345)")
     parser.add_argument("--n-eval", type=int, default=128, help="samples per FD (default: 128)")
+    parser.add_argument("--heldout-sigma-floor", type=float, default=None,
+                        help="the teacher's held-out weight floor (TrainConfig.heldout_sigma_floor; default: the "
+                        "cpu-mri preset's), for an A/B with --no-publish")
     add_run_args(parser, "mri", checkpoint_every=40)
     args = parse_run_args(parser, argv)
     try:
@@ -245,7 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(run_acceleration(R, args, Path(args.out) / folder))
         r = rows[-1]
         print(f"   teacher FD {_fmt(r['teacher_fd'])} ({r['teacher_sampler']}), full {_fmt(r['teacher_fd_full'])}; "
-              f"student FD {_fmt(r['student_fd'])}; proximal {_fmt(r['proximal_fd'], 3)}", flush=True)
+              f"student FD {_fmt(r['student_fd'])}; proximal {_fmt(r['proximal_fd'], 3)}; KID teacher "
+              f"{_kid(r, 'teacher')}, last generator {_kid(r, 'student')}", flush=True)
     train_slices = brain_mri("train", IMAGE_SIZE).count
     if args.publish:
         rows = kept_rows(rows) + rows

@@ -387,6 +387,7 @@ def test_mri_benchmark_at_a_toy_budget(tmp_path, capsys, maps):
     assert row.keys() >= {"R", "teacher_fd", "teacher_sampler", "student_fd", "proximal_fd", "extractor",
                           "budget_minutes"}
     assert row["R"] == 4 and row["budget_minutes"] == 0.05 and row["paper_rsd_fid"] == 10.71
+    assert row["teacher_kid_std"] > 0 and row["student_kid_std"] > 0 and row["heldout_sigma_floor"] == 0.0
     assert row["teacher_fd"] == min(row["teacher_fd_full"], row["teacher_fd_truncated"])
     assert "Inception" in row["extractor"] and "self-supervised" in row["proximal_extractor"]
     assert result["grids"] == [row["grid"]] and (folder / "selection-self-supervised").is_dir()
