@@ -225,10 +225,11 @@ def section(result: dict, command: str) -> str:
 
 
 def _kid(row: dict, model: str) -> str:
-    """``model``'s KID +- std, or n/a in rows made before KID was scored."""
+    """``model``'s KID +- std (Inception KIDs are fractions: three figures), or n/a in rows made before KID was
+    scored."""
     if f"{model}_kid" not in row:
         return "n/a"
-    return f"{row[f'{model}_kid']:.1f} +- {row[f'{model}_kid_std']:.1f}"
+    return f"{row[f'{model}_kid']:.3g} +- {row[f'{model}_kid_std']:.2g}"
 
 
 def write_doc(result: dict, command: str) -> None:
