@@ -57,7 +57,7 @@ VARIANT_TASKS = {"blur-noise-0.2-reflect": {**TASKS["blur-noise-0.2"], "kernel":
 
 
 # The teacher's training settings of every Fashion-MNIST task (the time budget is set per run).
-# heldout_sigma_floor 0.1: docs/results.md, "Teacher A/B" (0.65x the FD of no floor at equal wall time).
+# heldout_sigma_floor 0.1: chosen by the teacher A/B (docs/results.md, "The held-out pixels' weight").
 TEACHER_TRAIN = TrainConfig(steps=1_000_000, batch_size=64, lr=7e-4, lr_rampup_steps=200, grad_clip=1.0,
                             ema_halflife_nimg=10_000, checkpoint_every=500, keep_checkpoints=1, heldout_sigma_floor=0.1)
 # The distillation's (time budget, checkpoint interval, lr drop and seed set per run).

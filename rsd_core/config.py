@@ -125,7 +125,7 @@ class TrainConfig(LoopConfig):
     P_mean: float = -1.2
     P_std: float = Field(1.2, gt=0.0)
     # Ambient objectives: below this noise level the loss on the held-out observations (hidden from the network)
-    # keeps the weight it has at the level (0 = EDM's weight everywhere). See AmbientDiffusionObjective.loss.
+    # keeps the weight it has at the level (0 = EDM's weight everywhere). See Objective.heldout_floored.
     heldout_sigma_floor: float = Field(0.0, ge=0.0)
     # Streaming from a dataset's shards: DataLoader worker processes that read and prefetch (0 = read in
     # the training process) and the rows each reader shuffles at a time.

@@ -65,7 +65,7 @@ def _cpu_demo() -> PipelineConfig:
         description="cpu-demo: Fashion-MNIST inpainting p=0.6, default CPU U-Net (32/64/128), 5 + 6 minute budgets",
         data=DataSettings(operator=InpaintSpec(p=0.6, delta=0.1), limit=20_000, clean_eval=1000),
         network=NetworkConfig(),  # 32/64/128 channels, no attention
-        # The held-out pixels' weight floored at sigma 0.1: 0.65x the FD at equal wall time (docs/results.md).
+        # The held-out pixels' weight floored at sigma 0.1, as the restoration benchmark's teachers (docs/results.md).
         teacher_train=TrainConfig(steps=100_000, batch_size=64, lr=7e-4, lr_rampup_steps=200,
                                   checkpoint_every=250, time_budget_s=300.0, heldout_sigma_floor=0.1),
         # lr 5e-5 (the paper's 1e-5 is far too slow at this budget), betas (0, 0.999), batch 32.

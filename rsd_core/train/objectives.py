@@ -218,6 +218,7 @@ class FourierAmbientObjective(Objective):
         n = torch.randn(x0_acq.shape, generator=rng, device=y.device, dtype=x0_acq.dtype)
         u = x0_further + _bcast(sigma, n) * op.normal(n, further_state)
         h = net(u, sigma, self._cond(u, further_state["mask"]))
+
         def squared_error(on: State, target: torch.Tensor) -> torch.Tensor:
             return _per_sample_sum((op.normal(h, on) - target) ** 2)
 
