@@ -82,11 +82,11 @@ def benchmark_operator(R: float, maps: str = "bank") -> MRISpec:
 
 def train_mri_models(R: float, out: Path, *, budget: float, distill_budget: float, seed: int = 0,
                      limit: int | None = None, checkpoint_every: int = 40, progress: bool = True,
-                     maps: str = "bank", heldout_sigma_floor: float | None = None) -> dict:
+                     maps: str = "bank", heldout_sigma_floor: float = CPU_MRI_TEACHER.heldout_sigma_floor) -> dict:
     """Corrupt the brain slices at acceleration ``R`` (coil ``maps`` as :func:`benchmark_operator`), pretrain
     the teacher and distil the student into ``out`` with the cpu-mri preset's settings and these budgets
     (minutes); phases whose outputs exist are skipped. Returns the wall times recorded in ``out/times.json``
-    (shared by the MRI and restore benchmarks). ``heldout_sigma_floor`` replaces the preset's (for A/Bs)."""
+    (shared by the MRI and restore benchmarks). ``heldout_sigma_floor`` other than the preset's is for A/Bs."""
     data, teacher_dir = out / "data", out / "teacher"
     times = read_times(out)
     clean_eval = brain_mri("test", IMAGE_SIZE).count  # the held-out subject, all of it
@@ -94,9 +94,8 @@ def train_mri_models(R: float, out: Path, *, budget: float, distill_budget: floa
                 lambda: corrupt("brain-mri", benchmark_operator(R, maps), seed=seed, out_uri=str(data),
                                 limit=limit, clean_eval_count=clean_eval, image_size=IMAGE_SIZE,
                                 clean_eval_split="test"))
-    floor = CPU_MRI_TEACHER.heldout_sigma_floor if heldout_sigma_floor is None else heldout_sigma_floor
-    teacher_train = CPU_MRI_TEACHER.model_copy(update={"time_budget_s": budget * 60, "seed": seed,
-                                                       "keep_checkpoints": 1, "heldout_sigma_floor": floor})
+    teacher_train = CPU_MRI_TEACHER.model_copy(update={
+        "time_budget_s": budget * 60, "seed": seed, "keep_checkpoints": 1, "heldout_sigma_floor": heldout_sigma_floor})
     timed_phase(out, times, "teacher_s", (teacher_dir / "model.json").exists(),
                 lambda: pretrain_stage(str(data), CPU_MRI_NETWORK, teacher_train, out, progress=progress))
     distill_train = CPU_MRI_DISTILL_TRAIN.model_copy(update={
@@ -122,8 +121,7 @@ def run_acceleration(R: int, args, out: Path) -> dict:
         "R": R,
         "maps": args.maps,
         "acs_lines": round(spec.acs_fraction * IMAGE_SIZE),
-        "heldout_sigma_floor": args.heldout_sigma_floor if args.heldout_sigma_floor is not None
-        else CPU_MRI_TEACHER.heldout_sigma_floor,
+        "heldout_sigma_floor": args.heldout_sigma_floor,
         "date": datetime.date.today().isoformat(),
         "teacher_fd": teacher_best.true_fd,
         "teacher_sampler": f"truncated at sigma {truncated.sigma_stop} ({truncated.nfe} NFE)"
@@ -259,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "the true FD uses Inception on magnitudes")
     parser.add_argument("--limit", type=int, default=None, help="corrupted training slices (default: all 1345)")
     parser.add_argument("--n-eval", type=int, default=128, help="samples per FD (default: 128)")
-    parser.add_argument("--heldout-sigma-floor", type=float, default=None,
+    parser.add_argument("--heldout-sigma-floor", type=float, default=CPU_MRI_TEACHER.heldout_sigma_floor,
                         help="the teacher's held-out weight floor (TrainConfig.heldout_sigma_floor; default: the "
                         "cpu-mri preset's), for an A/B with --no-publish")
     add_run_args(parser, "mri", checkpoint_every=40)
