@@ -91,11 +91,10 @@ class Task:
     corrupt_kwargs: dict = field(default_factory=dict)
 
 
-# The restoration benchmark's settings (inpainting) and the cpu-mri preset's (MRI), with two changes a run cut
-# into segments needs: no time-based lr drop (it is measured per segment, so it would fire in the first one),
-# and frequent checkpoints (a kill loses at most one interval); and without the held-out weight floor, adopted
-# after the published long run was trained (it resumes from its checkpoints with the settings it began with).
-FMNIST_TEACHER = TEACHER_TRAIN.updated(steps=10_000_000, checkpoint_every=100, heldout_sigma_floor=0.0)
+# The restoration benchmark's settings (inpainting, with its held-out weight floor) and the cpu-mri preset's
+# (MRI), with two changes a run cut into segments needs: no time-based lr drop (it is measured per segment, so it
+# would fire in the first one), and frequent checkpoints (a kill loses at most one interval).
+FMNIST_TEACHER = TEACHER_TRAIN.updated(steps=10_000_000, checkpoint_every=100)
 FMNIST_DISTILL_TRAIN = DISTILL_TRAIN.updated(steps=10_000_000, checkpoint_every=50, keep_checkpoints=1)
 TASKS = {
     "inpaint-0.8": Task(source="fashion-mnist", operator=InpaintSpec(p=0.8, delta=0.1), network=CPU_NETWORK_ATTENTION_8,
@@ -311,7 +310,10 @@ def assemble(args) -> dict:
             rows.append(row)
         task_floor = floor(name, task, args, root)
         trained_on = trained_record(root / next(iter(points)), "teacher", minutes[0]).get("device", "unrecorded")
-        tasks[name] = {"operator": task.operator.model_dump(mode="json"), "n_eval": task_floor["n"],
+        tasks[name] = {"date": datetime.date.today().isoformat(),
+                       "command": "python -m benchmarks.long_run " + " ".join(sys.argv[1:]),
+                       "operator": task.operator.model_dump(mode="json"),
+                       "teacher_heldout_sigma_floor": task.teacher.heldout_sigma_floor, "n_eval": task_floor["n"],
                        "floor_fd": task_floor["fd"], "floor_kid": task_floor["kid"],
                        "floor_kid_std": task_floor["kid_std"], "floor_against": task_floor["against"],
                        "extractor": task_floor["extractor"], "distilled_from_teacher_minutes": last["corrupted"],
@@ -325,6 +327,9 @@ def assemble(args) -> dict:
                     dest = FIGURES / profile.stem / f"{name}_{variant}_{grid.stem.replace('@', '-')}min.png"
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(grid, dest)
+    if args.publish:
+        merged = carried_tasks(profile, tasks) | tasks
+        tasks = {name: merged[name] for name in profile.tasks if name in merged}
     result = {
         "date": datetime.date.today().isoformat(),
         "machine": f"scored on {platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
@@ -344,6 +349,17 @@ def assemble(args) -> dict:
     return result
 
 
+def carried_tasks(profile: Profile, fresh: dict) -> dict:
+    """The published tasks that OUT does not hold, kept as they were (with their own date and command), so that
+    rerunning one task does not drop the others' rows from the published file."""
+    published = RESULTS / f"{profile.stem}.json"
+    if not published.exists():
+        return {}
+    old = json.loads(published.read_text())
+    return {name: {"date": old["date"], "command": old["command"], **task}
+            for name, task in old["tasks"].items() if name not in fresh and name in profile.tasks}
+
+
 def trained_record(variant_dir: Path, key: str, minutes: float) -> dict:
     """What ``keep`` recorded beside a point: its training seconds, batch size and device ({} before it did)."""
     file = variant_dir / "points" / f"{key}-{minutes:g}min" / "trained_s.json"
@@ -357,19 +373,27 @@ def _cell(row: dict, prefix: str) -> str:
             f"{row[f'{prefix}_steps']} steps, {row[f'{prefix}_images'] / 1e3:.0f}k images)")
 
 
+def _minutes(value: float | None) -> str:
+    """A reference point's minutes; a run still without that point (the other variant not yet scored) has none."""
+    return "none yet" if value is None else f"{value:g} min"
+
+
 def write_doc(result: dict, profile: Profile) -> None:
     """The generated table of docs/results.md's long-run section (between its markers; the rest is kept)."""
     lines = ["", f"Command: `{result['command']}`  ", f"Date: {result['date']}; {result['machine']}  ",
              f"Minutes: {result['minutes']}.", ""]
     for name, task in result["tasks"].items():
-        lines += [f"**{name}** ({task['n_eval']} samples; {task['extractor']}). Cells: FD (KID +- its std over "
+        floor = task.get("teacher_heldout_sigma_floor", 0.0)
+        lines += [f"**{name}**: `{task.get('command', result['command'])}` ({task.get('date', result['date'])}; "
+                  f"teacher's held-out weight floor {floor:g}).", "",
+                  f"{task['n_eval']} samples; {task['extractor']}. Cells: FD (KID +- its std over "
                   f"subsets; steps and images seen). Trained on {task['trained_on']}, batch "
                   f"{task['batch_sizes']['teacher']} (teacher) and {task['batch_sizes']['student']} (distillation). "
                   f"Floor ({task['floor_against']}): FD {task['floor_fd']:.1f}, KID "
                   f"{task['floor_kid']:.3g} +- {task['floor_kid_std']:.2g}.", "",
                   "| minutes | teacher (best sampler) | one-step student | clean-data teacher | student / teacher "
-                  f"({task['distilled_from_teacher_minutes']:g} min) | student / clean "
-                  f"({task['clean_reference_minutes']:g} min) |", "|---|---|---|---|---|---|"]
+                  f"({_minutes(task['distilled_from_teacher_minutes'])}) | student / clean "
+                  f"({_minutes(task['clean_reference_minutes'])}) |", "|---|---|---|---|---|---|"]
         for r in task["rows"]:
             ratios = [f"{r[k]:.2f}" if k in r else "-" for k in ("student_over_teacher", "student_over_clean")]
             lines.append(f"| {r['minutes']:g} | {_cell(r, 'teacher')} | {_cell(r, 'student')} | {_cell(r, 'clean')} "

@@ -84,6 +84,8 @@ PATCH_SOURCES = ("camera", "coins", "moon", "brick", "grass", "gravel", "clock",
 
 # The long run's Fashion-MNIST settings, with a checkpoint every 20 distillation steps and all of them kept.
 _FMNIST_DISTILL = FMNIST_DISTILL_TRAIN.updated(checkpoint_every=20, keep_checkpoints=1000)
+# without the held-out weight floor: the published agreement table was trained before it was adopted
+_FMNIST_TEACHER = FMNIST_TEACHER.updated(heldout_sigma_floor=0.0)
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ class Domain:
 
 DOMAINS = {
     "fashion-mnist/inpaint-0.6": Domain("fashion-mnist", InpaintSpec(p=0.6, delta=0.1), CPU_NETWORK_ATTENTION_8,
-                                        FMNIST_TEACHER, _FMNIST_DISTILL,
+                                        _FMNIST_TEACHER, _FMNIST_DISTILL,
                                         DISTILL, "classifier"),
     "brain-mri/mri-r4": Domain("brain-mri", cpu_mri_operator(4.0), CPU_MRI_NETWORK,
                                CPU_MRI_TEACHER.updated(steps=10_000_000, time_budget_s=None),
@@ -110,7 +112,7 @@ DOMAINS = {
                                                              time_budget_s=None),
                                CPU_MRI_DISTILL, "inception"),
     "skimage-patches/superres-2": Domain("skimage-patches", SuperResSpec(factor=2), CPU_NETWORK_ATTENTION_8,
-                                         FMNIST_TEACHER, _FMNIST_DISTILL,
+                                         _FMNIST_TEACHER, _FMNIST_DISTILL,
                                          DISTILL, "inception"),
 }
 

@@ -105,3 +105,32 @@ def test_the_clean_mri_reference_is_scored_with_the_mri_models_features(tmp_path
     channels = open_dataset(str(tmp_path / "clean")).manifest.image_shape[0]
     assert channels == 2 and evaluation_extractor(channels).label == evaluation_extractor(2).label
     assert "Inception" in evaluation_extractor(channels).label
+
+
+def test_publishing_one_task_keeps_the_other_published_tasks(tmp_path, monkeypatch):
+    # rerunning inpainting alone must replace its rows and keep MRI's published rows with their own date
+    results, out = tmp_path / "results", tmp_path / "out"
+    results.mkdir()
+    monkeypatch.setattr(long_run, "RESULTS", results)
+    monkeypatch.setattr(long_run, "FIGURES", tmp_path / "figures")
+    monkeypatch.setattr(long_run, "DOC", tmp_path / "results.md")
+    (tmp_path / "results.md").write_text("# Results\n")
+    mri = {"n_eval": 419, "extractor": "Inception", "floor_against": "train", "floor_fd": 50.0, "floor_kid": 0.01,
+           "floor_kid_std": 0.001, "distilled_from_teacher_minutes": 60.0, "clean_reference_minutes": 60.0,
+           "trained_on": "cpu", "batch_sizes": {"teacher": 32, "student": 16}, "rows": [{"minutes": 60.0}]}
+    (results / "long_run.json").write_text(json.dumps({"date": "2026-12-04", "command": "old", "tasks": {
+        "inpaint-0.8": {**mri, "rows": [{"minutes": 5.0}]}, "mri-r4": mri}}))
+    root = out / "inpaint-0.8"
+    (root / "corrupted").mkdir(parents=True)
+    (root / "corrupted" / "points.json").write_text(json.dumps(
+        {"teacher@10": {"fd": 200.0, "kid": 0.2, "kid_std": 0.01, "steps": 700, "sampler": "heun"}}))
+    (root / "floor.json").write_text(json.dumps({"n": 1000, "fd": 7.5, "kid": 0.004, "kid_std": 0.005,
+                                                 "against": "test", "extractor": "classifier"}))
+    result = long_run.main(["--assemble-only", "--out", str(out)])
+    assert list(result["tasks"]) == ["inpaint-0.8", "mri-r4"]
+    assert result["tasks"]["mri-r4"] == {"date": "2026-12-04", "command": "old", **mri}
+    fresh = result["tasks"]["inpaint-0.8"]
+    assert [r["minutes"] for r in fresh["rows"]] == [10.0] and fresh["rows"][0]["teacher_fd"] == 200.0
+    assert fresh["teacher_heldout_sigma_floor"] == long_run.TASKS["inpaint-0.8"].teacher.heldout_sigma_floor
+    assert json.loads((results / "long_run.json").read_text())["tasks"] == result["tasks"]
+    assert "`old` (2026-12-04" in (tmp_path / "results.md").read_text()
