@@ -57,7 +57,6 @@ from rsd_core.presets import (
     CPU_MRI_DISTILL_TRAIN,
     CPU_MRI_NETWORK,
     CPU_MRI_TEACHER,
-    CPU_NETWORK_ATTENTION_8,
     cpu_mri_operator,
 )
 from rsd_core.stages import (
@@ -91,13 +90,13 @@ class Task:
     corrupt_kwargs: dict = field(default_factory=dict)
 
 
-# The restoration benchmark's settings (inpainting, with its held-out weight floor) and the cpu-mri preset's
-# (MRI), with two changes a run cut into segments needs: no time-based lr drop (it is measured per segment, so it
-# would fire in the first one), and frequent checkpoints (a kill loses at most one interval).
+# The restoration benchmark's settings (inpainting: the default network, the held-out weight floor) and the
+# cpu-mri preset's (MRI), with two changes a run cut into segments needs: no time-based lr drop (it is measured
+# per segment, so it would fire in the first one), and frequent checkpoints (a kill loses at most one interval).
 FMNIST_TEACHER = TEACHER_TRAIN.updated(steps=10_000_000, checkpoint_every=100)
 FMNIST_DISTILL_TRAIN = DISTILL_TRAIN.updated(steps=10_000_000, checkpoint_every=50, keep_checkpoints=1)
 TASKS = {
-    "inpaint-0.8": Task(source="fashion-mnist", operator=InpaintSpec(p=0.8, delta=0.1), network=CPU_NETWORK_ATTENTION_8,
+    "inpaint-0.8": Task(source="fashion-mnist", operator=InpaintSpec(p=0.8, delta=0.1), network=NetworkConfig(),
                         teacher=FMNIST_TEACHER, distill_train=FMNIST_DISTILL_TRAIN,
                         distill=DISTILL, n_eval=1000, floor_split="test"),
     "mri-r4": Task(source="brain-mri", operator=cpu_mri_operator(4.0), network=CPU_MRI_NETWORK,
