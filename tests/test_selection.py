@@ -12,6 +12,7 @@ from rsd_core.select.classifier import ClassifierExtractor
 from rsd_core.select.frechet import compute_stats, frechet_distance
 from rsd_core.select.selection import (
     CandidateScore,
+    _report_choice,
     choose_checkpoint,
     corrupted_view,
     make_extractors,
@@ -130,3 +131,15 @@ def test_the_latest_checkpoint_tied_with_the_lowest_is_chosen_and_a_real_lead_is
     assert choose_checkpoint([_row(20, 100, 5), _row(40, 130, 5), _row(60, 150, 5)]).step == 20
     # without intervals (older records): the lowest
     assert choose_checkpoint([_row(20, 100, None), _row(40, 101, None)]).step == 20
+
+
+@pytest.mark.parametrize(("difference", "verdict"), [((-9.0, -1.0), "better"), ((-3.0, 4.0), "cannot tell them apart"),
+                                                     ((8.3, 30.4), "worse, kept by the rule")])
+def test_the_printed_choice_says_when_the_paired_difference_puts_it_behind(capsys, difference, verdict):
+    # the rule can keep a later checkpoint whose own interval overlaps the lowest one's while the paired
+    # difference (chosen - runner-up, shared latents) lies wholly above 0: the line must not call them alike
+    chosen, runner_up = _row(223, 289.9, 20), _row(180, 270.6, 20)
+    _report_choice(chosen, runner_up, {"proximal_fd_interval": chosen.proximal_fd_interval,
+                                       "runner_up_difference": difference, "distinguishable": difference[1] < 0})
+    line = capsys.readouterr().out
+    assert f"[{difference[0]:.2f}, {difference[1]:.2f}], {verdict}" in line

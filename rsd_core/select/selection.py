@@ -372,12 +372,19 @@ def select_stage(
 
 
 def _report_choice(chosen: CandidateScore, runner_up: CandidateScore | None, intervals: dict) -> None:
-    """The choice with its interval, and whether it is told apart from the runner-up."""
+    """The choice with its interval, and whether it is told apart from the runner-up. The rule ties checkpoints
+    by their own intervals, so the paired difference can still put a kept later checkpoint behind the lowest one:
+    the line says so rather than calling them alike."""
     lo, hi = intervals["proximal_fd_interval"]
     line = f"[select] chosen {chosen.name}: proximal FD {chosen.proximal_fd:.2f} (95% interval [{lo:.2f}, {hi:.2f}])"
     if runner_up is not None:
         d_lo, d_hi = intervals["runner_up_difference"]
-        verdict = "better" if intervals["distinguishable"] else "cannot tell them apart"
+        if d_hi < 0:
+            verdict = "better"
+        elif d_lo > 0:
+            verdict = "worse, kept by the rule (its own interval overlaps the lowest one's)"
+        else:
+            verdict = "cannot tell them apart"
         line += (f"; minus runner-up {runner_up.name} ({runner_up.proximal_fd:.2f}): [{d_lo:.2f}, {d_hi:.2f}], "
                  f"{verdict}")
     print(line, flush=True)
