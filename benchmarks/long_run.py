@@ -366,10 +366,21 @@ def trained_record(variant_dir: Path, key: str, minutes: float) -> dict:
 
 
 def _cell(row: dict, prefix: str) -> str:
+    """FD (KID +- std; steps, images seen); rows published before they recorded images seen show steps only."""
     if f"{prefix}_fd" not in row:
         return "-"
+    images = row.get(f"{prefix}_images")
+    seen = "" if images is None else f", {images / 1e3:.0f}k images"
     return (f"{row[f'{prefix}_fd']:.1f} ({row[f'{prefix}_kid']:.3g} +- {row[f'{prefix}_kid_std']:.2g}; "
-            f"{row[f'{prefix}_steps']} steps, {row[f'{prefix}_images'] / 1e3:.0f}k images)")
+            f"{row[f'{prefix}_steps']} steps{seen})")
+
+
+def _trained(task: dict) -> str:
+    """Where and with what batches a task trained; a task published before it recorded them says so."""
+    if "batch_sizes" not in task:
+        return "Device and batch sizes unrecorded (published before the file held them)."
+    return (f"Trained on {task.get('trained_on', 'unrecorded')}, batch {task['batch_sizes']['teacher']} (teacher) "
+            f"and {task['batch_sizes']['student']} (distillation).")
 
 
 def _minutes(value: float | None) -> str:
@@ -386,8 +397,7 @@ def write_doc(result: dict, profile: Profile) -> None:
         lines += [f"**{name}**: `{task.get('command', result['command'])}` ({task.get('date', result['date'])}; "
                   f"teacher's held-out weight floor {floor:g}).", "",
                   f"{task['n_eval']} samples; {task['extractor']}. Cells: FD (KID +- its std over "
-                  f"subsets; steps and images seen). Trained on {task['trained_on']}, batch "
-                  f"{task['batch_sizes']['teacher']} (teacher) and {task['batch_sizes']['student']} (distillation). "
+                  f"subsets; steps and images seen). {_trained(task)} "
                   f"Floor ({task['floor_against']}): FD {task['floor_fd']:.1f}, KID "
                   f"{task['floor_kid']:.3g} +- {task['floor_kid_std']:.2g}.", "",
                   "| minutes | teacher (best sampler) | one-step student | clean-data teacher | student / teacher "
@@ -426,12 +436,12 @@ def plot(name: str, task: dict, path: Path, trained_on: str) -> None:
                          fmt="o-", capsize=3, label=label)
     for ax, key, what in ((axes[0], "floor_fd", "FD"), (axes[1], "floor_kid", "KID")):
         ax.axhline(task[key], color="grey", linestyle="--", label="floor (clean vs clean)")
-        ax.set_xlabel(f"minutes of training (teacher) / distillation (student), {trained_on}")
         ax.set_ylabel(what)
         ax.set_xscale("log")
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"long run, {name}: {task['extractor'][:60]}", fontsize=9)
+    fig.supxlabel(f"minutes of training (teacher) / distillation (student); {trained_on}", fontsize=9)
+    fig.suptitle(f"long run, {name}: {task['extractor'].split(':')[0].split(' (')[0]}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

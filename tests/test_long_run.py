@@ -115,9 +115,11 @@ def test_publishing_one_task_keeps_the_other_published_tasks(tmp_path, monkeypat
     monkeypatch.setattr(long_run, "FIGURES", tmp_path / "figures")
     monkeypatch.setattr(long_run, "DOC", tmp_path / "results.md")
     (tmp_path / "results.md").write_text("# Results\n")
+    # a task as the file held it before its tasks recorded device, batch sizes and images seen
     mri = {"n_eval": 419, "extractor": "Inception", "floor_against": "train", "floor_fd": 50.0, "floor_kid": 0.01,
            "floor_kid_std": 0.001, "distilled_from_teacher_minutes": 60.0, "clean_reference_minutes": 60.0,
-           "trained_on": "cpu", "batch_sizes": {"teacher": 32, "student": 16}, "rows": [{"minutes": 60.0}]}
+           "rows": [{"minutes": 60.0, "teacher_fd": 285.1, "teacher_kid": 0.277, "teacher_kid_std": 0.0046,
+                     "teacher_steps": 4263}]}
     (results / "long_run.json").write_text(json.dumps({"date": "2026-12-04", "command": "old", "tasks": {
         "inpaint-0.8": {**mri, "rows": [{"minutes": 5.0}]}, "mri-r4": mri}}))
     root = out / "inpaint-0.8"
@@ -133,4 +135,5 @@ def test_publishing_one_task_keeps_the_other_published_tasks(tmp_path, monkeypat
     assert [r["minutes"] for r in fresh["rows"]] == [10.0] and fresh["rows"][0]["teacher_fd"] == 200.0
     assert fresh["teacher_heldout_sigma_floor"] == long_run.TASKS["inpaint-0.8"].teacher.heldout_sigma_floor
     assert json.loads((results / "long_run.json").read_text())["tasks"] == result["tasks"]
-    assert "`old` (2026-12-04" in (tmp_path / "results.md").read_text()
+    doc = (tmp_path / "results.md").read_text()
+    assert "`old` (2026-12-04" in doc and "| 60 | 285.1 (0.277 +- 0.0046; 4263 steps) |" in doc
