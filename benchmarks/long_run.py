@@ -379,7 +379,7 @@ def _trained(task: dict) -> str:
     """Where and with what batches a task trained; a task published before it recorded them says so."""
     if "batch_sizes" not in task:
         return "Device and batch sizes unrecorded (published before the file held them)."
-    return (f"Trained on {task.get('trained_on', 'unrecorded')}, batch {task['batch_sizes']['teacher']} (teacher) "
+    return (f"Trained on {task['trained_on']}, batch {task['batch_sizes']['teacher']} (teacher) "
             f"and {task['batch_sizes']['student']} (distillation).")
 
 

@@ -379,7 +379,7 @@ def _report_choice(chosen: CandidateScore, runner_up: CandidateScore | None, int
     line = f"[select] chosen {chosen.name}: proximal FD {chosen.proximal_fd:.2f} (95% interval [{lo:.2f}, {hi:.2f}])"
     if runner_up is not None:
         d_lo, d_hi = intervals["runner_up_difference"]
-        if d_hi < 0:
+        if intervals["distinguishable"]:
             verdict = "better"
         elif d_lo > 0:
             verdict = "worse, kept by the rule (its own interval overlaps the lowest one's)"
