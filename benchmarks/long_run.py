@@ -2,6 +2,7 @@
 
     python -m benchmarks.long_run --task inpaint-0.8 [--variant corrupted|clean] [--teacher-minutes 10,30,60]
                                   [--distill-minutes 10,30,60] [--out DIR] [--threads 1] [--profile cpu|gpu]
+                                  [--distill-variant NAME:distill.FIELD=VALUE;...]
 
 ``--profile gpu`` is the same run with a GPU's batch sizes and EMA lengths (``scripts/gpu_long_run.sh`` runs it
 on one GPU, training only: ``--no-score``; ``--pack`` / ``--unpack`` carry the points back, where the FD
@@ -23,6 +24,10 @@ EMA model is kept and scored on ``--n-eval`` samples against the clean evaluatio
   samples is mostly bias, KID is not.
 The floor is the FD / KID between the clean evaluation images and a disjoint set of clean images.
 
+``--distill-variant NAME:distill.FIELD=VALUE;train.FIELD=VALUE`` distils from the same last teacher point with
+changed distillation settings into OUT/<task>/<variant>/distill-variants/NAME: an A/B arm at equal minutes of
+distillation, whose rows (``distill_variants``) sit beside the task's own student in the JSON and the table.
+
 Writes OUT/<task>/<variant>/points.json as each point is scored, then OUT/long_run.json, and unless
 ``--no-publish`` benchmarks/results/long_run.json, docs/figures/long_run_<task>.png (FD and KID against minutes)
 and one sample grid per point in docs/figures/long_run/ (``long_run_gpu`` in each name for the GPU profile).
@@ -33,10 +38,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import io
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tarfile
@@ -45,11 +52,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from benchmarks.mri import benchmark_operator
 from benchmarks.report import add_work_args, replace_block
 from benchmarks.restoration import DISTILL, DISTILL_TRAIN, TEACHER_TRAIN
 from benchmarks.scoring import Scorer, floor_distances, score_student, score_teacher
+from benchmarks.variants import Changes, parse_variant
 from rsd_core.config import DistillConfig, DistillTrainConfig, NetworkConfig, OperatorSpec, TrainConfig
 from rsd_core.data.sources import corrupt
 from rsd_core.operators import IdentitySpec, InpaintSpec
@@ -74,6 +83,7 @@ FIGURES = ROOT / "docs" / "figures"
 DOC = ROOT / "docs" / "results.md"
 RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = ("corrupted", "clean")
+ARMS_DIR = "distill-variants"  # <variant>/distill-variants/<name>: students distilled with --distill-variant
 
 
 @dataclass(frozen=True)
@@ -192,8 +202,57 @@ def train_to(minutes: float, phase_dir: Path, model_dir: Path, run) -> float:
     return WallClock(phase_dir).seconds()
 
 
+class Points:
+    """The kept and scored points of one training folder: ``points/<key>-<m>min``, ``grids/<key>@<m>.png`` and
+    ``points.json`` (each point scored once; a rerun skips what the file holds)."""
+
+    def __init__(self, folder: Path, label: str, scorer, args, device: str):
+        self.folder, self.label, self.scorer, self.args, self.device = folder, label, scorer, args, device
+        self.file = folder / "points.json"
+        self.scores = json.loads(self.file.read_text()) if self.file.exists() else {}
+
+    def keep(self, phase_model: Path, point: Path, trained: float, batch: int) -> None:
+        shutil.copytree(phase_model, point, dirs_exist_ok=True)
+        (point / "trained_s.json").write_text(json.dumps({"seconds": trained, "batch_size": batch,
+                                                          "device": self.device}))
+        steps = read_card(point).steps
+        print(f"[long_run] {self.label}: kept {point.name}: {steps} steps of batch {batch} in {trained:.0f} s "
+              f"({steps * batch / max(trained, 1e-9):.0f} images/s)", flush=True)
+
+    def score(self, key: str, point: Path, score) -> None:
+        if key in self.scores or self.args.no_score:
+            return
+        t = time.perf_counter()
+        self.scores[key] = {**score(point, self.scorer(), self.folder / "grids" / f"{key}.png"),
+                            "eval_s": time.perf_counter() - t}
+        self.file.write_text(json.dumps(self.scores, indent=1))
+        print(f"[long_run] {self.label} {key}: FD {self.scores[key]['fd']:.1f}, KID {self.scores[key]['kid']:.4f} "
+              f"+- {self.scores[key]['kid_std']:.4f}", flush=True)
+        assemble(self.args)
+
+
+def with_distill_changes(task: Task, changes: Changes) -> Task:
+    """The task with a distillation variant's changes (validated here, before anything trains)."""
+    return dataclasses.replace(task, distill=task.distill.updated(**changes.get("distill", {})),
+                               distill_train=task.distill_train.updated(**changes.get("train", {})))
+
+
+def arm_folder(root: Path, name: str, changes: Changes) -> Path:
+    """Where a distillation variant's student points live, beside the variant's own; an existing folder must
+    have been run with the same changes (a name reused for other settings would mix two arms in one curve)."""
+    folder = root / ARMS_DIR / name
+    record = folder / "changes.json"
+    if record.exists() and json.loads(record.read_text()) != changes:
+        raise SystemExit(f"--distill-variant {name}: {folder} was distilled with {record.read_text().strip()}, "
+                         f"not {json.dumps(changes)}; give the variant another name")
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(changes))
+    return folder
+
+
 def run_variant(name: str, task: Task, variant: str, args, root: Path) -> None:
-    """Corrupt (or copy clean), then train, keep and score every point of the variant's schedule in ``root``."""
+    """Corrupt (or copy clean), then train, keep and score every point of the variant's schedule in ``root``;
+    with ``--distill-variant`` the students are distilled with its changes into their own folder."""
     data = root / "data"
     if not (data / "manifest.json").exists():
         spec = task.operator if variant == "corrupted" else IdentitySpec()
@@ -202,30 +261,9 @@ def run_variant(name: str, task: Task, variant: str, args, root: Path) -> None:
                 **task.corrupt_kwargs)
     if args.prepare_only:
         return
-    points_file = root / "points.json"
-    points = json.loads(points_file.read_text()) if points_file.exists() else {}
-    scorer: Scorer | None = None
-
-    def scored(key: str, folder: Path, score) -> None:
-        nonlocal scorer
-        if key in points or args.no_score:
-            return
-        scorer = scorer or Scorer(str(data), task.n_eval, args.seed, root)
-        t = time.perf_counter()
-        points[key] = {**score(folder, scorer, root / "grids" / f"{key}.png"), "eval_s": time.perf_counter() - t}
-        points_file.write_text(json.dumps(points, indent=1))
-        print(f"[long_run] {name}/{variant} {key}: FD {points[key]['fd']:.1f}, KID {points[key]['kid']:.4f} "
-              f"+- {points[key]['kid_std']:.4f}", flush=True)
-        assemble(args)
-
-    def keep(phase_model: Path, point: Path, trained: float, batch: int) -> None:
-        shutil.copytree(phase_model, point, dirs_exist_ok=True)
-        (point / "trained_s.json").write_text(json.dumps({"seconds": trained, "batch_size": batch,
-                                                          "device": device_name(task.teacher.device)}))
-        steps = read_card(point).steps
-        print(f"[long_run] {name}/{variant}: kept {point.name}: {steps} steps of batch {batch} in {trained:.0f} s "
-              f"({steps * batch / max(trained, 1e-9):.0f} images/s)", flush=True)
-
+    scorer = functools.cache(lambda: Scorer(str(data), task.n_eval, args.seed, root))
+    device = device_name(task.teacher.device)
+    teachers = Points(root, f"{name}/{variant}", scorer, args, device)
     progress = not args.quiet
     seed = {"seed": args.seed}
     for minutes in args.teacher_minutes:
@@ -234,21 +272,27 @@ def run_variant(name: str, task: Task, variant: str, args, root: Path) -> None:
             def run(remaining, clock):
                 pretrain_stage(str(data), task.network, task.teacher.updated(time_budget_s=remaining, **seed), root,
                                progress=progress, on_checkpoint=clock)
-            keep(root / "teacher", point, train_to(minutes, root / PRETRAIN_DIR, root / "teacher", run),
-                 task.teacher.batch_size)
-        scored(f"teacher@{minutes:g}", point, score_teacher)
+            teachers.keep(root / "teacher", point, train_to(minutes, root / PRETRAIN_DIR, root / "teacher", run),
+                          task.teacher.batch_size)
+        teachers.score(f"teacher@{minutes:g}", point, score_teacher)
     if not args.distill_minutes:
         return
     teacher = root / "points" / f"teacher-{max(args.teacher_minutes):g}min"
+    students = teachers
+    if args.distill_variant is not None:
+        arm, changes = args.distill_variant
+        task = with_distill_changes(task, changes)
+        students = Points(arm_folder(root, arm, changes), f"{name}/{variant}/{arm}", scorer, args, device)
+    out = students.folder
     for minutes in args.distill_minutes:
-        point = root / "points" / f"student-{minutes:g}min"
+        point = out / "points" / f"student-{minutes:g}min"
         if not (point / "model.json").exists():
             def run(remaining, clock):
                 distill_stage(teacher, task.distill_train.updated(time_budget_s=remaining, **seed), task.distill,
-                              root, progress=progress, on_checkpoint=clock)
-            keep(root / "generator", point, train_to(minutes, root / DISTILL_DIR, root / "generator", run),
-                 task.distill_train.batch_size)
-        scored(f"student@{minutes:g}", point, score_student)
+                              out, progress=progress, on_checkpoint=clock)
+            students.keep(out / "generator", point, train_to(minutes, out / DISTILL_DIR, out / "generator", run),
+                          task.distill_train.batch_size)
+        students.score(f"student@{minutes:g}", point, score_student)
 
 
 def device_name(setting: str) -> str:
@@ -301,15 +345,15 @@ def assemble(args) -> dict:
                     continue
                 batch = trained_record(root / variant, key, m).get(
                     "batch_size", (task.teacher if key == "teacher" else task.distill_train).batch_size)
-                row |= {f"{prefix}_fd": p["fd"], f"{prefix}_kid": p["kid"], f"{prefix}_kid_std": p["kid_std"],
-                        f"{prefix}_steps": p["steps"], f"{prefix}_images": p["steps"] * batch}
-                if "sampler" in p:
-                    row[f"{prefix}_sampler"] = p["sampler"]
+                row |= cell(prefix, p, batch)
             if teacher_ref is not None and "student_fd" in row:
                 row["student_over_teacher"] = row["student_fd"] / teacher_ref["fd"]
             if clean_ref is not None and "student_fd" in row:
                 row["student_over_clean"] = row["student_fd"] / clean_ref["fd"]
             rows.append(row)
+        arms = [distill_variant(arm.parent, variant, points[variant],
+                                teacher_ref if variant == "corrupted" else clean_ref, task.distill_train.batch_size)
+                for variant in points for arm in sorted((root / variant / ARMS_DIR).glob("*/points.json"))]
         task_floor = floor(name, task, args, root)
         trained_on = trained_record(root / next(iter(points)), "teacher", minutes[0]).get("device", "unrecorded")
         tasks[name] = {"date": datetime.date.today().isoformat(),
@@ -322,6 +366,8 @@ def assemble(args) -> dict:
                        "clean_reference_minutes": clean_at, "trained_on": trained_on,
                        "batch_sizes": {"teacher": task.teacher.batch_size, "student": task.distill_train.batch_size},
                        "rows": rows, "points": points}
+        if arms:
+            tasks[name]["distill_variants"] = arms
         if args.publish:
             plot(name, tasks[name], FIGURES / f"{profile.stem}_{name}.png", trained_on)
             for variant in points:
@@ -349,6 +395,33 @@ def assemble(args) -> dict:
         write_atomic(RESULTS / f"{profile.stem}.json", result)
         write_doc(result, profile)
     return result
+
+
+def cell(prefix: str, point: dict, batch: int) -> dict:
+    """A scored point as a row's ``<prefix>_*`` fields."""
+    fields = {f"{prefix}_fd": point["fd"], f"{prefix}_kid": point["kid"], f"{prefix}_kid_std": point["kid_std"],
+              f"{prefix}_steps": point["steps"], f"{prefix}_images": point["steps"] * batch}
+    if "sampler" in point:
+        fields[f"{prefix}_sampler"] = point["sampler"]
+    return fields
+
+
+def distill_variant(folder: Path, variant: str, base: dict, teacher_ref: dict | None, batch: int) -> dict:
+    """A distillation variant's rows: its students beside the variant's own (``student_over_base``, at the same
+    minutes of distillation from the same teacher) and against the teacher they were distilled from."""
+    scores = json.loads((folder / "points.json").read_text())
+    rows = []
+    for key in sorted(scores, key=lambda k: float(k.split("@")[1])):
+        m = float(key.split("@")[1])
+        row = {"minutes": m} | cell("student", scores[key], trained_record(folder, "student", m).get("batch_size",
+                                                                                                   batch))
+        if teacher_ref is not None:
+            row["student_over_teacher"] = row["student_fd"] / teacher_ref["fd"]
+        if key in base:
+            row["student_over_base"] = row["student_fd"] / base[key]["fd"]
+        rows.append(row)
+    return {"name": folder.name, "variant": variant, "changes": json.loads((folder / "changes.json").read_text()),
+            "rows": rows, "points": scores}
 
 
 def carried_tasks(profile: Profile, fresh: dict) -> dict:
@@ -410,6 +483,18 @@ def write_doc(result: dict, profile: Profile) -> None:
             ratios = [f"{r[k]:.2f}" if k in r else "-" for k in ("student_over_teacher", "student_over_clean")]
             lines.append(f"| {r['minutes']:g} | {_cell(r, 'teacher')} | {_cell(r, 'student')} | {_cell(r, 'clean')} "
                          f"| {ratios[0]} | {ratios[1]} |")
+        if task.get("distill_variants"):
+            lines += ["", "Distillation variants (`--distill-variant`: the same teacher point, the same minutes of "
+                      "distillation; student / base is against the table's student at those minutes):", "",
+                      "| variant | changes | minutes | one-step student | student / teacher | student / base |",
+                      "|---|---|---|---|---|---|"]
+            for arm in task["distill_variants"]:
+                changes = "; ".join(f"{section}.{k}={v}" for section, fields in arm["changes"].items()
+                                    for k, v in fields.items())
+                for r in arm["rows"]:
+                    ratios = [f"{r[k]:.2f}" if k in r else "-" for k in ("student_over_teacher", "student_over_base")]
+                    lines.append(f"| {arm['name']} ({arm['variant']}) | `{changes}` | {r['minutes']:g} | "
+                                 f"{_cell(r, 'student')} | {ratios[0]} | {ratios[1]} |")
         lines += ["", f"![long run {name}](figures/{profile.stem}_{name}.png)", ""]
     replace_block(DOC, *profile.doc_markers, lines, profile.heading)
 
@@ -512,6 +597,16 @@ def unpack(source: Path, out: Path) -> int:
     return len(points)
 
 
+def distill_variant_arg(text: str) -> tuple[str, Changes]:
+    """``NAME:distill.FIELD=VALUE;...``, NAME a folder name."""
+    name, changes = parse_variant(text, {}, ("distill", "train"))
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise argparse.ArgumentTypeError(f"variant name {name!r}: letters, digits, '.', '_' and '-' only")
+    if not changes:
+        raise argparse.ArgumentTypeError(f"variant {name!r} changes nothing")
+    return name, changes
+
+
 def minutes_list(text: str) -> list[float]:
     values = [float(v) for v in text.split(",") if v.strip()]
     if any(v <= 0 for v in values) or values != sorted(values):
@@ -543,6 +638,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--distill-minutes", type=minutes_list, default=[10.0, 30.0, 60.0],
                         help="points of the distillation's time, from the last teacher point; empty for none "
                         "(default: 10,30,60)")
+    parser.add_argument("--distill-variant", type=distill_variant_arg, default=None,
+                        metavar="NAME:distill.FIELD=VALUE;train.FIELD=VALUE",
+                        help="distil from the same last teacher point with these DistillConfig / DistillTrainConfig "
+                        "changes into <variant>/distill-variants/NAME (an A/B arm at equal minutes; its rows are "
+                        "the task's distill_variants), e.g. 'lr1e-4:distill.lr_generator=1e-4;distill.lr_fake=1e-4'")
     parser.add_argument("--limit", type=int, default=20_000,
                         help="training images (default: 20000, the restoration benchmark's; MRI has 1,345 slices)")
     parser.add_argument("--n-eval", type=int, default=None,
@@ -569,6 +669,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     task = profile.tasks[args.task]
+    if args.distill_variant is not None:
+        try:
+            with_distill_changes(task, args.distill_variant[1])
+        except ValidationError as err:
+            parser.error(f"--distill-variant {args.distill_variant[0]}: {err}")
     if args.n_eval is not None:
         task = dataclasses.replace(task, n_eval=args.n_eval)
     root = Path(args.out) / args.task

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The long run on one GPU: inpainting p = 0.8 and MRI R = 4, each task's corruption-aware teacher and one-step
-# student, and the clean-data reference teacher, as four processes sharing the GPU (benchmarks/long_run.py
-# --profile gpu: 4x the CPU batches). Training only: the FD extractors (the Fashion-MNIST classifier's cache,
+# The long run on one GPU: inpainting p = 0.8 and MRI R = 4 (per-scan estimated coil maps), each task's
+# corruption-aware teacher and one-step student, and the clean-data reference teacher, as four processes sharing
+# the GPU (benchmarks/long_run.py --profile gpu: 4x the CPU batches). Training only: the FD extractors (the Fashion-MNIST classifier's cache,
 # the Inception weights) stay where the points are scored, so the points travel back as fp16 tar archives.
 #
 #   bash scripts/gpu_long_run.sh OUT_DIR          # on the GPU machine, from the repository root
@@ -12,10 +12,11 @@
 #   ... (the same four commands without --no-score: training is skipped, the points are scored), and
 #   python -m benchmarks.long_run --profile gpu --assemble-only
 #
-# Settings (environment): TEACHER_MINUTES (default 1,3.5), DISTILL_MINUTES (default 1,3): training-time points of
+# Settings (environment): TASKS (default "inpaint-0.8 mri-r4-estimated"; mri-r4 is the 2-calibration-line MRI
+# task); TEACHER_MINUTES (default 1,3.5), DISTILL_MINUTES (default 1,3): training-time points of
 # each process; RSD_GPU_CARRY (default .gpu): a folder that may hold whl/ (pydantic and its needs, installed
 # where python3 lacks them), fmnist/ (Fashion-MNIST's four idx files, where the system has none) and
-# long_run_gpu/mri-r4/<variant>/data (the MRI datasets, written here beforehand with --prepare-only: the brain
+# long_run_gpu/<mri task>/<variant>/data (the MRI datasets, written here beforehand with --prepare-only: the brain
 # source needs nilearn); RSD_GPU_WORK (default /tmp/long_run_gpu): the work folder; PYTHON (default python3);
 # DEADLINE_S (default 480): training processes still running then are stopped, and the points kept so far packed.
 # Exit codes: 0 ok, 1 a process failed (its log is printed), 2 missing packages.
@@ -28,6 +29,7 @@ WORK=${RSD_GPU_WORK:-/tmp/long_run_gpu}
 TEACHER_MINUTES=${TEACHER_MINUTES:-1,3.5}
 DISTILL_MINUTES=${DISTILL_MINUTES:-1,3}
 DEADLINE_S=${DEADLINE_S:-480}
+read -ra TASK_LIST <<<"${TASKS:-inpaint-0.8 mri-r4-estimated}"
 LOGS="$WORK/logs"
 mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -49,7 +51,7 @@ fi
 common=(--profile gpu --out "$WORK" --quiet --threads 3 --no-score --teacher-minutes "$TEACHER_MINUTES")
 names=() pids=()
 start=$SECONDS
-for task in inpaint-0.8 mri-r4; do
+for task in "${TASK_LIST[@]}"; do
   for variant in corrupted clean; do
     distill=$([[ $variant == corrupted ]] && echo "$DISTILL_MINUTES" || echo "")
     "$PY" -m benchmarks.long_run "${common[@]}" --task "$task" --variant "$variant" --distill-minutes "$distill" \

@@ -3,9 +3,11 @@ of the first instead of starting over, and the wall clock that survives a kill."
 
 import json
 
+import pytest
+
 from benchmarks import long_run
 from benchmarks.report import RESULTS_DIR
-from rsd_core.stages import PRETRAIN_DIR
+from rsd_core.stages import DISTILL_DIR, PRETRAIN_DIR
 
 
 def _run(tmp_path, teacher: str, distill: str, variant: str = "corrupted") -> dict:
@@ -137,3 +139,52 @@ def test_publishing_one_task_keeps_the_other_published_tasks(tmp_path, monkeypat
     assert json.loads((results / "long_run.json").read_text())["tasks"] == result["tasks"]
     doc = (tmp_path / "results.md").read_text()
     assert "`old` (2026-12-04" in doc and "| 60 | 285.1 (0.277 +- 0.0046; 4263 steps) |" in doc
+
+
+def test_a_distillation_variant_is_an_arm_beside_the_student(tmp_path, monkeypatch):
+    # the arm distils from the same teacher point with its changes, into its own folder: the variant's own student
+    # is kept as it was, and the arm's rows compare with it at equal minutes
+    _run(tmp_path, "0.05", "0.05")
+    root = tmp_path / "inpaint-0.8" / "corrupted"
+    base = json.loads((root / "points.json").read_text())["student@0.05"]
+    arm = ["--distill-variant", "fast:distill.lr_generator=2e-4;train.batch_size=16"]
+    result = long_run.main(["--task", "inpaint-0.8", "--teacher-minutes", "0.05", "--distill-minutes", "0.05",
+                            "--limit", "256", "--n-eval", "48", "--quiet", "--no-publish", "--out", str(tmp_path),
+                            *arm])
+    task = result["tasks"]["inpaint-0.8"]
+    assert json.loads((root / "points.json").read_text())["student@0.05"] == base
+    folder = root / long_run.ARMS_DIR / "fast"
+    meta = json.loads(next((folder / DISTILL_DIR / "checkpoints").glob("step-*/meta.json")).read_text())
+    assert meta["config"]["distill"]["lr_generator"] == 2e-4 and meta["config"]["train"]["batch_size"] == 16
+    assert meta["config"]["teacher"] == str(root / "points" / "teacher-0.05min")
+    [variant] = task["distill_variants"]
+    assert variant["name"] == "fast" and variant["changes"] == {"distill": {"lr_generator": 2e-4},
+                                                                "train": {"batch_size": 16}}
+    [row] = variant["rows"]
+    assert row["student_over_base"] == row["student_fd"] / base["fd"] and row["student_fd"] != base["fd"]
+    assert row["student_images"] == row["student_steps"] * 16
+    assert row["student_over_teacher"] == row["student_fd"] / task["points"]["corrupted"]["teacher@0.05"]["fd"]
+
+    # the name is the arm: reusing it for other settings is refused before anything trains
+    with pytest.raises(SystemExit, match="distilled with"):
+        long_run.main(["--task", "inpaint-0.8", "--teacher-minutes", "0.05", "--distill-minutes", "0.05,0.1",
+                       "--limit", "256", "--quiet", "--no-publish", "--out", str(tmp_path),
+                       "--distill-variant", "fast:distill.alpha=1.0"])
+    # the generated table shows the arm with its changes
+    monkeypatch.setattr(long_run, "DOC", tmp_path / "results.md")
+    (tmp_path / "results.md").write_text("# Results\n")
+    long_run.write_doc(result, long_run.PROFILES["cpu"])
+    assert "| fast (corrupted) | `distill.lr_generator=0.0002; train.batch_size=16` | 0.05 |" in (
+        tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("text", ["fast", "a/b:distill.alpha=1.0", "x:distill.alpha=1.0;network.x=1", "x:"])
+def test_a_malformed_distillation_variant_is_refused(text):
+    with pytest.raises(SystemExit):
+        long_run.main(["--task", "inpaint-0.8", "--distill-variant", text, "--no-publish"])
+
+
+def test_a_distillation_variant_with_an_unknown_field_names_it(capsys):
+    with pytest.raises(SystemExit):
+        long_run.main(["--task", "inpaint-0.8", "--distill-variant", "x:distill.alhpa=1.0", "--no-publish"])
+    assert "alhpa" in capsys.readouterr().err
