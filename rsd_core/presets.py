@@ -189,7 +189,8 @@ def _mri_multicoil_gpu() -> PipelineConfig:
         distill=DistillConfig(alpha=1.2, sigma_init=2.5, t_max=800.0, loss_scaling_g=100.0, lr_fake=5e-6,
                               lr_generator=1e-6, betas_fake=(0.0, 0.999), betas_generator=(0.0, 0.999),
                               grad_clip_fake=1.0, grad_clip_generator=None,
-                              fake_loss_mask="further"),  # the reference MRI loop's P_M~ train_loss (not measured)
+                              # the reference's P_M~ train_loss; it collapsed a CPU student (docs/results.md)
+                              fake_loss_mask="further"),
         selection=SelectionSettings(n_samples=5000, extractor="inception"),
         export=ExportSettings(formats=("pt2",)),  # ONNX cannot hold the projection's complex FFTs (export.onestep)
         tracking=TrackingSettings(experiment="rsd-mri", model_name="rsd-mri-r4", log_every=100),
