@@ -232,7 +232,7 @@ class Points:
 
 
 def with_distill_changes(task: Task, changes: Changes) -> Task:
-    """The task with a distillation variant's changes (validated here, before anything trains)."""
+    """The task with a distillation variant's changes (pydantic validates them)."""
     return dataclasses.replace(task, distill=task.distill.updated(**changes.get("distill", {})),
                                distill_train=task.distill_train.updated(**changes.get("train", {})))
 
@@ -280,8 +280,7 @@ def run_variant(name: str, task: Task, variant: str, args, root: Path) -> None:
     teacher = root / "points" / f"teacher-{max(args.teacher_minutes):g}min"
     students = teachers
     if args.distill_variant is not None:
-        arm, changes = args.distill_variant
-        task = with_distill_changes(task, changes)
+        arm, changes = args.distill_variant  # main applied the changes to task.distill / task.distill_train
         students = Points(arm_folder(root, arm, changes), f"{name}/{variant}/{arm}", scorer, args, device)
     out = students.folder
     for minutes in args.distill_minutes:
@@ -670,8 +669,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     task = profile.tasks[args.task]
     if args.distill_variant is not None:
-        try:
-            with_distill_changes(task, args.distill_variant[1])
+        try:  # the arm's settings, validated before anything trains
+            task = with_distill_changes(task, args.distill_variant[1])
         except ValidationError as err:
             parser.error(f"--distill-variant {args.distill_variant[0]}: {err}")
     if args.n_eval is not None:
