@@ -16,6 +16,7 @@ from rsd_core.kinds import EXPORT_FORMATS, check_export
 from rsd_core.operators import InpaintSpec
 from rsd_core.operators.spec import OperatorSpec, OperatorSpecBase
 from rsd_core.spec import Spec
+from rsd_core.train.sampling import SIGMA_MIN, rho_sigma
 
 __all__ = ["EXPORT_FORMATS", "OperatorSpec", "OperatorSpecBase", "Spec"]  # re-exported: config is their front door
 
@@ -171,6 +172,11 @@ class DistillConfig(Spec):
     alpha: float = 1.2
     sigma_init: float = 2.5
     t_max: float = 800.0
+    # The generator step's lowest noise level s: None keeps SiD's whole schedule (down to sigma_min = 0.002);
+    # a value truncates it there, like the teacher's truncated sampler, so that the generator is not scored
+    # by a teacher below the levels it denoises well (an Ambient teacher's samples are best truncated:
+    # docs/algorithms.md §7).
+    generator_sigma_min: float | None = None
     loss_scaling_g: float = 100.0
     lr_fake: float = 5e-5
     lr_generator: float = 5e-5
@@ -197,6 +203,14 @@ class DistillConfig(Spec):
         if not 0 < value <= 1000:
             raise ValueError(f"t_max must be in (0, 1000], got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _check_generator_sigma_min(self) -> DistillConfig:
+        floor, top = self.generator_sigma_min, rho_sigma(self.t_max / 1000.0)
+        if floor is not None and not SIGMA_MIN <= floor < top:
+            raise ValueError(f"generator_sigma_min must be in [{SIGMA_MIN}, {top:.3g}) (the noise level at t_max "
+                             f"{self.t_max:g}), got {floor}")
+        return self
 
 
 # --------------------------------------------------------------------------- the pipeline

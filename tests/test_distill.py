@@ -19,7 +19,7 @@ from rsd_core.train.distill import (
 from rsd_core.train.loop import StepContext, Trainer, list_checkpoints
 from rsd_core.train.objectives import edm_weight
 from rsd_core.train.pretrain import TensorSource, build_teacher, pretrain_teacher
-from rsd_core.train.sampling import OneStepSampler, TeacherSampler
+from rsd_core.train.sampling import OneStepSampler, TeacherSampler, rho_fraction, rho_sigma
 
 
 class GaussianDenoiser(nn.Module):
@@ -202,6 +202,44 @@ def test_noise_levels_follow_the_truncated_rho7_schedule():
     assert abs(float((s < 0.2).float().mean()) - 0.33) < 0.02  # docs/algorithms.md §7: ~33% of s below 0.2
 
 
+def test_a_generator_sigma_floor_truncates_the_schedule_and_keeps_its_law_above():
+    """With a floor, s never falls below it, and above it the law is the schedule's conditioned on s >= floor:
+    P(s < x) = (u(x) - u(floor)) / (0.8 - u(floor)) with u the inverse of the rho-schedule."""
+    floor, x = 0.02, 0.2
+    s = sid_noise_levels(100_000, 800, torch.Generator().manual_seed(0), "cpu", sigma_floor=floor)
+    assert float(s.min()) >= floor * (1 - 1e-5) and float(s.max()) <= 24.42
+    expected = (rho_fraction(x) - rho_fraction(floor)) / (0.8 - rho_fraction(floor))
+    assert abs(float((s < x).float().mean()) - expected) < 0.01, expected
+    assert rho_sigma(rho_fraction(floor)) == pytest.approx(floor)
+
+
+class SigmaRecorder(GaussianDenoiser):
+    """The exact denoiser, recording the noise levels it is asked at."""
+
+    def __init__(self, var: float):
+        super().__init__(var)
+        self.sigmas: list[torch.Tensor] = []
+
+    def forward(self, x, sigma):
+        self.sigmas.append(sigma.detach().clone())
+        return super().forward(x, sigma)
+
+
+@pytest.mark.parametrize("floor", [None, 0.5])
+def test_the_generator_step_scores_at_and_above_generator_sigma_min(floor):
+    teacher = SigmaRecorder(1.0)
+    objective = objective_for(build_operator({"kind": "identity"}))
+    phase = DistillPhase(teacher, objective, ScaleGenerator(0.5), GaussianDenoiser(0.25),
+                         DistillTrainConfig(batch_size=512, precision="fp32"),
+                         DistillConfig(generator_sigma_min=floor), {})
+    phase._generator_step(StepContext(torch.Generator().manual_seed(0), torch.device("cpu"), False, False))
+    lowest = float(torch.cat(teacher.sigmas).min())
+    if floor is None:
+        assert lowest < 0.01  # the whole schedule: about 14% of its levels are below 0.02
+    else:
+        assert lowest >= floor * (1 - 1e-5)
+
+
 class RecordingIdentity(Identity):
     def __init__(self, spec):
         super().__init__(spec)
@@ -348,3 +386,9 @@ def test_checkpoints_are_scored_at_the_sigma_init_they_were_distilled_with(digit
     assert sampler.sigma_init == 1.0
     expected = OneStepSampler(phase.generator_ema.net, objective, (1, 8, 8), 1.0).sample(6, seed=3)
     assert torch.allclose(sampler.sample(6, seed=3), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("floor", [0.001, 24.5])
+def test_a_generator_sigma_min_outside_the_schedule_is_refused_naming_the_range(floor):
+    with pytest.raises(ValueError, match=r"generator_sigma_min must be in \[0.002, 24.4\)"):
+        DistillConfig(generator_sigma_min=floor)

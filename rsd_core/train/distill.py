@@ -5,7 +5,7 @@ Each iteration, on fresh z:
    measurement noise, y~ = A(x_g) + sigma_n eps', and the fake score f_psi takes one step on the
    teacher's own objective L_A;
 2. generator step: y_g = A(G(z)) with *no* measurement noise, y_s = y_g + s n with s on the
-   rho = 7 schedule for u ~ U[0, t_max / 1000], and the SiD loss
+   rho = 7 schedule for u ~ U[0, t_max / 1000] (from generator_sigma_min up, when set), and the SiD loss
    w (f_phi - f_psi) . [(f_phi - y_g) - alpha (f_phi - f_psi)], with w = 1 / mean|y_g - f_phi|
    computed without gradient, scaled by 100; gradients reach G through y_g and through both
    networks' inputs, whose weights are frozen.
@@ -25,7 +25,7 @@ from rsd_core.train.ema import make_ema
 from rsd_core.train.loop import CheckpointCallback, MetricsCallback, Phase, StepContext, Trainer, TrainResult
 from rsd_core.train.networks import EDMPrecond
 from rsd_core.train.objectives import AmbientDiffusionObjective, FourierAmbientObjective, Objective
-from rsd_core.train.sampling import RHO, SIGMA_MAX, SIGMA_MIN, generate
+from rsd_core.train.sampling import generate, rho_fraction, rho_sigma
 
 
 class OneStepGenerator(nn.Module):
@@ -44,11 +44,13 @@ class OneStepGenerator(nn.Module):
         return generate(self.net, self.objective, n, self.shape, rng, self.sigma_init, bf16)
 
 
-def sid_noise_levels(batch: int, t_max: float, rng: torch.Generator | None, device) -> torch.Tensor:
-    """s = (s_max^(1/rho) + (1 - u)(s_min^(1/rho) - s_max^(1/rho)))^rho, u ~ U[0, t_max/1000]."""
-    u = torch.rand(batch, generator=rng, device=device) * (t_max / 1000.0)
-    a, b = SIGMA_MAX ** (1 / RHO), SIGMA_MIN ** (1 / RHO)
-    return (a + (1 - u) * (b - a)) ** RHO
+def sid_noise_levels(
+    batch: int, t_max: float, rng: torch.Generator | None, device, sigma_floor: float | None = None
+) -> torch.Tensor:
+    """s = (s_max^(1/rho) + (1 - u)(s_min^(1/rho) - s_max^(1/rho)))^rho, u ~ U[0, t_max/1000]; with
+    ``sigma_floor``, u ~ U[u_floor, t_max/1000] where s(u_floor) = sigma_floor (the schedule truncated there)."""
+    low, high = (0.0 if sigma_floor is None else rho_fraction(sigma_floor)), t_max / 1000.0
+    return rho_sigma(low + torch.rand(batch, generator=rng, device=device) * (high - low))
 
 
 def sid_generator_loss(
@@ -147,7 +149,7 @@ class DistillPhase(Phase):
             shape = tuple(x_g.shape[1:])
             input_state = self.objective.draw_input_state(b, shape, rng, ctx.device)
             y_g = self.objective.measure(x_g, input_state)  # A(G(z)), no measurement noise
-            s = sid_noise_levels(b, d.t_max, rng, ctx.device)
+            s = sid_noise_levels(b, d.t_max, rng, ctx.device, d.generator_sigma_min)
             n = torch.randn(y_g.shape, generator=rng, device=ctx.device)
             y_s = y_g + s.reshape((-1,) + (1,) * (y_g.ndim - 1)) * n
             with ctx.autocast():
