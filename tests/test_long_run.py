@@ -4,9 +4,11 @@ of the first instead of starting over, and the wall clock that survives a kill."
 import json
 
 import pytest
+import torch
 
 from benchmarks import long_run
 from benchmarks.report import RESULTS_DIR
+from rsd_core.kinds import build_operator
 from rsd_core.stages import DISTILL_DIR, PRETRAIN_DIR
 
 
@@ -188,3 +190,17 @@ def test_a_distillation_variant_with_an_unknown_field_names_it(capsys):
     with pytest.raises(SystemExit):
         long_run.main(["--task", "inpaint-0.8", "--distill-variant", "x:distill.alhpa=1.0", "--no-publish"])
     assert "alhpa" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task, random_lines", [("mri-r4-estimated", 0), ("mri-r4-estimated-delta0.5", 1)])
+def test_the_mri_further_mask_holds_random_lines_only_with_delta_half(task, random_lines):
+    """With 6 calibration lines of 8, delta_R = 1 leaves M~ the ACS block alone in every draw (the networks never
+    see a frequency above +-3 cycles); delta_R = 0.5 keeps one of the two random lines in every draw."""
+    operator = build_operator(long_run.TASKS[task].operator.model_dump())
+    rng = torch.Generator().manual_seed(0)
+    mask = operator.simulation_state(256, (2, 32, 32), rng)["mask"]
+    further = operator.further_mask(mask, rng).reshape(256, 32) > 0
+    outside_acs = further & ~operator.acs_block(32)
+    assert operator.acs_block(32).sum() == 6
+    assert (outside_acs.sum(1) == random_lines).all()
+    assert (further & ~(mask.reshape(256, 32) > 0)).sum() == 0  # M~ within M
