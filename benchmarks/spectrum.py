@@ -7,10 +7,10 @@ for each saved model's samples (a one-step generator, or a teacher's sampler tru
 its card's), prints the mean energy |F x|^2 per frequency along the width of the complex image, in cycles per
 field of view, and the share of it outside the calibration (ACS) block of lines every scan measures.
 
-Why: a Fourier-space Ambient network only ever sees the lines of its further mask M~. Where M~ is the ACS block
-alone in every draw (6 ACS lines of 8 at R = 4 and delta_R = 1), distillation matches the generator's law of
-those low frequencies and only the conditional *mean* of the rest, so excess energy just outside the block
-(speckle) costs the student nothing; this measures it.
+Why: the long run's MRI students draw a speckle their teachers do not; this locates it in frequency. A
+Fourier-space Ambient network sees only the lines of its further mask M~, so the SiD loss matches the law of
+what M~ holds and only the conditional mean of the rest; where M~ is the ACS block in every draw, the energy
+just outside the block is the suspect (docs/results.md, "Where the MRI student's speckle sits").
 """
 
 from __future__ import annotations

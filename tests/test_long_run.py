@@ -48,6 +48,11 @@ def test_long_run_scores_points_and_resumes(tmp_path):
     assert json.loads((tmp_path / "long_run.json").read_text())["tasks"]["inpaint-0.8"]["rows"] == clean
     assembled = long_run.main(["--assemble-only", "--no-publish", "--out", str(tmp_path)])
     assert assembled["tasks"]["inpaint-0.8"]["rows"] == clean
+    # where the first minutes have no teacher point of the first variant, the device comes from a later one
+    (root / "points" / "teacher-0.05min" / "trained_s.json").unlink()
+    again = long_run.main(["--assemble-only", "--no-publish", "--out", str(tmp_path)])
+    device = assembled["tasks"]["inpaint-0.8"]["trained_on"]
+    assert again["tasks"]["inpaint-0.8"]["trained_on"] == device != "unrecorded"
     after = (RESULTS_DIR / "long_run.json").read_bytes() if (RESULTS_DIR / "long_run.json").exists() else None
     assert after == published
 
