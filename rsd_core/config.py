@@ -175,7 +175,7 @@ class DistillConfig(Spec):
     # The generator step's lowest noise level s: None keeps SiD's whole schedule (down to sigma_min = 0.002);
     # a value truncates it there, like the teacher's truncated sampler, so that the generator is not scored
     # by a teacher below the levels it denoises well (an Ambient teacher's samples are best truncated:
-    # docs/algorithms.md §7).
+    # docs/algorithms.md §7). Tried on MRI, not adopted: docs/results.md, "On MRI R = 4".
     generator_sigma_min: float | None = None
     loss_scaling_g: float = 100.0
     lr_fake: float = 5e-5
