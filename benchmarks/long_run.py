@@ -122,9 +122,9 @@ TASKS = {
     # k-space; the MRI benchmark's "estimated" row): its 8 lines hold every frequency up to +-3 cycles per view
     "mri-r4-estimated": dataclasses.replace(MRI_R4, operator=benchmark_operator(4.0, "estimated")),
     # With 6 ACS lines of 8, delta_R = 1 makes the further mask M~ the ACS block alone in every draw: the networks
-    # never see a line above +-3 cycles, so distillation constrains only the conditional mean of the generator's
-    # higher frequencies. delta_R = 0.5 keeps floor(32 / 4.5) = 7 lines: the ACS block and one of the two random ones
-    # (the A/B: docs/results.md, "Where the MRI student's speckle sits").
+    # never see a line above +-3 cycles. delta_R = 0.5 keeps floor(32 / 4.5) = 7 lines, the ACS block and one of the
+    # two random ones: an experiment on the student's speckle that did not remove it (docs/results.md, "Where the
+    # MRI student's speckle sits").
     "mri-r4-estimated-delta0.5": dataclasses.replace(
         MRI_R4, operator=benchmark_operator(4.0, "estimated").model_copy(update={"delta_R": 0.5})),
 }
@@ -360,8 +360,8 @@ def assemble(args) -> dict:
                                 teacher_ref if variant == "corrupted" else clean_ref, task.distill_train.batch_size)
                 for variant in points for arm in sorted((root / variant / ARMS_DIR).glob("*/points.json"))]
         task_floor = floor(name, task, args, root)
-        trained_on = next((record["device"] for m in minutes  # the first teacher point of the first variant
-                           if "device" in (record := trained_record(root / next(iter(points)), "teacher", m))),
+        first = root / next(iter(points))  # the device of the first variant's first teacher point that has one
+        trained_on = next((r["device"] for m in minutes if "device" in (r := trained_record(first, "teacher", m))),
                           "unrecorded")
         tasks[name] = {"date": datetime.date.today().isoformat(),
                        "command": "python -m benchmarks.long_run " + " ".join(sys.argv[1:]),

@@ -206,7 +206,7 @@ class DistillConfig(Spec):
 
     @model_validator(mode="after")
     def _check_generator_sigma_min(self) -> DistillConfig:
-        floor, top = self.generator_sigma_min, rho_sigma(self.t_max / 1000.0)
+        floor, top = self.generator_sigma_min, rho_sigma(1 - self.t_max / 1000.0)
         if floor is not None and not SIGMA_MIN <= floor < top:
             raise ValueError(f"generator_sigma_min must be in [{SIGMA_MIN}, {top:.3g}) (the noise level at t_max "
                              f"{self.t_max:g}), got {floor}")

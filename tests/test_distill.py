@@ -204,11 +204,11 @@ def test_noise_levels_follow_the_truncated_rho7_schedule():
 
 def test_a_generator_sigma_floor_truncates_the_schedule_and_keeps_its_law_above():
     """With a floor, s never falls below it, and above it the law is the schedule's conditioned on s >= floor:
-    P(s < x) = (u(x) - u(floor)) / (0.8 - u(floor)) with u the inverse of the rho-schedule."""
+    P(s < x) = (u(x) - u(floor)) / (0.8 - u(floor)) with u = 1 - the inverse of the rho-schedule."""
     floor, x = 0.02, 0.2
     s = sid_noise_levels(100_000, 800, torch.Generator().manual_seed(0), "cpu", sigma_floor=floor)
     assert float(s.min()) >= floor * (1 - 1e-5) and float(s.max()) <= 24.42
-    expected = (rho_fraction(x) - rho_fraction(floor)) / (0.8 - rho_fraction(floor))
+    expected = (rho_fraction(floor) - rho_fraction(x)) / (0.8 - 1 + rho_fraction(floor))
     assert abs(float((s < x).float().mean()) - expected) < 0.01, expected
     assert rho_sigma(rho_fraction(floor)) == pytest.approx(floor)
 

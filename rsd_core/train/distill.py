@@ -49,8 +49,8 @@ def sid_noise_levels(
 ) -> torch.Tensor:
     """s = (s_max^(1/rho) + (1 - u)(s_min^(1/rho) - s_max^(1/rho)))^rho, u ~ U[0, t_max/1000]; with
     ``sigma_floor``, u ~ U[u_floor, t_max/1000] where s(u_floor) = sigma_floor (the schedule truncated there)."""
-    low, high = (0.0 if sigma_floor is None else rho_fraction(sigma_floor)), t_max / 1000.0
-    return rho_sigma(low + torch.rand(batch, generator=rng, device=device) * (high - low))
+    low, high = (0.0 if sigma_floor is None else 1 - rho_fraction(sigma_floor)), t_max / 1000.0
+    return rho_sigma(1 - (low + torch.rand(batch, generator=rng, device=device) * (high - low)))
 
 
 def sid_generator_loss(

@@ -32,25 +32,24 @@ SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 NUM_STEPS = 18
 
 
-def rho_sigma(u, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO):
-    """sigma at the fraction u in [0, 1] of the rho-schedule, sigma_min at u = 0 and sigma_max at u = 1
-    (floats or tensors): (sigma_max^(1/rho) + (1 - u)(sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+def rho_sigma(f, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO):
+    """Karras et al. (2022) eq. 5 at the fraction f in [0, 1] of the way from sigma_max (f = 0) to sigma_min
+    (f = 1), floats or tensors: (sigma_max^(1/rho) + f (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (a + (1 - u) * (b - a)) ** rho
+    return (a + f * (b - a)) ** rho
 
 
 def rho_fraction(sigma: float, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> float:
-    """The inverse of :func:`rho_sigma`: the fraction u at which the schedule reaches ``sigma``."""
+    """The inverse of :func:`rho_sigma`: the fraction f at which the schedule reaches ``sigma``."""
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return 1 - (sigma ** (1 / rho) - a) / (b - a)
+    return (sigma ** (1 / rho) - a) / (b - a)
 
 
 def edm_time_steps(
     num_steps: int = NUM_STEPS, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO
 ) -> torch.Tensor:
     """Karras et al. (2022) eq. 5 levels t_0 > ... > t_{N-1}, then t_N = 0, in float64."""
-    i = torch.arange(num_steps, dtype=torch.float64)
-    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = rho_sigma(torch.arange(num_steps, dtype=torch.float64) / (num_steps - 1), sigma_min, sigma_max, rho)
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
 
 
