@@ -60,7 +60,10 @@ def parse_model(text: str) -> tuple[str, Path, float | None]:
 
 def measure(data: str, models: list[str], n: int | None = None, seed: int = 0) -> dict:
     """The spectra of the clean evaluation slices and of each model's samples (as many as the slices)."""
-    parsed = [parse_model(m) for m in models]  # refuse a malformed model before anything is sampled
+    parsed = [parse_model(m) for m in models]  # refuse a malformed or missing model before anything is sampled
+    for name, folder, _ in parsed:
+        if not (folder / "model.json").exists():
+            raise ValueError(f"--model {name}: {folder} holds no saved model (model.json)")
     dataset = open_dataset(data)
     operator = dataset.operator
     if not isinstance(operator, MRI):

@@ -71,3 +71,9 @@ def test_a_dataset_other_than_mri_is_refused_naming_its_operator(tmp_path):
 def test_a_malformed_model_is_refused_naming_it(text):
     with pytest.raises(ValueError, match="--model"):
         spectrum.parse_model(text)
+
+
+def test_a_model_folder_without_a_saved_model_is_refused_before_sampling(brain, tmp_path):
+    data, _ = brain
+    with pytest.raises(ValueError, match=f"--model gone: {tmp_path / 'gone'} holds no saved model"):
+        spectrum.measure(str(data), [f"gone={tmp_path / 'gone'}"])
