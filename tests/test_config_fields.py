@@ -95,6 +95,7 @@ CHANGES: dict[str, tuple[Any, str]] = {
     "distill.sigma_init": (1.0, "weights"),
     "distill.t_max": (200.0, "weights"),
     "distill.generator_sigma_min": (0.02, "weights"),
+    "distill.fake_updates": (2, "weights"),
     "distill.loss_scaling_g": (1.0, "weights"),
     "distill.lr_fake": (2e-3, "weights"),
     "distill.lr_generator": (2e-3, "weights"),

@@ -290,6 +290,35 @@ def test_fake_step_sees_recorrupted_samples():
     assert abs(float(residual.std()) - 0.3) < 0.05
 
 
+@pytest.mark.parametrize("updates", [1, 3])
+def test_each_iteration_takes_fake_updates_fake_steps_before_one_generator_step(updates):
+    """DMD2's two time-scale rule: ``fake_updates`` fake-score steps, each on its own batch, per generator
+    step; the iteration reports their mean loss."""
+    objective = objective_for(build_operator({"kind": "identity", "sigma_n": 0.1}))
+    torch.manual_seed(0)
+    teacher = build_teacher(TINY, objective)
+    generator = OneStepGenerator(build_teacher(TINY, objective), objective, (1, 8, 8))
+    cfg = DistillTrainConfig(steps=2, batch_size=4, precision="fp32", channels_last=False)
+    phase = DistillPhase(teacher, objective, generator, build_teacher(TINY, objective), cfg,
+                         DistillConfig(fake_updates=updates), {})
+    losses = []
+    original = phase._fake_step
+    phase._fake_step = lambda ctx: losses.append(original(ctx)) or losses[-1]
+    ctx = StepContext(torch.Generator().manual_seed(0), torch.device("cpu"), False, False)
+    metrics = [phase.step(ctx) for _ in range(2)]
+
+    def adam_steps(opt):
+        return {int(state["step"]) for state in opt.state.values()}
+
+    assert adam_steps(phase.opt_fake) == {2 * updates} and adam_steps(phase.opt_g) == {2}
+    assert metrics[-1]["loss_fake"] == pytest.approx(sum(loss for loss, _ in losses[-updates:]) / updates)
+
+
+def test_fake_updates_below_one_are_refused():
+    with pytest.raises(ValueError, match="fake_updates"):
+        DistillConfig(fake_updates=0)
+
+
 class OtherNoiseIdentity(Identity):
     """The same operator with another measurement-noise source: ten times the noise, from its own generator."""
 

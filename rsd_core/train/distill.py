@@ -89,7 +89,7 @@ def fake_loss_mask(dcfg: DistillConfig, objective: Objective) -> str:
 
 
 class DistillPhase(Phase):
-    """Fake-score step, then generator step, each on fresh z (one RSD iteration per ``step``)."""
+    """``fake_updates`` fake-score steps, then a generator step, each on fresh z (one RSD iteration per ``step``)."""
 
     name = "distill"
 
@@ -165,7 +165,8 @@ class DistillPhase(Phase):
             self.fake.requires_grad_(True)
 
     def step(self, ctx: StepContext) -> dict[str, float]:
-        loss_fake, gn_fake = self._fake_step(ctx)
+        fake = [self._fake_step(ctx) for _ in range(self.dcfg.fake_updates)]
+        loss_fake, gn_fake = (sum(values) / len(fake) for values in zip(*fake, strict=True))
         loss_g, gn_g = self._generator_step(ctx)
         return {
             "loss_fake": loss_fake,
