@@ -378,10 +378,12 @@ def assemble(args) -> dict:
         if args.publish:
             plot(name, tasks[name], FIGURES / f"{profile.stem}_{name}.png", trained_on)
             for variant in points:
-                for grid in (root / variant / "grids").glob("*.png"):
-                    dest = FIGURES / profile.stem / f"{name}_{variant}_{grid.stem.replace('@', '-')}min.png"
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(grid, dest)
+                arms_here = sorted((root / variant / ARMS_DIR).glob("*"))
+                for folder, arm in [(root / variant, None)] + [(f, f.name) for f in arms_here]:
+                    for grid in (folder / "grids").glob("*.png"):
+                        dest = FIGURES / grid_name(profile, name, variant, grid.stem, arm)
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(grid, dest)
     if args.publish:
         merged = carried_tasks(profile, tasks) | tasks
         tasks = {name: merged[name] for name in profile.tasks if name in merged}
@@ -402,6 +404,11 @@ def assemble(args) -> dict:
         write_atomic(RESULTS / f"{profile.stem}.json", result)
         write_doc(result, profile)
     return result
+
+
+def grid_name(profile: Profile, task: str, variant: str, key: str, arm: str | None = None) -> str:
+    """Where a point's grid (``key`` as in points.json, e.g. ``student@30``) is published, under docs/figures/."""
+    return f"{profile.stem}/{task}_{variant}{f'_{arm}' if arm else ''}_{key.replace('@', '-')}min.png"
 
 
 def cell(prefix: str, point: dict, batch: int) -> dict:
@@ -493,15 +500,16 @@ def write_doc(result: dict, profile: Profile) -> None:
         if task.get("distill_variants"):
             lines += ["", "Distillation variants (`--distill-variant`: the same teacher point, the same minutes of "
                       "distillation; student / base is against the table's student at those minutes):", "",
-                      "| variant | changes | minutes | one-step student | student / teacher | student / base |",
-                      "|---|---|---|---|---|---|"]
+                      "| variant | changes | minutes | one-step student | student / teacher | student / base | grid |",
+                      "|---|---|---|---|---|---|---|"]
             for arm in task["distill_variants"]:
                 changes = "; ".join(f"{section}.{k}={v}" for section, fields in arm["changes"].items()
                                     for k, v in fields.items())
                 for r in arm["rows"]:
                     ratios = [f"{r[k]:.2f}" if k in r else "-" for k in ("student_over_teacher", "student_over_base")]
+                    grid = grid_name(profile, name, arm["variant"], f"student@{r['minutes']:g}", arm["name"])
                     lines.append(f"| {arm['name']} ({arm['variant']}) | `{changes}` | {r['minutes']:g} | "
-                                 f"{_cell(r, 'student')} | {ratios[0]} | {ratios[1]} |")
+                                 f"{_cell(r, 'student')} | {ratios[0]} | {ratios[1]} | [grid](figures/{grid}) |")
         lines += ["", f"![long run {name}](figures/{profile.stem}_{name}.png)", ""]
     replace_block(DOC, *profile.doc_markers, lines, profile.heading)
 
@@ -547,22 +555,24 @@ PACK_LIMIT = 16 * 2**20 - 2**17  # bytes per archive: the GPU machine's tool bri
 
 
 def pack(out: Path, dest: Path) -> list[Path]:
-    """Every point's model under ``out`` into tar archives of at most PACK_LIMIT bytes in ``dest``, its weights as
-    fp16 (a model is 10 MiB in fp32), so the points of a GPU run travel back to where they are scored."""
+    """Every point's model under ``out`` (the distillation variants' too, with their changes) into tar archives of
+    at most PACK_LIMIT bytes in ``dest``, its weights as fp16 (a model is 10 MiB in fp32), so the points of a GPU
+    run travel back to where they are scored."""
     from safetensors.torch import load_file, save
 
     entries = []
-    for point in sorted(out.glob("*/*/points/*")):
-        for file in sorted(point.iterdir()):
-            if file.suffix == ".safetensors":
-                weights = load_file(file)
-                too_large = [k for k, v in weights.items() if v.is_floating_point() and v.abs().max() > 65504]
-                if too_large:
-                    raise ValueError(f"{file}: {too_large[0]} exceeds fp16's range; cannot pack it as fp16")
-                data = save({k: v.half() if v.dtype == torch.float32 else v for k, v in weights.items()})
-            else:
-                data = file.read_bytes()
-            entries.append((str(file.relative_to(out)), data))
+    points = sorted([*out.glob("*/*/points/*"), *out.glob(f"*/*/{ARMS_DIR}/*/points/*")])
+    arms = sorted(out.glob(f"*/*/{ARMS_DIR}/*/changes.json"))  # the changes an arm's name stands for
+    for file in [f for point in points for f in sorted(point.iterdir())] + arms:
+        if file.suffix == ".safetensors":
+            weights = load_file(file)
+            too_large = [k for k, v in weights.items() if v.is_floating_point() and v.abs().max() > 65504]
+            if too_large:
+                raise ValueError(f"{file}: {too_large[0]} exceeds fp16's range; cannot pack it as fp16")
+            data = save({k: v.half() if v.dtype == torch.float32 else v for k, v in weights.items()})
+        else:
+            data = file.read_bytes()
+        entries.append((str(file.relative_to(out)), data))
     archives: list[list[tuple[str, bytes]]] = [[]]
     for name, data in entries:
         if archives[-1] and sum(len(d) for _, d in archives[-1]) + len(data) > PACK_LIMIT:
@@ -600,7 +610,8 @@ def unpack(source: Path, out: Path) -> int:
                               target)
                 else:
                     target.write_bytes(data)
-                points.add(target.parent)
+                if target.parent.parent.name == "points":
+                    points.add(target.parent)
     return len(points)
 
 

@@ -1,10 +1,13 @@
 """The long run at a toy budget: points scored with FD and KID, a second call resuming from the checkpoints
 of the first instead of starting over, and the wall clock that survives a kill."""
 
+import io
 import json
+import tarfile
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from benchmarks import long_run
 from benchmarks.report import RESULTS_DIR
@@ -181,8 +184,28 @@ def test_a_distillation_variant_is_an_arm_beside_the_student(tmp_path, monkeypat
     monkeypatch.setattr(long_run, "DOC", tmp_path / "results.md")
     (tmp_path / "results.md").write_text("# Results\n")
     long_run.write_doc(result, long_run.PROFILES["cpu"])
-    assert "| fast (corrupted) | `distill.lr_generator=0.0002; train.batch_size=16` | 0.05 |" in (
-        tmp_path / "results.md").read_text()
+    doc = (tmp_path / "results.md").read_text()
+    assert "| fast (corrupted) | `distill.lr_generator=0.0002; train.batch_size=16` | 0.05 |" in doc
+    grid = "long_run/inpaint-0.8_corrupted_fast_student-0.05min.png"
+    assert f"[grid](figures/{grid})" in doc
+    # publishing copies the arm's grid where the table links it
+    monkeypatch.setattr(long_run, "FIGURES", tmp_path / "figures")
+    monkeypatch.setattr(long_run, "RESULTS", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    long_run.main(["--assemble-only", "--out", str(tmp_path)])
+    assert (tmp_path / "figures" / grid).read_bytes() == (folder / "grids" / "student@0.05.png").read_bytes()
+
+    # --pack / --unpack carry the arm's points and its changes with the variant's own (a GPU run's way back)
+    back = tmp_path / "back"
+    long_run.main(["--out", str(tmp_path), "--pack", str(tmp_path / "packed")])
+    long_run.main(["--out", str(back), "--unpack", str(tmp_path / "packed")])
+    kept = sorted(p.relative_to(tmp_path) for p in tmp_path.glob("inpaint-0.8/**/points/*"))
+    assert kept == sorted(p.relative_to(back) for p in back.glob("inpaint-0.8/**/points/*"))
+    assert any(long_run.ARMS_DIR in str(p) for p in kept)
+    assert (back / folder.relative_to(tmp_path) / "changes.json").read_text() == (folder / "changes.json").read_text()
+    weights = "points/student-0.05min/model.safetensors"
+    original, carried = load_file(folder / weights), load_file(back / folder.relative_to(tmp_path) / weights)
+    assert all(torch.allclose(original[k], carried[k], rtol=1e-3, atol=1e-4) for k in original)
 
 
 @pytest.mark.parametrize("text", ["fast", "a/b:distill.alpha=1.0", "x:distill.alpha=1.0;network.x=1", "x:"])
@@ -209,3 +232,14 @@ def test_the_mri_further_mask_holds_random_lines_only_with_delta_half(task, rand
     assert operator.acs_block(32).sum() == 6
     assert (outside_acs.sum(1) == random_lines).all()
     assert (further & ~(mask.reshape(256, 32) > 0)).sum() == 0  # M~ within M
+
+
+def test_unpack_refuses_a_member_outside_the_output_folder(tmp_path):
+    (tmp_path / "packed").mkdir()
+    with tarfile.open(tmp_path / "packed" / "points-0.tar", "w") as tar:
+        info = tarfile.TarInfo("../escaped.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    with pytest.raises(ValueError, match="escaped.json"):
+        long_run.unpack(tmp_path / "packed", tmp_path / "out")
+    assert not (tmp_path / "escaped.json").exists()
