@@ -102,6 +102,14 @@ def test_the_generated_table_replaces_its_block_and_keeps_the_reading(tmp_path, 
     cells = "| 10 | 300.0 (2 +- 0.5; 700 steps, 45k images) | - | 80.0 (1 +- 0.2; 710 steps, 45k images) | - | - |"
     assert cells in text
     assert "Trained on x86_64 CPU, batch 64 (teacher) and 32 (distillation)" in text
+    # a task with a student distilled from the clean teacher gets its column
+    row |= {"clean_student_fd": 90.0, "clean_student_kid": 1.5, "clean_student_kid_std": 0.3,
+            "clean_student_steps": 300, "clean_student_images": 9_600}
+    long_run.write_doc({"command": "c", "date": "d", "machine": "m", "minutes": "x", "tasks": {"inpaint-0.8": task}},
+                       profile)
+    text = doc.read_text()
+    assert "| clean-data teacher | clean-data student | student / teacher" in text
+    assert cells.replace(" | - | - |", " | 90.0 (1.5 +- 0.3; 300 steps, 10k images) | - | - |") in text
 
 
 def test_the_clean_mri_reference_is_scored_with_the_mri_models_features(tmp_path):
