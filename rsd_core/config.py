@@ -180,7 +180,8 @@ class DistillConfig(Spec):
     loss_scaling_g: float = 100.0
     # Fake-score updates per generator update. SiD alternates one of each; DMD2 (Yin et al., 2024) takes five
     # so that the fake score keeps up with a generator that moves (its two time-scale rule). Each update draws
-    # its own batch, so at equal wall time a larger value buys fewer generator updates.
+    # its own batch, so at equal wall time a larger value buys fewer generator updates. Tried on MRI (2), not
+    # adopted: docs/results.md, "On MRI R = 4".
     fake_updates: int = Field(1, ge=1)
     lr_fake: float = 5e-5
     lr_generator: float = 5e-5
