@@ -485,22 +485,23 @@ def write_doc(result: dict, profile: Profile) -> None:
     for name, task in result["tasks"].items():
         floor = task.get("teacher_heldout_sigma_floor", 0.0)
         # the student distilled from the clean teacher (what distillation reaches without corruption), where run
-        clean_student = ((" clean-data student |", "---|") if any("clean_student_fd" in r for r in task["rows"])
-                         else ("", ""))
+        models = ["teacher", "student", "clean"] + (["clean_student"] if any("clean_student_fd" in r
+                                                                             for r in task["rows"]) else [])
+        header = ["minutes", "teacher (best sampler)", "one-step student", "clean-data teacher", "clean-data student"]
+        header = header[:1 + len(models)] + [
+            f"student / teacher ({_minutes(task['distilled_from_teacher_minutes'])})",
+            f"student / clean ({_minutes(task['clean_reference_minutes'])})"]
         lines += [f"**{name}**: `{task.get('command', result['command'])}` ({task.get('date', result['date'])}; "
                   f"teacher's held-out weight floor {floor:g}).", "",
                   f"{task['n_eval']} samples; {task['extractor']}. Cells: FD (KID +- its std over "
                   f"subsets; steps and images seen). {_trained(task)} "
                   f"Floor ({task['floor_against']}): FD {task['floor_fd']:.1f}, KID "
                   f"{task['floor_kid']:.3g} +- {task['floor_kid_std']:.2g}.", "",
-                  f"| minutes | teacher (best sampler) | one-step student | clean-data teacher |{clean_student[0]} "
-                  f"student / teacher ({_minutes(task['distilled_from_teacher_minutes'])}) | student / clean "
-                  f"({_minutes(task['clean_reference_minutes'])}) |", "|---|---|---|---|---|---|" + clean_student[1]]
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in task["rows"]:
             ratios = [f"{r[k]:.2f}" if k in r else "-" for k in ("student_over_teacher", "student_over_clean")]
-            extra = f" {_cell(r, 'clean_student')} |" if clean_student[0] else ""
-            lines.append(f"| {r['minutes']:g} | {_cell(r, 'teacher')} | {_cell(r, 'student')} | {_cell(r, 'clean')} "
-                         f"|{extra} {ratios[0]} | {ratios[1]} |")
+            cells = [f"{r['minutes']:g}", *(_cell(r, m) for m in models), *ratios]
+            lines.append("| " + " | ".join(cells) + " |")
         if task.get("distill_variants"):
             lines += ["", "Distillation variants (`--distill-variant`: the same teacher point, the same minutes of "
                       "distillation; student / base is against the table's student at those minutes):", "",
