@@ -39,10 +39,13 @@ from benchmarks.restoration import (
     select_and_pick,
     selection_summary,
     timed_phase,
+    with_references,
     write_result,
 )
-from benchmarks.scoring import Scorer, score_student, score_teacher
+from benchmarks.scoring import Scorer, floor_distances, score_student, score_teacher
+from rsd_core.config import OperatorSpec
 from rsd_core.data.sources import brain_mri, corrupt
+from rsd_core.operators import IdentitySpec
 from rsd_core.operators.mri import MRISpec
 from rsd_core.presets import (
     CPU_MRI_DISTILL,
@@ -80,24 +83,29 @@ def benchmark_operator(R: float, maps: str = "bank") -> MRISpec:
     return MRISpec(**{**spec.model_dump(), "coil_maps": "observed", "acs_fraction": ESTIMATED_ACS_FRACTION})
 
 
-def train_mri_models(R: float, out: Path, *, budget: float, distill_budget: float, seed: int = 0,
+def train_mri_models(R: float, out: Path, *, budget: float, distill_budget: float | None, seed: int = 0,
                      limit: int | None = None, checkpoint_every: int = 40, progress: bool = True,
-                     maps: str = "bank", heldout_sigma_floor: float = CPU_MRI_TEACHER.heldout_sigma_floor) -> dict:
-    """Corrupt the brain slices at acceleration ``R`` (coil ``maps`` as :func:`benchmark_operator`), pretrain
-    the teacher and distil the student into ``out`` with the cpu-mri preset's settings and these budgets
-    (minutes); phases whose outputs exist are skipped. Returns the wall times recorded in ``out/times.json``
-    (shared by the MRI and restore benchmarks). ``heldout_sigma_floor`` other than the preset's is for A/Bs."""
+                     maps: str = "bank", heldout_sigma_floor: float = CPU_MRI_TEACHER.heldout_sigma_floor,
+                     operator: OperatorSpec | None = None) -> dict:
+    """Corrupt the brain slices at acceleration ``R`` (coil ``maps`` as :func:`benchmark_operator`; or with
+    ``operator``), pretrain the teacher and distil the student (unless ``distill_budget`` is None) into ``out``
+    with the cpu-mri preset's settings and these budgets (minutes); phases whose outputs exist are skipped.
+    Returns the wall times recorded in ``out/times.json`` (shared by the MRI and restore benchmarks).
+    ``heldout_sigma_floor`` other than the preset's is for A/Bs."""
     data, teacher_dir = out / "data", out / "teacher"
     times = read_times(out)
     clean_eval = brain_mri("test", IMAGE_SIZE).count  # the held-out subject, all of it
+    spec = operator or benchmark_operator(R, maps)
     timed_phase(out, times, "corrupt_s", (data / "manifest.json").exists(),
-                lambda: corrupt("brain-mri", benchmark_operator(R, maps), seed=seed, out_uri=str(data),
+                lambda: corrupt("brain-mri", spec, seed=seed, out_uri=str(data),
                                 limit=limit, clean_eval_count=clean_eval, image_size=IMAGE_SIZE,
                                 clean_eval_split="test"))
     teacher_train = CPU_MRI_TEACHER.model_copy(update={
         "time_budget_s": budget * 60, "seed": seed, "keep_checkpoints": 1, "heldout_sigma_floor": heldout_sigma_floor})
     timed_phase(out, times, "teacher_s", (teacher_dir / "model.json").exists(),
                 lambda: pretrain_stage(str(data), CPU_MRI_NETWORK, teacher_train, out, progress=progress))
+    if distill_budget is None:
+        return times
     distill_train = CPU_MRI_DISTILL_TRAIN.model_copy(update={
         "time_budget_s": distill_budget * 60, "checkpoint_every": checkpoint_every, "seed": seed})
     timed_phase(out, times, "distill_s", (out / "generator" / "model.json").exists(),
@@ -159,6 +167,31 @@ def kid_scores(args, out: Path) -> dict:
     return json.loads(file.read_text())
 
 
+def references(args) -> dict:
+    """The clean model (the cpu-mri teacher trained for ``--budget`` minutes on the fully sampled slices: A = I,
+    no noise) and the floor (as many of the training subject's slices against the held-out subject's), on the
+    rows' evaluation images, features and sample count. Cached in OUT/clean-reference/references.json, for the
+    budget, sample count and seed that made it."""
+    out = Path(args.out) / "clean-reference"
+    file = out / "references.json"
+    made_with = {"budget_minutes": args.budget, "n_eval": args.n_eval, "seed": args.seed, "limit": args.limit}
+    if file.exists():
+        cached = json.loads(file.read_text())
+        if cached["made_with"] != made_with:
+            raise SystemExit(f"{file} was made with {cached['made_with']}, not {made_with}: give another --out, "
+                             "or delete that folder to retrain the clean model")
+        return cached
+    times = train_mri_models(4.0, out, budget=args.budget, distill_budget=None, seed=args.seed, limit=args.limit,
+                             progress=not args.quiet, operator=IdentitySpec())
+    scorer = Scorer(str(out / "data"), args.n_eval, args.seed, out)
+    clean = score_teacher(out / "teacher", scorer, out / "clean_teacher.png")
+    floor = floor_distances(str(out / "data"), "brain-mri", "train", args.seed, out, IMAGE_SIZE, n=args.n_eval)
+    result = {"clean": {**clean, "teacher_s": times["teacher_s"]}, "floor": floor, "made_with": made_with,
+              "date": datetime.date.today().isoformat()}
+    file.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def kept_rows(new_rows: list[dict]) -> list[dict]:
     """The published rows this run does not replace (another R or other coil maps), dated."""
     published = ROOT / "benchmarks" / "results" / "mri.json"
@@ -195,21 +228,30 @@ def section(result: dict, command: str) -> str:
         "bank rows' 2, of the 8 lines a scan keeps at R = 4).",
         "",
         "| R | maps (ACS lines) | teacher FD (sampler) | full 35-NFE | truncated | student FD (1 NFE) | "
-        "student / teacher | KID teacher / last generator | Proximal FD | Spearman | chosen vs best true FD | "
-        "teacher / distill steps | budgets (min) | date | paper teacher | paper RSD |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "student / teacher | student / clean | KID teacher / last generator | Proximal FD | Spearman | "
+        "chosen vs best true FD | teacher / distill steps | budgets (min) | date | paper teacher | paper RSD |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['R']} | {r.get('maps', 'bank')} ({r.get('acs_lines', 2)}) | {_fmt(r['teacher_fd'])} "
             f"({r['teacher_sampler']}) | {_fmt(r['teacher_fd_full'])} | "
             f"{_fmt(r['teacher_fd_truncated'])} | {_fmt(r['student_fd'])} | "
-            f"{_fmt(r['student_over_teacher'], 2)} | {_kid(r, 'teacher')} / {_kid(r, 'student')} | "
+            f"{_fmt(r['student_over_teacher'], 2)} | {_fmt(r.get('student_over_clean'), 2)} | "
+            f"{_kid(r, 'teacher')} / {_kid(r, 'student')} | "
             f"{_fmt(r['proximal_fd'], 3)} | {_fmt(r['selection_spearman'], 2)} | "
             f"{_fmt(r['chosen_true_fd'])} vs {_fmt(r['best_true_fd'])} | {r['teacher_steps']} / {r['distill_steps']} "
             f"| {r['budget_minutes']:g} + {r['distill_budget_minutes']:g} | {r.get('date', result['date'])} "
             f"| {_fmt(r['paper_teacher_fid'], 2)} | {_fmt(r['paper_rsd_fid'], 2)} |"
         )
+    refs = result.get("references")
+    if refs:
+        clean, floor = refs["clean"], refs["floor"]
+        lines += ["", f"References, same evaluation images, features and sample count ({refs['date']}): the **clean "
+                  f"model** (the same network, teacher budget and schedule trained on the fully sampled slices, "
+                  f"{clean['steps']} steps, {clean['sampler']}) FD **{clean['fd']:.1f}** (KID {clean['kid']:.3g} +- "
+                  f"{clean['kid_std']:.2g}); the **floor** ({floor['against']} against the evaluation slices) FD "
+                  f"**{floor['fd']:.1f}** (KID {floor['kid']:.3g} +- {floor['kid_std']:.2g})."]
     lines += ["", "Wall time per phase (s):", "", "| R | maps | corrupt | teacher | distill | select |",
               "|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -267,6 +309,9 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError:
         parser.error(f"--accelerations takes integers such as 4,8, got {args.accelerations!r}")
 
+    refs = references(args)  # first: runs of other rows into the same OUT then find it made
+    print(f"   clean model FD {_fmt(refs['clean']['fd'])} ({refs['clean']['sampler']}), floor FD "
+          f"{_fmt(refs['floor']['fd'])}", flush=True)
     rows = []
     for R in accelerations:
         print(f"== R = {R}", flush=True)
@@ -276,6 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"   teacher FD {_fmt(r['teacher_fd'])} ({r['teacher_sampler']}), full {_fmt(r['teacher_fd_full'])}; "
               f"student FD {_fmt(r['student_fd'])}; proximal {_fmt(r['proximal_fd'], 3)}; KID teacher "
               f"{_kid(r, 'teacher')}, last generator {_kid(r, 'student')}", flush=True)
+    rows = with_references(rows, refs)
     train_slices = brain_mri("train", IMAGE_SIZE).count
     if args.publish:
         rows = kept_rows(rows) + rows
@@ -288,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
         "proximal_extractor": rows[0]["proximal_extractor"] if rows else None,
         "train_slices": train_slices if args.limit is None else min(args.limit, train_slices),
         "n_eval": args.n_eval,
+        "references": refs,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
         f"Python {platform.python_version()}",
         "date": datetime.date.today().isoformat(),

@@ -106,14 +106,15 @@ def score_student(folder: Path, scorer: Scorer, grid: Path) -> dict:
 
 
 def floor_distances(dataset: str, source: str, split: str, seed: int, cache: Path,
-                    image_size: int | None = None) -> dict:
-    """The floor: FD / KID between a dataset's clean evaluation images and as many clean images of ``split`` of
-    its ``source`` (disjoint from them: another split, or another subject), on the evaluation features."""
+                    image_size: int | None = None, n: int | None = None) -> dict:
+    """The floor: FD / KID between a dataset's clean evaluation images (the first ``n``, as a :class:`Scorer`
+    with ``n_eval`` = ``n`` reads them; default all) and as many clean images of ``split`` of its ``source``
+    (disjoint from them: another split, or another subject), on the evaluation features."""
     from rsd_core.data.reader import open_dataset
 
     ds = open_dataset(dataset)
     true = evaluation_extractor(ds.manifest.image_shape[0])
-    clean = ds.clean_eval().read_all()[0]
+    clean = ds.clean_eval().read_all(limit=n)[0]
     ref = cached_features(cache / f"ref-{true.id}-n{len(clean)}.npy", true, clean)
     src = get_source(source, split, image_size)
     other = src.load(0, min(src.count, len(clean)))[0]

@@ -224,3 +224,16 @@ def test_the_data_teams_down_sampling_made_in_numpy_is_the_superres_operator():
     operator = build_operator(SuperResSpec(factor=2))
     expected = operator.forward(torch.from_numpy(patches), {}).numpy()
     np.testing.assert_allclose(downsample_outside(patches, 2), expected, atol=1e-6)
+
+
+def test_the_floor_compares_as_many_clean_images_as_the_rows_score(tmp_path):
+    """With ~100 samples FD is mostly bias: a floor at another count than the rows' would not be their floor."""
+    from benchmarks.scoring import floor_distances
+    from rsd_core.data.sources import corrupt
+    from rsd_core.operators import IdentitySpec
+
+    corrupt("fashion-mnist", IdentitySpec(), seed=0, out_uri=str(tmp_path / "data"), limit=64, clean_eval_count=48)
+    floor = floor_distances(str(tmp_path / "data"), "fashion-mnist", "test", 0, tmp_path, n=16)
+    assert floor["n"] == 16 and floor["against"] == "fashion-mnist test split, first 16 images"
+    every = floor_distances(str(tmp_path / "data"), "fashion-mnist", "test", 0, tmp_path)
+    assert every["n"] == 48 and every["fd"] != floor["fd"]

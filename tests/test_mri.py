@@ -8,6 +8,7 @@ independently of x0 given M~, by the posterior mean E[x0 | u, M~] = Sigma P~ (P~
 (P~ = P_M~, Hermitian): the objective recovers the frequencies that no input shows.
 """
 
+import argparse
 import json
 
 import pytest
@@ -392,6 +393,28 @@ def test_mri_benchmark_at_a_toy_budget(tmp_path, capsys, maps):
     assert "Inception" in row["extractor"] and "self-supervised" in row["proximal_extractor"]
     assert result["grids"] == [row["grid"]] and (folder / "selection-self-supervised").is_dir()
     assert json.loads((tmp_path / "mri.json").read_text()) == json.loads(json.dumps(result))
+    # references beside the row: the clean model (same network and budget, A = I) and the floor, at the rows' count
+    refs = json.loads((tmp_path / "clean-reference" / "references.json").read_text())
+    assert row["clean_fd"] == refs["clean"]["fd"] > 0 and row["floor_fd"] == refs["floor"]["fd"] > 0
+    assert row["student_over_clean"] == row["student_fd"] / row["clean_fd"] and row["clean_kid_std"] > 0
+    assert refs["floor"]["n"] == 8 and result["references"] == refs
+    clean_data = json.loads((tmp_path / "clean-reference" / "data" / "manifest.json").read_text())
+    assert clean_data["operator"]["kind"] == "identity" and clean_data["image_shape"] == [2, 32, 32]
+    assert not (tmp_path / "clean-reference" / "generator").exists()  # a teacher only
     again = mri.main(argv)  # every phase is reused: the same numbers and recorded wall times
     assert again["rows"] == result["rows"]
     assert {f: f.read_bytes() for f in published if f.exists()} == before
+
+
+def test_mri_references_made_otherwise_are_refused_not_reused(tmp_path):
+    """A cached clean model of another budget or sample count would sit beside rows it was not matched with."""
+    from benchmarks import mri
+
+    folder = tmp_path / "clean-reference"
+    folder.mkdir()
+    made_with = {"budget_minutes": 8.0, "n_eval": 100, "seed": 0, "limit": None}
+    (folder / "references.json").write_text(json.dumps({"made_with": made_with, "clean": {}, "floor": {}}))
+    args = argparse.Namespace(out=str(tmp_path), budget=8.0, n_eval=100, seed=0, limit=None, quiet=True)
+    assert mri.references(args)["made_with"] == made_with
+    with pytest.raises(SystemExit, match="references.json was made with .*'n_eval': 100.*'n_eval': 128"):
+        mri.references(argparse.Namespace(**{**vars(args), "n_eval": 128}))
