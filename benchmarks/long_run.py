@@ -389,8 +389,10 @@ def assemble(args) -> dict:
         tasks = {name: merged[name] for name in profile.tasks if name in merged}
     result = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"scored on {platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
-                   f"{torch.get_num_threads()}; each task's trained_on says where it trained",
+        # not this process's torch threads: --assemble-only scores nothing, and each point was scored by the run
+        # that trained it (or unpacked it)
+        "machine": f"assembled on {platform.machine()}, {os.cpu_count()} CPU cores; each point was scored by the "
+                   "run that trained or unpacked it, and each task's trained_on says where it trained",
         "profile": profile.name,
         "command": "python -m benchmarks.long_run " + " ".join(sys.argv[1:]),
         "minutes": "cumulative training wall time of the phase: teacher_* and clean_* after that many minutes of "

@@ -14,6 +14,8 @@ magnitudes of their coil-combined zero-filled reconstructions A^H y, with ``--pr
 features (default: the self-supervised encoder trained on those observations alone). The true FD
 (evaluation only) compares magnitudes of generated images with the held-out subject's clean slices
 (MNI152, brain-mri's test split) with Inception-v3, as the paper's MRI FIDs do; every row names both.
+Beside the rows, on the same images, features and sample count: the clean model (the same network and teacher
+budget trained on the fully sampled slices) and the floor (training-subject slices against the held-out ones).
 Writes OUT/mri.json and, unless ``--no-publish``, benchmarks/results/mri.json (also the last stdout
 line), one grid per R in docs/figures/mri_R<R>.png (rows 1-3: teacher at the truncation Proximal FID
 chose; 4-6: one-step student; 7-9: student samples re-corrupted, as zero-filled magnitudes) and the
