@@ -258,16 +258,26 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
     return out
 
 
+# How build_config marks a preset's description whose config was changed (for_existing_dataset recognises it).
+CHANGED = " (changed: "
+
+
 def build_config(
     preset: str | None = "cpu-demo",
     config_file: str | Path | None = None,
     overrides: Iterable[str] = (),
 ) -> PipelineConfig:
-    """Preset, then the YAML file on top, then ``--set`` overrides; validated once at the end."""
+    """Preset, then the YAML file on top, then ``--set`` overrides; validated once at the end.
+
+    A preset's description names its settings (e.g. cpu-demo's "inpainting p=0.6"); where the file or the
+    overrides change the config but not the description, it says what changed, so that the MLflow run of
+    ``--set data.operator.p=0.8`` is not described as p=0.6."""
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    data = PRESETS[preset]().model_dump(mode="json") if preset else PipelineConfig().model_dump(mode="json")
+    base = PRESETS[preset]() if preset else PipelineConfig()
+    data = base.model_dump(mode="json")
     where = f"preset {preset}" if preset else "defaults"
+    changed = []
     if config_file is not None:
         path = Path(config_file)
         try:
@@ -278,13 +288,20 @@ def build_config(
             raise ConfigError(f"{path}: expected a mapping of config sections, got {type(loaded).__name__}")
         data = _merge(data, loaded or {})
         where += f" + {path}"
+        changed.append(str(path))
+    overrides = list(overrides)
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value)
         where += f" + --set {key}"
+    changed += [item.strip() for item in overrides]
     try:
-        return PipelineConfig.model_validate(data)
+        config = PipelineConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, where)) from None
+    if changed and base.description and config.description == base.description:
+        config = config.model_copy(update={"description": f"{base.description}{CHANGED}{'; '.join(changed)})"})
+    return config
+
 
 
 def for_existing_dataset(config: PipelineConfig, preset: str | None) -> PipelineConfig:
@@ -299,7 +316,9 @@ def for_existing_dataset(config: PipelineConfig, preset: str | None) -> Pipeline
     tracking = config.tracking
     if tracking.model_name == base.tracking.model_name:
         tracking = tracking.model_copy(update={"model_name": None})
-    description = "" if config.description == base.description else config.description
+    preset_own = config.description == base.description or (
+        bool(base.description) and config.description.startswith(base.description + CHANGED))
+    description = "" if preset_own else config.description
     return config.model_copy(update={"tracking": tracking, "description": description})
 
 

@@ -69,6 +69,12 @@ def test_a_run_on_an_existing_dataset_is_named_after_it_unless_told_otherwise():
     named = for_existing_dataset(build_config("cpu-demo", overrides=["tracking.model_name=scans",
                                                                      "description=our scans"]), "cpu-demo")
     assert (named.tracking.model_name, named.description) == ("scans", "our scans")
+    # a preset changed by --set says so in its description, and still gives way on another dataset
+    changed = build_config("cpu-demo", overrides=["data.operator.p=0.8", "distill_train.time_budget_s=60"])
+    assert changed.description == (build_config("cpu-demo").description
+                                   + " (changed: data.operator.p=0.8; distill_train.time_budget_s=60)")
+    assert for_existing_dataset(changed, "cpu-demo").description == ""
+    assert build_config("cpu-demo", overrides=["data.operator.p=0.8", "description=p 0.8"]).description == "p 0.8"
     assert dataset_model_name("Team Scans/2024 (v2)") == "rsd-team-scans-2024-v2"
     with pytest.raises(ValueError, match="tracking.model_name"):
         dataset_model_name("???")
