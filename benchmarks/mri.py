@@ -38,6 +38,7 @@ from benchmarks.restoration import (
     add_run_args,
     parse_run_args,
     read_times,
+    references_sentence,
     select_and_pick,
     selection_summary,
     timed_phase,
@@ -248,12 +249,8 @@ def section(result: dict, command: str) -> str:
         )
     refs = result.get("references")
     if refs:
-        clean, floor = refs["clean"], refs["floor"]
-        lines += ["", f"References, same evaluation images, features and sample count ({refs['date']}): the **clean "
-                  f"model** (the same network, teacher budget and schedule trained on the fully sampled slices, "
-                  f"{clean['steps']} steps, {clean['sampler']}) FD **{clean['fd']:.1f}** (KID {clean['kid']:.3g} +- "
-                  f"{clean['kid_std']:.2g}); the **floor** ({floor['against']} against the evaluation slices) FD "
-                  f"**{floor['fd']:.1f}** (KID {floor['kid']:.3g} +- {floor['kid_std']:.2g})."]
+        lines += ["", references_sentence(refs, "the fully sampled slices",
+                                          lambda s: f"{s['kid']:.3g} +- {s['kid_std']:.2g}", refs["date"])]
     lines += ["", "Wall time per phase (s):", "", "| R | maps | corrupt | teacher | distill | select |",
               "|---|---|---|---|---|---|"]
     for r in result["rows"]:

@@ -26,6 +26,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +174,16 @@ def with_references(rows: list[dict], refs: dict) -> list[dict]:
              "floor_fd": floor["fd"], "floor_kid": floor["kid"], "floor_kid_std": floor["kid_std"]} for r in rows]
 
 
+def references_sentence(refs: dict, trained_on: str, kid: Callable[[dict], str], date: str) -> str:
+    """The line under a table that gives its clean model and floor (``kid`` formats a score's KID +- std)."""
+    clean, floor = refs["clean"], refs["floor"]
+    return (f"References, same evaluation images, features and sample count: the **clean model** (the same "
+            f"network, teacher budget and schedule trained on {trained_on}, {clean['steps']} steps, "
+            f"{clean['sampler']}) FD **{clean['fd']:.1f}** (KID {kid(clean)}); "
+            f"the **floor** ({floor['against']} against the evaluation images) FD **{floor['fd']:.1f}** "
+            f"(KID {kid(floor)}). Measured {date}.")
+
+
 PROXIMAL_FEATURES = {
     "self-supervised": "a small encoder trained contrastively on each task's own corrupted observations (no labels, "
     "no clean images; one per dataset, cached), the CPU presets' default, on another scale than the true FD's.",
@@ -226,12 +237,8 @@ def write_doc(result: dict, command: str) -> None:
         )
     refs = result.get("references")
     if refs:
-        clean, floor = refs["clean"], refs["floor"]
-        lines += ["", f"References, same evaluation images, features and sample count: the **clean model** (the same "
-                  f"network, teacher budget and schedule trained on the clean images, {clean['steps']} steps, "
-                  f"{clean['sampler']}) FD **{clean['fd']:.1f}** (KID {clean['kid']:.2f} +- {clean['kid_std']:.2f}); "
-                  f"the **floor** ({floor['against']} against the evaluation images) FD **{floor['fd']:.1f}** "
-                  f"(KID {floor['kid']:.2f} +- {floor['kid_std']:.2f}). Measured {refs.get('date', result['date'])}."]
+        lines += ["", references_sentence(refs, "the clean images", lambda s: f"{s['kid']:.2f} +- {s['kid_std']:.2f}",
+                                          refs.get("date", result["date"]))]
     lines += ["", "Wall time per phase (s):", "", "| task | corrupt | teacher | distill | select |",
               "|---|---|---|---|---|"]
     for r in result["rows"]:
