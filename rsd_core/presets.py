@@ -303,7 +303,6 @@ def build_config(
     return config
 
 
-
 def for_existing_dataset(config: PipelineConfig, preset: str | None) -> PipelineConfig:
     """The config of a run on an already-corrupted dataset (``rsd_rerun``).
 
